@@ -1,0 +1,133 @@
+"""Key/value caches. One protocol for both kinds; a cache is a value passed to the model, one per layer.
+
+Protocol:
+    offset                  tokens seen so far (the position of the next token)
+    make_mask(L)            the attention mask for the next L tokens: None, "causal" or a bool (L, S) array
+    update_and_fetch(k, v)  store the new (B, H_kv, L, D) keys/values; return the keys/values to attend to
+    trim(n)                 forget the last n tokens (when is_trimmable()); returns how many were dropped
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+
+class KVCache:
+    """Holds every token. Grows in preallocated steps of `step` tokens and writes in place."""
+
+    step = 256
+
+    def __init__(self) -> None:
+        self.keys: mx.array | None = None  # (B, H_kv, capacity, D)
+        self.values: mx.array | None = None
+        self.offset = 0
+
+    def make_mask(self, n: int) -> str | None:
+        # MLX's "causal" mask is aligned to the last query, so it is right with cached keys in front.
+        return "causal" if n > 1 else None
+
+    def _reserve(self, keys: mx.array, values: mx.array, capacity_limit: int | None = None) -> None:
+        needed = self.offset + keys.shape[2]
+        if self.keys is not None and needed <= self.keys.shape[2]:
+            return
+        B, H, _, D = keys.shape
+        capacity = -(-needed // self.step) * self.step
+        if capacity_limit is not None:
+            capacity = min(capacity, capacity_limit)
+        new_k = mx.zeros((B, H, capacity, D), keys.dtype)
+        new_v = mx.zeros((B, H, capacity, values.shape[3]), values.dtype)
+        if self.keys is not None:
+            new_k[..., : self.offset, :] = self.keys[..., : self.offset, :]
+            new_v[..., : self.offset, :] = self.values[..., : self.offset, :]
+        self.keys, self.values = new_k, new_v
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        self._reserve(keys, values)
+        start, self.offset = self.offset, self.offset + keys.shape[2]
+        self.keys[..., start : self.offset, :] = keys
+        self.values[..., start : self.offset, :] = values
+        return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
+
+    def is_trimmable(self) -> bool:
+        return True
+
+    def trim(self, n: int) -> int:
+        n = min(self.offset, n)
+        self.offset -= n
+        return n
+
+    def stored(self) -> tuple[mx.array, mx.array, mx.array]:
+        """(keys, values, positions) of the tokens held, in temporal order."""
+        return self.keys[..., : self.offset, :], self.values[..., : self.offset, :], mx.arange(self.offset)
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+
+class RotatingKVCache(KVCache):
+    """Keeps the first `keep` tokens (the system prompt) and a sliding window of the most recent ones.
+
+    A query at position t attends to positions [0, keep) and (t - window, t], where
+    window = max_size - keep. Storage never exceeds max_size tokens: slots [0, keep) hold the kept
+    tokens, and position p >= keep lives in ring slot keep + (p - keep) % window once the ring is full.
+    """
+
+    def __init__(self, max_size: int, keep: int = 0) -> None:
+        if not 0 <= keep < max_size:
+            raise ValueError(f"max_kv_size={max_size} must be larger than the kept prefix ({keep} tokens)")
+        super().__init__()
+        self.max_size, self.keep, self.window = max_size, keep, max_size - keep
+
+    def _positions(self) -> mx.array:
+        """Positions held, in temporal order."""
+        if self.offset <= self.max_size:
+            return mx.arange(self.offset)
+        return mx.concatenate([mx.arange(self.keep), mx.arange(self.offset - self.window, self.offset)])
+
+    def stored(self) -> tuple[mx.array, mx.array, mx.array]:
+        if self.offset <= self.max_size:
+            return super().stored()
+        # The oldest ring entry sits right after the slot the next token will be written to.
+        shift = (self.offset - self.keep) % self.window
+        order = mx.concatenate([
+            mx.arange(self.keep),
+            self.keep + (shift + mx.arange(self.window)) % self.window,
+        ])
+        return self.keys[..., order, :], self.values[..., order, :], self._positions()
+
+    def make_mask(self, n: int) -> str | mx.array | None:
+        if self.offset + n <= self.max_size:
+            return super().make_mask(n)
+        if n == 1:
+            return None  # the buffer holds exactly the kept tokens and the window
+        key_pos = mx.concatenate([self._positions(), mx.arange(self.offset, self.offset + n)])[None]
+        query_pos = mx.arange(self.offset, self.offset + n)[:, None]
+        return (key_pos <= query_pos) & ((key_pos < self.keep) | (query_pos - key_pos < self.window))
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        n = keys.shape[2]
+        if self.offset + n <= self.max_size:
+            self._reserve(keys, values, capacity_limit=self.max_size)
+            return super().update_and_fetch(keys, values)
+        if n == 1 and self.offset >= self.max_size:
+            slot = self.keep + (self.offset - self.keep) % self.window
+            self.keys[..., slot : slot + 1, :] = keys
+            self.values[..., slot : slot + 1, :] = values
+            self.offset += 1
+            return self.keys, self.values
+        # A chunk that crosses the window: attend over everything held plus the chunk (the mask
+        # limits each query to its own window), then keep the prefix and the last `window` tokens.
+        old_k, old_v, _ = self.stored()
+        all_k = mx.concatenate([old_k, keys], axis=2)
+        all_v = mx.concatenate([old_v, values], axis=2)
+        self.offset += n
+        shift = (self.offset - self.window - self.keep) % self.window
+        self.keys = mx.concatenate(
+            [all_k[..., : self.keep, :], mx.roll(all_k[..., -self.window :, :], shift, axis=2)], axis=2)
+        self.values = mx.concatenate(
+            [all_v[..., : self.keep, :], mx.roll(all_v[..., -self.window :, :], shift, axis=2)], axis=2)
+        return all_k, all_v
+
+    def is_trimmable(self) -> bool:
+        return self.offset <= self.max_size

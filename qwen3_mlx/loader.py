@@ -1,0 +1,215 @@
+"""Load a Qwen3 checkpoint: a Hugging Face folder, an MLX folder (ours or mlx-lm's), or a Hub repo id."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import struct
+from pathlib import Path
+from typing import Any, Iterator
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .config import ModelArgs
+from .errors import ConfigError, Qwen3Error
+from .model import Model
+from .tokenizer import Tokenizer
+
+DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
+# Bytes per element of the safetensors dtypes a Qwen3 checkpoint may hold.
+_ST_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U32": 4, "I16": 2, "U16": 2,
+             "I8": 1, "U8": 1, "BOOL": 1}
+_MAX_HEADER = 100 * 2**20  # a header larger than this is corrupt, not a real checkpoint
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve(path_or_repo: str | Path) -> Path:
+    """A local folder as is, or a Hub repo id downloaded (or found in the cache) via huggingface_hub."""
+    path = Path(path_or_repo).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise Qwen3Error(f"{path}: is a file; pass the checkpoint folder that holds config.json")
+    name = str(path_or_repo)
+    if not _REPO_ID.match(name) or name.startswith((".", "/", "~")):
+        raise Qwen3Error(f"{name}: no such folder; pass a checkpoint folder or a Hub repo id like Qwen/Qwen3-1.7B")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        return Path(snapshot_download(
+            name, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt", "tokenizer*"]))
+    except HFValidationError as e:
+        raise Qwen3Error(f"{name}: not a valid Hub repo id ({e})") from None
+    except Exception as e:  # offline, unknown repo, gated, network: all end the same way for a user
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise Qwen3Error(
+            f"{name}: no local folder of that name, and the Hub download failed ({reason}); "
+            f"check the repo id and your connection, or pass a local folder"
+        ) from None
+
+
+def read_json(path: Path) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise Qwen3Error(f"{path}: not found; is this a Qwen3 checkpoint folder?") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise Qwen3Error(f"{path}: not valid JSON ({e}); the file is corrupt, download it again") from None
+
+
+def load_config(path: Path) -> tuple[dict, ModelArgs]:
+    config = read_json(path / "config.json")
+    try:
+        return config, ModelArgs.from_dict(config)
+    except ConfigError as e:
+        raise ConfigError(str(e).replace("config.json", str(path / "config.json"), 1)) from None
+
+
+def weight_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise Qwen3Error(f"{index}: has no 'weight_map' object; the file is corrupt, download it again")
+        files = sorted({path / name for name in weight_map.values()})
+        for f in files:
+            if not f.exists():
+                raise Qwen3Error(f"{f}: listed in {index.name} but missing; the download is incomplete")
+        return files
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise Qwen3Error(f"{path}: no *.safetensors weights found (only safetensors are loaded, never pickles)")
+    return files
+
+
+def check_safetensors(file: Path) -> dict[str, dict]:
+    """Validate a safetensors header against the file size before anything large is allocated."""
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise Qwen3Error(f"{file}: truncated ({size} bytes); download it again")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(size - 8, _MAX_HEADER):
+            raise Qwen3Error(f"{file}: header claims {n} bytes but the file has {size}; the file is corrupt or truncated")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise Qwen3Error(f"{file}: header is not valid JSON; the file is corrupt, download it again") from None
+    if not isinstance(header, dict):
+        raise Qwen3Error(f"{file}: header is not a JSON object; the file is corrupt")
+    data_size = size - 8 - n
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        ok = (isinstance(info, dict) and info.get("dtype") in _ST_SIZES
+              and isinstance(info.get("shape"), list) and isinstance(info.get("data_offsets"), list)
+              and len(info["data_offsets"]) == 2
+              and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in info["shape"])
+              and all(isinstance(o, int) and not isinstance(o, bool) for o in info["data_offsets"]))
+        if not ok:
+            raise Qwen3Error(f"{file}: tensor {name!r} has a malformed header entry; the file is corrupt")
+        begin, end = info["data_offsets"]
+        if not 0 <= begin <= end <= data_size:
+            raise Qwen3Error(
+                f"{file}: tensor {name!r} lies at bytes {begin}..{end} but the data has {data_size}; "
+                f"the file is truncated, download it again")
+        if end - begin != math.prod(info["shape"]) * _ST_SIZES[info["dtype"]]:
+            raise Qwen3Error(f"{file}: tensor {name!r} has {end - begin} bytes for shape {info['shape']} "
+                             f"{info['dtype']}; the file is corrupt")
+        tensors[name] = info
+    return tensors
+
+
+def iter_weights(path: Path) -> Iterator[tuple[Path, dict[str, mx.array]]]:
+    """(file, tensors) for each weight file, validated first, loaded lazily by MLX."""
+    for file in weight_files(path):
+        check_safetensors(file)
+        try:
+            yield file, mx.load(str(file))
+        except (RuntimeError, ValueError) as e:
+            raise Qwen3Error(f"{file}: could not be read ({e})") from None
+
+
+def _quantize(model: Model, args: ModelArgs, weights: dict[str, mx.array]) -> None:
+    q = args.quantization
+
+    def predicate(path: str, module: nn.Module) -> bool | dict:
+        if path in q:  # mlx-lm's per-module override: a {bits, group_size} dict, or false
+            return q[path]
+        return hasattr(module, "to_quantized") and f"{path}.scales" in weights
+
+    nn.quantize(model, group_size=q["group_size"], bits=q["bits"], class_predicate=predicate)
+
+
+def load_model(path: Path, dtype: str | None = None) -> Model:
+    """Build the model from config.json and load its weights, checking every tensor's name and shape."""
+    _, args = load_config(path)
+    model = Model(args)
+    weights: dict[str, mx.array] = {}
+    for _, tensors in iter_weights(path):
+        weights.update(tensors)
+    weights = {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
+    if args.tie_word_embeddings:
+        weights.pop("lm_head.weight", None)  # some exports store the tied head twice
+    if args.quantization:
+        _quantize(model, args, weights)
+    expected = dict(tree_flatten(model.parameters()))
+    missing = sorted(set(expected) - set(weights))
+    extra = sorted(set(weights) - set(expected))
+    if missing:
+        hint = ""
+        if any(k.endswith((".scales", ".biases")) for k in missing):
+            hint = " (config.json's quantization block names layers the weights do not quantize)"
+        raise Qwen3Error(f"{path}: weight {missing[0]!r} is missing{hint}; {len(missing)} missing in all")
+    if extra:
+        hint = ""
+        if any(k.endswith(".scales") for k in extra):
+            hint = " (the weights are quantized but config.json has no matching quantization block)"
+        raise Qwen3Error(f"{path}: unexpected weight {extra[0]!r}{hint}; {len(extra)} unexpected in all")
+    for name, param in expected.items():
+        got = weights[name]
+        if got.shape != param.shape:
+            hint = ""
+            if name.endswith((".weight", ".scales", ".biases")) and args.quantization and f"{name.rsplit('.', 1)[0]}.scales" in weights:
+                hint = "; config.json's quantization bits/group_size disagree with the weights"
+            raise Qwen3Error(f"{path}: weight {name!r} has shape {tuple(got.shape)}, expected {tuple(param.shape)}{hint}")
+        if param.dtype == mx.uint32 and got.dtype != mx.uint32:
+            raise Qwen3Error(f"{path}: weight {name!r} has dtype {got.dtype}, expected uint32 (packed quantized)")
+        if param.dtype != mx.uint32 and not mx.issubdtype(got.dtype, mx.floating):
+            raise Qwen3Error(f"{path}: weight {name!r} has dtype {got.dtype}, expected a float type")
+    if dtype is not None:
+        if dtype not in DTYPES:
+            raise ConfigError(f"dtype={dtype!r} must be one of {', '.join(DTYPES)}")
+        weights = {k: v.astype(DTYPES[dtype]) if mx.issubdtype(v.dtype, mx.floating) else v
+                   for k, v in weights.items()}
+    model.load_weights(list(weights.items()), strict=True)
+    mx.eval(model.parameters())
+    model.eval()
+    return model
+
+
+def load(path_or_repo: str | Path, dtype: str | None = None) -> tuple[Model, Tokenizer]:
+    """Load a Qwen3 model and its tokenizer.
+
+    Args:
+        path_or_repo: a local checkpoint folder (Hugging Face layout, or MLX as written by our converter
+            or by `mlx_lm convert`), or a Hugging Face Hub repo id.
+        dtype: cast floating weights to "float16", "bfloat16" or "float32" (default: as stored).
+
+    Returns:
+        (model, tokenizer)
+
+    Raises:
+        Qwen3Error: the folder, a file, a key or a tensor is missing or wrong; the message says which.
+    """
+    path = resolve(path_or_repo)
+    model = load_model(path, dtype)
+    return model, Tokenizer.from_dir(path)

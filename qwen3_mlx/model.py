@@ -1,0 +1,157 @@
+"""The Qwen3 dense transformer, with Hugging Face parameter names."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .cache import KVCache, RotatingKVCache
+from .config import ModelArgs, Yarn
+
+
+class RoPE(nn.Module):
+    """Rotary embedding (non-traditional, i.e. rotate-half), with YaRN when the config asks for it."""
+
+    def __init__(self, dims: int, base: float, yarn: Yarn | None) -> None:
+        super().__init__()
+        self.dims = dims
+        self.base: float | None = base
+        self.scale = 1.0  # YaRN's attention factor, applied to q and k as HF applies it to cos and sin
+        if yarn is not None:
+            self.base = None
+            self._freqs = _yarn_periods(dims, base, yarn)
+            self.scale = yarn.attention_factor or _yarn_mscale(yarn)
+
+    def __call__(self, x: mx.array, offset: int) -> mx.array:
+        if self.base is not None:
+            return mx.fast.rope(x, self.dims, traditional=False, base=self.base, scale=1.0, offset=offset)
+        if self.scale != 1.0:
+            x = x * self.scale
+        return mx.fast.rope(x, self.dims, traditional=False, base=None, scale=1.0, offset=offset,
+                            freqs=self._freqs)
+
+
+def _yarn_mscale(yarn: Yarn) -> float:
+    def get(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    if yarn.mscale and yarn.mscale_all_dim:
+        return get(yarn.factor, yarn.mscale) / get(yarn.factor, yarn.mscale_all_dim)
+    return get(yarn.factor)
+
+
+def _yarn_periods(dims: int, base: float, yarn: Yarn) -> mx.array:
+    """Per-pair rotation periods (1 / inverse frequency), as transformers' _compute_yarn_parameters."""
+
+    def correction_dim(rotations: float) -> float:
+        return dims * math.log(yarn.original_max_position_embeddings / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(yarn.beta_fast), correction_dim(yarn.beta_slow)
+    if yarn.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dims - 1)
+    if low == high:
+        high += 0.001
+    ramp = mx.clip((mx.arange(dims // 2, dtype=mx.float32) - low) / (high - low), 0, 1)
+    extrapolation = 1 - ramp  # 1 where the pair keeps its original frequency
+    inv_freq = 1.0 / (base ** (mx.arange(0, dims, 2, dtype=mx.float32) / dims))
+    inv_freq = inv_freq / yarn.factor * (1 - extrapolation) + inv_freq * extrapolation
+    return 1.0 / inv_freq
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.num_attention_heads, args.num_key_value_heads, args.head_dim
+        self.scale = self.head_dim**-0.5
+        bias = args.attention_bias
+        self.q_proj = nn.Linear(args.hidden_size, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(args.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(args.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, args.hidden_size, bias=bias)
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=args.rms_norm_eps)
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=args.rms_norm_eps)
+        self.rope = RoPE(self.head_dim, args.rope_theta, args.rope_scaling)
+
+    def __call__(self, x: mx.array, mask: str | mx.array | None, cache: KVCache | None) -> mx.array:
+        B, L, _ = x.shape
+        # QK-norm over head_dim on (B, L, H, D), then to (B, H, L, D) for RoPE and attention.
+        q = self.q_norm(self.q_proj(x).reshape(B, L, self.n_heads, -1)).transpose(0, 2, 1, 3)
+        k = self.k_norm(self.k_proj(x).reshape(B, L, self.n_kv_heads, -1)).transpose(0, 2, 1, 3)
+        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        offset = cache.offset if cache is not None else 0
+        q, k = self.rope(q, offset), self.rope(k, offset)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        # SDPA handles grouped KV heads itself.
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.self_attn = Attention(args)
+        self.mlp = MLP(args)
+        self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+    def __call__(self, x: mx.array, mask: str | mx.array | None, cache: KVCache | None) -> mx.array:
+        h = x + self.self_attn(self.input_layernorm(x), mask, cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Qwen3Model(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = [DecoderLayer(args) for _ in range(args.num_hidden_layers)]
+        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+    def __call__(self, inputs: mx.array, cache: Sequence[KVCache] | None) -> mx.array:
+        h = self.embed_tokens(inputs)
+        mask = cache[0].make_mask(h.shape[1]) if cache else ("causal" if h.shape[1] > 1 else None)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, mask, cache[i] if cache else None)
+        return self.norm(h)
+
+
+class Model(nn.Module):
+    """Qwen3ForCausalLM: token ids (B, L) -> logits (B, L, vocab_size)."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.model = Qwen3Model(args)
+        if not args.tie_word_embeddings:
+            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    def __call__(self, inputs: mx.array, cache: Sequence[KVCache] | None = None) -> mx.array:
+        h = self.model(inputs, cache)
+        if self.args.tie_word_embeddings:
+            return self.model.embed_tokens.as_linear(h)
+        return self.lm_head(h)
+
+    def make_cache(self, max_kv_size: int | None = None, keep: int = 0) -> list[KVCache]:
+        """One cache per layer: a plain KVCache, or a RotatingKVCache when max_kv_size is given."""
+        if max_kv_size is None:
+            return [KVCache() for _ in self.model.layers]
+        return [RotatingKVCache(max_kv_size, keep) for _ in self.model.layers]
+
+    @property
+    def layers(self) -> list[DecoderLayer]:
+        return self.model.layers
