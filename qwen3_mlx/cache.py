@@ -118,9 +118,10 @@ class RotatingKVCache(KVCache):
             return self.keys, self.values
         # A chunk that crosses the window: attend over everything held plus the chunk (the mask
         # limits each query to its own window), then keep the prefix and the last `window` tokens.
-        old_k, old_v, _ = self.stored()
-        all_k = mx.concatenate([old_k, keys], axis=2)
-        all_v = mx.concatenate([old_v, values], axis=2)
+        all_k, all_v = keys, values
+        if self.keys is not None:
+            old_k, old_v, _ = self.stored()
+            all_k, all_v = mx.concatenate([old_k, keys], axis=2), mx.concatenate([old_v, values], axis=2)
         self.offset += n
         shift = (self.offset - self.window - self.keep) % self.window
         self.keys = mx.concatenate(

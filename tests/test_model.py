@@ -1,0 +1,97 @@
+"""Parity of our Qwen3 with Hugging Face transformers on the same weights, in float32."""
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+from checkpoints import SHAPES, make_checkpoint
+from transformers import Qwen3ForCausalLM
+
+from qwen3_mlx.config import ModelArgs
+from qwen3_mlx.errors import ConfigError
+from qwen3_mlx.loader import load_model
+
+TOL = 1e-4
+
+
+def reference_logits(path, ids):
+    ref = Qwen3ForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return ref(torch.tensor(ids)).logits.numpy()
+
+
+@pytest.fixture(scope="module", params=list(SHAPES))
+def checkpoint(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(request.param)
+    return make_checkpoint(path, seed=len(request.param), shard=request.param == "gqa2", **SHAPES[request.param])
+
+
+@pytest.mark.parametrize("length", [1, 45])
+def test_logits_match_transformers(checkpoint, length):
+    ids = np.random.RandomState(length).randint(0, 512, size=(1, length))
+    ours = np.array(load_model(checkpoint)(mx.array(ids)))
+    assert np.abs(ours - reference_logits(checkpoint, ids)).max() <= TOL
+
+
+def test_sharded_checkpoint_has_several_files(tmp_path):
+    path = make_checkpoint(tmp_path, shard=True)
+    assert (path / "model.safetensors.index.json").exists()
+    assert len(list(path.glob("*.safetensors"))) > 1
+
+
+def test_yarn_changes_logits_beyond_original_context(tmp_path):
+    yarn = make_checkpoint(tmp_path / "yarn", **SHAPES["yarn"])
+    plain = make_checkpoint(tmp_path / "plain", max_position_embeddings=128)
+    ids = mx.array(np.arange(60)[None] % 512)
+    assert np.abs(np.array(load_model(yarn)(ids)) - np.array(load_model(plain)(ids))).max() > 1e-2
+
+
+def test_yarn_in_legacy_rope_scaling_format(tmp_path):
+    path = make_checkpoint(tmp_path, **SHAPES["yarn"])
+    config = json.loads((path / "config.json").read_text())
+    rope = config.pop("rope_parameters")
+    config["rope_theta"] = rope.pop("rope_theta")
+    config["rope_scaling"] = {**rope, "type": rope.pop("rope_type")}
+    (path / "config.json").write_text(json.dumps(config))
+    ids = np.arange(50)[None] % 512
+    assert np.abs(np.array(load_model(path)(mx.array(ids))) - reference_logits(path, ids)).max() <= TOL
+
+
+@pytest.mark.parametrize("shape", ["gqa4_headdim", "yarn"])
+def test_decoding_through_cache_matches_full_forward(tmp_path, shape):
+    model = load_model(make_checkpoint(tmp_path, **SHAPES[shape]))
+    ids = mx.array(np.random.RandomState(1).randint(0, 512, size=(1, 300)))
+    full = model(ids)
+    cache = model.make_cache()
+    chunks = [model(ids[:, :7], cache)]  # a prefill chunk, then one token at a time across a 256 step
+    chunks += [model(ids[:, i : i + 1], cache) for i in range(7, 300)]
+    assert cache[0].offset == 300
+    assert np.abs(np.array(mx.concatenate(chunks, axis=1)) - np.array(full)).max() <= TOL
+
+
+def test_full_qwen3_1_7b_shape_builds_without_weights():
+    args = ModelArgs.from_dict(dict(
+        model_type="qwen3", hidden_size=2048, num_hidden_layers=28, intermediate_size=6144,
+        num_attention_heads=16, num_key_value_heads=8, head_dim=128, vocab_size=151936,
+        rope_theta=1000000, rms_norm_eps=1e-6, tie_word_embeddings=True, unknown_key=3))
+    assert (args.head_dim, args.num_key_value_heads, args.rope_scaling) == (128, 8, None)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"model_type": "llama"}, "config.json: model_type='llama' is not supported; qwen3-mlx runs the dense Qwen3 family (model_type 'qwen3') only"),
+    ({"num_key_value_heads": 3}, "config.json: num_key_value_heads=3 does not divide num_attention_heads=4"),
+    ({"num_hidden_layers": 0}, "config.json: num_hidden_layers=0 must be >= 1"),
+    ({"hidden_size": "64"}, "config.json: hidden_size='64' must be an integer"),
+    ({"hidden_size": None}, "config.json: missing required key 'hidden_size'"),
+    ({"rms_norm_eps": -1}, "config.json: rms_norm_eps=-1 must be > 0"),
+    ({"head_dim": 15}, "config.json: head_dim=15 must be even for rotary embeddings"),
+    ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "config.json: rope_scaling type 'linear' is not supported; use 'yarn' or remove it"),
+])
+def test_invalid_config_names_the_key(change, message):
+    base = dict(model_type="qwen3", hidden_size=64, num_hidden_layers=2, intermediate_size=128,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=512)
+    with pytest.raises(ConfigError) as e:
+        ModelArgs.from_dict({**base, **change})
+    assert str(e.value) == message
