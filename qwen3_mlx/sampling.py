@@ -1,0 +1,233 @@
+"""Sampling: parameters, pure filters over logits, and the two factories the generation loop calls.
+
+Everything returned by the factories stays on the device (no `.item()`), so decode steps can overlap
+with `mx.async_eval`. Filter semantics match Hugging Face's Top-K/Top-P/Min-P warpers exactly.
+"""
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields, replace
+
+import mlx.core as mx
+
+from .errors import ConfigError
+
+_NEG_INF = float("-inf")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How the next token is chosen. Field names follow generation_config.json.
+
+    temperature 0 means greedy; top_p 1.0, top_k 0 and min_p 0.0 switch their filter off.
+    presence_penalty is subtracted once from every token already generated (OpenAI/Qwen);
+    repetition_penalty divides positive and multiplies negative logits of those tokens (HF/CTRL);
+    logit_bias maps a token id to a value added to its logit (-inf bans it).
+    """
+
+    temperature: float
+    top_p: float
+    top_k: int
+    min_p: float
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: Mapping[int, float] | None = None
+
+
+# Qwen3 model card, "Best Practices". Greedy decoding is discouraged in both modes (endless repetition).
+_THINKING = SamplingParams(temperature=0.6, top_p=0.95, top_k=20, min_p=0.0)
+_NON_THINKING = SamplingParams(temperature=0.7, top_p=0.8, top_k=20, min_p=0.0)
+_GENERATION_CONFIG_KEYS = ("temperature", "top_p", "top_k", "min_p")
+
+
+def default_params(thinking: bool, generation_config: Mapping | None = None, **overrides) -> SamplingParams:
+    """The sampling parameters for a mode, a checkpoint's generation_config.json, and explicit options.
+
+    Precedence, lowest first: the Qwen3 model card's values for the mode; the keys temperature,
+    top_p, top_k and min_p of `generation_config`; `overrides` that are not None. When
+    `generation_config` says `"do_sample": false` its sampling keys are ignored rather than turned
+    into greedy decoding: such files are usually transformers' defaults saved by a fine-tune, and
+    greedy decoding makes Qwen3 repeat itself. Ask for greedy with `temperature=0`.
+
+    Args:
+        thinking: whether the chat template enables thinking (selects the model card's defaults).
+        generation_config: the parsed generation_config.json, or None.
+        **overrides: any SamplingParams field, e.g. from CLI options; None means "not given".
+
+    Returns:
+        The parameters (not validated; `make_sampler` validates).
+
+    Raises:
+        ConfigError: an override names no SamplingParams field.
+    """
+    params = _THINKING if thinking else _NON_THINKING
+    if generation_config and generation_config.get("do_sample", True) is not False:
+        from_file = {k: generation_config.get(k) for k in _GENERATION_CONFIG_KEYS}
+        params = replace(params, **{k: v for k, v in from_file.items() if v is not None})
+    known = {f.name for f in fields(SamplingParams)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        expected = ", ".join(sorted(known))
+        raise ConfigError(f"unknown sampling option {unknown[0]!r}; expected one of {expected}")
+    return replace(params, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def validate(params: SamplingParams) -> None:
+    """Check every field's range.
+
+    Raises:
+        ConfigError: one line naming the field, its allowed range and the value given.
+    """
+    p = params
+    if not p.temperature >= 0:  # written this way so NaN fails too
+        raise ConfigError(f"temperature must be >= 0, got {p.temperature}")
+    if math.isinf(p.temperature):
+        raise ConfigError(f"temperature must be finite, got {p.temperature}")
+    if not 0 < p.top_p <= 1:
+        raise ConfigError(f"top_p must be in (0, 1], got {p.top_p}")
+    if isinstance(p.top_k, bool) or not isinstance(p.top_k, int) or p.top_k < 0:
+        raise ConfigError(f"top_k must be an integer >= 0 (0 = off), got {p.top_k!r}")
+    if not 0 <= p.min_p <= 1:
+        raise ConfigError(f"min_p must be in [0, 1], got {p.min_p}")
+    if not math.isfinite(p.presence_penalty):
+        raise ConfigError(f"presence_penalty must be finite, got {p.presence_penalty}")
+    if not (p.repetition_penalty > 0 and math.isfinite(p.repetition_penalty)):
+        raise ConfigError(f"repetition_penalty must be > 0 and finite, got {p.repetition_penalty}")
+    for token, bias in (p.logit_bias or {}).items():
+        if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+            raise ConfigError(f"logit_bias: token ids must be integers >= 0, got {token!r}")
+        if math.isnan(bias) or bias == math.inf:
+            raise ConfigError(f"logit_bias: bias for token {token} must be finite or -inf, got {bias}")
+
+
+# ---- filters: (B, V) -> (B, V), removed entries set to -inf --------------------------------------
+# Each takes logits or logprobs alike (softmax is shift-invariant) and renormalises over what earlier
+# filters left, as HF does when it chains its warpers.
+
+
+def apply_top_k(logprobs: mx.array, k: int) -> mx.array:
+    """Keep the k most likely tokens, and every token tied with the k-th (as HF's TopKLogitsWarper)."""
+    k = min(k, logprobs.shape[-1])
+    kth = mx.min(mx.topk(logprobs, k, axis=-1), axis=-1, keepdims=True)
+    return mx.where(logprobs < kth, _NEG_INF, logprobs)
+
+
+def apply_top_p(logprobs: mx.array, p: float) -> mx.array:
+    """Keep the smallest set of most likely tokens whose probability sums to >= p (at least one).
+
+    Same arithmetic as HF's TopPLogitsWarper: ascending sort, drop while the cumulative sum <= 1 - p.
+    Ties at the boundary are split by sort order.
+    """
+    order = mx.argsort(logprobs, axis=-1)  # (B, V) ascending
+    cumulative = mx.cumsum(mx.softmax(mx.take_along_axis(logprobs, order, axis=-1), axis=-1), axis=-1)
+    # the last sorted entry is the most likely token: never dropped, even when rounding says so
+    is_last = mx.arange(logprobs.shape[-1]) == logprobs.shape[-1] - 1
+    drop_sorted = (cumulative <= 1 - p) & ~is_last
+    drop = mx.put_along_axis(mx.zeros_like(drop_sorted), order, drop_sorted, axis=-1)
+    return mx.where(drop, _NEG_INF, logprobs)
+
+
+def apply_min_p(logprobs: mx.array, min_p: float) -> mx.array:
+    """Drop tokens whose probability is below min_p times the top token's (as HF's MinPLogitsWarper)."""
+    probs = mx.softmax(logprobs, axis=-1)
+    threshold = min_p * mx.max(probs, axis=-1, keepdims=True)
+    return mx.where(probs < threshold, _NEG_INF, logprobs)
+
+
+def warp_logits(logits: mx.array, params: SamplingParams) -> mx.array:
+    """Divide by temperature (> 0), then apply top-k, top-p and min-p, in that order (HF's order).
+
+    Returns float32 logits (B, V) whose softmax is the distribution `make_sampler` draws from.
+    """
+    logits = logits.astype(mx.float32) / params.temperature
+    if params.top_k > 0:
+        logits = apply_top_k(logits, params.top_k)
+    if params.top_p < 1.0:
+        logits = apply_top_p(logits, params.top_p)
+    if params.min_p > 0.0:
+        logits = apply_min_p(logits, params.min_p)
+    return logits
+
+
+# ---- factories -------------------------------------------------------------------------------------
+
+
+def make_sampler(params: SamplingParams, vocab_limit: int | None) -> Callable[[mx.array], mx.array]:
+    """Build the function that turns the last position's logits into the next token id.
+
+    Order: drop ids >= vocab_limit, divide by temperature, then top-k, top-p, min-p, then draw with
+    mx.random.categorical. Temperature comes first and the filters follow in that order because that
+    is what transformers does, so Qwen's recommended values mean here what they mean there. Ids past
+    the tokenizer's vocabulary (the embedding is padded: 151936 rows for 151669 tokens) are cut off
+    by slicing, so neither greedy nor sampled decoding can emit them.
+
+    Args:
+        params: the sampling parameters; temperature 0 means argmax.
+        vocab_limit: the tokenizer's vocabulary size, or None to allow every column.
+
+    Returns:
+        sampler(logits (B, V), any float dtype) -> token ids (B,) int32, lazily evaluated.
+
+    Raises:
+        ConfigError: a parameter is out of range, or vocab_limit < 1.
+    """
+    validate(params)
+    if vocab_limit is not None and vocab_limit < 1:
+        raise ConfigError(f"vocab_limit must be >= 1, got {vocab_limit}")
+
+    def sampler(logits: mx.array) -> mx.array:
+        logits = logits[..., :vocab_limit]  # (B, min(V, vocab_limit)): later ids cannot be drawn
+        if params.temperature == 0:
+            return mx.argmax(logits, axis=-1).astype(mx.int32)
+        return mx.random.categorical(warp_logits(logits, params), axis=-1).astype(mx.int32)
+
+    return sampler
+
+
+def make_logits_processor(
+    params: SamplingParams, vocab_size: int
+) -> Callable[[mx.array, mx.array], mx.array] | None:
+    """Build the function that applies penalties and logit bias before sampling, or None if none is set.
+
+    The penalties look at every token generated so far (not a window, not the prompt). Repetition
+    penalty is applied before presence penalty (the order vLLM uses), and logit bias last, so a bias
+    is an exact offset whatever the history.
+
+    Args:
+        params: the sampling parameters.
+        vocab_size: the width of the logits (the embedding's rows); logit_bias ids must be below it.
+
+    Returns:
+        process(logits (1, V), generated ids (n,) int32) -> float32 logits (1, V), or None.
+
+    Raises:
+        ConfigError: a parameter is out of range, or a logit_bias id is >= vocab_size.
+    """
+    validate(params)
+    presence, repetition, bias = params.presence_penalty, params.repetition_penalty, params.logit_bias
+    if presence == 0.0 and repetition == 1.0 and not bias:
+        return None
+    bias_row = None
+    if bias:
+        for token in bias:
+            if token >= vocab_size:
+                msg = f"logit_bias: token id {token} is outside the vocabulary (size {vocab_size})"
+                raise ConfigError(msg)
+        ids, values = mx.array(list(bias), mx.int32), mx.array(list(bias.values()), mx.float32)
+        bias_row = mx.zeros((vocab_size,), mx.float32).at[ids].add(values)  # (V,)
+
+    def process(logits: mx.array, tokens: mx.array) -> mx.array:
+        logits = logits.astype(mx.float32)
+        if presence != 0.0 or repetition != 1.0:
+            # (V,) scatter on the device; a repeated id only raises its count, `> 0` makes it count once
+            seen = mx.zeros((logits.shape[-1],), mx.int32).at[tokens].add(1) > 0
+            if repetition != 1.0:
+                penalised = mx.where(logits < 0, logits * repetition, logits / repetition)
+                logits = mx.where(seen, penalised, logits)
+            if presence != 0.0:
+                logits = logits - presence * seen
+        if bias_row is not None:
+            logits = logits + bias_row
+        return logits
+
+    return process
