@@ -43,8 +43,10 @@ _GENERATION_CONFIG_KEYS = ("temperature", "top_p", "top_k", "min_p")
 def default_params(thinking: bool, generation_config: Mapping | None = None, **overrides) -> SamplingParams:
     """The sampling parameters for a mode, a checkpoint's generation_config.json, and explicit options.
 
-    Precedence, lowest first: the Qwen3 model card's values for the mode; the keys temperature,
-    top_p, top_k and min_p of `generation_config`; `overrides` that are not None. When
+    Precedence, lowest first: the Qwen3 model card's values for the mode; in thinking mode only, the
+    keys temperature, top_p, top_k and min_p of `generation_config` (Qwen3's file holds the thinking
+    values, so applying it to non-thinking mode would undo the mode's defaults); `overrides` that are
+    not None. When
     `generation_config` says `"do_sample": false` its sampling keys are ignored rather than turned
     into greedy decoding: such files are usually transformers' defaults saved by a fine-tune, and
     greedy decoding makes Qwen3 repeat itself. Ask for greedy with `temperature=0`.
@@ -61,7 +63,7 @@ def default_params(thinking: bool, generation_config: Mapping | None = None, **o
         ConfigError: an override names no SamplingParams field.
     """
     params = _THINKING if thinking else _NON_THINKING
-    if generation_config and generation_config.get("do_sample", True) is not False:
+    if thinking and generation_config and generation_config.get("do_sample", True) is not False:
         from_file = {k: generation_config.get(k) for k in _GENERATION_CONFIG_KEYS}
         params = replace(params, **{k: v for k, v in from_file.items() if v is not None})
     known = {f.name for f in fields(SamplingParams)}

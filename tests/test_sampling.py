@@ -273,8 +273,9 @@ def test_default_params_follow_the_model_card_per_mode():
     assert default_params(thinking=False) == SamplingParams(temperature=0.7, top_p=0.8, top_k=20, min_p=0.0)
 
 
-def test_generation_config_overrides_the_mode_defaults():
-    assert default_params(False, QWEN3_GENERATION_CONFIG) == SamplingParams(0.6, 0.95, 20, 0.0)
+def test_generation_config_overrides_the_thinking_defaults_only():
+    assert default_params(True, {**QWEN3_GENERATION_CONFIG, "temperature": 0.5}) == SamplingParams(0.5, 0.95, 20, 0.0)
+    assert default_params(False, QWEN3_GENERATION_CONFIG) == SamplingParams(0.7, 0.8, 20, 0.0)
     partial = {"top_k": 40, "min_p": 0.1, "top_p": None}
     assert default_params(True, partial) == SamplingParams(0.6, 0.95, 40, 0.1)
 
