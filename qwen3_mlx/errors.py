@@ -7,3 +7,7 @@ class Qwen3Error(Exception):
 
 class ConfigError(Qwen3Error, ValueError):
     """config.json (or an option) holds a missing or invalid value."""
+
+
+class OptionError(Qwen3Error, ValueError):
+    """An option given by the user is out of range; the CLI reports it as a usage error (exit 2)."""

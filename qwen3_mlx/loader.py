@@ -212,4 +212,7 @@ def load(path_or_repo: str | Path, dtype: str | None = None) -> tuple[Model, Tok
     """
     path = resolve(path_or_repo)
     model = load_model(path, dtype)
-    return model, Tokenizer.from_dir(path)
+    tokenizer = Tokenizer.from_dir(path)
+    gen_config = path / "generation_config.json"
+    tokenizer.generation_config = read_json(gen_config) if gen_config.exists() else None
+    return model, tokenizer

@@ -1,0 +1,217 @@
+"""Generation: thinking budget, stop rules, limits and seeds, on a scripted stub and a tiny random model."""
+
+from types import SimpleNamespace
+
+import mlx.core as mx
+import pytest
+from checkpoints import make_checkpoint
+
+from qwen3_mlx.cache import KVCache
+from qwen3_mlx.generation import EARLY_STOP_TEXT, ThinkingBudget, generate, stream_generate
+from qwen3_mlx.loader import load
+from qwen3_mlx.tokenizer import Tokenizer
+
+VOCAB = 151936
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from checkpoints import tokenizer_dir
+
+    t = Tokenizer.from_dir(tokenizer_dir())
+    t.eos_token_ids = frozenset({t.token_to_id("<|im_end|>"), t.token_to_id("<|endoftext|>")})
+    return t
+
+
+class ScriptedModel:
+    """Logits that make `script(response so far)` the next token, whatever the sampler.
+
+    It keeps a real KVCache of dummy entries, so trimming and roll-back act as they do on a model.
+    """
+
+    def __init__(self, script):
+        self.script = script
+        self.args = SimpleNamespace(vocab_size=VOCAB, max_position_embeddings=4096)
+        self.fed: list[int] = []
+        self.prompt_len: int | None = None
+
+    def make_cache(self, max_kv_size=None, keep=0):
+        return [KVCache()]
+
+    def __call__(self, ids, cache):
+        c, n = cache[0], ids.shape[1]
+        del self.fed[c.offset :]
+        self.fed += ids[0].tolist()
+        if self.prompt_len is None:
+            self.prompt_len = n
+        c.update_and_fetch(mx.zeros((1, 1, n, 2)), mx.zeros((1, 1, n, 2)))
+        token = self.script(self.fed[self.prompt_len :])
+        row = mx.where(mx.arange(VOCAB) == token, 50.0, 0.0)
+        return mx.broadcast_to(row, (1, n, VOCAB))
+
+
+def thinker(tok, reasoning, answer, reasoning_len=None):
+    """<think>, `reasoning` ids cycled (reasoning_len of them, or forever), </think>, "\n\n", `answer`, <|im_end|>."""
+    start, end, eot = tok.think_start_id, tok.think_end_id, tok.token_to_id("<|im_end|>")
+    (newlines,) = tok.encode("\n\n")
+
+    def script(response):
+        if not response:
+            return start
+        if end not in response:
+            n = len(response) - 1
+            return end if reasoning_len is not None and n >= reasoning_len else reasoning[n % len(reasoning)]
+        i = len(response) - 1 - response.index(end)  # tokens after </think>; the first is "\n\n"
+        return newlines if i == 0 else answer[i - 1] if i <= len(answer) else eot
+
+    return script
+
+
+def run(tok, script, **options):
+    model = ScriptedModel(script)
+    return model, generate(model, tok, "question", **options)
+
+
+def test_budget_cuts_reasoning_at_n_tokens_then_the_model_answers(tok):
+    word, answer = tok.encode(" word"), tok.encode("The answer is 4.")
+    model, r = run(tok, thinker(tok, word, answer), thinking_budget=40)
+    assert r.stats.reasoning_tokens == 40
+    assert r.stats.budget_exhausted
+    assert r.reasoning == " word" * 40 + EARLY_STOP_TEXT.split("</think>")[0].rstrip("\n")
+    assert r.content == "The answer is 4."
+    assert r.stats.answer_tokens == len(answer)
+    assert r.stats.forced_tokens == len(tok.encode(EARLY_STOP_TEXT))
+    # What the model read: <think>, 40 reasoning tokens, the early-stop text with </think>, the answer.
+    response = model.fed[model.prompt_len :]
+    assert response == [tok.think_start_id] + word * 40 + tok.encode(EARLY_STOP_TEXT) + answer + [
+        tok.token_to_id("<|im_end|>")]
+    assert r.stats.finish_reason == "stop"
+
+
+def test_budget_prefers_a_sentence_end_inside_the_grace_window(tok):
+    pattern = tok.encode(" a b c d.")  # a sentence end every 5 tokens
+    assert len(pattern) == 5
+    _, r = run(tok, thinker(tok, pattern, tok.encode("ok")), thinking_budget=42)
+    # The window opens at 42 - min(32, 42 // 4) = 32 tokens; the first sentence end there is at 35.
+    assert r.stats.reasoning_tokens == 35
+    assert r.reasoning.startswith(" a b c d." * 7 + "\n\nConsidering the limited time")
+
+
+def test_budget_never_cuts_inside_a_multibyte_character(tok):
+    clef = tok.encode("𝄞")  # two tokens, neither a character on its own
+    assert len(clef) == 2
+    model, r = run(tok, thinker(tok, clef, tok.encode("ok")), thinking_budget=41)
+    assert r.stats.reasoning_tokens == 40  # the 41st token began a character: rolled back
+    assert r.reasoning == "𝄞" * 20 + EARLY_STOP_TEXT.split("</think>")[0].rstrip("\n")
+    assert "\ufffd" not in r.reasoning
+    assert model.fed[model.prompt_len :][: 41] == [tok.think_start_id] + clef * 20
+
+
+def test_budget_larger_than_the_reasoning_changes_nothing(tok):
+    script = thinker(tok, tok.encode(" step."), tok.encode("Done."), reasoning_len=10)
+    _, with_budget = run(tok, script, thinking_budget=100, seed=1)
+    _, without = run(tok, script, seed=1)
+    assert with_budget.stats.reasoning_tokens == without.stats.reasoning_tokens == 10
+    assert not with_budget.stats.budget_exhausted and with_budget.stats.forced_tokens == 0
+    assert (with_budget.reasoning, with_budget.content) == (without.reasoning, without.content) == (
+        " step." * 5, "Done.")
+
+
+def test_budget_zero_closes_the_block_at_once_like_the_non_thinking_template(tok):
+    model, r = run(tok, thinker(tok, tok.encode(" hmm"), tok.encode("Hi.")), thinking_budget=0)
+    assert (r.reasoning, r.content, r.stats.reasoning_tokens) == ("", "Hi.", 0)
+    empty_block = tok.encode("<think>\n\n</think>\n\n")
+    assert model.fed[model.prompt_len :][:4] == empty_block
+
+
+def test_answer_has_its_own_limit_when_there_is_a_budget(tok):
+    _, r = run(tok, thinker(tok, tok.encode(" x"), tok.encode(" y" * 50)), thinking_budget=30, max_tokens=5)
+    assert (r.stats.reasoning_tokens, r.stats.answer_tokens, r.content) == (30, 5, " y" * 5)
+    assert r.stats.finish_reason == "length"
+
+
+def test_without_budget_max_tokens_counts_reasoning_and_answer(tok):
+    _, r = run(tok, thinker(tok, tok.encode(" x"), tok.encode(" y" * 50)), max_tokens=12)
+    assert (r.stats.reasoning_tokens, r.stats.answer_tokens) == (12, 0)
+
+
+def test_stop_string_ends_the_answer_and_is_not_shown(tok):
+    script = thinker(tok, tok.encode(" t"), tok.encode("Hello world. STOP here"), reasoning_len=2)
+    model = ScriptedModel(script)
+    chunks = list(stream_generate(model, tok, "q", stop=["STOP"]))
+    answer = "".join(c.text for c in chunks if c.kind == "answer")
+    assert answer == "Hello world. "
+    assert chunks[-1].stats.finish_reason == "stop_string"
+
+
+def test_stop_string_that_never_comes_lets_the_answer_finish(tok):
+    script = thinker(tok, tok.encode(" t"), tok.encode("Hello world."), reasoning_len=2)
+    _, r = run(tok, script, stop=["never"])
+    assert (r.content, r.stats.finish_reason) == ("Hello world.", "stop")
+
+
+def test_reasoning_and_answer_are_separated_by_token_id(tok):
+    script = thinker(tok, tok.encode("\nLet me think.\n"), tok.encode("Yes."), reasoning_len=10)
+    _, r = run(tok, script)
+    # Newlines around the reasoning and before the answer are trimmed, as Qwen3's template does.
+    assert (r.reasoning, r.content) == ("Let me think.\n\nLet me think.", "Yes.")
+    assert r.text == "<think>Let me think.\n\nLet me think.</think>Yes."
+
+
+def test_empty_prompt_is_refused_in_raw_mode(tok):
+    from qwen3_mlx.errors import Qwen3Error
+
+    with pytest.raises(Qwen3Error, match="^the prompt is empty; give some text$"):
+        generate(ScriptedModel(lambda r: 0), tok, "", raw=True)
+
+
+def test_budget_must_not_be_negative():
+    from qwen3_mlx.errors import Qwen3Error
+
+    with pytest.raises(Qwen3Error, match=r"^thinking_budget must be >= 0, got -1$"):
+        ThinkingBudget(-1)
+
+
+# ---------------------------------------------------------------- a tiny random model
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = make_checkpoint(tmp_path_factory.mktemp("tiny"), tokenizer=True, hidden_size=32,
+                           intermediate_size=64, num_attention_heads=2, num_key_value_heads=1)
+    return load(path)
+
+
+def test_budget_on_a_random_model_that_starts_inside_reasoning(tiny):
+    model, tokenizer = tiny
+    prompt = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n<think>\n"
+    r = generate(model, tokenizer, prompt, raw=True, thinking_budget=8, max_tokens=6, seed=3,
+                 logit_bias={t: -1e9 for t in tokenizer.eos_token_ids | {tokenizer.think_end_id}})
+    assert r.stats.reasoning_tokens <= 8 and r.stats.budget_exhausted
+    assert r.stats.forced_tokens == len(tokenizer.encode(EARLY_STOP_TEXT))
+    assert "Considering the limited time by the user" in r.reasoning
+    assert r.stats.answer_tokens == 6
+
+
+def test_same_seed_same_tokens(tiny):
+    model, tokenizer = tiny
+    runs = [generate(model, tokenizer, "Hello", seed=s, max_tokens=12).token_ids for s in (7, 7, 8)]
+    assert runs[0] == runs[1] and len(runs[0]) == 12
+    assert runs[0] != runs[2]
+
+
+def test_rotating_cache_generates_past_its_window(tiny):
+    model, tokenizer = tiny
+    r = generate(model, tokenizer, "Hello", system="Be brief.", max_kv_size=48, max_tokens=150, seed=0,
+                 logit_bias={t: -1e9 for t in tokenizer.eos_token_ids})
+    assert r.stats.generated_tokens == 150
+
+
+def test_prompt_longer_than_the_context_names_the_option(tiny):
+    from qwen3_mlx.errors import Qwen3Error
+
+    model, tokenizer = tiny
+    with pytest.raises(Qwen3Error) as e:
+        generate(model, tokenizer, "word" + " word" * 4999, raw=True)
+    assert str(e.value) == ("the prompt has 5000 tokens but the model's context is 4096 (max_position_embeddings); "
+                            "shorten it, or pass --max-kv-size to use a rotating cache")
