@@ -1,0 +1,14 @@
+"""qwen3-mlx: Qwen3 dense language models in MLX.
+
+    from qwen3_mlx import load, generate, stream_generate
+    model, tokenizer = load("mlx-community/Qwen3-1.7B-4bit")
+    result = generate(model, tokenizer, "Why is the sky blue?", thinking_budget=256)
+    print(result.reasoning, result.content)
+"""
+
+from .errors import ConfigError, OptionError, Qwen3Error
+from .generation import GenerationResult, GenerationStats, generate, stream_generate
+from .loader import load
+
+__all__ = ["load", "generate", "stream_generate", "GenerationResult", "GenerationStats",
+           "Qwen3Error", "ConfigError", "OptionError"]

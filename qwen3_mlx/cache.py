@@ -132,3 +132,14 @@ class RotatingKVCache(KVCache):
 
     def is_trimmable(self) -> bool:
         return self.offset <= self.max_size
+
+
+def restore(cache: KVCache, keys: mx.array, values: mx.array, offset: int) -> None:
+    """Fill an empty cache from keys/values in temporal order (as `stored()` gives them)."""
+    cache.offset = offset
+    if isinstance(cache, RotatingKVCache) and offset > cache.max_size:
+        shift = (offset - cache.window - cache.keep) % cache.window
+        k, v = keys[..., cache.keep :, :], values[..., cache.keep :, :]
+        keys = mx.concatenate([keys[..., : cache.keep, :], mx.roll(k, shift, axis=2)], axis=2)
+        values = mx.concatenate([values[..., : cache.keep, :], mx.roll(v, shift, axis=2)], axis=2)
+    cache.keys, cache.values = keys, values

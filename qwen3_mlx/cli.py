@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 import click
@@ -67,10 +68,11 @@ def print_stats(stats: Any) -> None:
     )
 
 
-def stream_to_terminal(chunks: Any, hide_thinking: bool, verbose: bool) -> Any:
+def stream_to_terminal(chunks: Any, hide_thinking: bool, verbose: bool, exit_on_interrupt: bool = True) -> Any:
     """Print chunks as they come, the reasoning dimmed (or hidden), then the figures if asked.
 
-    Ctrl-C stops the answer: what came so far stays printed, the figures follow, exit 130.
+    Ctrl-C stops the answer: what came so far stays printed, the figures follow, then exit 130
+    (or, in a chat, the next prompt).
     """
     stats, kind = None, None
     try:
@@ -83,11 +85,15 @@ def stream_to_terminal(chunks: Any, hide_thinking: bool, verbose: bool) -> Any:
             kind = chunk.kind
             click.echo(click.style(chunk.text, dim=True) if kind == "reasoning" else chunk.text, nl=False)
     except KeyboardInterrupt:
+        chunks.close()  # runs the generator's clean-up now, not whenever it is collected
         click.echo()
         if stats is not None:
+            stats.finish_reason = "interrupted"
             print_stats(stats)
         click.echo("interrupted", err=True)
-        sys.exit(130)
+        if exit_on_interrupt:
+            sys.exit(130)
+        return stats
     click.echo()
     if verbose and stats is not None:
         print_stats(stats)
@@ -135,9 +141,12 @@ def sampling_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--system", "-s", help="System prompt.")
 @click.option("--raw", is_flag=True, help="Complete the prompt as is, without the chat template.")
 @click.option("--stop", multiple=True, help="A string that ends the answer (repeatable).")
+@click.option("--prompt-cache", type=click.Path(dir_okay=False, path_type=Path),
+              help="Reuse the cache of the prompt's shared prefix saved in this file, and save this prompt's.")
 @sampling_options
 @user_errors
-def generate(model: str, prompt: str, system: str | None, raw: bool, stop: tuple[str, ...], think: bool,
+def generate(model: str, prompt: str, system: str | None, raw: bool, stop: tuple[str, ...],
+             prompt_cache: Path | None, think: bool,
              thinking_budget: int | None, max_tokens: int, temp: float | None, top_p: float | None,
              top_k: int | None, min_p: float | None, presence_penalty: float | None,
              repetition_penalty: float | None, seed: int | None, max_kv_size: int | None,
@@ -145,15 +154,122 @@ def generate(model: str, prompt: str, system: str | None, raw: bool, stop: tuple
     """Generate a response to one prompt."""
     import warnings
 
-    from .generation import stream_generate
+    from .chat import open_prompt_cache, save_prompt_cache
+    from .generation import encode_prompt, stream_generate
     from .loader import load
 
     text = read_prompt(prompt)
     loaded, tokenizer = load(model)
+    ids, thinking = encode_prompt(tokenizer, text, system=system, think=think, raw=raw)
+    cache = None
+    if prompt_cache is not None and ids:
+        cache = open_prompt_cache(prompt_cache, loaded, tokenizer, ids, system, max_kv_size)
     chunks = stream_generate(
-        loaded, tokenizer, text, system=system, raw=raw, stop=stop, think=think, thinking_budget=thinking_budget,
+        loaded, tokenizer, ids or text, raw=raw, stop=stop, think=thinking, thinking_budget=thinking_budget,
         max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p,
-        presence_penalty=presence_penalty, repetition_penalty=repetition_penalty, seed=seed,
+        presence_penalty=presence_penalty, repetition_penalty=repetition_penalty, seed=seed, cache=cache,
         max_kv_size=max_kv_size, prefill_step_size=prefill_step_size, progress=prefill_progress(prefill_step_size))
     warnings.showwarning = _show_warning
     stream_to_terminal(chunks, hide_thinking, verbose)
+    if cache is not None and not save_prompt_cache(prompt_cache, cache, ids, loaded):
+        click.echo(f"warning: {prompt_cache} not saved: the rotating cache has moved past the prompt", err=True)
+
+
+# ---------------------------------------------------------------- chat
+
+CHAT_HELP = """commands:
+  /think, /no_think   switch thinking on or off (Qwen3's soft switch, sent with your next message)
+  /budget N|off       limit the reasoning to N tokens
+  /system TEXT        set the system prompt (empty to remove it)
+  /reset              start a new conversation
+  /save FILE          save the conversation and its cache
+  /load FILE          load a saved conversation (from the same model)
+  /stats              figures of the last answer
+  /quit               leave (Ctrl-D too); Ctrl-C stops an answer"""
+
+
+def chat_command(session: Any, line: str) -> bool:
+    """Run one /command; False when the chat should end."""
+    name, _, arg = line.strip().partition(" ")
+    arg = arg.strip()
+    if name in ("/quit", "/exit", "/bye"):
+        return False
+    if name in ("/think", "/no_think"):
+        session.set_thinking(name == "/think")
+        click.echo(f"thinking {'on' if name == '/think' else 'off'}", err=True)
+    elif name == "/budget":
+        if arg == "off":
+            session.options["thinking_budget"] = None
+        elif arg.isdigit():
+            session.options["thinking_budget"] = int(arg)
+        else:
+            raise OptionError(f"/budget takes a number of tokens >= 0 or 'off', got {arg!r}")
+        click.echo(f"thinking budget: {session.options['thinking_budget'] if arg != 'off' else 'off'}", err=True)
+    elif name == "/system":
+        session.set_system(arg)
+        click.echo("system prompt set" if arg else "system prompt removed", err=True)
+    elif name == "/reset":
+        session.reset()
+        click.echo("new conversation", err=True)
+    elif name in ("/save", "/load"):
+        if not arg:
+            raise OptionError(f"{name} needs a file name")
+        (session.save if name == "/save" else session.load)(Path(arg).expanduser())
+        click.echo(f"{'saved' if name == '/save' else 'loaded'} {len(session.messages)} messages, "
+                   f"{len(session.cached)} cached tokens: {arg}", err=True)
+    elif name == "/stats":
+        if session.last is None:
+            click.echo("no answer yet", err=True)
+        else:
+            print_stats(session.last)
+    elif name == "/help":
+        click.echo(CHAT_HELP, err=True)
+    else:
+        raise OptionError(f"unknown command {name}; /help lists them")
+    return True
+
+
+@main.command()
+@click.option("--model", "-m", default=DEFAULT_MODEL, show_default=True, help="Checkpoint folder or Hub repo id.")
+@click.option("--system", "-s", help="System prompt.")
+@sampling_options
+@user_errors
+def chat(model: str, system: str | None, think: bool, thinking_budget: int | None, max_tokens: int,
+         temp: float | None, top_p: float | None, top_k: int | None, min_p: float | None,
+         presence_penalty: float | None, repetition_penalty: float | None, seed: int | None,
+         max_kv_size: int | None, prefill_step_size: int, hide_thinking: bool, verbose: bool) -> None:
+    """Chat with the model; the KV cache is reused from turn to turn. /help lists the commands."""
+    import warnings
+
+    from .chat import ChatSession
+    from .loader import load
+
+    loaded, tokenizer = load(model)
+    session = ChatSession(loaded, tokenizer, system=system, think=think, thinking_budget=thinking_budget,
+                          max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p,
+                          presence_penalty=presence_penalty, repetition_penalty=repetition_penalty, seed=seed,
+                          max_kv_size=max_kv_size, prefill_step_size=prefill_step_size)
+    warnings.showwarning = _show_warning
+    interactive = sys.stdin.isatty()
+    if interactive:
+        click.echo(f"chatting with {model}; /help for commands, /quit to leave", err=True)
+    while True:
+        try:
+            line = input(">>> ") if interactive else sys.stdin.readline()
+        except EOFError:
+            break
+        if not interactive and not line:
+            break
+        line = line.rstrip("\n")
+        if not line.strip():
+            continue
+        try:
+            word = line.split()[0]
+            # "/no_think" alone is a command; followed by text it is a message carrying the soft switch.
+            if word.startswith("/") and (word not in ("/think", "/no_think") or line.strip() == word):
+                if not chat_command(session, line):
+                    break
+                continue
+            stream_to_terminal(session.send(line), hide_thinking, verbose, exit_on_interrupt=False)
+        except Qwen3Error as e:  # a bad command or file: say so and go on chatting
+            click.echo(f"error: {e}", err=True)

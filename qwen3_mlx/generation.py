@@ -213,6 +213,17 @@ def build_prompt(tokenizer: Tokenizer, prompt: str | Messages, *, system: str | 
     return tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, enable_thinking=think)
 
 
+def encode_prompt(tokenizer: Tokenizer, prompt: str | Messages | Sequence[int], *, system: str | None = None,
+                  think: bool = True, raw: bool = False,
+                  tools: list[dict] | None = None) -> tuple[list[int], bool]:
+    """(prompt token ids, whether the model is asked to think). Token ids pass through as they are."""
+    if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(t, int) for t in prompt):
+        return list(prompt), think
+    thinking = think if raw else thinking_requested(prompt, think)  # type: ignore[arg-type]
+    text = build_prompt(tokenizer, prompt, system=system, think=think, raw=raw, tools=tools)  # type: ignore[arg-type]
+    return tokenizer.encode(text), thinking
+
+
 def thinking_requested(prompt: str | Messages, think: bool) -> bool:
     """Qwen3's mode: enable_thinking, unless the last user turn says /no_think (the soft switch)."""
     if not think:
@@ -231,6 +242,19 @@ def system_prefix_length(tokenizer: Tokenizer, prompt_ids: Sequence[int], system
         if list(prompt_ids[: len(head)]) == head:
             return len(head)
     return min(4, len(prompt_ids))
+
+
+def make_prompt_cache(model: Model, tokenizer: Tokenizer, prompt_ids: Sequence[int], system: str | None,
+                      max_kv_size: int | None, keep: int | None = None) -> list[KVCache]:
+    """A plain cache, or a rotating one of max_kv_size tokens that keeps the system turn."""
+    if max_kv_size is None:
+        return model.make_cache()
+    if keep is None:
+        keep = system_prefix_length(tokenizer, prompt_ids, system)
+    if max_kv_size <= keep:
+        raise OptionError(f"max_kv_size={max_kv_size} must be larger than the kept prefix "
+                          f"({keep} tokens: the system prompt); raise it or shorten the system prompt")
+    return model.make_cache(max_kv_size, keep)
 
 
 def _starts_in_reasoning(tokenizer: Tokenizer, ids: Sequence[int]) -> bool:
@@ -303,12 +327,7 @@ def stream_generate(
     if prefill_step_size < 1:
         raise OptionError(f"prefill_step_size must be >= 1, got {prefill_step_size}")
     budget = ThinkingBudget(thinking_budget) if thinking_budget is not None else None
-    if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt) and prompt:
-        prompt_ids, thinking = list(prompt), think
-    else:
-        thinking = thinking_requested(prompt, think) if not raw else think
-        prompt_ids = tokenizer.encode(build_prompt(tokenizer, prompt, system=system, think=think,
-                                                   raw=raw, tools=tools))
+    prompt_ids, thinking = encode_prompt(tokenizer, prompt, system=system, think=think, raw=raw, tools=tools)
     if not prompt_ids:
         raise Qwen3Error("the prompt is empty; give some text")
     context = model.args.max_position_embeddings
@@ -329,12 +348,7 @@ def stream_generate(
 
     stats = GenerationStats(prompt_tokens=len(prompt_ids))
     if cache is None:
-        if keep is None:
-            keep = system_prefix_length(tokenizer, prompt_ids, system)
-        if max_kv_size is not None and max_kv_size <= keep:
-            raise OptionError(f"max_kv_size={max_kv_size} must be larger than the kept prefix "
-                              f"({keep} tokens: the system prompt); raise it or shorten the system prompt")
-        cache = model.make_cache(max_kv_size, keep)
+        cache = make_prompt_cache(model, tokenizer, prompt_ids, system, max_kv_size, keep)
     gen = TokenGenerator(model, cache, make_sampler(params, tokenizer.vocab_size),
                          make_logits_processor(params, model.args.vocab_size))
     cached = min(cache[0].offset, len(prompt_ids) - 1)
@@ -427,6 +441,7 @@ def _stream(gen: TokenGenerator, tokenizer: Tokenizer, budget: ThinkingBudget | 
                         # Out of budget inside a multi-byte character: take its first tokens back.
                         gen.roll_back(detok.holding)
                         stats.reasoning_tokens -= detok.holding
+                        del stats.token_ids[-detok.holding :]
                         detok.drop_held()
                         cut = True
                     if cut:

@@ -1,0 +1,58 @@
+"""A stub model with scripted logits, for tests of the generation loop and the chat."""
+
+from types import SimpleNamespace
+
+import mlx.core as mx
+
+from qwen3_mlx.cache import KVCache
+
+VOCAB = 151936
+
+
+class ScriptedModel:
+    """Logits that make `script(response so far)` the next token, whatever the sampler.
+
+    It keeps a real KVCache of dummy entries, so trimming and roll-back act as they do on a model.
+    """
+
+    def __init__(self, script, header=None):
+        self.script = script
+        self.header = header  # if given, the response is what follows its last occurrence
+        self.args = SimpleNamespace(vocab_size=VOCAB, max_position_embeddings=4096)
+        self.fed: list[int] = []
+        self.prompt_len: int | None = None
+
+    def make_cache(self, max_kv_size=None, keep=0):
+        return [KVCache()]
+
+    def __call__(self, ids, cache):
+        c, n = cache[0], ids.shape[1]
+        del self.fed[c.offset :]
+        self.fed += ids[0].tolist()
+        if self.prompt_len is None:
+            self.prompt_len = n
+        c.update_and_fetch(mx.zeros((1, 1, n, 2)), mx.zeros((1, 1, n, 2)))
+        start = self.prompt_len
+        if self.header is not None:
+            h = len(self.header)
+            start = max(i + h for i in range(len(self.fed) - h + 1) if self.fed[i : i + h] == self.header)
+        token = self.script(self.fed[start:])
+        row = mx.where(mx.arange(VOCAB) == token, 50.0, 0.0)
+        return mx.broadcast_to(row, (1, n, VOCAB))
+
+
+def thinker(tok, reasoning, answer, reasoning_len=None):
+    """<think>, `reasoning` ids cycled (reasoning_len of them, or forever), </think>, "\n\n", `answer`, <|im_end|>."""
+    start, end, eot = tok.think_start_id, tok.think_end_id, tok.token_to_id("<|im_end|>")
+    (newlines,) = tok.encode("\n\n")
+
+    def script(response):
+        if not response:
+            return start
+        if end not in response:
+            n = len(response) - 1
+            return end if reasoning_len is not None and n >= reasoning_len else reasoning[n % len(reasoning)]
+        i = len(response) - 1 - response.index(end)  # tokens after </think>; the first is "\n\n"
+        return newlines if i == 0 else answer[i - 1] if i <= len(answer) else eot
+
+    return script
