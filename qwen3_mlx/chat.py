@@ -125,8 +125,8 @@ class ChatSession:
     """
 
     def __init__(self, model: Model, tokenizer: Tokenizer, *, system: str | None = None,
-                 think: bool = True, **options: Any) -> None:
-        self.model, self.tokenizer = model, tokenizer
+                 think: bool = True, eager: bool = True, **options: Any) -> None:
+        self.model, self.tokenizer, self.eager = model, tokenizer, eager
         self.system, self.think, self.options = system, think, options
         self.messages: list[dict[str, str]] = []
         self.cache: list[KVCache] | None = None
@@ -160,10 +160,10 @@ class ChatSession:
 
     # -------------------------------------------------------------- a turn
 
-    def render(self, messages: list[dict[str, str]]) -> list[int]:
+    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
         full = ([{"role": "system", "content": self.system}] if self.system else []) + messages
         return self.tokenizer.encode(self.tokenizer.apply_chat_template(
-            full, add_generation_prompt=True, enable_thinking=self.think))
+            full, add_generation_prompt=add_generation_prompt, enable_thinking=self.think))
 
     def send(self, text: str) -> Iterator[Chunk]:
         """Answer a user message; yields the answer's chunks. The history keeps the answer, not the reasoning."""
@@ -197,6 +197,27 @@ class ChatSession:
         self.messages = messages + [{"role": "assistant", "content": "".join(answer)}]
         self._switch = ""
         self.last = stats
+        if self.eager and stats is not None and stats.reasoning_tokens + stats.forced_tokens:
+            self.prepare_next_turn()
+
+    def prepare_next_turn(self) -> None:
+        """Read the last answer again as the next turn's template will show it (without its reasoning)
+        right away, so the next message waits only for its own tokens. Qwen3's template drops the
+        reasoning of every answer before the latest user message, so this is work the next turn needs."""
+        start = self.tokenizer.token_to_id("<|im_start|>")
+        if self.cache is None or start is None:
+            return
+        # Render with a placeholder next message and keep what comes before that message's turn.
+        ids = self.render(self.messages + [{"role": "user", "content": "."}], add_generation_prompt=False)
+        ids = ids[: len(ids) - 1 - ids[::-1].index(start)]
+        kept = reuse(self.cache, self.cached, ids)
+        if kept < 0 or kept == len(ids):
+            return
+        step = self.options.get("prefill_step_size") or 2048
+        for i in range(kept, len(ids), step):
+            self.model(mx.array([ids[i : i + step]]), self.cache)
+            mx.eval([c.keys for c in self.cache])
+        self.cached = ids
 
     def _settle(self, prompt: list[int], stats: GenerationStats) -> None:
         """Record which tokens the cache holds, after a turn ended or was interrupted."""

@@ -63,10 +63,13 @@ class TokenGenerator:
             raise Qwen3Error("the prompt is empty; give some text")
         prompt = mx.array(list(ids), mx.int32)
         done, total = 0, len(ids)
-        while total - done > step_size:
-            self.model(prompt[None, done : done + step_size], self.cache)
+        # All but the last token go through in chunks whose logits are never computed (MLX is lazy);
+        # the last one alone gives the first token, so the output head runs on one position only.
+        while total - done > 1:
+            n = min(step_size, total - done - 1)
+            self.model(prompt[None, done : done + n], self.cache)
             mx.eval([c.keys for c in self.cache])
-            done += step_size
+            done += n
             if progress:
                 progress(done, total)
         self._pending = self._step(prompt[done:])

@@ -15,29 +15,26 @@ class ScriptedModel:
     It keeps a real KVCache of dummy entries, so trimming and roll-back act as they do on a model.
     """
 
-    def __init__(self, script, header=None):
+    def __init__(self, script, header):
         self.script = script
-        self.header = header  # if given, the response is what follows its last occurrence
+        self.header = header  # the response is what follows the last occurrence of these ids
         self.args = SimpleNamespace(vocab_size=VOCAB, max_position_embeddings=4096)
         self.fed: list[int] = []
-        self.prompt_len: int | None = None
 
     def make_cache(self, max_kv_size=None, keep=0):
         return [KVCache()]
+
+    def response(self) -> list[int]:
+        h = len(self.header)
+        starts = [i + h for i in range(len(self.fed) - h + 1) if self.fed[i : i + h] == self.header]
+        return self.fed[max(starts, default=len(self.fed)) :]
 
     def __call__(self, ids, cache):
         c, n = cache[0], ids.shape[1]
         del self.fed[c.offset :]
         self.fed += ids[0].tolist()
-        if self.prompt_len is None:
-            self.prompt_len = n
         c.update_and_fetch(mx.zeros((1, 1, n, 2)), mx.zeros((1, 1, n, 2)))
-        start = self.prompt_len
-        if self.header is not None:
-            h = len(self.header)
-            start = max(i + h for i in range(len(self.fed) - h + 1) if self.fed[i : i + h] == self.header)
-        token = self.script(self.fed[start:])
-        row = mx.where(mx.arange(VOCAB) == token, 50.0, 0.0)
+        row = mx.where(mx.arange(VOCAB) == self.script(self.response()), 50.0, 0.0)
         return mx.broadcast_to(row, (1, n, VOCAB))
 
 

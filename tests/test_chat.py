@@ -55,7 +55,7 @@ def test_turn_three_equals_a_fresh_run_on_the_whole_conversation(tiny):
 def test_earlier_reasoning_is_dropped_and_the_cache_trimmed_to_where_it_began(tok_stub):
     tok, header = tok_stub
     script = thinker(tok, tok.encode(" hmm"), tok.encode("Fine."), reasoning_len=6)
-    session = ChatSession(ScriptedModel(script, header=header), tok, max_tokens=100)
+    session = ChatSession(ScriptedModel(script, header=header), tok, max_tokens=100, eager=False)
     drain(session.send("one"))
     assert session.messages[-1] == {"role": "assistant", "content": "Fine."}
     first_response = session.last.token_ids
@@ -65,6 +65,18 @@ def test_earlier_reasoning_is_dropped_and_the_cache_trimmed_to_where_it_began(to
     # The template drops the <think> block, so reuse stops where the first answer's reasoning began.
     assert session.last.cached_tokens == len(cached_before) - len(first_response)
     assert session.last.reasoning_tokens == 6
+
+
+def test_eager_session_rereads_the_answer_without_reasoning_before_the_next_message(tok_stub):
+    tok, header = tok_stub
+    script = thinker(tok, tok.encode(" hmm"), tok.encode("Fine."), reasoning_len=6)
+    session = ChatSession(ScriptedModel(script, header=header), tok, max_tokens=100)
+    drain(session.send("one"))
+    # The history as the next turn renders it: the answer without its reasoning block.
+    history = tok.encode("<|im_start|>user\none<|im_end|>\n<|im_start|>assistant\nFine.<|im_end|>\n")
+    assert session.cached == history and session.cache[0].offset == len(history)
+    drain(session.send("two"))
+    assert session.last.cached_tokens == len(history)  # only the new message was computed
 
 
 @pytest.fixture(scope="module")

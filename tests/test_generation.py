@@ -19,8 +19,12 @@ def tok():
     return t
 
 
+def stub(tok, script):
+    return ScriptedModel(script, header=tok.encode("<|im_start|>assistant\n"))
+
+
 def run(tok, script, **options):
-    model = ScriptedModel(script)
+    model = stub(tok, script)
     return model, generate(model, tok, "question", **options)
 
 
@@ -34,7 +38,7 @@ def test_budget_cuts_reasoning_at_n_tokens_then_the_model_answers(tok):
     assert r.stats.answer_tokens == len(answer)
     assert r.stats.forced_tokens == len(tok.encode(EARLY_STOP_TEXT))
     # What the model read: <think>, 40 reasoning tokens, the early-stop text with </think>, the answer.
-    response = model.fed[model.prompt_len :]
+    response = model.response()
     assert response == [tok.think_start_id] + word * 40 + tok.encode(EARLY_STOP_TEXT) + answer + [
         tok.token_to_id("<|im_end|>")]
     assert r.stats.finish_reason == "stop"
@@ -56,7 +60,7 @@ def test_budget_never_cuts_inside_a_multibyte_character(tok):
     assert r.stats.reasoning_tokens == 40  # the 41st token began a character: rolled back
     assert r.reasoning == "𝄞" * 20 + EARLY_STOP_TEXT.split("</think>")[0].rstrip("\n")
     assert "\ufffd" not in r.reasoning
-    assert model.fed[model.prompt_len :][: 41] == [tok.think_start_id] + clef * 20
+    assert model.response()[: 41] == [tok.think_start_id] + clef * 20
 
 
 def test_budget_larger_than_the_reasoning_changes_nothing(tok):
@@ -73,7 +77,7 @@ def test_budget_zero_closes_the_block_at_once_like_the_non_thinking_template(tok
     model, r = run(tok, thinker(tok, tok.encode(" hmm"), tok.encode("Hi.")), thinking_budget=0)
     assert (r.reasoning, r.content, r.stats.reasoning_tokens) == ("", "Hi.", 0)
     empty_block = tok.encode("<think>\n\n</think>\n\n")
-    assert model.fed[model.prompt_len :][:4] == empty_block
+    assert model.response()[:4] == empty_block
 
 
 def test_answer_has_its_own_limit_when_there_is_a_budget(tok):
@@ -89,7 +93,7 @@ def test_without_budget_max_tokens_counts_reasoning_and_answer(tok):
 
 def test_stop_string_ends_the_answer_and_is_not_shown(tok):
     script = thinker(tok, tok.encode(" t"), tok.encode("Hello world. STOP here"), reasoning_len=2)
-    model = ScriptedModel(script)
+    model = stub(tok, script)
     chunks = list(stream_generate(model, tok, "q", stop=["STOP"]))
     answer = "".join(c.text for c in chunks if c.kind == "answer")
     assert answer == "Hello world. "
@@ -114,7 +118,7 @@ def test_empty_prompt_is_refused_in_raw_mode(tok):
     from qwen3_mlx.errors import Qwen3Error
 
     with pytest.raises(Qwen3Error, match="^the prompt is empty; give some text$"):
-        generate(ScriptedModel(lambda r: 0), tok, "", raw=True)
+        generate(stub(tok, lambda r: 0), tok, "", raw=True)
 
 
 def test_budget_must_not_be_negative():
