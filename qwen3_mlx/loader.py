@@ -211,7 +211,7 @@ def load(path_or_repo: str | Path, dtype: str | None = None) -> tuple[Model, Tok
         Qwen3Error: the folder, a file, a key or a tensor is missing or wrong; the message says which.
     """
     path = resolve(path_or_repo)
-    model = load_model(path, dtype)
+    model = load_model(path, dtype).fuse()  # after load_model's weight dict is gone, so no second copy
     tokenizer = Tokenizer.from_dir(path)
     gen_config = path / "generation_config.json"
     tokenizer.generation_config = read_json(gen_config) if gen_config.exists() else None

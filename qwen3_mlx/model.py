@@ -78,10 +78,15 @@ class Attention(nn.Module):
 
     def __call__(self, x: mx.array, mask: str | mx.array | None, cache: KVCache | None) -> mx.array:
         B, L, _ = x.shape
+        if "qkv_proj" in self:  # fused by Model.fuse: one matmul, its output split back
+            q_end, k_end = self.n_heads * self.head_dim, (self.n_heads + self.n_kv_heads) * self.head_dim
+            q, k, v = mx.split(self.qkv_proj(x), [q_end, k_end], axis=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         # QK-norm over head_dim on (B, L, H, D), then to (B, H, L, D) for RoPE and attention.
-        q = self.q_norm(self.q_proj(x).reshape(B, L, self.n_heads, -1)).transpose(0, 2, 1, 3)
-        k = self.k_norm(self.k_proj(x).reshape(B, L, self.n_kv_heads, -1)).transpose(0, 2, 1, 3)
-        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        q = self.q_norm(q.reshape(B, L, self.n_heads, -1)).transpose(0, 2, 1, 3)
+        k = self.k_norm(k.reshape(B, L, self.n_kv_heads, -1)).transpose(0, 2, 1, 3)
+        v = v.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         offset = cache.offset if cache is not None else 0
         q, k = self.rope(q, offset), self.rope(k, offset)
         if cache is not None:
@@ -89,6 +94,12 @@ class Attention(nn.Module):
         # SDPA handles grouped KV heads itself.
         out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+    def fuse(self) -> None:
+        fused = _concat_linears([self.q_proj, self.k_proj, self.v_proj])
+        if fused is not None:
+            self.qkv_proj = fused
+            del self.q_proj, self.k_proj, self.v_proj
 
 
 class MLP(nn.Module):
@@ -99,7 +110,32 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        if "gate_up_proj" in self:  # fused by Model.fuse
+            gate, up = mx.split(self.gate_up_proj(x), 2, axis=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(nn.silu(gate) * up)
+
+    def fuse(self) -> None:
+        fused = _concat_linears([self.gate_proj, self.up_proj])
+        if fused is not None:
+            self.gate_up_proj = fused
+            del self.gate_proj, self.up_proj
+
+
+def _concat_linears(layers: list[nn.Module]) -> nn.Module | None:
+    """One layer whose output is the given layers' outputs side by side: their weights (and scales,
+    biases) concatenated along the output dimension. None when they differ in kind or quantization."""
+    first = layers[0]
+    kind = (type(first), getattr(first, "group_size", None), getattr(first, "bits", None),
+            getattr(first, "mode", None), sorted(first.keys()))
+    if type(first) not in (nn.Linear, nn.QuantizedLinear) or any(
+            (type(m), getattr(m, "group_size", None), getattr(m, "bits", None), getattr(m, "mode", None),
+             sorted(m.keys())) != kind for m in layers):
+        return None
+    for name in first.keys():  # weight, bias; scales, biases when quantized: all (out, ...)
+        first[name] = mx.concatenate([m[name] for m in layers], axis=0)
+    return first
 
 
 class DecoderLayer(nn.Module):
@@ -151,6 +187,16 @@ class Model(nn.Module):
         if max_kv_size is None:
             return [KVCache() for _ in self.model.layers]
         return [RotatingKVCache(max_kv_size, keep) for _ in self.model.layers]
+
+    def fuse(self) -> "Model":
+        """Compute q/k/v and gate/up as one matmul each, their weights concatenated along the output
+        dimension (quantized ones too, when their bits and group size agree). Call after loading the
+        Hugging Face-named weights; the parameter names change, so save weights before, never after."""
+        for layer in self.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
+            mx.eval(layer.parameters())  # one layer at a time, so the old arrays go as the new ones come
+        return self
 
     @property
     def layers(self) -> list[DecoderLayer]:

@@ -3,6 +3,7 @@
 import json
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 import torch
@@ -33,6 +34,23 @@ def test_logits_match_transformers(checkpoint, length):
     ids = np.random.RandomState(length).randint(0, 512, size=(1, length))
     ours = np.array(load_model(checkpoint)(mx.array(ids)))
     assert np.abs(ours - reference_logits(checkpoint, ids)).max() <= TOL
+
+
+def test_fused_projections_match_transformers(checkpoint):
+    ids = np.random.RandomState(3).randint(0, 512, size=(1, 45))
+    model = load_model(checkpoint).fuse()
+    assert "qkv_proj" in model.layers[0].self_attn and "gate_up_proj" in model.layers[0].mlp
+    assert np.abs(np.array(model(mx.array(ids))) - reference_logits(checkpoint, ids)).max() <= TOL
+
+
+def test_fused_quantized_projections_give_the_same_logits(tmp_path):
+    model = load_model(make_checkpoint(tmp_path))
+    nn.quantize(model, group_size=32, bits=4)
+    ids = mx.array(np.random.RandomState(4).randint(0, 512, size=(1, 20)))
+    unfused = np.array(model(ids))
+    model.fuse()
+    assert isinstance(model.layers[0].mlp.gate_up_proj, nn.QuantizedLinear)
+    assert np.abs(np.array(model(ids)) - unfused).max() <= 1e-5
 
 
 def test_sharded_checkpoint_has_several_files(tmp_path):
