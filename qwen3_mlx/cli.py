@@ -273,3 +273,51 @@ def chat(model: str, system: str | None, think: bool, thinking_budget: int | Non
             stream_to_terminal(session.send(line), hide_thinking, verbose, exit_on_interrupt=False)
         except Qwen3Error as e:  # a bad command or file: say so and go on chatting
             click.echo(f"error: {e}", err=True)
+
+
+# ---------------------------------------------------------------- convert
+
+
+@main.command()
+@click.argument("source")
+@click.argument("output", type=click.Path(path_type=Path))
+@click.option("--quantize", "-q", is_flag=True, help="Quantize Linear and Embedding weights (affine, as mlx-lm).")
+@click.option("--bits", type=click.Choice(["2", "3", "4", "5", "6", "8"]), default="4", show_default=True)
+@click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True)
+@click.option("--embed-bits", type=click.Choice(["2", "3", "4", "5", "6", "8"]),
+              help="Bits of the embedding / lm_head. Default: 8 when --bits is below 8, else --bits.")
+@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]),
+              help="Dtype of unquantized tensors and scales. Default: the source's (bfloat16 for a float32 source "
+                   "being quantized).")
+@click.option("--dequantize", is_flag=True, help="Turn a quantized MLX checkpoint back into float weights.")
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+@user_errors
+def convert(source: str, output: Path, quantize: bool, bits: str, group_size: str, embed_bits: str | None,
+            dtype: str | None, dequantize: bool, force: bool) -> None:
+    """Convert SOURCE (a Hugging Face or MLX folder, or a Hub repo id) into an MLX folder OUTPUT."""
+    from click.core import ParameterSource
+
+    from .converter import convert as convert_checkpoint
+
+    ctx = click.get_current_context()
+    for name in ("bits", "group_size"):
+        if not quantize and ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE:
+            raise click.UsageError(f"--{name.replace('_', '-')} applies only with --quantize")
+
+    bar = None
+
+    def show(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:  # the total is known once the source has been read
+            bar = click.progressbar(length=total, label="converting", file=sys.stderr)
+        bar.update(done - bar.pos)
+
+    try:
+        result = convert_checkpoint(source, output, quantize=quantize, bits=int(bits), group_size=int(group_size),
+                                    embed_bits=int(embed_bits) if embed_bits else None, dtype=dtype,
+                                    dequantize=dequantize, force=force, progress=show)
+    finally:
+        if bar is not None:
+            bar.render_finish()
+    click.echo(f"wrote {output}: {result.bits_per_weight:.2f} bits per weight, "
+               f"{result.size_bytes / 1e9:.2f} GB in {result.seconds:.1f} s")
