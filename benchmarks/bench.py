@@ -18,16 +18,17 @@ end-of-turn ids (above 1024) cannot be generated. `--dtype 4bit` converts the bf
 tied embedding at 8 bits, its default). A finished checkpoint is found complete and reused.
 
 run: loads the checkpoint with qwen3_mlx.load and with mlx_lm.load, alternately (which goes first
-switches each trial), after one untimed warm-up of each. Each run loads, then generates greedily
-from the same fixed prompt of --prompt-tokens ids, with the end-of-turn ids banned by a -inf logit
-bias so that exactly --decode-tokens tokens come out: ours through TokenGenerator (what
-stream_generate drives), mlx-lm's through mlx_lm.generate.generate_step (what its stream_generate
-drives); detokenization is left out of both. Figures, medians over the trials:
+switches each trial), after one untimed warm-up of each on the same prompt. Each run loads, then
+generates greedily from the same fixed prompt of --prompt-tokens ids, with the end-of-turn ids
+banned by a -inf logit bias so that exactly --decode-tokens tokens come out: ours through
+TokenGenerator (what stream_generate drives), mlx-lm's through mlx_lm.generate.generate_step
+(what its stream_generate drives); detokenization is left out of both. Figures, medians over the trials:
     load s          load() until the weights are evaluated
     TTFT s          prompt in, first token id on the host
     prefill tok/s   prompt tokens / TTFT
     decode tok/s    (decode tokens - 1) / time from the first to the last token
     peak GB         mx.get_peak_memory() from before load to the end (reset before each run)
+    generation peak mx.get_peak_memory() from after load to the end (weights included)
     decode BW share weight bytes read per token / time per token / the machine's bandwidth, which is
                     measured first: the best of a large fp32 sum, copy and matrix-vector product
 Ratios are ours / mlx-lm (above 1 is better for tok/s, below 1 for seconds and memory). Prints a
@@ -258,6 +259,8 @@ def run_ours(path: Path, prompt: list[int], n: int) -> dict:
     start = time.perf_counter()
     model, tokenizer = load(path)
     loaded = time.perf_counter()
+    load_peak = mx.get_peak_memory()
+    mx.reset_peak_memory()
     vocab = model.args.vocab_size
     params = SamplingParams(temperature=0.0, top_p=1.0, top_k=0, min_p=0.0,
                             logit_bias={t: float("-inf") for t in EOS_IDS if t < vocab})
@@ -271,7 +274,7 @@ def run_ours(path: Path, prompt: list[int], n: int) -> dict:
     t2 = time.perf_counter()
     mx.synchronize()
     return {"load_s": loaded - start, "ttft_s": t1 - t0, "decode_s": t2 - t1, "tokens": tokens,
-            "weight_bytes": weight_bytes_per_token(model)}
+            "load_peak_gb": load_peak / 1e9, "weight_bytes": weight_bytes_per_token(model)}
 
 
 def run_mlx_lm(path: Path, prompt: list[int], n: int) -> dict:
@@ -283,6 +286,8 @@ def run_mlx_lm(path: Path, prompt: list[int], n: int) -> dict:
     start = time.perf_counter()
     model, _ = load(str(path))
     loaded = time.perf_counter()
+    load_peak = mx.get_peak_memory()
+    mx.reset_peak_memory()
     vocab = model.args.vocab_size
     processors = make_logits_processors(logit_bias={t: float("-inf") for t in EOS_IDS if t < vocab})
     steps = generate_step(mx.array(prompt, mx.int32), model, max_tokens=n,
@@ -293,13 +298,15 @@ def run_mlx_lm(path: Path, prompt: list[int], n: int) -> dict:
     tokens += [t for t, _ in steps]
     t2 = time.perf_counter()
     mx.synchronize()
-    return {"load_s": loaded - start, "ttft_s": t1 - t0, "decode_s": t2 - t1, "tokens": tokens}
+    return {"load_s": loaded - start, "ttft_s": t1 - t0, "decode_s": t2 - t1, "tokens": tokens,
+            "load_peak_gb": load_peak / 1e9}
 
 
 RUNNERS = {"ours": run_ours, "mlx-lm": run_mlx_lm}
 FIGURES = [  # (key, label, format)
     ("load_s", "load s", "{:.3f}"), ("ttft_s", "TTFT s", "{:.3f}"), ("prefill_tps", "prefill tok/s", "{:.1f}"),
     ("decode_tps", "decode tok/s", "{:.2f}"), ("peak_gb", "peak GB", "{:.3f}"),
+    ("gen_peak_gb", "generation peak GB", "{:.3f}"),
     ("bw_share", "decode BW share", "{:.1%}"),
 ]
 
@@ -311,7 +318,8 @@ def one_run(name: str, path: Path, prompt: list[int], n: int, bandwidth: float, 
     mx.clear_cache()
     mx.reset_peak_memory()
     r = RUNNERS[name](path, prompt, n)
-    r["peak_gb"] = mx.get_peak_memory() / 1e9
+    r["gen_peak_gb"] = mx.get_peak_memory() / 1e9
+    r["peak_gb"] = max(r["load_peak_gb"], r["gen_peak_gb"])
     r["prefill_tps"] = len(prompt) / r["ttft_s"]
     r["decode_tps"] = (n - 1) / r["decode_s"] if n > 1 else 0.0
     r["bw_share"] = weight_bytes * r["decode_tps"] / bandwidth
@@ -332,9 +340,10 @@ def cmd_run(a: argparse.Namespace) -> None:
     bw = measure_bandwidth(a.bandwidth_gib)
     print(f"bandwidth: {bw['best'] / 1e9:.1f} GB/s (sum {bw['sum'] / 1e9:.1f}, copy {bw['copy'] / 1e9:.1f}, "
           f"matvec {bw['matvec'] / 1e9:.1f})", file=sys.stderr)
-    warm = run_ours(path, prompt[: min(8, len(prompt))], 2)
-    weight_bytes = warm.pop("weight_bytes")
-    run_mlx_lm(path, prompt[: min(8, len(prompt))], 2)
+    # The warm-up runs the real prompt, so that kernels built on first use (MLX's JIT on GPUs, mx.compile's)
+    # are built before any timed run.
+    weight_bytes = run_ours(path, prompt, 3)["weight_bytes"]
+    run_mlx_lm(path, prompt, 3)
     trials: dict[str, list[dict]] = {"ours": [], "mlx-lm": []}
     for t in range(a.trials):
         for name in (("ours", "mlx-lm") if t % 2 == 0 else ("mlx-lm", "ours")):

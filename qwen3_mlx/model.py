@@ -193,9 +193,9 @@ class Model(nn.Module):
         dimension (quantized ones too, when their bits and group size agree). Call after loading the
         Hugging Face-named weights; the parameter names change, so save weights before, never after."""
         for layer in self.layers:
-            layer.self_attn.fuse()
-            layer.mlp.fuse()
-            mx.eval(layer.parameters())  # one layer at a time, so the old arrays go as the new ones come
+            for block in (layer.self_attn, layer.mlp):
+                block.fuse()
+                mx.eval(block.parameters())  # one block at a time: the old arrays go as the new ones come
         return self
 
     @property
