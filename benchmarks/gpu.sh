@@ -43,9 +43,13 @@ python3 -c "import mlx.core as mx; print('mlx', mx.__version__, mx.default_devic
 B="python3 benchmarks/bench.py"
 START=$SECONDS
 $B make full /tmp/full-bf16 || exit 1
+# Issue 6's figure: turn-3 time to first token with the reused cache against re-reading everything.
+python3 benchmarks/chat_ttft.py /tmp/full-bf16 --history 500 --trials 3 --out "$OUT/chat-bf16.json"
+echo "elapsed $((SECONDS - START)) s"
 $B run /tmp/full-bf16 --prompt-tokens 512 --decode-tokens 128 --trials 3 --out "$OUT/full-bf16.json"
 echo "elapsed $((SECONDS - START)) s"
 $B make full /tmp/full-4bit --dtype 4bit --source /tmp/full-bf16 &&
+    python3 benchmarks/chat_ttft.py /tmp/full-4bit --history 500 --trials 3 --out "$OUT/chat-4bit.json" &&
     $B run /tmp/full-4bit --prompt-tokens 512 --decode-tokens 128 --trials 3 --out "$OUT/full-4bit.json"
 echo "elapsed $((SECONDS - START)) s"
 $B make tiny /tmp/tiny-bf16 && $B run /tmp/tiny-bf16 --prompt-tokens 128 --decode-tokens 256 --trials 3 \
