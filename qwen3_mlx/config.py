@@ -9,6 +9,7 @@ from typing import Any, Mapping
 from .errors import ConfigError
 
 SUPPORTED_MODEL_TYPES = ("qwen3",)
+_MAX_INT = 2**31 - 1  # MLX array dimensions are 32-bit
 
 
 def _int(d: Mapping[str, Any], key: str, default: int | None = None, minimum: int = 1) -> int:
@@ -19,6 +20,8 @@ def _int(d: Mapping[str, Any], key: str, default: int | None = None, minimum: in
         raise ConfigError(f"config.json: {key}={value!r} must be an integer")
     if value < minimum:
         raise ConfigError(f"config.json: {key}={value} must be >= {minimum}")
+    if value > _MAX_INT:
+        raise ConfigError(f"config.json: {key}={value} is too large (at most {_MAX_INT})")
     return value
 
 
@@ -103,6 +106,9 @@ class ModelArgs:
         head_dim = _int({"head_dim": head_dim}, "head_dim")
         if head_dim % 2:
             raise ConfigError(f"config.json: head_dim={head_dim} must be even for rotary embeddings")
+        if heads * head_dim > _MAX_INT:
+            raise ConfigError(f"config.json: num_attention_heads={heads} times head_dim={head_dim} is too large "
+                              f"(at most {_MAX_INT})")
 
         # transformers >= 5 writes rope_parameters; older files write rope_theta and rope_scaling.
         rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
@@ -113,6 +119,8 @@ class ModelArgs:
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type == "yarn":
             yarn = _parse_yarn(rope, d)
+            if rope_theta <= 1:  # YaRN divides by log(rope_theta)
+                raise ConfigError(f"config.json: rope_theta={rope_theta} must be > 1 with rope_scaling of type 'yarn'")
         elif rope_type in ("default", None):
             yarn = None
         else:
@@ -166,6 +174,13 @@ def _parse_yarn(rope: Mapping[str, Any], d: Mapping[str, Any]) -> Yarn:
     for key, default in (("beta_fast", 32.0), ("beta_slow", 1.0)):
         if not optional.get(key):
             optional[key] = default
+        # YaRN takes log(original_max_position_embeddings / (2π beta)).
+        if not 0 < original / (2 * math.pi * optional[key]) < math.inf:
+            raise ConfigError(f"config.json: rope_scaling.{key}={optional[key]} is out of range")
+    mscale_all_dim = optional.get("mscale_all_dim")
+    if optional.get("mscale") and mscale_all_dim and factor > 1 and 0.1 * mscale_all_dim * math.log(factor) + 1 == 0:
+        raise ConfigError(f"config.json: rope_scaling.mscale_all_dim={mscale_all_dim} makes YaRN's attention "
+                          f"scale divide by zero")
     return Yarn(factor=factor, original_max_position_embeddings=original,
                 truncate=_bool(rope, "truncate", True), **optional)
 
@@ -173,6 +188,9 @@ def _parse_yarn(rope: Mapping[str, Any], d: Mapping[str, Any]) -> Yarn:
 def _check_quantization(q: Any) -> None:
     if not isinstance(q, Mapping):
         raise ConfigError(f"config.json: quantization={q!r} must be an object")
+    for key, value in q.items():
+        if key not in ("bits", "group_size", "mode") and not isinstance(value, (bool, Mapping)):
+            raise ConfigError(f"config.json: quantization.{key}={value!r} must be an object or false")
     entries = [("quantization", q)] + [(f"quantization.{k}", v) for k, v in q.items() if isinstance(v, Mapping)]
     for where, entry in entries:
         bits, group_size = entry.get("bits"), entry.get("group_size")

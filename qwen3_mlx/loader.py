@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import struct
 from pathlib import Path
@@ -16,6 +17,7 @@ from mlx.utils import tree_flatten
 from .config import ModelArgs
 from .errors import ConfigError, Qwen3Error
 from .model import Model
+from .sampling import default_params, validate
 from .tokenizer import Tokenizer
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
@@ -24,6 +26,7 @@ _ST_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U32":
              "I8": 1, "U8": 1, "BOOL": 1}
 _MAX_HEADER = 100 * 2**20  # a header larger than this is corrupt, not a real checkpoint
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
 
 
 def resolve(path_or_repo: str | Path) -> Path:
@@ -36,7 +39,7 @@ def resolve(path_or_repo: str | Path) -> Path:
     name = str(path_or_repo)
     if not _REPO_ID.match(name) or name.startswith((".", "/", "~")):
         raise Qwen3Error(f"{name}: no such folder; pass a checkpoint folder or a Hub repo id like Qwen/Qwen3-1.7B")
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import HFValidationError
 
     try:
@@ -45,6 +48,9 @@ def resolve(path_or_repo: str | Path) -> Path:
     except HFValidationError as e:
         raise Qwen3Error(f"{name}: not a valid Hub repo id ({e})") from None
     except Exception as e:  # offline, unknown repo, gated, network: all end the same way for a user
+        if constants.HF_HUB_OFFLINE:
+            raise Qwen3Error(f"{name}: no local folder of that name, and not in the Hugging Face cache while "
+                             f"HF_HUB_OFFLINE is set; download it once online, or pass a local folder") from None
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise Qwen3Error(
             f"{name}: no local folder of that name, and the Hub download failed ({reason}); "
@@ -58,6 +64,8 @@ def read_json(path: Path) -> Any:
             return json.load(f)
     except FileNotFoundError:
         raise Qwen3Error(f"{path}: not found; is this a Qwen3 checkpoint folder?") from None
+    except OSError as e:
+        raise Qwen3Error(f"{path}: could not be read ({e.strerror or e}); check that it is a readable file") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise Qwen3Error(f"{path}: not valid JSON ({e}); the file is corrupt, download it again") from None
 
@@ -73,8 +81,9 @@ def load_config(path: Path) -> tuple[dict, ModelArgs]:
 def weight_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.exists():
-        weight_map = read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict):
+        weight_map = read_json(index)
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise Qwen3Error(f"{index}: has no 'weight_map' object; the file is corrupt, download it again")
         files = sorted({path / name for name in weight_map.values()})
         for f in files:
@@ -89,15 +98,19 @@ def weight_files(path: Path) -> list[Path]:
 
 def check_safetensors(file: Path) -> dict[str, dict]:
     """Validate a safetensors header against the file size before anything large is allocated."""
-    size = file.stat().st_size
-    with open(file, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise Qwen3Error(f"{file}: truncated ({size} bytes); download it again")
-        (n,) = struct.unpack("<Q", head)
-        if n > min(size - 8, _MAX_HEADER):
-            raise Qwen3Error(f"{file}: header claims {n} bytes but the file has {size}; the file is corrupt or truncated")
-        raw = f.read(n)
+    try:
+        with open(file, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(8)
+            if len(head) < 8:
+                raise Qwen3Error(f"{file}: truncated ({size} bytes); download it again")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(size - 8, _MAX_HEADER):
+                raise Qwen3Error(f"{file}: header claims {n} bytes but the file has {size}; "
+                                 f"the file is corrupt or truncated, download it again")
+            raw = f.read(n)
+    except OSError as e:
+        raise Qwen3Error(f"{file}: could not be read ({e.strerror or e}); check that it is a readable file") from None
     try:
         header = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError):
@@ -108,8 +121,10 @@ def check_safetensors(file: Path) -> dict[str, dict]:
     tensors = {}
     for name, info in header.items():
         if name == "__metadata__":
+            if info is not None and not (isinstance(info, dict) and all(isinstance(v, str) for v in info.values())):
+                raise Qwen3Error(f"{file}: __metadata__ is not an object of strings; the file is corrupt")
             continue
-        ok = (isinstance(info, dict) and info.get("dtype") in _ST_SIZES
+        ok = (isinstance(info, dict) and isinstance(info.get("dtype"), str) and info["dtype"] in _ST_SIZES
               and isinstance(info.get("shape"), list) and isinstance(info.get("data_offsets"), list)
               and len(info["data_offsets"]) == 2
               and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in info["shape"])
@@ -138,20 +153,32 @@ def iter_weights(path: Path) -> Iterator[tuple[Path, dict[str, mx.array]]]:
             raise Qwen3Error(f"{file}: could not be read ({e})") from None
 
 
-def _quantize(model: Model, args: ModelArgs, weights: dict[str, mx.array]) -> None:
+def _quantize(folder: Path, model: Model, args: ModelArgs, weights: dict[str, mx.array]) -> None:
     q = args.quantization
 
     def predicate(path: str, module: nn.Module) -> bool | dict:
+        if not hasattr(module, "to_quantized"):
+            return False
         if path in q:  # mlx-lm's per-module override: a {bits, group_size} dict, or false
             return q[path]
-        return hasattr(module, "to_quantized") and f"{path}.scales" in weights
+        return f"{path}.scales" in weights
 
-    nn.quantize(model, group_size=q["group_size"], bits=q["bits"], class_predicate=predicate)
+    try:
+        nn.quantize(model, group_size=q["group_size"], bits=q["bits"], class_predicate=predicate)
+    except ValueError as e:  # e.g. a group size that does not divide a layer's input size
+        raise Qwen3Error(f"{folder / 'config.json'}: the quantization block does not fit the model ({e}); "
+                         f"it disagrees with the weights") from None
 
 
 def load_model(path: Path, dtype: str | None = None) -> Model:
     """Build the model from config.json and load its weights, checking every tensor's name and shape."""
     _, args = load_config(path)
+    # Checked before the model is built: building 10**9 layers from a corrupt config would never end.
+    layers = {int(m.group(1)) for f in weight_files(path) for name in check_safetensors(f)
+              if (m := _LAYER.match(name))}
+    if args.num_hidden_layers != max(layers, default=-1) + 1:
+        raise Qwen3Error(f"{path / 'config.json'}: num_hidden_layers={args.num_hidden_layers} but the weights hold "
+                         f"{max(layers, default=-1) + 1} layers; the config and the weights do not belong together")
     model = Model(args)
     weights: dict[str, mx.array] = {}
     for _, tensors in iter_weights(path):
@@ -160,7 +187,11 @@ def load_model(path: Path, dtype: str | None = None) -> Model:
     if args.tie_word_embeddings:
         weights.pop("lm_head.weight", None)  # some exports store the tied head twice
     if args.quantization:
-        _quantize(model, args, weights)
+        if not any(k.endswith(".scales") for k in weights):
+            q = args.quantization
+            raise Qwen3Error(f"{path / 'config.json'}: has a quantization block (bits {q['bits']}, group_size "
+                             f"{q['group_size']}) but the weights are not quantized; remove the block")
+        _quantize(path, model, args, weights)
     expected = dict(tree_flatten(model.parameters()))
     missing = sorted(set(expected) - set(weights))
     extra = sorted(set(weights) - set(expected))
@@ -181,10 +212,11 @@ def load_model(path: Path, dtype: str | None = None) -> Model:
             if name.endswith((".weight", ".scales", ".biases")) and args.quantization and f"{name.rsplit('.', 1)[0]}.scales" in weights:
                 hint = "; config.json's quantization bits/group_size disagree with the weights"
             raise Qwen3Error(f"{path}: weight {name!r} has shape {tuple(got.shape)}, expected {tuple(param.shape)}{hint}")
+        got_dtype = str(got.dtype).removeprefix("mlx.core.")
         if param.dtype == mx.uint32 and got.dtype != mx.uint32:
-            raise Qwen3Error(f"{path}: weight {name!r} has dtype {got.dtype}, expected uint32 (packed quantized)")
+            raise Qwen3Error(f"{path}: weight {name!r} has dtype {got_dtype}, expected uint32 (packed quantized)")
         if param.dtype != mx.uint32 and not mx.issubdtype(got.dtype, mx.floating):
-            raise Qwen3Error(f"{path}: weight {name!r} has dtype {got.dtype}, expected a float type")
+            raise Qwen3Error(f"{path}: weight {name!r} has dtype {got_dtype}, expected a float type")
     if dtype is not None:
         if dtype not in DTYPES:
             raise ConfigError(f"dtype={dtype!r} must be one of {', '.join(DTYPES)}")
@@ -215,4 +247,20 @@ def load(path_or_repo: str | Path, dtype: str | None = None) -> tuple[Model, Tok
     tokenizer = Tokenizer.from_dir(path)
     gen_config = path / "generation_config.json"
     tokenizer.generation_config = read_json(gen_config) if gen_config.exists() else None
+    if tokenizer.generation_config is not None:
+        check_generation_config(gen_config, tokenizer.generation_config)
     return model, tokenizer
+
+
+def check_generation_config(file: Path, config: Any) -> None:
+    """The sampling values of generation_config.json, checked when loaded rather than mid-generation."""
+    if not isinstance(config, dict):
+        raise Qwen3Error(f"{file}: must hold a JSON object; fix it or remove the file")
+    for key in ("temperature", "top_p", "top_k", "min_p"):
+        value = config.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise Qwen3Error(f"{file}: {key}={value!r} must be a number; fix it or remove the file")
+    try:
+        validate(default_params(True, config))
+    except ConfigError as e:
+        raise Qwen3Error(f"{file}: {e}; fix it or remove the file") from None

@@ -86,7 +86,10 @@ class Tokenizer:
         template, source = _pick_template(tok_config.get("chat_template"), path / "tokenizer_config.json")
         jinja_file = path / "chat_template.jinja"
         if jinja_file.is_file():
-            template, source = jinja_file.read_text(encoding="utf-8"), str(jinja_file)
+            try:
+                template, source = jinja_file.read_text(encoding="utf-8"), str(jinja_file)
+            except UnicodeDecodeError as e:
+                raise Qwen3Error(f"{jinja_file}: not UTF-8 text; re-download it from the original checkpoint") from e
         if template is None:
             source = str(path)
         return cls(tokenizer, eos_token_ids=eos, chat_template=template, template_source=source,
@@ -257,9 +260,17 @@ class _TemplateNamespace(jinja2.utils.Namespace):
             raise jinja2.exceptions.SecurityError(f"namespace attribute {name!r} starts with an underscore")
 
 
+class _Sandbox(ImmutableSandboxedEnvironment):
+    """transformers' sandbox, but an unsafe attribute fails at once: by default `{{ x.__class__ }}` renders as ""."""
+
+    def unsafe_undefined(self, obj: Any, attribute: str) -> jinja2.Undefined:
+        raise jinja2.exceptions.SecurityError(
+            f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe.")
+
+
 def _template_environment() -> ImmutableSandboxedEnvironment:
     # Mirrors transformers' _compile_jinja_template (less its {% generation %} tracker, which only marks spans).
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env = _Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
