@@ -165,8 +165,8 @@ def generate(model: str, prompt: str, system: str | None, raw: bool, stop: tuple
     if prompt_cache is not None and ids:
         cache = open_prompt_cache(prompt_cache, loaded, tokenizer, ids, system, max_kv_size)
     chunks = stream_generate(
-        loaded, tokenizer, ids or text, raw=raw, stop=stop, think=thinking, thinking_budget=thinking_budget,
-        max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p,
+        loaded, tokenizer, ids or text, system=system, raw=raw, stop=stop, think=thinking,
+        thinking_budget=thinking_budget, max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p,
         presence_penalty=presence_penalty, repetition_penalty=repetition_penalty, seed=seed, cache=cache,
         max_kv_size=max_kv_size, prefill_step_size=prefill_step_size, progress=prefill_progress(prefill_step_size))
     warnings.showwarning = _show_warning

@@ -47,7 +47,7 @@ class TokenGenerator:
                  sampler: Callable[[mx.array], mx.array],
                  processor: Callable[[mx.array, mx.array], mx.array] | None = None) -> None:
         self.model, self.cache, self.sampler, self.processor = model, cache, sampler, processor
-        self._history = mx.zeros((0,), mx.int32)  # every token generated or fed, for the penalties
+        self._history = mx.zeros((0,), mx.int32)  # every token generated or fed, kept for the penalties
         self._pending: mx.array | None = None  # (1,) the next token, being computed
 
     def _step(self, ids: mx.array) -> mx.array:
@@ -80,7 +80,7 @@ class TokenGenerator:
     def next_token(self) -> int:
         """The next token; the one after it is queued before this returns."""
         y = self._pending
-        self._history = mx.concatenate([self._history, y])
+        self._remember(y)
         self._pending = self._step(y)
         mx.async_eval(self._pending)
         return y.item()
@@ -88,9 +88,13 @@ class TokenGenerator:
     def feed(self, ids: Sequence[int]) -> None:
         """Force `ids` as the next tokens (the queued token is dropped); sampling resumes after them."""
         forced = mx.array(list(ids), mx.int32)
-        self._history = mx.concatenate([self._history, forced])
+        self._remember(forced)
         self._pending = self._step(forced)
         mx.async_eval(self._pending)
+
+    def _remember(self, ids: mx.array) -> None:
+        if self.processor is not None:
+            self._history = mx.concatenate([self._history, ids])
 
     def can_roll_back(self) -> bool:
         return all(c.is_trimmable() for c in self.cache)
@@ -99,7 +103,7 @@ class TokenGenerator:
         """Forget the last n tokens returned; call feed() next."""
         for c in self.cache:
             c.trim(n)
-        self._history = self._history[: self._history.shape[0] - n]
+        self._history = self._history[: max(self._history.shape[0] - n, 0)]
 
 
 # ---------------------------------------------------------------- the thinking budget
@@ -255,8 +259,9 @@ def make_prompt_cache(model: Model, tokenizer: Tokenizer, prompt_ids: Sequence[i
     if keep is None:
         keep = system_prefix_length(tokenizer, prompt_ids, system)
     if max_kv_size <= keep:
-        raise OptionError(f"max_kv_size={max_kv_size} must be larger than the kept prefix "
-                          f"({keep} tokens: the system prompt); raise it or shorten the system prompt")
+        what = "the system prompt" if system is not None else "the first tokens, kept as attention sinks"
+        raise OptionError(f"max_kv_size={max_kv_size} must be larger than the kept prefix ({keep} tokens: {what}); "
+                          f"raise it{' or shorten the system prompt' if system is not None else ''}")
     return model.make_cache(max_kv_size, keep)
 
 
