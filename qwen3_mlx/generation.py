@@ -20,8 +20,8 @@ import mlx.core as mx
 from .cache import KVCache
 from .errors import OptionError, Qwen3Error
 from .model import Model
-from .sampling import SamplingParams, default_params, make_logits_processor, make_sampler
-from .tokenizer import StreamDetokenizer, Tokenizer
+from .sampling import default_params, make_logits_processor, make_sampler
+from .tokenizer import Tokenizer
 
 # Qwen3 technical report, section 4.3: the text that ends reasoning early when the budget runs out.
 EARLY_STOP_TEXT = (

@@ -162,7 +162,7 @@ def test_chat_cli_through_stdin(ckpt, tmp_path):
     assert "commands:" in err and "thinking off" in err and "thinking budget: 5" in err
     assert "error: unknown command /bogus; /help lists them" in err
     assert "new conversation" in err and "system prompt set" in err
-    assert f"loaded 4 messages" in err and "reasoning:" in err
+    assert "loaded 4 messages" in err and "reasoning:" in err
     assert save.exists()
 
 

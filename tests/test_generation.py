@@ -1,6 +1,5 @@
 """Generation: thinking budget, stop rules, limits and seeds, on a scripted stub and a tiny random model."""
 
-import mlx.core as mx
 import pytest
 from checkpoints import make_checkpoint
 from stubs import ScriptedModel, thinker
