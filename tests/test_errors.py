@@ -517,18 +517,17 @@ def test_a_checkpoint_error_through_the_cli_is_one_line(floats, tmp_path):
 def test_ctrl_c_keeps_the_text_prints_the_figures_and_exits_130(chat_ckpt):
     proc = subprocess.Popen(
         [sys.executable, "generate.py", "-m", str(chat_ckpt), "-p", "hi", "--max-tokens", "100000", "--seed", "0"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        # A shell runs background jobs with SIGINT ignored, and a child inherits that: undo it, as a
+        # terminal's foreground job has it.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         ready, _, _ = select.select([proc.stdout], [], [], 60)
         assert ready, "no output within 60 s"
         first = os.read(proc.stdout.fileno(), 4096)
         time.sleep(0.3)
         proc.send_signal(signal.SIGINT)
-        try:
-            out, err = proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:  # seen once under CI load: the first Ctrl-C did not arrive
-            proc.send_signal(signal.SIGINT)
-            out, err = proc.communicate(timeout=30)
+        out, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
     text, err = (first + out).decode(), err.decode()
