@@ -192,8 +192,7 @@ class ChatSession:
                 (reasoning if chunk.kind == "reasoning" else answer).append(chunk.text)
                 yield chunk
         finally:
-            if stats is not None:
-                self._settle(prompt, stats)
+            self._settle(prompt, stats)
         self.messages = messages + [{"role": "assistant", "content": "".join(answer)}]
         self._switch = ""
         self.last = stats
@@ -219,14 +218,17 @@ class ChatSession:
             mx.eval([c.keys for c in self.cache])
         self.cached = ids
 
-    def _settle(self, prompt: list[int], stats: GenerationStats) -> None:
-        """Record which tokens the cache holds, after a turn ended or was interrupted."""
-        held = (prompt + stats.token_ids)[: self.cache[0].offset]
-        extra = self.cache[0].offset - len(held)
-        if extra > 0:  # a queued step ran past what was returned
-            for c in self.cache:
-                c.trim(extra)
-        self.cached = held
+    def _settle(self, prompt: list[int], stats: GenerationStats | None) -> None:
+        """Record which tokens the cache holds after a turn ended or was interrupted. Ctrl-C can land
+        while a step is being built, with some layers a token ahead: all are brought back to the shortest."""
+        tokens = prompt + (stats.token_ids if stats is not None else [])
+        held = min([c.offset for c in self.cache] + [len(tokens)])
+        if any(c.offset != held for c in self.cache) and not all(c.is_trimmable() for c in self.cache):
+            self.cache, self.cached = None, []  # rotated and uneven: compute it again next turn
+            return
+        for c in self.cache:
+            c.trim(c.offset - held)
+        self.cached = tokens[:held]
 
 
 # ---------------------------------------------------------------- one-shot prompt cache

@@ -185,3 +185,14 @@ def test_generate_prompt_cache_reuses_the_shared_prefix(ckpt, tmp_path):
     plain = CliRunner().invoke(main, ["generate", "--model", str(ckpt), "--system", system, "--prompt",
                                       "second question", "--max-tokens", "5", "--seed", "3", "--no-think"])
     assert plain.stdout == runs[1].stdout
+
+
+def test_an_interrupted_step_leaves_every_layer_holding_the_same_tokens(tiny):
+    model, tok = tiny
+    session = ChatSession(model, tok, think=False, max_tokens=4, seed=0)
+    drain(session.send("hi"))
+    held = list(session.cached)
+    # Ctrl-C while a step was being built: the first layer already took one more token.
+    session.cache[0].update_and_fetch(*(mx.zeros((1, 1, 1, 16)),) * 2)
+    session._settle(held, None)
+    assert {c.offset for c in session.cache} == {len(held)} and session.cached == held
