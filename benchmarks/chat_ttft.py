@@ -19,12 +19,11 @@ import statistics
 import time
 from pathlib import Path
 
-import mlx.core as mx
 
 from qwen3_mlx import load
 from qwen3_mlx.cache import restore
 from qwen3_mlx.chat import ChatSession
-from qwen3_mlx.generation import generate
+from qwen3_mlx.generation import extend_cache, generate
 
 WORDS = ("the model reads the whole conversation at every turn unless the cache is kept between turns "
          "and only the new tokens are computed ").split()
@@ -57,9 +56,7 @@ def turn_two_state(model, tokenizer, system, messages, reasoning, answer) -> tup
     tokens = session.render(messages) + tokenizer.encode(
         f"<think>\n{reasoning}\n</think>\n\n{answer}<|im_end|>")
     cache = model.make_cache()
-    for i in range(0, len(tokens), 256):
-        model(mx.array([tokens[i : i + 256]]), cache)
-        mx.eval([c.keys for c in cache])
+    extend_cache(model, cache, tokens, 256)
     return tokens, [c.stored()[:2] for c in cache]
 
 

@@ -20,7 +20,8 @@ import mlx.core as mx
 
 from .cache import KVCache, restore
 from .errors import OptionError, Qwen3Error
-from .generation import Chunk, GenerationStats, make_prompt_cache, stream_generate, thinking_requested
+from .generation import (Chunk, GenerationStats, extend_cache, make_prompt_cache, stream_generate,
+                         thinking_requested)
 from .model import Model
 from .tokenizer import Tokenizer
 
@@ -212,10 +213,7 @@ class ChatSession:
         kept = reuse(self.cache, self.cached, ids)
         if kept < 0 or kept == len(ids):
             return
-        step = self.options.get("prefill_step_size") or 2048
-        for i in range(kept, len(ids), step):
-            self.model(mx.array([ids[i : i + step]]), self.cache)
-            mx.eval([c.keys for c in self.cache])
+        extend_cache(self.model, self.cache, ids[kept:], self.options.get("prefill_step_size") or 2048)
         self.cached = ids
 
     def _settle(self, prompt: list[int], stats: GenerationStats | None) -> None:

@@ -40,6 +40,16 @@ Messages = Sequence[Mapping[str, object]]
 # ---------------------------------------------------------------- layer 1: token ids
 
 
+def extend_cache(model: Model, cache: list[KVCache], ids: Sequence[int], step_size: int = 2048,
+                 progress: Callable[[int, int], None] | None = None, total: int | None = None) -> None:
+    """Run `ids` through the model into `cache`, `step_size` tokens at a time, computing no logits."""
+    for start in range(0, len(ids), step_size):
+        model(mx.array([list(ids[start : start + step_size])], mx.int32), cache)
+        mx.eval([c.keys for c in cache])
+        if progress:
+            progress(min(start + step_size, len(ids)), total or len(ids))
+
+
 class TokenGenerator:
     """Token ids from `model`, always one step ahead of the caller."""
 
@@ -61,21 +71,13 @@ class TokenGenerator:
         """Run the prompt through the model in chunks; the first token is then on its way."""
         if not ids:
             raise Qwen3Error("the prompt is empty; give some text")
-        prompt = mx.array(list(ids), mx.int32)
-        done, total = 0, len(ids)
         # All but the last token go through in chunks whose logits are never computed (MLX is lazy);
         # the last one alone gives the first token, so the output head runs on one position only.
-        while total - done > 1:
-            n = min(step_size, total - done - 1)
-            self.model(prompt[None, done : done + n], self.cache)
-            mx.eval([c.keys for c in self.cache])
-            done += n
-            if progress:
-                progress(done, total)
-        self._pending = self._step(prompt[done:])
+        extend_cache(self.model, self.cache, ids[:-1], step_size, progress, total=len(ids))
+        self._pending = self._step(mx.array(list(ids[-1:]), mx.int32))
         mx.async_eval(self._pending)
         if progress:
-            progress(total, total)
+            progress(len(ids), len(ids))
 
     def next_token(self) -> int:
         """The next token; the one after it is queued before this returns."""

@@ -8,7 +8,7 @@ import os
 import re
 import struct
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -143,14 +143,15 @@ def check_safetensors(file: Path) -> dict[str, dict]:
     return tensors
 
 
-def iter_weights(path: Path) -> Iterator[tuple[Path, dict[str, mx.array]]]:
-    """(file, tensors) for each weight file, validated first, loaded lazily by MLX."""
-    for file in weight_files(path):
-        check_safetensors(file)
+def read_weights(files: list[Path]) -> dict[str, mx.array]:
+    """The tensors of already-checked weight files, loaded lazily by MLX."""
+    weights: dict[str, mx.array] = {}
+    for file in files:
         try:
-            yield file, mx.load(str(file))
+            weights.update(mx.load(str(file)))
         except (RuntimeError, ValueError) as e:
             raise Qwen3Error(f"{file}: could not be read ({e})") from None
+    return weights
 
 
 def _quantize(folder: Path, model: Model, args: ModelArgs, weights: dict[str, mx.array]) -> None:
@@ -174,16 +175,13 @@ def load_model(path: Path, dtype: str | None = None) -> Model:
     """Build the model from config.json and load its weights, checking every tensor's name and shape."""
     _, args = load_config(path)
     # Checked before the model is built: building 10**9 layers from a corrupt config would never end.
-    layers = {int(m.group(1)) for f in weight_files(path) for name in check_safetensors(f)
-              if (m := _LAYER.match(name))}
+    files = weight_files(path)
+    layers = {int(m.group(1)) for f in files for name in check_safetensors(f) if (m := _LAYER.match(name))}
     if args.num_hidden_layers != max(layers, default=-1) + 1:
         raise Qwen3Error(f"{path / 'config.json'}: num_hidden_layers={args.num_hidden_layers} but the weights hold "
                          f"{max(layers, default=-1) + 1} layers; the config and the weights do not belong together")
     model = Model(args)
-    weights: dict[str, mx.array] = {}
-    for _, tensors in iter_weights(path):
-        weights.update(tensors)
-    weights = {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
+    weights = {k: v for k, v in read_weights(files).items() if "rotary_emb.inv_freq" not in k}
     if args.tie_word_embeddings:
         weights.pop("lm_head.weight", None)  # some exports store the tied head twice
     if args.quantization:

@@ -18,6 +18,10 @@ BASE = dict(
     rms_norm_eps=1e-6, rope_theta=1_000_000.0, tie_word_embeddings=True,
 )
 
+# The smallest checkpoint the loader accepts: what the error and fuzz tests break.
+ONE_LAYER = dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                 vocab_size=64, num_hidden_layers=1)
+
 # Shapes the parity tests cover: GQA ratios 1, 2 and 4; head_dim != hidden/heads; untied; YaRN; bias.
 SHAPES = {
     "gqa1": dict(num_attention_heads=4, num_key_value_heads=4),

@@ -19,7 +19,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
-from checkpoints import make_checkpoint
+from checkpoints import ONE_LAYER, make_checkpoint
 from click.testing import CliRunner
 from mlx.utils import tree_flatten
 
@@ -39,9 +39,7 @@ YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 
 @pytest.fixture(scope="module")
 def floats(tmp_path_factory):
     """One layer, float32, no tokenizer: what the loader tests break."""
-    return make_checkpoint(tmp_path_factory.mktemp("floats"), hidden_size=16, intermediate_size=32,
-                           num_attention_heads=2, num_key_value_heads=1, head_dim=8, vocab_size=64,
-                           num_hidden_layers=1)
+    return make_checkpoint(tmp_path_factory.mktemp("floats"), **ONE_LAYER)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from checkpoints import make_checkpoint
+from checkpoints import ONE_LAYER, make_checkpoint
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -46,9 +46,7 @@ quant_blocks = st.fixed_dictionaries({}, optional={
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    return make_checkpoint(tmp_path_factory.mktemp("fuzz-base"), hidden_size=16, intermediate_size=32,
-                           num_attention_heads=2, num_key_value_heads=1, head_dim=8, vocab_size=64,
-                           num_hidden_layers=1)
+    return make_checkpoint(tmp_path_factory.mktemp("fuzz-base"), **ONE_LAYER)
 
 
 @pytest.fixture(scope="module")
