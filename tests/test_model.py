@@ -1,18 +1,21 @@
 """Parity of our Qwen3 with Hugging Face transformers on the same weights, in float32."""
 
 import json
+import math
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
 import torch
-from checkpoints import SHAPES, make_checkpoint
+from mlx.utils import tree_flatten
 from transformers import Qwen3ForCausalLM
 
+from checkpoints import SHAPES, make_checkpoint
 from qwen3_mlx.config import ModelArgs
 from qwen3_mlx.errors import ConfigError
 from qwen3_mlx.loader import load_model
+from qwen3_mlx.model import Model
 
 TOL = 1e-4
 
@@ -95,6 +98,15 @@ def test_full_qwen3_1_7b_shape_builds_without_weights():
         num_attention_heads=16, num_key_value_heads=8, head_dim=128, vocab_size=151936,
         rope_theta=1000000, rms_norm_eps=1e-6, tie_word_embeddings=True, unknown_key=3))
     assert (args.head_dim, args.num_key_value_heads, args.rope_scaling) == (128, 8, None)
+    # Parameters are created lazily, so building the 1.7B model allocates nothing.
+    shapes = {k: v.shape for k, v in tree_flatten(Model(args).parameters())}
+    assert shapes["model.layers.27.self_attn.k_proj.weight"] == (1024, 2048)
+    assert shapes["model.layers.0.self_attn.q_norm.weight"] == (128,)
+    assert shapes["model.layers.0.mlp.gate_proj.weight"] == (6144, 2048)
+    assert "lm_head.weight" not in shapes
+    # The model card: 1.7B parameters, 1.4B of them outside the (tied) embedding.
+    total = sum(math.prod(s) for s in shapes.values())
+    assert (total, total - 151936 * 2048) == (1_720_574_976, 1_409_410_048)
 
 
 @pytest.mark.parametrize("change, message", [
