@@ -171,8 +171,9 @@ def _quantize(folder: Path, model: Model, args: ModelArgs, weights: dict[str, mx
                          f"it disagrees with the weights") from None
 
 
-def load_model(path: Path, dtype: str | None = None) -> Model:
-    """Build the model from config.json and load its weights, checking every tensor's name and shape."""
+def load_model(path: Path, dtype: str | None = None, fuse: bool = False) -> Model:
+    """Build the model from config.json and load its weights, checking every tensor's name and shape;
+    with `fuse`, also Model.fuse() it."""
     _, args = load_config(path)
     # Checked before the model is built: building 10**9 layers from a corrupt config would never end.
     files = weight_files(path)
@@ -221,6 +222,9 @@ def load_model(path: Path, dtype: str | None = None) -> Model:
         weights = {k: v.astype(DTYPES[dtype]) if mx.issubdtype(v.dtype, mx.floating) else v
                    for k, v in weights.items()}
     model.load_weights(list(weights.items()), strict=True)
+    del weights
+    if fuse:  # before the weights are read (mx.load is lazy): they go from the files straight into place
+        model.fuse()
     mx.eval(model.parameters())
     model.eval()
     return model
@@ -241,7 +245,7 @@ def load(path_or_repo: str | Path, dtype: str | None = None) -> tuple[Model, Tok
         Qwen3Error: the folder, a file, a key or a tensor is missing or wrong; the message says which.
     """
     path = resolve(path_or_repo)
-    model = load_model(path, dtype).fuse()  # after load_model's weight dict is gone, so no second copy
+    model = load_model(path, dtype, fuse=True)
     tokenizer = Tokenizer.from_dir(path)
     gen_config = path / "generation_config.json"
     tokenizer.generation_config = read_json(gen_config) if gen_config.exists() else None

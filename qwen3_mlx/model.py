@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from typing import Sequence
 
 import mlx.core as mx
@@ -138,6 +139,62 @@ def _concat_linears(layers: list[nn.Module]) -> nn.Module | None:
     return first
 
 
+# Below this many weights a matmul is not worth splitting across CPU threads: handing a block to
+# another thread costs about 50-150 us on the 2-core test machine, a matmul of 2**20 bf16 weights
+# about 700 us (benchmarks/bench.py on the tiny shape, whose largest is 393k, is faster unsplit).
+SPLIT_MIN_WEIGHTS = 1 << 20
+
+
+class RowSplit(nn.Module):
+    """`layer` (a linear layer, or an embedding used as the output head) computed in blocks of its
+    output rows, one block per stream, all at once.
+
+    MLX's CPU backend runs each stream on a thread of its own and a matmul on one thread, so this is
+    how a matmul uses more than one core. The blocks are slices of the weights, not copies.
+    """
+
+    def __init__(self, layer: nn.Module, streams: Sequence[mx.Stream]) -> None:
+        super().__init__()
+        self.layer = layer
+        rows = layer["weight"].shape[0]
+        step = -(-rows // len(streams))
+        self._blocks = tuple((start, min(start + step, rows), s) for start, s in zip(range(0, rows, step), streams))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        outs = []
+        for start, stop, stream in self._blocks:
+            with mx.stream(stream):
+                outs.append(_linear_rows(self.layer, x, start, stop))
+        return mx.concatenate(outs, axis=-1)
+
+
+def _linear_rows(layer: nn.Module, x: mx.array, start: int, stop: int) -> mx.array:
+    """Output features [start, stop) of an nn.Linear, nn.QuantizedLinear or (Quantized)Embedding.as_linear."""
+    w = layer["weight"][start:stop]
+    if "scales" in layer:
+        biases = layer["biases"][start:stop] if "biases" in layer else None
+        y = mx.quantized_matmul(x, w, layer["scales"][start:stop], biases, transpose=True,
+                                group_size=layer.group_size, bits=layer.bits, mode=layer.mode)
+    else:
+        y = x @ w.T
+    return y + layer["bias"][start:stop] if "bias" in layer else y
+
+
+def _input_features(layer: nn.Module) -> int:
+    return layer["weight"].shape[1] * (32 // layer.bits if "scales" in layer else 1)
+
+
+def _split(layer: nn.Module, streams: Sequence[mx.Stream]) -> nn.Module:
+    big = layer["weight"].shape[0] * _input_features(layer) >= SPLIT_MIN_WEIGHTS
+    return RowSplit(layer, streams) if big and len(streams) > 1 else layer
+
+
+def cpu_threads() -> int:
+    """How many threads the CPU matmuls get: the cores this process may use, at most 4."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(cores, 4)
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
@@ -178,6 +235,8 @@ class Model(nn.Module):
 
     def __call__(self, inputs: mx.array, cache: Sequence[KVCache] | None = None) -> mx.array:
         h = self.model(inputs, cache)
+        if "_head" in self:  # split across CPU threads by fuse()
+            return self._head(h)
         if self.args.tie_word_embeddings:
             return self.model.embed_tokens.as_linear(h)
         return self.lm_head(h)
@@ -188,14 +247,27 @@ class Model(nn.Module):
             return [KVCache() for _ in self.model.layers]
         return [RotatingKVCache(max_kv_size, keep) for _ in self.model.layers]
 
-    def fuse(self) -> "Model":
-        """Compute q/k/v and gate/up as one matmul each, their weights concatenated along the output
-        dimension (quantized ones too, when their bits and group size agree). Call after loading the
-        Hugging Face-named weights; the parameter names change, so save weights before, never after."""
+    def fuse(self, threads: int | None = None) -> "Model":
+        """Make the loaded model fast to run: compute q/k/v and gate/up as one matmul each, their
+        weights concatenated along the output dimension (quantized ones too, when their bits and
+        group size agree); and on the CPU, split each large matmul by output rows across `threads`
+        streams (default: cpu_threads(); on a GPU nothing is split). Call after loading the Hugging
+        Face-named weights; the parameter names change, so save weights before, never after."""
+        if mx.default_device() != mx.cpu:
+            threads = 1
+        elif threads is None:
+            threads = cpu_threads()
+        streams = [mx.default_stream(mx.cpu)] + [mx.new_stream(mx.cpu) for _ in range(threads - 1)]
         for layer in self.layers:
             for block in (layer.self_attn, layer.mlp):
                 block.fuse()
+                for name, child in list(block.children().items()):
+                    if isinstance(child, (nn.Linear, nn.QuantizedLinear)):
+                        block[name] = _split(child, streams)
                 mx.eval(block.parameters())  # one block at a time: the old arrays go as the new ones come
+        head = self.model.embed_tokens if self.args.tie_word_embeddings else self.lm_head
+        if (split := _split(head, streams)) is not head:
+            self._head = split  # "_": out of parameters(), which have the head under its own name
         return self
 
     @property

@@ -15,7 +15,8 @@ from checkpoints import SHAPES, make_checkpoint
 from qwen3_mlx.config import ModelArgs
 from qwen3_mlx.errors import ConfigError
 from qwen3_mlx.loader import load_model
-from qwen3_mlx.model import Model
+from qwen3_mlx import model as model_module
+from qwen3_mlx.model import Model, RowSplit
 
 TOL = 1e-4
 
@@ -125,3 +126,29 @@ def test_invalid_config_names_the_key(change, message):
     with pytest.raises(ConfigError) as e:
         ModelArgs.from_dict({**base, **change})
     assert str(e.value) == message
+
+
+def test_matmuls_split_across_threads_match_transformers(checkpoint, monkeypatch):
+    monkeypatch.setattr(model_module, "SPLIT_MIN_WEIGHTS", 0)  # split every matmul, however small
+    ids = np.random.RandomState(5).randint(0, 512, size=(1, 45))
+    model = load_model(checkpoint).fuse(threads=3)  # 3 blocks: uneven ones when rows are not a multiple
+    assert isinstance(model.layers[0].self_attn.qkv_proj, RowSplit) and isinstance(model._head, RowSplit)
+    assert [stop - start for start, stop, _ in model.layers[0].mlp.down_proj._blocks] == [22, 22, 20]
+    assert np.abs(np.array(model(mx.array(ids))) - reference_logits(checkpoint, ids)).max() <= TOL
+
+
+def test_split_quantized_matmuls_give_the_same_logits(tmp_path, monkeypatch):
+    model = load_model(make_checkpoint(tmp_path))
+    nn.quantize(model, group_size=32, bits=4)
+    ids = mx.array(np.random.RandomState(6).randint(0, 512, size=(1, 20)))
+    whole = np.array(model(ids))
+    monkeypatch.setattr(model_module, "SPLIT_MIN_WEIGHTS", 0)
+    model.fuse(threads=2)
+    assert isinstance(model._head.layer, nn.QuantizedEmbedding)
+    assert isinstance(model.layers[0].mlp.gate_up_proj.layer, nn.QuantizedLinear)
+    assert np.abs(np.array(model(ids)) - whole).max() <= 1e-5
+
+
+def test_small_matmuls_are_not_split(checkpoint):
+    model = load_model(checkpoint).fuse(threads=2)
+    assert not isinstance(model.layers[0].mlp.down_proj, RowSplit) and "_head" not in model
