@@ -26,8 +26,9 @@ class KVCache:
         # MLX's "causal" mask is aligned to the last query, so it is right with cached keys in front.
         return "causal" if n > 1 else None
 
-    def _reserve(self, keys: mx.array, values: mx.array, capacity_limit: int | None = None) -> None:
-        needed = self.offset + keys.shape[2]
+    def reserve(self, n: int, keys: mx.array, values: mx.array, capacity_limit: int | None = None) -> None:
+        """Room for n more tokens; `keys` and `values` give the batch, head and dtype sizes."""
+        needed = self.offset + n
         if self.keys is not None and needed <= self.keys.shape[2]:
             return
         B, H, _, D = keys.shape
@@ -42,7 +43,7 @@ class KVCache:
         self.keys, self.values = new_k, new_v
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        self._reserve(keys, values)
+        self.reserve(keys.shape[2], keys, values)
         start, self.offset = self.offset, self.offset + keys.shape[2]
         self.keys[..., start : self.offset, :] = keys
         self.values[..., start : self.offset, :] = values
@@ -63,6 +64,24 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+
+class Slots:
+    """A KVCache as the compiled decode step sees it (Model.step): the whole preallocated buffer and
+    the position as an array, so one compiled graph serves every step until the buffer grows. Writes
+    one token at `offset`; attends to the slots up to it (the ones after hold nothing yet)."""
+
+    def __init__(self, keys: mx.array, values: mx.array, offset: mx.array) -> None:
+        self.keys, self.values, self.offset = keys, values, offset
+
+    def make_mask(self, n: int) -> mx.array:
+        return mx.arange(self.keys.shape[2]) <= self.offset
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        at = self.offset.reshape(1)
+        self.keys = mx.slice_update(self.keys, keys, at, axes=(2,))
+        self.values = mx.slice_update(self.values, values, at, axes=(2,))
+        return self.keys, self.values
 
 
 class RotatingKVCache(KVCache):
@@ -108,7 +127,7 @@ class RotatingKVCache(KVCache):
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         n = keys.shape[2]
         if self.offset + n <= self.max_size:
-            self._reserve(keys, values, capacity_limit=self.max_size)
+            self.reserve(n, keys, values, capacity_limit=self.max_size)
             return super().update_and_fetch(keys, values)
         if n == 1 and self.offset >= self.max_size:
             slot = self.keep + (self.offset - self.keep) % self.window

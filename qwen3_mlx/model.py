@@ -9,7 +9,7 @@ from typing import Sequence
 import mlx.core as mx
 import mlx.nn as nn
 
-from .cache import KVCache, RotatingKVCache
+from .cache import KVCache, RotatingKVCache, Slots
 from .config import ModelArgs, Yarn
 
 
@@ -63,6 +63,24 @@ def _yarn_periods(dims: int, base: float, yarn: Yarn) -> mx.array:
     return 1.0 / inv_freq
 
 
+def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: str | mx.array | None) -> mx.array:
+    """Queries (B, H, L, D) over keys and values (B, H_kv, S, D), grouped KV heads included.
+
+    mx.fast's fused kernel, except for one query on the CPU: there MLX builds attention from general
+    operations that broadcast each KV head to its group of query heads, and one matmul per KV head
+    whose rows are the group's queries is 1.5x faster with the same numbers (scores in the input
+    dtype, softmax in float32).
+    """
+    B, H, L, D = q.shape
+    if L > 1 or mx.default_device() != mx.cpu:
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+    scores = (q.reshape(B, k.shape[1], -1, D) * scale) @ k.swapaxes(-1, -2)  # (B, H_kv, H / H_kv, S)
+    if isinstance(mask, mx.array):
+        scores = mx.where(mask, scores, -mx.inf)
+    weights = mx.softmax(scores.astype(mx.float32), axis=-1).astype(v.dtype)
+    return (weights @ v).reshape(B, H, 1, D)
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
@@ -92,8 +110,7 @@ class Attention(nn.Module):
         q, k = self.rope(q, offset), self.rope(k, offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        # SDPA handles grouped KV heads itself.
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        out = attention(q, k, v, self.scale, mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
     def fuse(self) -> None:
@@ -139,10 +156,13 @@ def _concat_linears(layers: list[nn.Module]) -> nn.Module | None:
     return first
 
 
-# Below this many weights a matmul is not worth splitting across CPU threads: handing a block to
-# another thread costs about 50-150 us on the 2-core test machine, a matmul of 2**20 bf16 weights
-# about 700 us (benchmarks/bench.py on the tiny shape, whose largest is 393k, is faster unsplit).
-SPLIT_MIN_WEIGHTS = 1 << 20
+# A matmul is split across CPU threads when it costs at least this many bf16 weights' worth: on the
+# 2-core test machine, handing a block to another thread costs about 50-150 us and a bf16 matmul of
+# 2**18 weights about 200 us; a quantized matmul costs about 8 times as much per weight on the CPU
+# (the tiny shape of benchmarks/bench.py: its 393k-weight gate/up pays in bf16, its 262k head does not
+# matter either way, and in 4 bits every matmul pays).
+SPLIT_MIN_COST = 1 << 18
+QUANTIZED_COST = 8
 
 
 class RowSplit(nn.Module):
@@ -180,13 +200,10 @@ def _linear_rows(layer: nn.Module, x: mx.array, start: int, stop: int) -> mx.arr
     return y + layer["bias"][start:stop] if "bias" in layer else y
 
 
-def _input_features(layer: nn.Module) -> int:
-    return layer["weight"].shape[1] * (32 // layer.bits if "scales" in layer else 1)
-
-
 def _split(layer: nn.Module, streams: Sequence[mx.Stream]) -> nn.Module:
-    big = layer["weight"].shape[0] * _input_features(layer) >= SPLIT_MIN_WEIGHTS
-    return RowSplit(layer, streams) if big and len(streams) > 1 else layer
+    rows, cols = layer["weight"].shape
+    cost = rows * cols * (32 // layer.bits * QUANTIZED_COST if "scales" in layer else 1)
+    return RowSplit(layer, streams) if cost >= SPLIT_MIN_COST and len(streams) > 1 else layer
 
 
 def cpu_threads() -> int:
@@ -229,6 +246,7 @@ class Model(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.args = args
+        self._decode_graph = None  # Model.step's compiled decode, made on first use
         self.model = Qwen3Model(args)
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
@@ -240,6 +258,31 @@ class Model(nn.Module):
         if self.args.tie_word_embeddings:
             return self.model.embed_tokens.as_linear(h)
         return self.lm_head(h)
+
+    def step(self, ids: mx.array, cache: list[KVCache]) -> mx.array:
+        """Logits (1, vocab_size) of the last of ids (1, L), which follow the tokens in `cache`;
+        the cache takes them in.
+
+        One token on a plain cache that holds something goes through a compiled graph (mx.compile
+        fuses the many small operations a decode step is made of), traced again only when the
+        cache's buffer grows; anything else goes through __call__."""
+        if ids.shape[1] != 1 or not all(type(c) is KVCache and c.keys is not None for c in cache):
+            return self(ids, cache)[:, -1, :]
+        if self._decode_graph is None:
+            self._decode_graph = mx.compile(self._decode)
+        for c in cache:
+            c.reserve(1, c.keys, c.values)
+        logits, buffers = self._decode_graph(ids, mx.array(cache[0].offset, mx.int32),
+                                             [(c.keys, c.values) for c in cache])
+        for c, (keys, values) in zip(cache, buffers):
+            c.keys, c.values, c.offset = keys, values, c.offset + 1
+        return logits
+
+    def _decode(self, ids: mx.array, offset: mx.array,
+                buffers: list[tuple[mx.array, mx.array]]) -> tuple[mx.array, list[tuple[mx.array, mx.array]]]:
+        slots = [Slots(k, v, offset) for k, v in buffers]
+        logits = self(ids, slots)[:, -1, :]
+        return logits, [(s.keys, s.values) for s in slots]
 
     def make_cache(self, max_kv_size: int | None = None, keep: int = 0) -> list[KVCache]:
         """One cache per layer: a plain KVCache, or a RotatingKVCache when max_kv_size is given."""

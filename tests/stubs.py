@@ -37,6 +37,9 @@ class ScriptedModel:
         row = mx.where(mx.arange(VOCAB) == self.script(self.response()), 50.0, 0.0)
         return mx.broadcast_to(row, (1, n, VOCAB))
 
+    def step(self, ids, cache):
+        return self(ids, cache)[:, -1, :]
+
 
 def thinker(tok, reasoning, answer, reasoning_len=None):
     """<think>, `reasoning` ids cycled (reasoning_len of them, or forever), </think>, "\n\n", `answer`, <|im_end|>."""

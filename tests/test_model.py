@@ -129,7 +129,7 @@ def test_invalid_config_names_the_key(change, message):
 
 
 def test_matmuls_split_across_threads_match_transformers(checkpoint, monkeypatch):
-    monkeypatch.setattr(model_module, "SPLIT_MIN_WEIGHTS", 0)  # split every matmul, however small
+    monkeypatch.setattr(model_module, "SPLIT_MIN_COST", 0)  # split every matmul, however small
     ids = np.random.RandomState(5).randint(0, 512, size=(1, 45))
     model = load_model(checkpoint).fuse(threads=3)  # 3 blocks: uneven ones when rows are not a multiple
     assert isinstance(model.layers[0].self_attn.qkv_proj, RowSplit) and isinstance(model._head, RowSplit)
@@ -142,7 +142,7 @@ def test_split_quantized_matmuls_give_the_same_logits(tmp_path, monkeypatch):
     nn.quantize(model, group_size=32, bits=4)
     ids = mx.array(np.random.RandomState(6).randint(0, 512, size=(1, 20)))
     whole = np.array(model(ids))
-    monkeypatch.setattr(model_module, "SPLIT_MIN_WEIGHTS", 0)
+    monkeypatch.setattr(model_module, "SPLIT_MIN_COST", 0)
     model.fuse(threads=2)
     assert isinstance(model._head.layer, nn.QuantizedEmbedding)
     assert isinstance(model.layers[0].mlp.gate_up_proj.layer, nn.QuantizedLinear)
@@ -152,3 +152,19 @@ def test_split_quantized_matmuls_give_the_same_logits(tmp_path, monkeypatch):
 def test_small_matmuls_are_not_split(checkpoint):
     model = load_model(checkpoint).fuse(threads=2)
     assert not isinstance(model.layers[0].mlp.down_proj, RowSplit) and "_head" not in model
+
+
+def test_decoding_one_token_at_a_time_matches_transformers(checkpoint):
+    # Model.step's compiled graph, across the cache buffer's growth at 256 tokens and after a trim.
+    ids = np.random.RandomState(7).randint(0, 512, size=(1, 262))
+    model = load_model(checkpoint).fuse()
+    cache = model.make_cache()
+    model(mx.array(ids[:, :250]), cache)
+    steps = [model.step(mx.array(ids[:, t : t + 1]), cache) for t in range(250, 260)]
+    for c in cache:
+        c.trim(3)
+    steps += [model.step(mx.array(ids[:, t : t + 1]), cache) for t in range(257, 262)]
+    assert model._decode_graph is not None and cache[0].offset == 262 and cache[0].keys.shape[2] == 512
+    ref = reference_logits(checkpoint, ids)
+    expected = np.concatenate([ref[:, 250:260], ref[:, 257:262]], axis=1)
+    assert np.abs(np.array(mx.stack(steps, axis=1)) - expected).max() <= TOL
