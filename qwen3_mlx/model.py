@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 from typing import Sequence
@@ -128,6 +129,13 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
+        if "blocks" in self:  # split by Model.fuse: each stream computes a block's share of the output
+            outs = []
+            for block, stream in zip(self.blocks, self._streams):
+                with mx.stream(stream):
+                    gate, up = mx.split(block["gate_up_proj"](x), 2, axis=-1)
+                    outs.append(block["down_proj"](nn.silu(gate) * up))
+            return sum(outs[1:], outs[0])
         if "gate_up_proj" in self:  # fused by Model.fuse
             gate, up = mx.split(self.gate_up_proj(x), 2, axis=-1)
         else:
@@ -139,6 +147,21 @@ class MLP(nn.Module):
         if fused is not None:
             self.gate_up_proj = fused
             del self.gate_proj, self.up_proj
+
+    def split(self, streams: Sequence[mx.Stream]) -> None:
+        """Cut the fused MLP along its intermediate dimension into one block per stream: a block holds
+        its share of the gate and up rows and of the down columns, and its output is a partial sum of
+        the MLP's. Two hand-offs between threads for three matmuls, where splitting each would take six."""
+        gate_up, down = self.gate_up_proj, self.down_proj
+        width = gate_up["weight"].shape[0] // 2
+        unit = getattr(down, "group_size", 32)  # block edges on quantization group boundaries
+        step = -(-width // (len(streams) * unit)) * unit
+        self.blocks = [{
+            "gate_up_proj": _concat_linears([_slice(gate_up, start, stop, 0), _slice(gate_up, width + start, width + stop, 0)]),
+            "down_proj": _slice(down, start, stop, 1),
+        } for start, stop in ((a, min(a + step, width)) for a in range(0, width, step))]
+        self._streams = tuple(streams[: len(self.blocks)])
+        del self.gate_up_proj, self.down_proj
 
 
 def _concat_linears(layers: list[nn.Module]) -> nn.Module | None:
@@ -200,16 +223,31 @@ def _linear_rows(layer: nn.Module, x: mx.array, start: int, stop: int) -> mx.arr
     return y + layer["bias"][start:stop] if "bias" in layer else y
 
 
-def _split(layer: nn.Module, streams: Sequence[mx.Stream]) -> nn.Module:
+def _worth_splitting(layer: nn.Module, streams: Sequence[mx.Stream]) -> bool:
     rows, cols = layer["weight"].shape
     cost = rows * cols * (32 // layer.bits * QUANTIZED_COST if "scales" in layer else 1)
-    return RowSplit(layer, streams) if cost >= SPLIT_MIN_COST and len(streams) > 1 else layer
+    return cost >= SPLIT_MIN_COST and len(streams) > 1
 
 
 def cpu_threads() -> int:
     """How many threads the CPU matmuls get: the cores this process may use, at most 4."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return min(cores, 4)
+
+
+def _slice(layer: nn.Module, start: int, stop: int, axis: int) -> nn.Module:
+    """A copy of a linear layer keeping its output features (axis 0) or input features (axis 1, for a
+    layer without bias) [start, stop)."""
+    part = copy.copy(layer)
+    per = layer["weight"].shape[1] // layer["scales"].shape[1] if "scales" in layer else 1  # inputs per scale
+    pack = 32 // layer.bits if "scales" in layer else 1  # inputs per stored element
+    for name, value in layer.items():
+        if axis == 0:
+            part[name] = value[start:stop]
+        else:
+            f = pack if name == "weight" else pack * per
+            part[name] = mx.contiguous(value[:, start // f : stop // f])
+    return part
 
 
 class DecoderLayer(nn.Module):
@@ -304,13 +342,15 @@ class Model(nn.Module):
         for layer in self.layers:
             for block in (layer.self_attn, layer.mlp):
                 block.fuse()
+                if "gate_up_proj" in block and _worth_splitting(block.gate_up_proj, streams):
+                    block.split(streams)
                 for name, child in list(block.children().items()):
-                    if isinstance(child, (nn.Linear, nn.QuantizedLinear)):
-                        block[name] = _split(child, streams)
+                    if isinstance(child, (nn.Linear, nn.QuantizedLinear)) and _worth_splitting(child, streams):
+                        block[name] = RowSplit(child, streams)
                 mx.eval(block.parameters())  # one block at a time: the old arrays go as the new ones come
         head = self.model.embed_tokens if self.args.tie_word_embeddings else self.lm_head
-        if (split := _split(head, streams)) is not head:
-            self._head = split  # "_": out of parameters(), which have the head under its own name
+        if _worth_splitting(head, streams):
+            self._head = RowSplit(head, streams)  # "_": out of parameters(), which have the head by its own name
         return self
 
     @property

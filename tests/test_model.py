@@ -132,8 +132,12 @@ def test_matmuls_split_across_threads_match_transformers(checkpoint, monkeypatch
     monkeypatch.setattr(model_module, "SPLIT_MIN_COST", 0)  # split every matmul, however small
     ids = np.random.RandomState(5).randint(0, 512, size=(1, 45))
     model = load_model(checkpoint).fuse(threads=3)  # 3 blocks: uneven ones when rows are not a multiple
-    assert isinstance(model.layers[0].self_attn.qkv_proj, RowSplit) and isinstance(model._head, RowSplit)
-    assert [stop - start for start, stop, _ in model.layers[0].mlp.down_proj._blocks] == [22, 22, 20]
+    attn, mlp = model.layers[0].self_attn, model.layers[0].mlp
+    assert isinstance(attn.qkv_proj, RowSplit) and isinstance(model._head, RowSplit)
+    assert [stop - start for start, stop, _ in attn.o_proj._blocks] == [22, 22, 20]
+    # The MLP in blocks of its intermediate size (160), at multiples of 32: gate and up rows, down columns.
+    assert [b["gate_up_proj"].weight.shape[0] for b in mlp.blocks] == [128, 128, 64]
+    assert [b["down_proj"].weight.shape for b in mlp.blocks] == [(64, 64), (64, 64), (64, 32)]
     assert np.abs(np.array(model(mx.array(ids))) - reference_logits(checkpoint, ids)).max() <= TOL
 
 
@@ -143,15 +147,17 @@ def test_split_quantized_matmuls_give_the_same_logits(tmp_path, monkeypatch):
     ids = mx.array(np.random.RandomState(6).randint(0, 512, size=(1, 20)))
     whole = np.array(model(ids))
     monkeypatch.setattr(model_module, "SPLIT_MIN_COST", 0)
-    model.fuse(threads=2)
+    model.fuse(threads=3)
     assert isinstance(model._head.layer, nn.QuantizedEmbedding)
-    assert isinstance(model.layers[0].mlp.gate_up_proj.layer, nn.QuantizedLinear)
+    assert isinstance(model.layers[0].self_attn.qkv_proj.layer, nn.QuantizedLinear)
+    assert [b["down_proj"].scales.shape for b in model.layers[0].mlp.blocks] == [(64, 2), (64, 2), (64, 1)]
     assert np.abs(np.array(model(ids)) - whole).max() <= 1e-5
 
 
 def test_small_matmuls_are_not_split(checkpoint):
     model = load_model(checkpoint).fuse(threads=2)
-    assert not isinstance(model.layers[0].mlp.down_proj, RowSplit) and "_head" not in model
+    assert "gate_up_proj" in model.layers[0].mlp and not isinstance(model.layers[0].self_attn.qkv_proj, RowSplit)
+    assert "_head" not in model
 
 
 def test_decoding_one_token_at_a_time_matches_transformers(checkpoint):
