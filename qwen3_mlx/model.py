@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+from functools import partial
 from typing import Sequence
 
 import mlx.core as mx
@@ -98,9 +99,9 @@ class Attention(nn.Module):
 
     def __call__(self, x: mx.array, mask: str | mx.array | None, cache: KVCache | None) -> mx.array:
         B, L, _ = x.shape
-        if "qkv_proj" in self:  # fused by Model.fuse: one matmul, its output split back
+        if "qkv_proj" in self:  # fused by Model.fuse
             q_end, k_end = self.n_heads * self.head_dim, (self.n_heads + self.n_kv_heads) * self.head_dim
-            q, k, v = mx.split(self.qkv_proj(x), [q_end, k_end], axis=-1)
+            q, k, v = _outputs(self.qkv_proj, x, [q_end, k_end, k_end + self.n_kv_heads * self.head_dim])
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         # QK-norm over head_dim on (B, L, H, D), then to (B, H, L, D) for RoPE and attention.
@@ -133,14 +134,11 @@ class MLP(nn.Module):
             outs = []
             for block, stream in zip(self.blocks, self._streams):
                 with mx.stream(stream):
-                    gate, up = mx.split(block["gate_up_proj"](x), 2, axis=-1)
-                    outs.append(block["down_proj"](nn.silu(gate) * up))
+                    outs.append(_swiglu(block["gate_up_proj"], block["down_proj"], x))
             return sum(outs[1:], outs[0])
         if "gate_up_proj" in self:  # fused by Model.fuse
-            gate, up = mx.split(self.gate_up_proj(x), 2, axis=-1)
-        else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(nn.silu(gate) * up)
+            return _swiglu(self.gate_up_proj, self.down_proj, x)
+        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
 
     def fuse(self) -> None:
         fused = _concat_linears([self.gate_proj, self.up_proj])
@@ -162,6 +160,13 @@ class MLP(nn.Module):
         } for start, stop in ((a, min(a + step, width)) for a in range(0, width, step))]
         self._streams = tuple(streams[: len(self.blocks)])
         del self.gate_up_proj, self.down_proj
+
+
+def _swiglu(gate_up: nn.Module, down: nn.Module, x: mx.array) -> mx.array:
+    """down(silu(gate) * up), gate and up fused in one layer."""
+    n = gate_up["weight"].shape[0] // 2  # never a RowSplit: a gate/up worth splitting splits the MLP
+    gate, up = _outputs(gate_up, x, [n, 2 * n])
+    return down(nn.silu(gate) * up)
 
 
 def _concat_linears(layers: list[nn.Module]) -> nn.Module | None:
@@ -199,16 +204,30 @@ class RowSplit(nn.Module):
     def __init__(self, layer: nn.Module, streams: Sequence[mx.Stream]) -> None:
         super().__init__()
         self.layer = layer
-        rows = layer["weight"].shape[0]
-        step = -(-rows // len(streams))
-        self._blocks = tuple((start, min(start + step, rows), s) for start, s in zip(range(0, rows, step), streams))
+        self._streams = tuple(streams)
 
     def __call__(self, x: mx.array) -> mx.array:
+        return self.rows(x, 0, self.layer["weight"].shape[0])
+
+    def rows(self, x: mx.array, start: int, stop: int) -> mx.array:
+        """Output features [start, stop)."""
+        step = -(-(stop - start) // len(self._streams))
         outs = []
-        for start, stop, stream in self._blocks:
+        for first, stream in zip(range(start, stop, step), self._streams):
             with mx.stream(stream):
-                outs.append(_linear_rows(self.layer, x, start, stop))
+                outs.append(_linear_rows(self.layer, x, first, min(first + step, stop)))
         return mx.concatenate(outs, axis=-1)
+
+
+def _outputs(layer: nn.Module, x: mx.array, ends: list[int]) -> list[mx.array]:
+    """A fused layer's outputs [0, ends[0]), [ends[0], ends[1]), ...: for one token, one matmul split
+    in parts; for more, one matmul per part on a view of the weights, so that each part has a buffer of
+    its own, freed once used, rather than all being views of one that lives until the last is used (a
+    prefill then needs no more memory than with the layers apart)."""
+    if x.shape[-2] == 1:
+        return mx.split(layer(x), ends[:-1], axis=-1)
+    rows = layer.rows if isinstance(layer, RowSplit) else partial(_linear_rows, layer)
+    return [rows(x, start, stop) for start, stop in zip([0] + ends[:-1], ends)]
 
 
 def _linear_rows(layer: nn.Module, x: mx.array, start: int, stop: int) -> mx.array:
