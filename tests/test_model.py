@@ -160,10 +160,14 @@ def test_small_matmuls_are_not_split(checkpoint):
     assert "_head" not in model
 
 
-def test_decoding_one_token_at_a_time_matches_transformers(checkpoint):
+@pytest.mark.parametrize("split", [False, True])
+def test_decoding_one_token_at_a_time_matches_transformers(checkpoint, split, monkeypatch):
     # Model.step's compiled graph, across the cache buffer's growth at 256 tokens and after a trim.
+    if split:
+        monkeypatch.setattr(model_module, "SPLIT_MIN_COST", 0)
     ids = np.random.RandomState(7).randint(0, 512, size=(1, 262))
-    model = load_model(checkpoint).fuse()
+    model = load_model(checkpoint).fuse(threads=2)
+    assert ("blocks" in model.layers[0].mlp) == split
     cache = model.make_cache()
     model(mx.array(ids[:, :250]), cache)
     steps = [model.step(mx.array(ids[:, t : t + 1]), cache) for t in range(250, 260)]
@@ -174,3 +178,16 @@ def test_decoding_one_token_at_a_time_matches_transformers(checkpoint):
     ref = reference_logits(checkpoint, ids)
     expected = np.concatenate([ref[:, 250:260], ref[:, 257:262]], axis=1)
     assert np.abs(np.array(mx.stack(steps, axis=1)) - expected).max() <= TOL
+
+
+def test_loading_peaks_at_the_size_of_the_fused_weights(tmp_path, monkeypatch):
+    # Fused (and split) while the weights are read, so the unfused arrays never exist alongside.
+    monkeypatch.setattr(model_module, "SPLIT_MIN_COST", 0)
+    path = make_checkpoint(tmp_path)
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    before = mx.get_active_memory()
+    model = load_model(path, fuse=True)
+    weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    assert "blocks" in model.layers[0].mlp
+    assert mx.get_peak_memory() - before - weights < 1024  # a gate/up alone is 80 kB
