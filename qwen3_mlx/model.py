@@ -147,24 +147,25 @@ class MLP(nn.Module):
             del self.gate_proj, self.up_proj
 
     def split(self, streams: Sequence[mx.Stream]) -> None:
-        """Cut the fused MLP along its intermediate dimension into one block per stream: a block holds
-        its share of the gate and up rows and of the down columns, and its output is a partial sum of
-        the MLP's. Two hand-offs between threads for three matmuls, where splitting each would take six."""
-        gate_up, down = self.gate_up_proj, self.down_proj
-        width = gate_up["weight"].shape[0] // 2
+        """Instead of fuse(), cut the MLP along its intermediate dimension into one block per stream: a
+        block holds its share of the gate and up rows (as one layer) and of the down columns, and its
+        output is a partial sum of the MLP's. Two hand-offs between threads for three matmuls, where
+        splitting each would take six."""
+        gate, up, down = self.gate_proj, self.up_proj, self.down_proj
+        width = gate["weight"].shape[0]
         unit = getattr(down, "group_size", 32)  # block edges on quantization group boundaries
         step = -(-width // (len(streams) * unit)) * unit
         self.blocks = [{
-            "gate_up_proj": _concat_linears([_slice(gate_up, start, stop, 0), _slice(gate_up, width + start, width + stop, 0)]),
+            "gate_up_proj": _concat_linears([_slice(gate, start, stop, 0), _slice(up, start, stop, 0)]),
             "down_proj": _slice(down, start, stop, 1),
         } for start, stop in ((a, min(a + step, width)) for a in range(0, width, step))]
         self._streams = tuple(streams[: len(self.blocks)])
-        del self.gate_up_proj, self.down_proj
+        del self.gate_proj, self.up_proj, self.down_proj
 
 
 def _swiglu(gate_up: nn.Module, down: nn.Module, x: mx.array) -> mx.array:
     """down(silu(gate) * up), gate and up fused in one layer."""
-    n = gate_up["weight"].shape[0] // 2  # never a RowSplit: a gate/up worth splitting splits the MLP
+    n = gate_up["weight"].shape[0] // 2  # never a RowSplit: a gate/up worth splitting splits the MLP instead
     gate, up = _outputs(gate_up, x, [n, 2 * n])
     return down(nn.silu(gate) * up)
 
@@ -172,16 +173,20 @@ def _swiglu(gate_up: nn.Module, down: nn.Module, x: mx.array) -> mx.array:
 def _concat_linears(layers: list[nn.Module]) -> nn.Module | None:
     """One layer whose output is the given layers' outputs side by side: their weights (and scales,
     biases) concatenated along the output dimension. None when they differ in kind or quantization."""
-    first = layers[0]
-    kind = (type(first), getattr(first, "group_size", None), getattr(first, "bits", None),
-            getattr(first, "mode", None), sorted(first.keys()))
-    if type(first) not in (nn.Linear, nn.QuantizedLinear) or any(
-            (type(m), getattr(m, "group_size", None), getattr(m, "bits", None), getattr(m, "mode", None),
-             sorted(m.keys())) != kind for m in layers):
+    if not _concatenable(layers):
         return None
+    first = layers[0]
     for name in first.keys():  # weight, bias; scales, biases when quantized: all (out, ...)
         first[name] = mx.concatenate([m[name] for m in layers], axis=0)
     return first
+
+
+def _concatenable(layers: list[nn.Module]) -> bool:
+    def kind(m: nn.Module) -> tuple:
+        return (type(m), getattr(m, "group_size", None), getattr(m, "bits", None), getattr(m, "mode", None),
+                sorted(m.keys()))
+
+    return type(layers[0]) in (nn.Linear, nn.QuantizedLinear) and all(kind(m) == kind(layers[0]) for m in layers)
 
 
 # A matmul is split across CPU threads when it costs at least this many bf16 weights' worth: on the
@@ -242,10 +247,9 @@ def _linear_rows(layer: nn.Module, x: mx.array, start: int, stop: int) -> mx.arr
     return y + layer["bias"][start:stop] if "bias" in layer else y
 
 
-def _worth_splitting(layer: nn.Module, streams: Sequence[mx.Stream]) -> bool:
+def _cost(layer: nn.Module) -> int:
     rows, cols = layer["weight"].shape
-    cost = rows * cols * (32 // layer.bits * QUANTIZED_COST if "scales" in layer else 1)
-    return cost >= SPLIT_MIN_COST and len(streams) > 1
+    return rows * cols * (32 // layer.bits * QUANTIZED_COST if "scales" in layer else 1)
 
 
 def cpu_threads() -> int:
@@ -359,16 +363,21 @@ class Model(nn.Module):
             threads = cpu_threads()
         streams = [mx.default_stream(mx.cpu)] + [mx.new_stream(mx.cpu) for _ in range(threads - 1)]
         for layer in self.layers:
-            for block in (layer.self_attn, layer.mlp):
-                block.fuse()
-                if "gate_up_proj" in block and _worth_splitting(block.gate_up_proj, streams):
-                    block.split(streams)
+            attn, mlp = layer.self_attn, layer.mlp
+            attn.fuse()
+            gate_up = [mlp.gate_proj, mlp.up_proj]
+            if threads > 1 and 2 * _cost(mlp.gate_proj) >= SPLIT_MIN_COST and _concatenable(gate_up):
+                mlp.split(streams)
+            else:
+                mlp.fuse()
+            for block in (attn, mlp):
                 for name, child in list(block.children().items()):
-                    if isinstance(child, (nn.Linear, nn.QuantizedLinear)) and _worth_splitting(child, streams):
+                    big = isinstance(child, (nn.Linear, nn.QuantizedLinear)) and _cost(child) >= SPLIT_MIN_COST
+                    if threads > 1 and big:
                         block[name] = RowSplit(child, streams)
                 mx.eval(block.parameters())  # one block at a time: the old arrays go as the new ones come
         head = self.model.embed_tokens if self.args.tie_word_embeddings else self.lm_head
-        if _worth_splitting(head, streams):
+        if threads > 1 and _cost(head) >= SPLIT_MIN_COST:
             self._head = RowSplit(head, streams)  # "_": out of parameters(), which have the head by its own name
         return self
 
