@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import os
-from functools import partial
+from functools import cache, partial
 from typing import Sequence
 
 import mlx.core as mx
@@ -252,6 +252,13 @@ def _cost(layer: nn.Module) -> int:
     return rows * cols * (32 // layer.bits * QUANTIZED_COST if "scales" in layer else 1)
 
 
+@cache
+def cpu_streams(n: int) -> tuple[mx.Stream, ...]:
+    """n CPU streams, the default one first; made once per process, as each new stream is a thread
+    that lives as long as the process."""
+    return (mx.default_stream(mx.cpu),) + tuple(mx.new_stream(mx.cpu) for _ in range(n - 1))
+
+
 def cpu_threads() -> int:
     """How many threads the CPU matmuls get: the cores this process may use, at most 4."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -361,7 +368,7 @@ class Model(nn.Module):
             threads = 1
         elif threads is None:
             threads = cpu_threads()
-        streams = [mx.default_stream(mx.cpu)] + [mx.new_stream(mx.cpu) for _ in range(threads - 1)]
+        streams = cpu_streams(threads)
         for layer in self.layers:
             attn, mlp = layer.self_attn, layer.mlp
             attn.fuse()

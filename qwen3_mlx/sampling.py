@@ -206,17 +206,14 @@ def make_logits_processor(
         ConfigError: a parameter is out of range, or a logit_bias id is >= vocab_size.
     """
     validate(params)
-    presence, repetition, bias = params.presence_penalty, params.repetition_penalty, params.logit_bias
+    presence, repetition, bias = params.presence_penalty, params.repetition_penalty, params.logit_bias or {}
     if presence == 0.0 and repetition == 1.0 and not bias:
         return None
-    bias_row = None
-    if bias:
-        for token in bias:
-            if token >= vocab_size:
-                msg = f"logit_bias: token id {token} is outside the vocabulary (size {vocab_size})"
-                raise ConfigError(msg)
-        ids, values = mx.array(list(bias), mx.int32), mx.array(list(bias.values()), mx.float32)
-        bias_row = mx.zeros((vocab_size,), mx.float32).at[ids].add(values)  # (V,)
+    for token in bias:
+        if token >= vocab_size:
+            msg = f"logit_bias: token id {token} is outside the vocabulary (size {vocab_size})"
+            raise ConfigError(msg)
+    ids, values = mx.array(list(bias), mx.int32), mx.array(list(bias.values()), mx.float32)
 
     def process(logits: mx.array, tokens: mx.array) -> mx.array:
         logits = logits.astype(mx.float32)
@@ -228,8 +225,8 @@ def make_logits_processor(
                 logits = mx.where(seen, penalised, logits)
             if presence != 0.0:
                 logits = logits - presence * seen
-        if bias_row is not None:
-            logits = logits + bias_row
+        if bias:  # at the biased ids only: no row as wide as the vocabulary
+            logits = logits.at[:, ids].add(values)
         return logits
 
     return process
