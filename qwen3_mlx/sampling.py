@@ -200,7 +200,8 @@ def make_logits_processor(
         vocab_size: the width of the logits (the embedding's rows); logit_bias ids must be below it.
 
     Returns:
-        process(logits (1, V), generated ids (n,) int32) -> float32 logits (1, V), or None.
+        process(logits (1, V), generated ids (n,) int32) -> float32 logits (1, V) (in their own dtype
+        when the only change is banning tokens with a -inf bias), or None.
 
     Raises:
         ConfigError: a parameter is out of range, or a logit_bias id is >= vocab_size.
@@ -215,8 +216,12 @@ def make_logits_processor(
             raise ConfigError(msg)
     ids, values = mx.array(list(bias), mx.int32), mx.array(list(bias.values()), mx.float32)
 
+    # Banning tokens (-inf) is exact in any dtype, so it alone does not need a float32 copy of the row.
+    exact = presence != 0.0 or repetition != 1.0 or any(math.isfinite(v) for v in bias.values())
+
     def process(logits: mx.array, tokens: mx.array) -> mx.array:
-        logits = logits.astype(mx.float32)
+        if exact:
+            logits = logits.astype(mx.float32)
         if presence != 0.0 or repetition != 1.0:
             # (V,) scatter on the device; a repeated id only raises its count, `> 0` makes it count once
             seen = mx.zeros((logits.shape[-1],), mx.int32).at[tokens].add(1) > 0
@@ -226,7 +231,7 @@ def make_logits_processor(
             if presence != 0.0:
                 logits = logits - presence * seen
         if bias:  # at the biased ids only: no row as wide as the vocabulary
-            logits = logits.at[:, ids].add(values)
+            logits = logits.at[:, ids].add(values.astype(logits.dtype))
         return logits
 
     return process

@@ -240,6 +240,14 @@ def test_logit_bias_is_added_per_id_after_the_penalties():
     assert out == [2.0, -2.0, -math.inf, -2.75, 0.0]
 
 
+def test_a_finite_bias_on_bfloat16_logits_is_added_in_float32_and_a_ban_keeps_the_dtype():
+    logits, none = mx.array([[1.0, 2.0, 3.0]]).astype(mx.bfloat16), mx.array([], dtype=mx.int32)
+    nudged = make_logits_processor(params(logit_bias={0: 2**-10}), vocab_size=3)(logits, none)
+    assert nudged.dtype == mx.float32 and nudged.tolist() == [[1.0009765625, 2.0, 3.0]]  # 1.0 in bfloat16
+    banned = make_logits_processor(params(logit_bias={1: -math.inf}), vocab_size=3)(logits, none)
+    assert banned.dtype == mx.bfloat16 and banned.tolist() == [[1.0, -math.inf, 3.0]]
+
+
 def test_penalties_do_nothing_before_the_first_generated_token():
     process = make_logits_processor(params(presence_penalty=1.0, repetition_penalty=1.3), vocab_size=5)
     assert process(PENALTY_LOGITS, mx.array([], dtype=mx.int32)).tolist() == PENALTY_LOGITS.tolist()
