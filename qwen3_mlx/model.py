@@ -249,7 +249,9 @@ def _linear_rows(layer: nn.Module, x: mx.array, start: int, stop: int) -> mx.arr
 
 def _cost(layer: nn.Module) -> int:
     rows, cols = layer["weight"].shape
-    return rows * cols * (32 // layer.bits * QUANTIZED_COST if "scales" in layer else 1)
+    if "scales" in layer:  # cols are packed: count the inputs from the groups
+        return rows * layer["scales"].shape[1] * layer.group_size * QUANTIZED_COST
+    return rows * cols
 
 
 @cache
@@ -267,16 +269,15 @@ def cpu_threads() -> int:
 
 def _slice(layer: nn.Module, start: int, stop: int, axis: int) -> nn.Module:
     """A copy of a linear layer keeping its output features (axis 0) or input features (axis 1, for a
-    layer without bias) [start, stop)."""
+    layer without bias; quantized, at group boundaries) [start, stop)."""
     part = copy.copy(layer)
-    per = layer["weight"].shape[1] // layer["scales"].shape[1] if "scales" in layer else 1  # inputs per scale
-    pack = 32 // layer.bits if "scales" in layer else 1  # inputs per stored element
+    inputs = layer["scales"].shape[1] * layer.group_size if "scales" in layer else layer["weight"].shape[1]
     for name, value in layer.items():
         if axis == 0:
             part[name] = value[start:stop]
-        else:
-            f = pack if name == "weight" else pack * per
-            part[name] = mx.contiguous(value[:, start // f : stop // f])
+        else:  # packed weights and per-group scales hold their inputs in proportion
+            cols = value.shape[1]
+            part[name] = mx.contiguous(value[:, cols * start // inputs : cols * stop // inputs])
     return part
 
 

@@ -141,9 +141,10 @@ def test_matmuls_split_across_threads_match_transformers(checkpoint, monkeypatch
     assert np.abs(np.array(model(mx.array(ids))) - reference_logits(checkpoint, ids)).max() <= TOL
 
 
-def test_split_quantized_matmuls_give_the_same_logits(tmp_path, monkeypatch):
+@pytest.mark.parametrize("bits", [4, 6])  # 6 bits: a group's inputs straddle the packed 32-bit words
+def test_split_quantized_matmuls_give_the_same_logits(tmp_path, monkeypatch, bits):
     model = load_model(make_checkpoint(tmp_path))
-    nn.quantize(model, group_size=32, bits=4)
+    nn.quantize(model, group_size=32, bits=bits)
     ids = mx.array(np.random.RandomState(6).randint(0, 512, size=(1, 20)))
     whole = np.array(model(ids))
     monkeypatch.setattr(model_module, "SPLIT_MIN_COST", 0)
