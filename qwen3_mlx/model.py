@@ -362,8 +362,9 @@ class Model(nn.Module):
     def fuse(self, threads: int | None = None) -> "Model":
         """Make the loaded model fast to run: compute q/k/v and gate/up as one matmul each, their
         weights concatenated along the output dimension (quantized ones too, when their bits and
-        group size agree); and on the CPU, split each large matmul by output rows across `threads`
-        streams (default: cpu_threads(); on a GPU nothing is split). Call after loading the Hugging
+        group size agree); and on the CPU, split each large matmul by output rows, and a large MLP
+        along its intermediate size, across `threads` streams (default: cpu_threads(); on a GPU
+        nothing is split). Call after loading the Hugging
         Face-named weights; the parameter names change, so save weights before, never after."""
         if mx.default_device() != mx.cpu:
             threads = 1

@@ -208,7 +208,8 @@ def make_logits_processor(
     """
     validate(params)
     presence, repetition, bias = params.presence_penalty, params.repetition_penalty, params.logit_bias or {}
-    if presence == 0.0 and repetition == 1.0 and not bias:
+    penalties = presence != 0.0 or repetition != 1.0
+    if not penalties and not bias:
         return None
     for token in bias:
         if token >= vocab_size:
@@ -217,12 +218,12 @@ def make_logits_processor(
     ids, values = mx.array(list(bias), mx.int32), mx.array(list(bias.values()), mx.float32)
 
     # Banning tokens (-inf) is exact in any dtype, so it alone does not need a float32 copy of the row.
-    exact = presence != 0.0 or repetition != 1.0 or any(math.isfinite(v) for v in bias.values())
+    in_float32 = penalties or any(math.isfinite(v) for v in bias.values())
 
     def process(logits: mx.array, tokens: mx.array) -> mx.array:
-        if exact:
+        if in_float32:
             logits = logits.astype(mx.float32)
-        if presence != 0.0 or repetition != 1.0:
+        if penalties:
             # (V,) scatter on the device; a repeated id only raises its count, `> 0` makes it count once
             seen = mx.zeros((logits.shape[-1],), mx.int32).at[tokens].add(1) > 0
             if repetition != 1.0:

@@ -134,7 +134,7 @@ def test_matmuls_split_across_threads_match_transformers(checkpoint, monkeypatch
     model = load_model(checkpoint).fuse(threads=3)  # 3 blocks: uneven ones when rows are not a multiple
     attn, mlp = model.layers[0].self_attn, model.layers[0].mlp
     assert isinstance(attn.qkv_proj, RowSplit) and isinstance(model._head, RowSplit)
-    assert len(attn.o_proj._streams) == 3  # 64 rows: blocks of 22, 22 and 20
+    assert len(attn.o_proj._streams) == 3  # 64 rows: uneven blocks of 22, 22 and 20, proven by the parity below
     # The MLP in blocks of its intermediate size (160), at multiples of 32: gate and up rows, down columns.
     assert [b["gate_up_proj"].weight.shape[0] for b in mlp.blocks] == [128, 128, 64]
     assert [b["down_proj"].weight.shape for b in mlp.blocks] == [(64, 64), (64, 64), (64, 32)]
