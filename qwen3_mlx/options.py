@@ -1,0 +1,84 @@
+"""The generation options: one frozen value that travels from the CLI, the chat and the API to the loop."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+from .errors import OptionError
+
+DEFAULT_MAX_TOKENS = 4096
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """How one response is generated. Every field has a default; None means "the mode's default".
+
+    think: Qwen3's enable_thinking ("/no_think" in the last user message also turns it off).
+    thinking_budget: the most reasoning tokens (0: no reasoning); None for no limit.
+    max_tokens: the most answer tokens; without a budget, reasoning and answer together.
+    temp, top_p, top_k, min_p: sampling; None takes Qwen's defaults for the mode, then
+        generation_config.json. temp 0 is greedy decoding.
+    presence_penalty, repetition_penalty, logit_bias: over every generated token.
+    stop: strings that end the answer (not included in it).
+    seed: makes sampling repeatable, whatever else the process does.
+    max_kv_size: a rotating cache of this many tokens (keeps the system turn).
+    prefill_step_size: prompt tokens per prefill chunk.
+    """
+
+    think: bool = True
+    thinking_budget: int | None = None
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    temp: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    presence_penalty: float | None = None
+    repetition_penalty: float | None = None
+    logit_bias: Mapping[int, float] | None = field(default=None, compare=False)
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    max_kv_size: int | None = None
+    prefill_step_size: int = 2048
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        else:
+            object.__setattr__(self, "stop", tuple(self.stop))
+        _check_int("max_tokens", self.max_tokens, 0)
+        _check_int("prefill_step_size", self.prefill_step_size, 1)
+        if self.thinking_budget is not None:
+            _check_int("thinking_budget", self.thinking_budget, 0)
+        if self.max_kv_size is not None:
+            _check_int("max_kv_size", self.max_kv_size, 1)
+        if self.seed is not None:
+            _check_int("seed", self.seed, None)
+        for s in self.stop:
+            if not isinstance(s, str) or not s:
+                raise OptionError(f"stop={s!r}: a stop string must be non-empty text")
+
+    def replace(self, **changes: Any) -> GenerationOptions:
+        """A copy with `changes`; an unknown name is an OptionError that lists the known ones."""
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise OptionError(f"unknown generation option {unknown[0]!r}; expected one of {', '.join(sorted(known))}")
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def of(cls, options: GenerationOptions | None = None, **changes: Any) -> GenerationOptions:
+        """`options` (or the defaults) with keyword changes: how the API's keyword arguments arrive."""
+        return (options or cls()).replace(**changes) if changes else (options or cls())
+
+
+def _check_int(name: str, value: Any, minimum: int | None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise OptionError(f"{name}={value!r} must be an integer")
+    if minimum is not None and value < minimum:
+        raise OptionError(f"{name} must be >= {minimum}, got {value}")
+
+
+def option_names() -> Sequence[str]:
+    return [f.name for f in dataclasses.fields(GenerationOptions)]
