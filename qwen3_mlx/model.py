@@ -328,6 +328,10 @@ class Model(nn.Module):
             return self.model.embed_tokens.as_linear(h)
         return self.lm_head(h)
 
+    def decode(self, ids: mx.array, cache: list[KVCache]) -> mx.array:
+        """Logits (1, vocab_size) of the last of ids (1, L); the cache takes them in."""
+        return self.step(ids, cache)
+
     def step(self, ids: mx.array, cache: list[KVCache]) -> mx.array:
         """Logits (1, vocab_size) of the last of ids (1, L), which follow the tokens in `cache`;
         the cache takes them in.
