@@ -49,6 +49,17 @@ class KVCache:
         self.values[..., start : self.offset, :] = values
         return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
 
+    def buffers(self, n: int = 1) -> tuple[mx.array, mx.array]:
+        """The whole preallocated key and value buffers (B, H_kv, capacity, D), with room for n more
+        tokens: what the compiled decode step (fast.py) writes into, as `Slots`."""
+        self.reserve(n, self.keys, self.values)
+        return self.keys, self.values
+
+    def commit(self, keys: mx.array, values: mx.array, n: int = 1) -> None:
+        """Take back the buffers from `buffers(n)` with the next n tokens written after `offset`."""
+        assert keys.shape == self.keys.shape and values.shape == self.values.shape
+        self.keys, self.values, self.offset = keys, values, self.offset + n
+
     def is_trimmable(self) -> bool:
         return True
 
@@ -67,9 +78,10 @@ class KVCache:
 
 
 class Slots:
-    """A KVCache as the compiled decode step sees it (Model.step): the whole preallocated buffer and
-    the position as an array, so one compiled graph serves every step until the buffer grows. Writes
-    one token at `offset`; attends to the slots up to it (the ones after hold nothing yet)."""
+    """A KVCache as the compiled decode step sees it (fast.CompiledDecode): the whole preallocated
+    buffer (KVCache.buffers) and the position as an array, so one compiled graph serves every step
+    until the buffer grows. Writes one token at `offset`; attends to the slots up to it (the ones
+    after hold nothing yet); the caller hands the buffers back with KVCache.commit."""
 
     def __init__(self, keys: mx.array, values: mx.array, offset: mx.array) -> None:
         self.keys, self.values, self.offset = keys, values, offset

@@ -8,7 +8,7 @@ import os
 import re
 import struct
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -16,6 +16,7 @@ from mlx.utils import tree_flatten
 
 from .config import ModelArgs
 from .errors import ConfigError, Qwen3Error
+from .fast import speed_up
 from .model import Model
 from .sampling import default_params, validate
 from .tokenizer import Tokenizer
@@ -171,9 +172,9 @@ def _quantize(folder: Path, model: Model, args: ModelArgs, weights: dict[str, mx
                          f"it disagrees with the weights") from None
 
 
-def load_model(path: Path, dtype: str | None = None, fuse: bool = False) -> Model:
+def load_model(path: Path, dtype: str | None = None, swap: Callable[[Model], object] | None = None) -> Model:
     """Build the model from config.json and load its weights, checking every tensor's name and shape;
-    with `fuse`, also Model.fuse() it."""
+    `swap` (e.g. fast.speed_up) is called with the model before its weights are read."""
     _, args = load_config(path)
     # Checked before the model is built: building 10**9 layers from a corrupt config would never end.
     files = weight_files(path)
@@ -223,8 +224,8 @@ def load_model(path: Path, dtype: str | None = None, fuse: bool = False) -> Mode
                    for k, v in weights.items()}
     model.load_weights(list(weights.items()), strict=True)
     del weights
-    if fuse:  # before the weights are read (mx.load is lazy): they go from the files straight into place
-        model.fuse()
+    if swap is not None:  # before the weights are read (mx.load is lazy): they go from the files straight into place
+        swap(model)
     mx.eval(model.parameters())
     model.eval()
     return model
@@ -245,7 +246,7 @@ def load(path_or_repo: str | Path, dtype: str | None = None) -> tuple[Model, Tok
         Qwen3Error: the folder, a file, a key or a tensor is missing or wrong; the message says which.
     """
     path = resolve(path_or_repo)
-    model = load_model(path, dtype, fuse=True)
+    model = load_model(path, dtype, swap=speed_up)
     tokenizer = Tokenizer.from_dir(path)
     gen_config = path / "generation_config.json"
     tokenizer.generation_config = read_json(gen_config) if gen_config.exists() else None

@@ -1,5 +1,6 @@
 """Parity of our Qwen3 with Hugging Face transformers on the same weights, in float32."""
 
+import functools
 import json
 import math
 
@@ -14,9 +15,9 @@ from transformers import Qwen3ForCausalLM
 from checkpoints import SHAPES, make_checkpoint
 from qwen3_mlx.config import ModelArgs
 from qwen3_mlx.errors import ConfigError
+from qwen3_mlx.fast import CompiledDecode, FusedMLP, RowSplit, RowSplitEmbedding, SplitMLP, speed_up
 from qwen3_mlx.loader import load_model
-from qwen3_mlx import model as model_module
-from qwen3_mlx.model import Model, RowSplit
+from qwen3_mlx.model import Model
 
 TOL = 1e-4
 
@@ -25,6 +26,15 @@ def reference_logits(path, ids):
     ref = Qwen3ForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     with torch.no_grad():
         return ref(torch.tensor(ids)).logits.numpy()
+
+
+@pytest.fixture
+def on_cpu():
+    """Splitting matmuls across threads is a CPU technique: tests of it run on the CPU on any machine."""
+    device = mx.default_device()
+    mx.set_default_device(mx.cpu)
+    yield
+    mx.set_default_device(device)
 
 
 @pytest.fixture(scope="module", params=list(SHAPES))
@@ -42,7 +52,7 @@ def test_logits_match_transformers(checkpoint, length):
 
 def test_fused_projections_match_transformers(checkpoint):
     ids = np.random.RandomState(3).randint(0, 512, size=(1, 45))
-    model = load_model(checkpoint).fuse()
+    model = speed_up(load_model(checkpoint), threads=1)
     assert "qkv_proj" in model.layers[0].self_attn and "gate_up_proj" in model.layers[0].mlp
     assert np.abs(np.array(model(mx.array(ids))) - reference_logits(checkpoint, ids)).max() <= TOL
 
@@ -52,15 +62,16 @@ def test_fused_quantized_projections_give_the_same_logits(tmp_path):
     nn.quantize(model, group_size=32, bits=4)
     ids = mx.array(np.random.RandomState(4).randint(0, 512, size=(1, 20)))
     unfused = np.array(model(ids))
-    model.fuse()
+    speed_up(model, threads=1)
     assert isinstance(model.layers[0].mlp.gate_up_proj, nn.QuantizedLinear)
     assert np.abs(np.array(model(ids)) - unfused).max() <= 1e-5
 
 
-def test_sharded_checkpoint_has_several_files(tmp_path):
+def test_a_sharded_checkpoint_loads_from_all_its_files(tmp_path):
     path = make_checkpoint(tmp_path, shard=True)
-    assert (path / "model.safetensors.index.json").exists()
-    assert len(list(path.glob("*.safetensors"))) > 1
+    assert len(list(path.glob("*.safetensors"))) > 1 and (path / "model.safetensors.index.json").exists()
+    ids = np.arange(20)[None] % 512
+    assert np.abs(np.array(load_model(path)(mx.array(ids))) - reference_logits(path, ids)).max() <= TOL
 
 
 def test_yarn_changes_logits_beyond_original_context(tmp_path):
@@ -128,67 +139,94 @@ def test_invalid_config_names_the_key(change, message):
     assert str(e.value) == message
 
 
-def test_matmuls_split_across_threads_match_transformers(checkpoint, monkeypatch):
-    monkeypatch.setattr(model_module, "SPLIT_MIN_COST", 0)  # split every matmul, however small
+def test_matmuls_split_across_threads_match_transformers(checkpoint, on_cpu):
     ids = np.random.RandomState(5).randint(0, 512, size=(1, 45))
-    model = load_model(checkpoint).fuse(threads=3)  # 3 blocks: uneven ones when rows are not a multiple
+    # Every matmul split, however small, in 3 blocks: uneven ones when rows are not a multiple of 3.
+    model = speed_up(load_model(checkpoint), threads=3, split_min_cost=0)
     attn, mlp = model.layers[0].self_attn, model.layers[0].mlp
-    assert isinstance(attn.qkv_proj, RowSplit) and isinstance(model._head, RowSplit)
-    assert len(attn.o_proj._streams) == 3  # 64 rows: uneven blocks of 22, 22 and 20, proven by the parity below
+    head = model.model.embed_tokens if model.args.tie_word_embeddings else model.lm_head
+    assert isinstance(attn.qkv_proj, RowSplit) and isinstance(head, RowSplit)
+    assert len(attn.o_proj._streams) == 2  # and the caller's: 64 rows in blocks of 22, 22 and 20
     # The MLP in blocks of its intermediate size (160), at multiples of 32: gate and up rows, down columns.
-    assert [b["gate_up_proj"].weight.shape[0] for b in mlp.blocks] == [128, 128, 64]
-    assert [b["down_proj"].weight.shape for b in mlp.blocks] == [(64, 64), (64, 64), (64, 32)]
+    assert isinstance(mlp, SplitMLP)
+    assert [b.gate_up_proj.weight.shape[0] for b in mlp.blocks] == [128, 128, 64]
+    assert [b.down_proj.weight.shape for b in mlp.blocks] == [(64, 64), (64, 64), (64, 32)]
     assert np.abs(np.array(model(mx.array(ids))) - reference_logits(checkpoint, ids)).max() <= TOL
 
 
 @pytest.mark.parametrize("bits", [4, 6])  # 6 bits: a group's inputs straddle the packed 32-bit words
-def test_split_quantized_matmuls_give_the_same_logits(tmp_path, monkeypatch, bits):
+def test_split_quantized_matmuls_give_the_same_logits(tmp_path, on_cpu, bits):
     model = load_model(make_checkpoint(tmp_path))
     nn.quantize(model, group_size=32, bits=bits)
     ids = mx.array(np.random.RandomState(6).randint(0, 512, size=(1, 20)))
     whole = np.array(model(ids))
-    monkeypatch.setattr(model_module, "SPLIT_MIN_COST", 0)
-    model.fuse(threads=3)
-    assert isinstance(model._head.layer, nn.QuantizedEmbedding)
+    speed_up(model, threads=3, split_min_cost=0)
+    assert isinstance(model.model.embed_tokens, RowSplitEmbedding)
+    assert isinstance(model.model.embed_tokens.layer, nn.QuantizedEmbedding)
     assert isinstance(model.layers[0].self_attn.qkv_proj.layer, nn.QuantizedLinear)
-    assert [b["down_proj"].scales.shape for b in model.layers[0].mlp.blocks] == [(64, 2), (64, 2), (64, 1)]
+    assert [b.down_proj.scales.shape for b in model.layers[0].mlp.blocks] == [(64, 2), (64, 2), (64, 1)]
     assert np.abs(np.array(model(ids)) - whole).max() <= 1e-5
 
 
-def test_small_matmuls_are_not_split(checkpoint):
-    model = load_model(checkpoint).fuse(threads=2)
-    assert "gate_up_proj" in model.layers[0].mlp and not isinstance(model.layers[0].self_attn.qkv_proj, RowSplit)
-    assert "_head" not in model
+def test_small_matmuls_are_not_split(checkpoint, on_cpu):
+    model = speed_up(load_model(checkpoint), threads=2)
+    assert isinstance(model.layers[0].mlp, FusedMLP)
+    assert not isinstance(model.layers[0].self_attn.qkv_proj, RowSplit)
+    assert not isinstance(model.model.embed_tokens, RowSplit)
 
 
-@pytest.mark.parametrize("split", [False, True])
-def test_decoding_one_token_at_a_time_matches_transformers(checkpoint, split, monkeypatch):
-    # Model.step's compiled graph, across the cache buffer's growth at 256 tokens and after a trim.
-    if split:
-        monkeypatch.setattr(model_module, "SPLIT_MIN_COST", 0)
+def test_nothing_is_split_off_the_cpu_by_default(checkpoint, monkeypatch):
+    model = load_model(checkpoint)
+    # A GPU default device, faked where there is none: only speed_up's choice is checked.
+    monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.gpu, 0))
+    speed_up(model, split_min_cost=0)
+    monkeypatch.undo()
+    assert isinstance(model.layers[0].mlp, FusedMLP)
+    assert not isinstance(model.layers[0].self_attn.o_proj, RowSplit)
+    assert type(model.layers[0].self_attn).__name__ == "FusedAttention"  # no CPU attention either
+
+
+def _decode_one_token_at_a_time(checkpoint, model):
+    # The compiled graph, across the cache buffer's growth at 256 tokens and after a trim.
     ids = np.random.RandomState(7).randint(0, 512, size=(1, 262))
-    model = load_model(checkpoint).fuse(threads=2)
-    assert ("blocks" in model.layers[0].mlp) == split
     cache = model.make_cache()
     model(mx.array(ids[:, :250]), cache)
-    steps = [model.step(mx.array(ids[:, t : t + 1]), cache) for t in range(250, 260)]
+    steps = [model.decode(mx.array(ids[:, t : t + 1]), cache) for t in range(250, 260)]
     for c in cache:
         c.trim(3)
-    steps += [model.step(mx.array(ids[:, t : t + 1]), cache) for t in range(257, 262)]
-    assert model._decode_graph is not None and cache[0].offset == 262 and cache[0].keys.shape[2] == 512
+    steps += [model.decode(mx.array(ids[:, t : t + 1]), cache) for t in range(257, 262)]
+    assert isinstance(model.decode, CompiledDecode)
+    assert cache[0].offset == 262 and cache[0].keys.shape[2] == 512
     ref = reference_logits(checkpoint, ids)
     expected = np.concatenate([ref[:, 250:260], ref[:, 257:262]], axis=1)
     assert np.abs(np.array(mx.stack(steps, axis=1)) - expected).max() <= TOL
 
 
-def test_loading_peaks_at_the_size_of_the_fused_weights(tmp_path, monkeypatch):
+def test_compiled_decoding_matches_transformers(checkpoint):
+    _decode_one_token_at_a_time(checkpoint, speed_up(load_model(checkpoint), threads=1))
+
+
+def test_compiled_decoding_split_across_threads_matches_transformers(checkpoint, on_cpu):
+    model = speed_up(load_model(checkpoint), threads=2, split_min_cost=0)
+    assert isinstance(model.layers[0].mlp, SplitMLP)
+    _decode_one_token_at_a_time(checkpoint, model)
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_loading_peaks_at_the_size_of_the_fused_weights(tmp_path, split):
     # Fused (and split) while the weights are read, so the unfused arrays never exist alongside.
-    monkeypatch.setattr(model_module, "SPLIT_MIN_COST", 0)
-    path = make_checkpoint(tmp_path)
-    mx.clear_cache()
-    mx.reset_peak_memory()
-    before = mx.get_active_memory()
-    model = load_model(path, fuse=True)
-    weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
-    assert "blocks" in model.layers[0].mlp
-    assert mx.get_peak_memory() - before - weights < 1024  # a gate/up alone is 80 kB
+    device = mx.default_device()
+    if split:
+        mx.set_default_device(mx.cpu)
+    try:
+        path = make_checkpoint(tmp_path)
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        before = mx.get_active_memory()
+        swap = functools.partial(speed_up, threads=2 if split else 1, split_min_cost=0)
+        model = load_model(path, swap=swap)
+        weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+        assert isinstance(model.layers[0].mlp, SplitMLP if split else FusedMLP)
+        assert mx.get_peak_memory() - before - weights < 1024  # a gate/up alone is 80 kB
+    finally:
+        mx.set_default_device(device)
