@@ -16,6 +16,7 @@ from mlx.utils import tree_flatten
 
 from .config import ModelArgs
 from .errors import ConfigError, Qwen3Error
+from .device import WIRED_LIMIT
 from .fast import speed_up
 from .model import Model
 from .sampling import default_params, validate
@@ -247,6 +248,7 @@ def load(path_or_repo: str | Path, dtype: str | None = None) -> tuple[Model, Tok
     """
     path = resolve(path_or_repo)
     model = load_model(path, dtype, swap=speed_up)
+    WIRED_LIMIT.hold(model)
     tokenizer = Tokenizer.from_dir(path)
     gen_config = path / "generation_config.json"
     tokenizer.generation_config = read_json(gen_config) if gen_config.exists() else None
