@@ -61,7 +61,7 @@ class TokenGenerator:
         self._pending: mx.array | None = None  # (1,) the next token, being computed
 
     def _step(self, ids: mx.array) -> mx.array:
-        logits = self.model.step(ids[None], self.cache)  # (1, V)
+        logits = self.model.decode(ids[None], self.cache)  # (1, V)
         if self.processor is not None:
             logits = self.processor(logits, self._history)
         return self.sampler(logits)

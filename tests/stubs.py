@@ -37,7 +37,7 @@ class ScriptedModel:
         row = mx.where(mx.arange(VOCAB) == self.script(self.response()), 50.0, 0.0)
         return mx.broadcast_to(row, (1, n, VOCAB))
 
-    def step(self, ids, cache):
+    def decode(self, ids, cache):
         return self(ids, cache)[:, -1, :]
 
 
