@@ -10,9 +10,12 @@ from dataclasses import dataclass, fields, replace
 
 import mlx.core as mx
 
-from .errors import ConfigError
+from .errors import OptionError
 
 _NEG_INF = float("-inf")
+
+# (logits (B, V), a random key or None) -> token ids (B,)
+Sampler = Callable[[mx.array, mx.array | None], mx.array]
 
 
 @dataclass(frozen=True)
@@ -60,7 +63,7 @@ def default_params(thinking: bool, generation_config: Mapping | None = None, **o
         The parameters (not validated; `make_sampler` validates).
 
     Raises:
-        ConfigError: an override names no SamplingParams field.
+        OptionError: an override names no SamplingParams field.
     """
     params = _THINKING if thinking else _NON_THINKING
     if thinking and generation_config and generation_config.get("do_sample", True) is not False:
@@ -70,7 +73,7 @@ def default_params(thinking: bool, generation_config: Mapping | None = None, **o
     unknown = sorted(set(overrides) - known)
     if unknown:
         expected = ", ".join(sorted(known))
-        raise ConfigError(f"unknown sampling option {unknown[0]!r}; expected one of {expected}")
+        raise OptionError(f"unknown sampling option {unknown[0]!r}; expected one of {expected}")
     return replace(params, **{k: v for k, v in overrides.items() if v is not None})
 
 
@@ -78,28 +81,28 @@ def validate(params: SamplingParams) -> None:
     """Check every field's range.
 
     Raises:
-        ConfigError: one line naming the field, its allowed range and the value given.
+        OptionError: one line naming the field, its allowed range and the value given.
     """
     p = params
     if not p.temperature >= 0:  # written this way so NaN fails too
-        raise ConfigError(f"temperature must be >= 0, got {p.temperature}")
+        raise OptionError(f"temperature must be >= 0, got {p.temperature}")
     if math.isinf(p.temperature):
-        raise ConfigError(f"temperature must be finite, got {p.temperature}")
+        raise OptionError(f"temperature must be finite, got {p.temperature}")
     if not 0 < p.top_p <= 1:
-        raise ConfigError(f"top_p must be in (0, 1], got {p.top_p}")
+        raise OptionError(f"top_p must be in (0, 1], got {p.top_p}")
     if isinstance(p.top_k, bool) or not isinstance(p.top_k, int) or p.top_k < 0:
-        raise ConfigError(f"top_k must be an integer >= 0 (0 = off), got {p.top_k!r}")
+        raise OptionError(f"top_k must be an integer >= 0 (0 = off), got {p.top_k!r}")
     if not 0 <= p.min_p <= 1:
-        raise ConfigError(f"min_p must be in [0, 1], got {p.min_p}")
+        raise OptionError(f"min_p must be in [0, 1], got {p.min_p}")
     if not math.isfinite(p.presence_penalty):
-        raise ConfigError(f"presence_penalty must be finite, got {p.presence_penalty}")
+        raise OptionError(f"presence_penalty must be finite, got {p.presence_penalty}")
     if not (p.repetition_penalty > 0 and math.isfinite(p.repetition_penalty)):
-        raise ConfigError(f"repetition_penalty must be > 0 and finite, got {p.repetition_penalty}")
+        raise OptionError(f"repetition_penalty must be > 0 and finite, got {p.repetition_penalty}")
     for token, bias in (p.logit_bias or {}).items():
         if isinstance(token, bool) or not isinstance(token, int) or token < 0:
-            raise ConfigError(f"logit_bias: token ids must be integers >= 0, got {token!r}")
+            raise OptionError(f"logit_bias: token ids must be integers >= 0, got {token!r}")
         if math.isnan(bias) or bias == math.inf:
-            raise ConfigError(f"logit_bias: bias for token {token} must be finite or -inf, got {bias}")
+            raise OptionError(f"logit_bias: bias for token {token} must be finite or -inf, got {bias}")
 
 
 # ---- filters: (B, V) -> (B, V), removed entries set to -inf --------------------------------------
@@ -154,34 +157,38 @@ def warp_logits(logits: mx.array, params: SamplingParams) -> mx.array:
 # ---- factories -------------------------------------------------------------------------------------
 
 
-def make_sampler(params: SamplingParams, vocab_limit: int | None) -> Callable[[mx.array], mx.array]:
+def make_sampler(params: SamplingParams, vocab_limit: int | None) -> Sampler:
     """Build the function that turns the last position's logits into the next token id.
 
     Order: drop ids >= vocab_limit, divide by temperature, then top-k, top-p, min-p, then draw with
-    mx.random.categorical. Temperature comes first and the filters follow in that order because that
-    is what transformers does, so Qwen's recommended values mean here what they mean there. Ids past
-    the tokenizer's vocabulary (the embedding is padded: 151936 rows for 151669 tokens) are cut off
-    by slicing, so neither greedy nor sampled decoding can emit them.
+    mx.random.categorical from `key` (MLX's global random state when None). Temperature comes first
+    and the filters follow in that order because that is what transformers does, so Qwen's
+    recommended values mean here what they mean there. Ids past the tokenizer's vocabulary (the
+    embedding is padded: 151936 rows for 151669 tokens) are cut off by slicing, so neither greedy
+    nor sampled decoding can emit them.
 
     Args:
         params: the sampling parameters; temperature 0 means argmax.
         vocab_limit: the tokenizer's vocabulary size, or None to allow every column.
 
     Returns:
-        sampler(logits (B, V), any float dtype) -> token ids (B,) int32, lazily evaluated.
+        sampler(logits (B, V) of any float dtype, key) -> token ids (B,) int32, lazily evaluated. A
+        request draws from a key of its own (mx.random.key(seed), split at every step), so what it
+        draws does not depend on whatever else the process samples; greedy decoding ignores the key.
 
     Raises:
-        ConfigError: a parameter is out of range, or vocab_limit < 1.
+        OptionError: a parameter is out of range.
+        ValueError: vocab_limit < 1 (a tokenizer without tokens).
     """
     validate(params)
     if vocab_limit is not None and vocab_limit < 1:
-        raise ConfigError(f"vocab_limit must be >= 1, got {vocab_limit}")
+        raise ValueError(f"vocab_limit must be >= 1, got {vocab_limit}")
 
-    def sampler(logits: mx.array) -> mx.array:
+    def sampler(logits: mx.array, key: mx.array | None = None) -> mx.array:
         logits = logits[..., :vocab_limit]  # (B, min(V, vocab_limit)): later ids cannot be drawn
         if params.temperature == 0:
             return mx.argmax(logits, axis=-1).astype(mx.int32)
-        return mx.random.categorical(warp_logits(logits, params), axis=-1).astype(mx.int32)
+        return mx.random.categorical(warp_logits(logits, params), axis=-1, key=key).astype(mx.int32)
 
     return sampler
 
@@ -204,7 +211,7 @@ def make_logits_processor(
         when the only change is banning tokens with a -inf bias), or None.
 
     Raises:
-        ConfigError: a parameter is out of range, or a logit_bias id is >= vocab_size.
+        OptionError: a parameter is out of range, or a logit_bias id is >= vocab_size.
     """
     validate(params)
     presence, repetition, bias = params.presence_penalty, params.repetition_penalty, params.logit_bias or {}
@@ -214,7 +221,7 @@ def make_logits_processor(
     for token in bias:
         if token >= vocab_size:
             msg = f"logit_bias: token id {token} is outside the vocabulary (size {vocab_size})"
-            raise ConfigError(msg)
+            raise OptionError(msg)
     ids, values = mx.array(list(bias), mx.int32), mx.array(list(bias.values()), mx.float32)
 
     # Banning tokens (-inf) is exact in any dtype, so it alone does not need a float32 copy of the row.

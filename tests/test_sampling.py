@@ -1,4 +1,5 @@
 import math
+from dataclasses import replace
 
 import mlx.core as mx
 import numpy as np
@@ -11,7 +12,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from qwen3_mlx.errors import ConfigError
+from qwen3_mlx.errors import OptionError
 from qwen3_mlx.sampling import (
     SamplingParams,
     apply_min_p,
@@ -195,6 +196,20 @@ def test_same_seed_gives_the_same_draws():
     assert (first != other).any()
 
 
+def test_a_key_gives_the_same_draws_and_leaves_the_global_random_state_alone():
+    sampler = make_sampler(default_params(thinking=True), vocab_limit=None)
+    logits = mx.random.normal((64, 100), key=mx.random.key(3))
+    first = np.array(sampler(logits, mx.random.key(1234)))
+    mx.random.seed(99)  # whatever the global state does in between
+    sampler(logits)
+    state = np.array(mx.random.state[0])
+    second = np.array(sampler(logits, mx.random.key(1234)))
+    other = np.array(sampler(logits, mx.random.key(4321)))
+    np.testing.assert_array_equal(first, second)
+    assert (first != other).any()
+    np.testing.assert_array_equal(np.array(mx.random.state[0]), state)  # keyed draws never advance it
+
+
 @pytest.mark.parametrize("p", [params(temperature=0.7), params(temperature=1.5, top_k=4, top_p=0.9)])
 def test_draw_frequencies_match_the_warped_distribution(p):
     n = 200_000
@@ -258,7 +273,7 @@ def test_no_processor_when_no_penalty_or_bias_is_set():
 
 
 def test_logit_bias_id_outside_the_vocabulary_is_rejected():
-    with pytest.raises(ConfigError) as e:
+    with pytest.raises(OptionError) as e:
         make_logits_processor(params(logit_bias={5: 1.0}), vocab_size=5)
     assert str(e.value) == "logit_bias: token id 5 is outside the vocabulary (size 5)"
 
@@ -299,7 +314,7 @@ def test_explicit_overrides_win_and_none_means_not_given():
 
 
 def test_unknown_override_is_rejected():
-    with pytest.raises(ConfigError) as e:
+    with pytest.raises(OptionError) as e:
         default_params(True, temp=0.5)
     assert str(e.value) == (
         "unknown sampling option 'temp'; expected one of "
@@ -326,16 +341,23 @@ def test_unknown_override_is_rejected():
     ],
 )
 def test_validate_names_the_option_and_the_value(change, message):
-    with pytest.raises(ConfigError) as e:
+    with pytest.raises(OptionError) as e:
         validate(params(**change))
     assert str(e.value) == message
 
 
 def test_sampler_factory_validates():
-    with pytest.raises(ConfigError, match="top_p"):
+    with pytest.raises(OptionError, match="top_p"):
         make_sampler(params(top_p=0.0), vocab_limit=None)
 
 
-def test_defaults_validate():
-    validate(default_params(thinking=True))
-    validate(default_params(thinking=False))
+@pytest.mark.parametrize(
+    "change",
+    [{}, {"temperature": 0.0}, {"top_p": 1.0}, {"top_p": 1e-9}, {"top_k": 0}, {"min_p": 0.0}, {"min_p": 1.0},
+     {"presence_penalty": -2.0}, {"repetition_penalty": 1e-3}, {"logit_bias": {0: -math.inf, 7: -1e9}}],
+)
+def test_the_ends_of_each_range_and_both_modes_defaults_are_accepted(change):
+    for thinking in (True, False):
+        p = replace(default_params(thinking), **change)
+        assert validate(p) is None
+        assert make_sampler(p, vocab_limit=4)(LOGITS).shape == (1,)
