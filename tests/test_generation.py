@@ -15,6 +15,7 @@ def tok():
 
     t = Tokenizer.from_dir(tokenizer_dir())
     t.eos_token_ids = frozenset({t.token_to_id("<|im_end|>"), t.token_to_id("<|endoftext|>")})
+    t.generation_config = None
     return t
 
 
@@ -85,9 +86,13 @@ def test_answer_has_its_own_limit_when_there_is_a_budget(tok):
     assert r.stats.finish_reason == "length"
 
 
-def test_without_budget_max_tokens_counts_reasoning_and_answer(tok):
+def test_without_budget_max_tokens_counts_every_drawn_token_tags_included(tok):
     _, r = run(tok, thinker(tok, tok.encode(" x"), tok.encode(" y" * 50)), max_tokens=12)
-    assert (r.stats.reasoning_tokens, r.stats.answer_tokens) == (12, 0)
+    assert (r.stats.sampled_tokens, r.stats.reasoning_tokens, r.stats.answer_tokens) == (12, 11, 0)  # <think>, 11
+    _, r = run(tok, thinker(tok, tok.encode(" x"), tok.encode(" y" * 50), reasoning_len=5), max_tokens=12)
+    # <think>, 5 reasoning tokens, </think>, then "\n\n" and 4 answer tokens
+    assert (r.stats.reasoning_tokens, r.stats.answer_tokens, r.content) == (5, 5, " y" * 4)
+    assert (len(r.token_ids), r.stats.finish_reason) == (12, "length")
 
 
 def test_stop_string_ends_the_answer_and_is_not_shown(tok):
