@@ -1,21 +1,28 @@
 """`qwen3-mlx` command line: thin click front ends over the library.
 
 Exit codes: 0 success, 1 runtime error (one line on stderr), 2 usage error, 130 interrupted.
+Short options follow mlx_lm.generate's: -p prompt, -m max tokens; --model has no short form.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import click
 
 from .errors import OptionError, Qwen3Error
+from .options import GenerationOptions
 
 DEFAULT_MODEL = "mlx-community/Qwen3-1.7B-4bit"
+CONTEXT = {"help_option_names": ["-h", "--help"]}
+MODEL_HELP = "Checkpoint folder or Hub repo id (no short option: -m is --max-tokens, as in mlx_lm)."
 
 
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -27,8 +34,8 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         except OptionError as e:
             raise click.UsageError(str(e)) from None
-        except Qwen3Error as e:
-            click.echo(f"error: {e}", err=True)
+        except (Qwen3Error, OSError) as e:
+            click.echo(f"error: {describe(e)}", err=True)
             sys.exit(1)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
@@ -37,29 +44,116 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-@click.group()
+def describe(e: Exception) -> str:
+    """One line for an error; an OSError (a path the user gave could not be written) names the path."""
+    if isinstance(e, OSError) and not isinstance(e, Qwen3Error) and e.filename:
+        return f"{e.filename}: {e.strerror or e}; check the path"
+    return str(e)
+
+
+version = click.version_option(package_name="qwen3-mlx", message="qwen3-mlx %(version)s")
+
+
+@click.group(context_settings=CONTEXT)
+@version
 def main() -> None:
     """Run Qwen3 models with MLX: convert, generate, chat."""
 
 
-# ---------------------------------------------------------------- generate
+# ---------------------------------------------------------------- the generation options, written once
 
 
-def read_prompt(prompt: str) -> str:
-    """The prompt text; "-" reads standard input, which must be UTF-8."""
-    if prompt != "-":
-        return prompt
-    data = sys.stdin.buffer.read()
+@dataclass(frozen=True)
+class Display:
+    """How a response is printed (not how it is generated)."""
+
+    hide_thinking: bool = False
+    verbose: bool = False
+
+
+def parse_template_config(ctx: click.Context, param: click.Parameter, value: str | None) -> dict | None:
+    """--chat-template-config: a JSON object of template variables; Qwen3's template reads enable_thinking."""
+    if value is None:
+        return None
     try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise Qwen3Error(f"stdin: not valid UTF-8 (byte {data[e.start]:#04x} at offset {e.start}); "
-                         f"pipe UTF-8 text") from None
+        config = json.loads(value)
+    except json.JSONDecodeError as e:
+        raise click.BadParameter(f"not JSON ({e.msg} at {e.pos})") from None
+    if not isinstance(config, dict) or set(config) - {"enable_thinking"}:
+        raise click.BadParameter('expected a JSON object with enable_thinking only, e.g. {"enable_thinking": false}; '
+                                 "Qwen3's template reads no other variable")
+    if not isinstance(config.get("enable_thinking", True), bool):
+        raise click.BadParameter("enable_thinking must be true or false")
+    return config
+
+
+GENERATION_OPTIONS = [
+    click.option("--think/--no-think", default=True, show_default=True,
+                 help="Qwen3's thinking mode (the template's enable_thinking); it also picks the sampling defaults."),
+    click.option("--thinking-budget", type=click.IntRange(min=0), metavar="N",
+                 help="Most reasoning tokens, then the reasoning is closed early; 0 = no reasoning."),
+    click.option("--max-tokens", "-m", type=click.IntRange(min=0), default=4096, show_default=True,
+                 help="Most answer tokens (with no --thinking-budget: reasoning and answer together)."),
+    click.option("--temp", type=click.FloatRange(min=0),
+                 help="Temperature; 0 is greedy. Default: Qwen's for the mode (thinking 0.6, non-thinking 0.7)."),
+    click.option("--top-p", type=click.FloatRange(0, 1, min_open=True),
+                 help="Nucleus sampling. Default: Qwen's for the mode (thinking 0.95, non-thinking 0.8)."),
+    click.option("--top-k", type=click.IntRange(min=0),
+                 help="Keep the k likeliest tokens; 0 switches it off. Default: Qwen's, 20 in both modes."),
+    click.option("--min-p", type=click.FloatRange(0, 1),
+                 help="Drop tokens below min-p x the top probability. Default: Qwen's, 0 in both modes."),
+    click.option("--presence-penalty", type=float, help="Subtracted from the logit of every token generated so far."),
+    click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True),
+                 help="Shrinks the logits of tokens generated so far (positive ones divided, negative multiplied); "
+                      "1 is none."),
+    click.option("--seed", type=int, help="Makes sampling repeatable."),
+    click.option("--stop", multiple=True, metavar="TEXT", help="Text that ends the answer, not printed (repeatable)."),
+    click.option("--extra-eos-token", multiple=True, metavar="TEXT",
+                 help="mlx_lm's name: another end of the answer, taken as --stop TEXT (repeatable)."),
+    click.option("--chat-template-config", callback=parse_template_config, metavar="JSON",
+                 help='mlx_lm\'s template variables, e.g. {"enable_thinking": false} (the same as --no-think).'),
+    click.option("--max-kv-size", type=click.IntRange(min=1), metavar="N",
+                 help="A rotating cache of N tokens that keeps the system prompt; memory stays bounded."),
+    click.option("--prefill-step-size", type=click.IntRange(min=1), default=2048, show_default=True,
+                 help="Prompt tokens computed per step; smaller lowers peak memory."),
+    click.option("--hide-thinking", is_flag=True, help="Do not print the reasoning."),
+    click.option("--verbose", "-v", is_flag=True, help="Print token counts, speeds and memory on stderr."),
+]
+
+
+def generation_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Add GENERATION_OPTIONS to a command, which receives them as two values: `options`
+    (a GenerationOptions) and `display` (a Display)."""
+
+    @functools.wraps(command)
+    def collect(*args: Any, **kwargs: Any) -> Any:
+        kwargs["options"], kwargs["display"] = _collect(kwargs)
+        return command(*args, **kwargs)
+
+    for option in reversed(GENERATION_OPTIONS):
+        collect = option(collect)
+    return collect
+
+
+def _collect(values: dict[str, Any]) -> tuple[GenerationOptions, Display]:
+    """Take the generation options out of a command's keyword arguments (the names are the dataclasses' fields)."""
+    fields = {f.name: values.pop(f.name) for f in dataclasses.fields(GenerationOptions) if f.name in values}
+    display = Display(**{f.name: values.pop(f.name) for f in dataclasses.fields(Display)})
+    fields["stop"] = fields["stop"] + values.pop("extra_eos_token")
+    template = values.pop("chat_template_config")
+    if template is not None:
+        fields["think"] = template.get("enable_thinking", fields["think"])
+    return GenerationOptions(**fields), display
+
+
+# ---------------------------------------------------------------- printing a response
 
 
 def print_stats(stats: Any) -> None:
+    computed = stats.prompt_tokens - stats.cached_tokens
     click.echo(
-        f"prompt: {stats.prompt_tokens} tokens ({stats.cached_tokens} cached), {stats.prompt_tps:.1f} tok/s\n"
+        f"prompt: {stats.prompt_tokens} tokens ({stats.cached_tokens} cached), "
+        f"{computed} computed at {stats.prompt_tps:.1f} tok/s\n"
         f"reasoning: {stats.reasoning_tokens} tokens, answer: {stats.answer_tokens} tokens"
         f"{f', forced: {stats.forced_tokens}' if stats.forced_tokens else ''}"
         f"{' (thinking budget reached)' if stats.budget_exhausted else ''}\n"
@@ -69,25 +163,51 @@ def print_stats(stats: Any) -> None:
     )
 
 
-def stream_to_terminal(chunks: Any, hide_thinking: bool, verbose: bool, exit_on_interrupt: bool = True) -> Any:
-    """Print chunks as they come, the reasoning dimmed (or hidden), then the figures if asked.
+class ResponsePrinter:
+    """Prints chunks as they come. On a terminal the reasoning is dimmed; when stdout is not a terminal
+    (a pipe, a file) dimming is invisible, so the reasoning is written as `<think>\\n...\\n</think>\\n\\n`
+    before the answer, as Qwen3 itself writes it, and a script can split the two."""
+
+    def __init__(self, hide_thinking: bool) -> None:
+        self.hide, self.kind = hide_thinking, None
+        self.terminal = sys.stdout.isatty()
+
+    def __call__(self, kind: str, text: str) -> None:
+        if not text or (kind == "reasoning" and self.hide):
+            return
+        if kind != self.kind:
+            if kind == "reasoning" and not self.terminal:
+                click.echo("<think>\n", nl=False)
+            elif self.kind == "reasoning":
+                self.close_reasoning()
+                click.echo("\n\n", nl=False)
+            self.kind = kind
+        click.echo(click.style(text, dim=True) if kind == "reasoning" and self.terminal else text, nl=False)
+
+    def close_reasoning(self) -> None:
+        if self.kind == "reasoning" and not self.terminal:
+            click.echo("\n</think>", nl=False)
+        self.kind = None
+
+    def end(self) -> None:
+        self.close_reasoning()
+        click.echo()
+
+
+def print_response(chunks: Iterator[Any], display: Display, exit_on_interrupt: bool = True) -> Any:
+    """Print a response, then the figures if asked; returns the final stats.
 
     Ctrl-C stops the answer: what came so far stays printed, the figures follow, then exit 130
     (or, in a chat, the next prompt).
     """
-    stats, kind = None, None
+    printer, stats = ResponsePrinter(display.hide_thinking), None
     try:
         for chunk in chunks:
             stats = chunk.stats
-            if not chunk.text or (chunk.kind == "reasoning" and hide_thinking):
-                continue
-            if kind == "reasoning" and chunk.kind == "answer":
-                click.echo("\n")
-            kind = chunk.kind
-            click.echo(click.style(chunk.text, dim=True) if kind == "reasoning" else chunk.text, nl=False)
+            printer(chunk.kind, chunk.text)
     except KeyboardInterrupt:
-        chunks.close()  # runs the generator's clean-up now, not whenever it is collected
-        click.echo()
+        chunks.close()  # type: ignore[attr-defined]  # runs the generator's clean-up now, not when collected
+        printer.end()
         if stats is not None:
             stats.finish_reason = "interrupted"
             print_stats(stats)
@@ -98,8 +218,8 @@ def stream_to_terminal(chunks: Any, hide_thinking: bool, verbose: bool, exit_on_
             sys.stderr.flush()
             os._exit(130)
         return stats
-    click.echo()
-    if verbose and stats is not None:
+    printer.end()
+    if display.verbose and stats is not None:
         print_stats(stats)
     return stats
 
@@ -109,6 +229,8 @@ def _show_warning(message: Any, *args: Any, **kwargs: Any) -> None:
 
 
 def prefill_progress(step: int) -> Callable[[int, int], None]:
+    """A line per prefill chunk (rewritten in place), for prompts of more than one chunk."""
+
     def show(done: int, total: int) -> None:
         if total > step:
             click.echo(f"\rprefill {done}/{total} tokens", err=True, nl=done == total)
@@ -116,67 +238,90 @@ def prefill_progress(step: int) -> Callable[[int, int], None]:
     return show
 
 
-def sampling_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    options = [
-        click.option("--think/--no-think", default=True, show_default=True, help="Qwen3 thinking mode (enable_thinking)."),
-        click.option("--thinking-budget", type=click.IntRange(min=0), help="Most reasoning tokens; 0 = no reasoning."),
-        click.option("--max-tokens", type=click.IntRange(min=0), default=4096, show_default=True,
-                     help="Most answer tokens (with no budget: reasoning and answer together)."),
-        click.option("--temp", type=click.FloatRange(min=0), help="Temperature; 0 is greedy. Default: Qwen's for the mode."),
-        click.option("--top-p", type=click.FloatRange(0, 1, min_open=True)),
-        click.option("--top-k", type=click.IntRange(min=0), help="0 switches it off."),
-        click.option("--min-p", type=click.FloatRange(0, 1)),
-        click.option("--presence-penalty", type=float),
-        click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True)),
-        click.option("--seed", type=int, help="Makes sampling repeatable."),
-        click.option("--max-kv-size", type=click.IntRange(min=1), help="Rotating cache of this many tokens."),
-        click.option("--prefill-step-size", type=click.IntRange(min=1), default=2048, show_default=True),
-        click.option("--hide-thinking", is_flag=True, help="Do not print the reasoning."),
-        click.option("--verbose", "-v", is_flag=True, help="Print token counts, speeds and memory."),
-    ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
+# ---------------------------------------------------------------- generate
 
 
-@main.command()
-@click.option("--model", "-m", default=DEFAULT_MODEL, show_default=True, help="Checkpoint folder or Hub repo id.")
-@click.option("--prompt", "-p", required=True, help='The prompt; "-" reads standard input.')
-@click.option("--system", "-s", help="System prompt.")
-@click.option("--raw", is_flag=True, help="Complete the prompt as is, without the chat template.")
-@click.option("--stop", multiple=True, help="A string that ends the answer (repeatable).")
-@click.option("--prompt-cache", type=click.Path(dir_okay=False, path_type=Path),
+def read_prompt(prompt: str) -> str:
+    """The prompt text; "-" reads standard input, which must be UTF-8. An empty prompt is refused."""
+    text = prompt
+    if prompt == "-":
+        data = sys.stdin.buffer.read()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise Qwen3Error(f"stdin: not valid UTF-8 (byte {data[e.start]:#04x} at offset {e.start}); "
+                             f"pipe UTF-8 text") from None
+    if not text.strip():  # the same rule with and without --raw, and in chat: nothing is sent
+        raise Qwen3Error("the prompt is empty; give some text")
+    return text
+
+
+def check_raw(raw: bool, system: str | None, prefill_response: str | None) -> None:
+    """--raw sends the prompt as it is: options that only the chat template can apply are refused, not dropped."""
+    if not raw:
+        return
+    ctx = click.get_current_context()
+    given = [f"--{name.replace('_', '-')}" for name, value in
+             (("system", system), ("prefill_response", prefill_response)) if value is not None]
+    if ctx.params.get("chat_template_config") is not None:
+        given.append("--chat-template-config")
+    if given:
+        raise click.UsageError(f"{given[0]} needs the chat template, which --raw skips; "
+                               f"write it into the raw prompt instead")
+
+
+def check_writable(path: Path | None) -> None:
+    """Fail before the run, not after it, when a file cannot be written where the user asked."""
+    if path is not None and not path.parent.is_dir():
+        raise Qwen3Error(f"{path}: the folder {path.parent} does not exist; create it or choose another path")
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help=MODEL_HELP)
+@click.option("--prompt", "-p", required=True, help='The prompt; "-" reads standard input. Must not be empty.')
+@click.option("--system", "--system-prompt", "-s", help="System prompt (not with --raw).")
+@click.option("--raw", "--ignore-chat-template", is_flag=True,
+              help="Complete the prompt as is, without the chat template.")
+@click.option("--prefill-response", metavar="TEXT",
+              help="The response begins with TEXT (not printed again); the model continues it.")
+@click.option("--prompt-cache", "--prompt-cache-file", type=click.Path(dir_okay=False, path_type=Path),
               help="Reuse the cache of the prompt's shared prefix saved in this file, and save this prompt's.")
-@sampling_options
 @user_errors
-def generate(model: str, prompt: str, system: str | None, raw: bool, stop: tuple[str, ...],
-             prompt_cache: Path | None, think: bool,
-             thinking_budget: int | None, max_tokens: int, temp: float | None, top_p: float | None,
-             top_k: int | None, min_p: float | None, presence_penalty: float | None,
-             repetition_penalty: float | None, seed: int | None, max_kv_size: int | None,
-             prefill_step_size: int, hide_thinking: bool, verbose: bool) -> None:
-    """Generate a response to one prompt."""
+@generation_options
+@version
+def generate(model: str, prompt: str, system: str | None, raw: bool, prefill_response: str | None,
+             prompt_cache: Path | None, options: GenerationOptions, display: Display) -> None:
+    """Generate a response to one prompt.
+
+    On a terminal the reasoning is dimmed; piped, it comes first inside <think> ... </think>.
+    """
     import warnings
 
     from .chat import open_prompt_cache, save_prompt_cache
     from .generation import encode_prompt, stream_generate
     from .loader import load
 
+    check_raw(raw, system, prefill_response)
     text = read_prompt(prompt)
+    check_writable(prompt_cache)
     loaded, tokenizer = load(model)
-    ids, thinking = encode_prompt(tokenizer, text, system=system, think=think, raw=raw)
+    # The ids are what the prompt cache is matched against; the prefill is part of them.
+    ids, thinking = encode_prompt(tokenizer, text, system=system, think=options.think, raw=raw,
+                                  prefill_response=prefill_response)
     cache = None
-    if prompt_cache is not None and ids:
-        cache = open_prompt_cache(prompt_cache, loaded, tokenizer, ids, system, max_kv_size)
-    chunks = stream_generate(
-        loaded, tokenizer, ids or text, system=system, raw=raw, stop=stop, think=thinking,
-        thinking_budget=thinking_budget, max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p,
-        presence_penalty=presence_penalty, repetition_penalty=repetition_penalty, seed=seed, cache=cache,
-        max_kv_size=max_kv_size, prefill_step_size=prefill_step_size, progress=prefill_progress(prefill_step_size))
+    if prompt_cache is not None:
+        cache = open_prompt_cache(prompt_cache, loaded, tokenizer, ids, system, options.max_kv_size)
+    chunks = stream_generate(loaded, tokenizer, ids, options.replace(think=thinking), system=system, cache=cache,
+                             progress=prefill_progress(options.prefill_step_size))
     warnings.showwarning = _show_warning
-    stream_to_terminal(chunks, hide_thinking, verbose)
+    print_response(chunks, display)
     if cache is not None and not save_prompt_cache(prompt_cache, cache, ids, loaded):
         click.echo(f"warning: {prompt_cache} not saved: the rotating cache has moved past the prompt", err=True)
+
+
+def _keywords(options: GenerationOptions) -> dict[str, Any]:
+    """ChatSession's keyword form of `options`, until it takes the value itself."""
+    return {f.name: getattr(options, f.name) for f in dataclasses.fields(options)}
 
 
 # ---------------------------------------------------------------- chat
@@ -189,7 +334,11 @@ CHAT_HELP = """commands:
   /save FILE          save the conversation and its cache
   /load FILE          load a saved conversation (from the same model)
   /stats              figures of the last answer
-  /quit               leave (Ctrl-D too); Ctrl-C stops an answer"""
+  /help               this list
+  /exit, /quit        leave (Ctrl-D too); Ctrl-C stops an answer
+input:
+  a line ending in \\ continues on the next line (a message of several lines)
+  //text              sends /text as a message"""
 
 
 def chat_command(session: Any, line: str) -> bool:
@@ -202,13 +351,10 @@ def chat_command(session: Any, line: str) -> bool:
         session.set_thinking(name == "/think")
         click.echo(f"thinking {'on' if name == '/think' else 'off'}", err=True)
     elif name == "/budget":
-        if arg == "off":
-            session.options["thinking_budget"] = None
-        elif arg.isdigit():
-            session.options["thinking_budget"] = int(arg)
-        else:
+        if arg != "off" and not arg.isdigit():
             raise OptionError(f"/budget takes a number of tokens >= 0 or 'off', got {arg!r}")
-        click.echo(f"thinking budget: {session.options['thinking_budget'] if arg != 'off' else 'off'}", err=True)
+        session.set_budget(None if arg == "off" else int(arg))
+        click.echo(f"thinking budget: {arg}", err=True)
     elif name == "/system":
         session.set_system(arg)
         click.echo("system prompt set" if arg else "system prompt removed", err=True)
@@ -216,11 +362,7 @@ def chat_command(session: Any, line: str) -> bool:
         session.reset()
         click.echo("new conversation", err=True)
     elif name in ("/save", "/load"):
-        if not arg:
-            raise OptionError(f"{name} needs a file name")
-        (session.save if name == "/save" else session.load)(Path(arg).expanduser())
-        click.echo(f"{'saved' if name == '/save' else 'loaded'} {len(session.messages)} messages, "
-                   f"{len(session.cached)} cached tokens: {arg}", err=True)
+        save_or_load(session, name, arg)
     elif name == "/stats":
         if session.last is None:
             click.echo("no answer yet", err=True)
@@ -233,76 +375,135 @@ def chat_command(session: Any, line: str) -> bool:
     return True
 
 
-@main.command()
-@click.option("--model", "-m", default=DEFAULT_MODEL, show_default=True, help="Checkpoint folder or Hub repo id.")
-@click.option("--system", "-s", help="System prompt.")
-@sampling_options
+def save_or_load(session: Any, name: str, arg: str) -> None:
+    if not arg:
+        raise OptionError(f"{name} needs a file name")
+    path = Path(arg).expanduser()
+    if name == "/save":
+        check_writable(path)
+        session.save(path)
+    else:
+        session.load(path)
+    click.echo(f"{'saved' if name == '/save' else 'loaded'} {len(session.messages)} messages, "
+               f"{len(session.cached)} cached tokens: {arg}", err=True)
+
+
+def read_message(interactive: bool) -> str | None:
+    """The next message or command, None at the end of input. A line ending in a backslash continues
+    on the next one, so a message can hold several lines."""
+    lines: list[str] = []
+    while True:
+        if interactive:
+            try:
+                line = input("... " if lines else ">>> ")
+            except EOFError:
+                line = None
+        else:
+            line = sys.stdin.readline() or None
+        if line is None:
+            return "\n".join(lines) if lines else None
+        line = line.rstrip("\n")
+        if not line.endswith("\\"):
+            return "\n".join(lines + [line])
+        lines.append(line[:-1])
+
+
+def is_command(line: str) -> bool:
+    """A line starting with / is a command, except //text (the message /text) and a soft switch
+    followed by text ("/no_think what is 2+2?" is a message carrying Qwen3's switch)."""
+    word = line.split()[0]
+    if not word.startswith("/") or word.startswith("//"):
+        return False
+    return word not in ("/think", "/no_think") or line.strip() == word
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help=MODEL_HELP)
+@click.option("--system", "--system-prompt", "-s", help="System prompt (/system changes it).")
 @user_errors
-def chat(model: str, system: str | None, think: bool, thinking_budget: int | None, max_tokens: int,
-         temp: float | None, top_p: float | None, top_k: int | None, min_p: float | None,
-         presence_penalty: float | None, repetition_penalty: float | None, seed: int | None,
-         max_kv_size: int | None, prefill_step_size: int, hide_thinking: bool, verbose: bool) -> None:
-    """Chat with the model; the KV cache is reused from turn to turn. /help lists the commands."""
+@generation_options
+@version
+def chat(model: str, system: str | None, options: GenerationOptions, display: Display) -> None:
+    """Chat with the model; the KV cache is reused from turn to turn. /help lists the commands.
+
+    A line ending in \\ continues the message on the next line; //text sends /text.
+    """
     import warnings
 
     from .chat import ChatSession
     from .loader import load
 
     loaded, tokenizer = load(model)
-    session = ChatSession(loaded, tokenizer, system=system, think=think, thinking_budget=thinking_budget,
-                          max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p,
-                          presence_penalty=presence_penalty, repetition_penalty=repetition_penalty, seed=seed,
-                          max_kv_size=max_kv_size, prefill_step_size=prefill_step_size)
+    session = ChatSession(loaded, tokenizer, system=system, **_keywords(options))
     warnings.showwarning = _show_warning
     interactive = sys.stdin.isatty()
     if interactive:
-        click.echo(f"chatting with {model}; /help for commands, /quit to leave", err=True)
-    while True:
-        try:
-            line = input(">>> ") if interactive else sys.stdin.readline()
-        except EOFError:
-            break
-        if not interactive and not line:
-            break
-        line = line.rstrip("\n")
-        if not line.strip():
+        try:  # line editing and history for input(); absent on some platforms, where input() still works
+            import readline  # noqa: F401
+        except ImportError:
+            pass
+        click.echo(f"chatting with {model}; /help for commands, /exit to leave", err=True)
+    while (line := read_message(interactive)) is not None:
+        if not line.strip():  # an empty line sends nothing, as an empty prompt is refused everywhere
             continue
         try:
-            word = line.split()[0]
-            # "/no_think" alone is a command; followed by text it is a message carrying the soft switch.
-            if word.startswith("/") and (word not in ("/think", "/no_think") or line.strip() == word):
+            if is_command(line):
                 if not chat_command(session, line):
                     break
                 continue
-            stream_to_terminal(session.send(line), hide_thinking, verbose, exit_on_interrupt=False)
-        except Qwen3Error as e:  # a bad command or file: say so and go on chatting
-            click.echo(f"error: {e}", err=True)
+            text = line.strip()[1:] if line.lstrip().startswith("//") else line
+            print_response(session.send(text), display, exit_on_interrupt=False)
+        except (Qwen3Error, OSError) as e:  # a bad command or file: say so and go on chatting
+            click.echo(f"error: {describe(e)}", err=True)
 
 
 # ---------------------------------------------------------------- convert
 
 
-@main.command()
-@click.argument("source")
-@click.argument("output", type=click.Path(path_type=Path))
+def one_of(argument: Any, option: Any, names: str) -> Any:
+    """SOURCE / OUTPUT may also be given as mlx_lm's --hf-path / --mlx-path: exactly one of each pair."""
+    if argument is not None and option is not None:
+        raise click.UsageError(f"{names}: give one of them, not both")
+    if argument is None and option is None:
+        raise click.UsageError(f"{names}: one of them is required")
+    return argument if argument is not None else option
+
+
+def human_size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
+BITS = click.Choice(["2", "3", "4", "5", "6", "8"])
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("source", required=False)
+@click.argument("output", required=False, type=click.Path(path_type=Path))
+@click.option("--hf-path", "--model", metavar="SOURCE", help="mlx_lm's name for SOURCE.")
+@click.option("--mlx-path", type=click.Path(path_type=Path), metavar="OUTPUT", help="mlx_lm's name for OUTPUT.")
 @click.option("--quantize", "-q", is_flag=True, help="Quantize Linear and Embedding weights (affine, as mlx-lm).")
-@click.option("--bits", type=click.Choice(["2", "3", "4", "5", "6", "8"]), default="4", show_default=True)
-@click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True)
-@click.option("--embed-bits", type=click.Choice(["2", "3", "4", "5", "6", "8"]),
+@click.option("--bits", "--q-bits", type=BITS, default="4", show_default=True, help="Bits per quantized weight.")
+@click.option("--group-size", "--q-group-size", type=click.Choice(["32", "64", "128"]), default="64",
+              show_default=True, help="Weights sharing one scale and bias.")
+@click.option("--embed-bits", type=BITS,
               help="Bits of the embedding / lm_head. Default: 8 when --bits is below 8, else --bits.")
 @click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]),
               help="Dtype of unquantized tensors and scales. Default: the source's (bfloat16 for a float32 source "
                    "being quantized).")
-@click.option("--dequantize", is_flag=True, help="Turn a quantized MLX checkpoint back into float weights.")
+@click.option("--dequantize", "-d", is_flag=True, help="Turn a quantized MLX checkpoint back into float weights.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
 @user_errors
-def convert(source: str, output: Path, quantize: bool, bits: str, group_size: str, embed_bits: str | None,
-            dtype: str | None, dequantize: bool, force: bool) -> None:
+@version
+def convert(source: str | None, output: Path | None, hf_path: str | None, mlx_path: Path | None, quantize: bool,
+            bits: str, group_size: str, embed_bits: str | None, dtype: str | None, dequantize: bool,
+            force: bool) -> None:
     """Convert SOURCE (a Hugging Face or MLX folder, or a Hub repo id) into an MLX folder OUTPUT."""
     from click.core import ParameterSource
 
     from .converter import convert as convert_checkpoint
 
+    source = one_of(source, hf_path, "SOURCE or --hf-path")
+    output = one_of(output, mlx_path, "OUTPUT or --mlx-path")
     ctx = click.get_current_context()
     for name in ("bits", "group_size"):
         if not quantize and ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE:
@@ -324,4 +525,4 @@ def convert(source: str, output: Path, quantize: bool, bits: str, group_size: st
         if bar is not None:
             bar.render_finish()
     click.echo(f"wrote {output}: {result.bits_per_weight:.2f} bits per weight, "
-               f"{result.size_bytes / 1e9:.2f} GB in {result.seconds:.1f} s")
+               f"{human_size(result.size_bytes)} in {result.seconds:.1f} s")
