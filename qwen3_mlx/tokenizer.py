@@ -32,6 +32,7 @@ class Tokenizer:
     think_end_id: int | None
     vocab_size: int  # ids the tokenizer knows; the model's embedding is larger and ids >= this are never valid
     chat_template: str | None
+    generation_config: Mapping[str, Any] | None  # generation_config.json: the checkpoint's sampling defaults
 
     def __init__(
         self,
@@ -41,6 +42,7 @@ class Tokenizer:
         chat_template: str | None = None,
         template_source: str = "chat template",
         special_tokens: Mapping[str, str] | None = None,
+        generation_config: Mapping[str, Any] | None = None,
     ) -> None:
         """Args:
         tokenizer: the parsed tokenizer.json.
@@ -48,10 +50,13 @@ class Tokenizer:
         chat_template: Jinja source, or None when the checkpoint has none.
         template_source: the file the template came from, named in errors.
         special_tokens: bos_token, eos_token, ... as strings, passed to the template as transformers does.
+        generation_config: the checkpoint's generation_config.json, whose sampling values generation uses as
+            the thinking mode's defaults; None when it has none.
         """
         self._tokenizer = tokenizer
         self.eos_token_ids = frozenset(eos_token_ids)
         self.chat_template = chat_template
+        self.generation_config = generation_config
         self._template_source = template_source
         self._special_tokens = dict(special_tokens or {})
         self._compiled: jinja2.Template | None = None
@@ -66,7 +71,8 @@ class Tokenizer:
         """Load the tokenizer of a Hugging Face checkpoint folder.
 
         Reads tokenizer.json, and when present tokenizer_config.json, chat_template.jinja (which wins over the
-        config's chat_template, as in transformers), generation_config.json and config.json (eos_token_id).
+        config's chat_template, as in transformers), generation_config.json (kept whole, and its eos_token_id)
+        and config.json (eos_token_id).
 
         Raises:
             Qwen3Error: tokenizer.json is missing or unreadable, or a JSON file is corrupt.
@@ -77,9 +83,10 @@ class Tokenizer:
         special = {key: _token_text(tok_config.get(key)) for key in _SPECIAL_TOKEN_KEYS}
         special = {key: value for key, value in special.items() if value is not None}
 
-        eos: set[int] = set()
-        for name in ("generation_config.json", "config.json"):
-            eos |= _eos_ids(path / name, _read_json_object(path / name).get("eos_token_id"))
+        generation_file = path / "generation_config.json"
+        generation_config = _read_json_object(generation_file) if generation_file.is_file() else None
+        eos = _eos_ids(generation_file, (generation_config or {}).get("eos_token_id"))
+        eos |= _eos_ids(path / "config.json", _read_json_object(path / "config.json").get("eos_token_id"))
         if "eos_token" in special and (eos_id := tokenizer.token_to_id(special["eos_token"])) is not None:
             eos.add(eos_id)
 
@@ -93,7 +100,7 @@ class Tokenizer:
         if template is None:
             source = str(path)
         return cls(tokenizer, eos_token_ids=eos, chat_template=template, template_source=source,
-                   special_tokens=special)
+                   special_tokens=special, generation_config=generation_config)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`; no BOS/EOS is added, but special-token strings such as <|im_start|> are recognised."""
