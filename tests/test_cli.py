@@ -2,9 +2,12 @@
 
 import importlib.metadata
 import json
+import os
 import re
+import select
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -269,6 +272,33 @@ def test_interactive_input_continues_with_a_second_prompt(monkeypatch):
     assert cli.read_message(interactive=True) == "one\ntwo"
     assert prompts == [">>> ", "... "]
 
+
+
+def read_until(fd: int, marker: bytes, seconds: float = 60) -> bytes:
+    out, end = b"", time.monotonic() + seconds
+    while marker not in out and time.monotonic() < end:
+        if select.select([fd], [], [], 0.5)[0]:
+            out += os.read(fd, 4096)
+    return out
+
+
+@pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a pseudo-terminal")
+def test_on_a_terminal_lines_are_edited_and_recalled_with_the_arrow_keys(ckpt):
+    terminal, child = os.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "qwen3_mlx", "chat", "--model", str(ckpt)], cwd=ROOT,
+                            stdin=child, stdout=child, stderr=child, env={**os.environ, "TERM": "xterm"})
+    os.close(child)
+    try:
+        assert read_until(terminal, b">>> ").endswith(b">>> ")
+        os.write(terminal, b"/bogus\x1b[DX\r")  # left arrow, then X: the line reads /boguXs
+        assert b"unknown command /boguXs;" in read_until(terminal, b">>> ")
+        os.write(terminal, b"\x1b[A\r")  # up arrow: the same line again
+        assert b"unknown command /boguXs;" in read_until(terminal, b">>> ")
+        os.write(terminal, b"/exit\r")
+        assert proc.wait(timeout=60) == 0
+    finally:
+        proc.kill()
+        os.close(terminal)
 
 @pytest.mark.parametrize("after", ["/reset", "/load {save}"])
 def test_stats_after_reset_or_load_do_not_show_the_previous_answer(ckpt, tmp_path, after):
