@@ -58,12 +58,13 @@ WIRED_LIMIT = WiredLimit()
 
 
 @functools.cache
-def _generation_stream(device: mx.Device) -> mx.ThreadLocalStream:
-    return mx.new_thread_local_stream(device)
+def _generation_stream(device: str) -> mx.ThreadLocalStream:
+    # Keyed by the device's name: mx.Device objects hash by identity, and each stream made is a thread.
+    return mx.new_thread_local_stream(mx.default_device())
 
 
 def generation_stream() -> ContextManager:
     """A context in which generation's work goes to its own stream on Metal; elsewhere, nothing changes."""
     if not mx.metal.is_available():
         return contextlib.nullcontext()
-    return mx.stream(_generation_stream(mx.default_device()))
+    return mx.stream(_generation_stream(str(mx.default_device())))

@@ -1,0 +1,103 @@
+"""Device-specific behaviour: the Metal path (faked here, where there is no Metal) and any thread."""
+
+import gc
+import threading
+
+import mlx.core as mx
+import pytest
+
+from checkpoints import make_checkpoint
+from qwen3_mlx import device, generate, load
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("tiny"), tokenizer=True, hidden_size=32,
+                           intermediate_size=64, num_attention_heads=2, num_key_value_heads=1)
+
+
+@pytest.fixture
+def fake_metal(monkeypatch):
+    """Metal's device information, and a record of the wired limits set."""
+    limits = []
+
+    def set_wired_limit(n):
+        limits.append(n)
+        return 7 if len(limits) == 1 else limits[-2]
+
+    monkeypatch.setattr(mx.metal, "is_available", lambda: True)
+    monkeypatch.setattr(mx, "device_info", lambda *a: {"max_recommended_working_set_size": 123 * 2**20})
+    monkeypatch.setattr(mx, "set_wired_limit", set_wired_limit)
+    return limits
+
+
+def test_on_metal_the_wired_limit_is_held_while_a_model_lives(tiny, fake_metal):
+    first, _ = load(tiny)
+    second, _ = load(tiny)
+    assert fake_metal == [123 * 2**20]  # raised once, whatever the number of models
+    del first
+    gc.collect()
+    assert fake_metal == [123 * 2**20]
+    del second
+    gc.collect()
+    assert fake_metal == [123 * 2**20, 7]  # the previous limit, once the last model is gone
+
+
+def test_off_metal_the_wired_limit_is_left_alone(tiny, monkeypatch):
+    monkeypatch.setattr(mx.metal, "is_available", lambda: False)
+    monkeypatch.setattr(mx, "set_wired_limit", lambda n: pytest.fail("the wired limit was set"))
+    model, _ = load(tiny)
+    del model
+    gc.collect()
+
+
+def test_on_metal_generation_runs_on_a_stream_of_its_own(tiny, fake_metal):
+    model, tok = load(tiny)
+    expected = generate(model, tok, "hi", max_tokens=5, temp=0, think=False).token_ids
+    streams = []
+    real = mx.stream
+
+    def spy(s):
+        streams.append(s)
+        return real(s)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(mx, "stream", spy)
+        with device.generation_stream():
+            pass
+        got = generate(model, tok, "hi", max_tokens=5, temp=0, think=False).token_ids
+    assert isinstance(streams[0], mx.ThreadLocalStream)
+    assert streams.count(streams[0]) > 1  # the generation used it too
+    assert got == expected
+
+
+def test_a_model_loaded_in_one_thread_generates_in_others(tiny):
+    model, tok = load(tiny)
+    expected = generate(model, tok, "hi", max_tokens=6, temp=0, think=False).token_ids
+    results, errors = [], []
+
+    def run():
+        try:
+            results.append(generate(model, tok, "hi", max_tokens=6, temp=0, think=False).token_ids)
+        except Exception as e:  # noqa: BLE001 - reported below, with the thread's error
+            errors.append(e)
+
+    for _ in range(2):  # a second thread after the first has run and ended
+        t = threading.Thread(target=run)
+        t.start()
+        t.join()
+    assert errors == [] and results == [expected, expected]
+
+
+def test_a_model_loaded_and_used_in_a_second_thread_after_another(tiny):
+    out = []
+
+    def run():
+        model, tok = load(tiny)
+        out.append(generate(model, tok, "hi", max_tokens=4, temp=0, think=False).token_ids)
+
+    for _ in range(2):
+        t = threading.Thread(target=run)
+        t.start()
+        t.join()
+    assert len(out) == 2 and out[0] == out[1]
