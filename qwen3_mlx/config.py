@@ -9,6 +9,17 @@ from typing import Any, Mapping
 from .errors import ConfigError
 
 SUPPORTED_MODEL_TYPES = ("qwen3",)
+# The quantization formats MLX runs on every device, the CPU included: mode -> (group sizes, bits).
+QUANT_MODES = {
+    "affine": ((32, 64, 128), (2, 3, 4, 5, 6, 8)),
+    "mxfp4": ((32,), (4,)),
+    "nvfp4": ((16,), (4,)),
+    "mxfp8": ((32,), (8,)),
+}
+# What MLX takes when an entry's group size or bits is null or absent, as mlx-lm's mixed recipes
+# (--quant-predicate mixed_3_6 without --q-group-size) write them.
+QUANT_DEFAULTS = {"affine": (64, 4), "mxfp4": (32, 4), "nvfp4": (16, 4), "mxfp8": (32, 8)}
+_QUANT_KEYS = ("group_size", "bits", "mode", "quantize_input", "global_scale")
 _MAX_INT = 2**31 - 1  # MLX array dimensions are 32-bit
 
 
@@ -74,7 +85,7 @@ class ModelArgs:
     tie_word_embeddings: bool = True
     attention_bias: bool = False
     rope_scaling: Yarn | None = None
-    # mlx-lm's quantization block: {"group_size", "bits", "<module path>": {...} | false, ...}
+    # mlx-lm's quantization block, completed: {"group_size", "bits", "mode", "<module path>": {...} | bool, ...}
     quantization: Mapping[str, Any] | None = field(default=None, compare=False)
 
     @classmethod
@@ -88,56 +99,8 @@ class ModelArgs:
                 f"config.json: model_type={model_type!r} is not supported; "
                 f"qwen3-mlx runs the dense Qwen3 family (model_type 'qwen3') only"
             )
-        heads = _int(d, "num_attention_heads")
-        kv_heads = _int(d, "num_key_value_heads", heads)
-        if heads % kv_heads:
-            raise ConfigError(
-                f"config.json: num_key_value_heads={kv_heads} does not divide num_attention_heads={heads}"
-            )
-        hidden = _int(d, "hidden_size")
-        head_dim = d.get("head_dim")
-        if head_dim is None:
-            if hidden % heads:
-                raise ConfigError(
-                    f"config.json: head_dim is missing and hidden_size={hidden} "
-                    f"is not divisible by num_attention_heads={heads}"
-                )
-            head_dim = hidden // heads
-        head_dim = _int({"head_dim": head_dim}, "head_dim")
-        if head_dim % 2:
-            raise ConfigError(f"config.json: head_dim={head_dim} must be even for rotary embeddings")
-        if heads * head_dim > _MAX_INT:
-            raise ConfigError(f"config.json: num_attention_heads={heads} times head_dim={head_dim} is too large "
-                              f"(at most {_MAX_INT})")
-
-        # transformers >= 5 writes rope_parameters; older files write rope_theta and rope_scaling.
-        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
-        if not isinstance(rope, Mapping):
-            raise ConfigError(f"config.json: rope_scaling={rope!r} must be an object or null")
-        theta_source = rope if "rope_theta" in rope else d
-        rope_theta = _float(theta_source, "rope_theta", 1_000_000.0)
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type == "yarn":
-            yarn = _parse_yarn(rope, d)
-            if rope_theta <= 1:  # YaRN divides by log(rope_theta)
-                raise ConfigError(f"config.json: rope_theta={rope_theta} must be > 1 with rope_scaling of type 'yarn'")
-        elif rope_type in ("default", None):
-            yarn = None
-        else:
-            raise ConfigError(
-                f"config.json: rope_scaling type {rope_type!r} is not supported; use 'yarn' or remove it"
-            )
-
-        quantization = d.get("quantization")
-        if quantization is not None:
-            _check_quantization(quantization)
-        elif isinstance(d.get("quantization_config"), Mapping) and "quant_method" in d["quantization_config"]:
-            method = d["quantization_config"]["quant_method"]
-            raise ConfigError(
-                f"config.json: quantization_config.quant_method={method!r} is not supported; "
-                f"convert the unquantized checkpoint with `qwen3-mlx convert -q` instead"
-            )
-
+        hidden, heads, kv_heads, head_dim = _attention_shape(d)
+        rope_theta, yarn = _rope(d)
         return cls(
             hidden_size=hidden,
             num_hidden_layers=_int(d, "num_hidden_layers"),
@@ -152,8 +115,49 @@ class ModelArgs:
             tie_word_embeddings=_bool(d, "tie_word_embeddings", True),
             attention_bias=_bool(d, "attention_bias", False),
             rope_scaling=yarn,
-            quantization=quantization,
+            quantization=_quantization(d),
         )
+
+
+def _attention_shape(d: Mapping[str, Any]) -> tuple[int, int, int, int]:
+    """hidden_size, num_attention_heads, num_key_value_heads and head_dim, checked against each other."""
+    heads = _int(d, "num_attention_heads")
+    kv_heads = _int(d, "num_key_value_heads", heads)
+    if heads % kv_heads:
+        raise ConfigError(f"config.json: num_key_value_heads={kv_heads} does not divide num_attention_heads={heads}")
+    hidden = _int(d, "hidden_size")
+    head_dim = d.get("head_dim")
+    if head_dim is None:
+        if hidden % heads:
+            raise ConfigError(f"config.json: head_dim is missing and hidden_size={hidden} "
+                              f"is not divisible by num_attention_heads={heads}")
+        head_dim = hidden // heads
+    head_dim = _int({"head_dim": head_dim}, "head_dim")
+    if head_dim % 2:
+        raise ConfigError(f"config.json: head_dim={head_dim} must be even for rotary embeddings")
+    if heads * head_dim > _MAX_INT:
+        raise ConfigError(f"config.json: num_attention_heads={heads} times head_dim={head_dim} is too large "
+                          f"(at most {_MAX_INT})")
+    return hidden, heads, kv_heads, head_dim
+
+
+def _rope(d: Mapping[str, Any]) -> tuple[float, Yarn | None]:
+    """rope_theta and the YaRN settings, if any."""
+    # transformers >= 5 writes rope_parameters; older files write rope_theta and rope_scaling.
+    rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+    if not isinstance(rope, Mapping):
+        raise ConfigError(f"config.json: rope_scaling={rope!r} must be an object or null")
+    theta_source = rope if "rope_theta" in rope else d
+    rope_theta = _float(theta_source, "rope_theta", 1_000_000.0)
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type in ("default", None):
+        return rope_theta, None
+    if rope_type != "yarn":
+        raise ConfigError(f"config.json: rope_scaling type {rope_type!r} is not supported; use 'yarn' or remove it")
+    yarn = _parse_yarn(rope, d)
+    if rope_theta <= 1:  # YaRN divides by log(rope_theta)
+        raise ConfigError(f"config.json: rope_theta={rope_theta} must be > 1 with rope_scaling of type 'yarn'")
+    return rope_theta, yarn
 
 
 def _parse_yarn(rope: Mapping[str, Any], d: Mapping[str, Any]) -> Yarn:
@@ -185,21 +189,47 @@ def _parse_yarn(rope: Mapping[str, Any], d: Mapping[str, Any]) -> Yarn:
                 truncate=_bool(rope, "truncate", True), **optional)
 
 
-def _check_quantization(q: Any) -> None:
+def _quantization(d: Mapping[str, Any]) -> dict | None:
+    """mlx-lm's quantization block with every entry complete: {"group_size", "bits", "mode", "<module path>":
+    {"group_size", "bits", "mode"} | bool, ...}, a null or absent group size or bits being MLX's default."""
+    q = d.get("quantization")
+    if q is None:
+        hf_block = d.get("quantization_config")
+        if isinstance(hf_block, Mapping) and "quant_method" in hf_block:
+            method = hf_block["quant_method"]
+            raise ConfigError(f"config.json: quantization_config.quant_method={method!r} is not supported; "
+                              f"convert the unquantized checkpoint with `qwen3-mlx convert -q` instead")
+        return None
     if not isinstance(q, Mapping):
         raise ConfigError(f"config.json: quantization={q!r} must be an object")
+    block: dict[str, Any] = _quant_entry("quantization", q)
     for key, value in q.items():
-        if key not in ("bits", "group_size", "mode") and not isinstance(value, (bool, Mapping)):
+        if key in _QUANT_KEYS:
+            continue
+        if isinstance(value, Mapping):
+            block[key] = _quant_entry(f"quantization.{key}", value)
+        elif isinstance(value, bool):
+            block[key] = value
+        else:
             raise ConfigError(f"config.json: quantization.{key}={value!r} must be an object or false")
-    entries = [("quantization", q)] + [(f"quantization.{k}", v) for k, v in q.items() if isinstance(v, Mapping)]
-    for where, entry in entries:
-        bits, group_size = entry.get("bits"), entry.get("group_size")
-        if bits not in (2, 3, 4, 5, 6, 8):
-            raise ConfigError(f"config.json: {where}.bits={bits!r} must be one of 2, 3, 4, 5, 6, 8")
-        if group_size not in (32, 64, 128):
-            raise ConfigError(f"config.json: {where}.group_size={group_size!r} must be one of 32, 64, 128")
-        if entry.get("mode", "affine") != "affine":
-            raise ConfigError(
-                f"config.json: {where}.mode={entry['mode']!r} is not supported; only 'affine' quantization is"
-            )
+    return block
 
+
+def _quant_entry(where: str, entry: Mapping[str, Any]) -> dict:
+    mode = entry.get("mode") or "affine"
+    if not isinstance(mode, str) or mode not in QUANT_MODES:
+        raise ConfigError(f"config.json: {where}.mode={mode!r} is not supported; use one of {', '.join(QUANT_MODES)}")
+    resolved = {"group_size": entry.get("group_size"), "bits": entry.get("bits"), "mode": mode}
+    with_mode = "" if mode == "affine" else f" with mode {mode!r}"
+    for key, allowed, default in zip(("group_size", "bits"), QUANT_MODES[mode], QUANT_DEFAULTS[mode]):
+        value = resolved[key]
+        if value is None:
+            resolved[key] = default
+        elif type(value) is not int or value not in allowed:
+            choices = f"one of {', '.join(map(str, allowed))}" if len(allowed) > 1 else str(allowed[0])
+            raise ConfigError(f"config.json: {where}.{key}={value!r} must be {choices}{with_mode}")
+    for key in ("quantize_input", "global_scale"):  # mlx-lm writes neither for a dense model
+        if entry.get(key):
+            raise ConfigError(f"config.json: {where}.{key}={entry[key]!r} is not supported; convert the "
+                              f"unquantized checkpoint again without it")
+    return resolved

@@ -15,7 +15,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .config import ModelArgs
-from .errors import ConfigError, Qwen3Error
+from .errors import ConfigError, OptionError, Qwen3Error
 from .device import WIRED_LIMIT
 from .fast import speed_up
 from .model import Model
@@ -156,26 +156,47 @@ def read_weights(files: list[Path]) -> dict[str, mx.array]:
     return weights
 
 
-def _quantize(folder: Path, model: Model, args: ModelArgs, weights: dict[str, mx.array]) -> None:
-    q = args.quantization
+def _quantize(folder: Path, model: Model, q: dict, weights: dict[str, mx.array]) -> None:
+    """Swap in quantized layers as mlx-lm does: a layer named in the block takes its entry (false: stays
+    float), another with scales among the weights takes the block's own group size, bits and mode."""
+    default = {key: q[key] for key in ("group_size", "bits", "mode")}
 
     def predicate(path: str, module: nn.Module) -> bool | dict:
-        if not hasattr(module, "to_quantized"):
+        if not hasattr(module, "to_quantized"):  # an override on, say, a norm: mlx-lm's loader fails on it
             return False
-        if path in q:  # mlx-lm's per-module override: a {bits, group_size} dict, or false
-            return q[path]
-        return f"{path}.scales" in weights
+        entry = q.get(path, f"{path}.scales" in weights)
+        if entry is False:
+            return False
+        entry = default if entry is True else entry
+        inputs = module.weight.shape[-1]
+        if inputs % entry["group_size"]:
+            where = f"quantization.{path}" if path in q else "quantization"
+            raise Qwen3Error(f"{folder / 'config.json'}: {where}.group_size={entry['group_size']} does not divide "
+                             f"{path}'s input size {inputs}; the block disagrees with the weights")
+        return dict(entry)  # a copy: nn.quantize may edit it
 
-    try:
-        nn.quantize(model, group_size=q["group_size"], bits=q["bits"], class_predicate=predicate)
-    except ValueError as e:  # e.g. a group size that does not divide a layer's input size
-        raise Qwen3Error(f"{folder / 'config.json'}: the quantization block does not fit the model ({e}); "
-                         f"it disagrees with the weights") from None
+    nn.quantize(model, class_predicate=predicate)
 
 
-def load_model(path: Path, dtype: str | None = None, swap: Callable[[Model], object] | None = None) -> Model:
+def dtype_name(dtype: str | mx.Dtype | None) -> str | None:
+    """The name in DTYPES of a dtype option given by name ("bfloat16") or as an MLX dtype (mx.bfloat16).
+
+    Raises:
+        OptionError: any other value.
+    """
+    if dtype is None:
+        return None
+    for name, value in DTYPES.items():
+        if dtype == name or (isinstance(dtype, mx.Dtype) and dtype == value):
+            return name
+    raise OptionError(f"dtype={dtype!r} must be one of {', '.join(DTYPES)}, as a name or an mlx.core dtype")
+
+
+def load_model(path: Path, dtype: str | mx.Dtype | None = None,
+               swap: Callable[[Model], object] | None = None) -> Model:
     """Build the model from config.json and load its weights, checking every tensor's name and shape;
     `swap` (e.g. fast.speed_up) is called with the model before its weights are read."""
+    cast = DTYPES.get(dtype_name(dtype))
     _, args = load_config(path)
     # Checked before the model is built: building 10**9 layers from a corrupt config would never end.
     files = weight_files(path)
@@ -192,8 +213,21 @@ def load_model(path: Path, dtype: str | None = None, swap: Callable[[Model], obj
             q = args.quantization
             raise Qwen3Error(f"{path / 'config.json'}: has a quantization block (bits {q['bits']}, group_size "
                              f"{q['group_size']}) but the weights are not quantized; remove the block")
-        _quantize(path, model, args, weights)
-    expected = dict(tree_flatten(model.parameters()))
+        _quantize(path, model, args.quantization, weights)
+    _check_weights(path, args, dict(tree_flatten(model.parameters())), weights)
+    if cast is not None:
+        weights = {k: v.astype(cast) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
+    model.load_weights(list(weights.items()), strict=True)
+    del weights
+    if swap is not None:  # before the weights are read (mx.load is lazy): they go from the files straight into place
+        swap(model)
+    mx.eval(model.parameters())
+    model.eval()
+    return model
+
+
+def _check_weights(path: Path, args: ModelArgs, expected: dict[str, mx.array], weights: dict[str, mx.array]) -> None:
+    """Every parameter the model expects, and no other, with its shape and kind of dtype."""
     missing = sorted(set(expected) - set(weights))
     extra = sorted(set(weights) - set(expected))
     if missing:
@@ -214,46 +248,37 @@ def load_model(path: Path, dtype: str | None = None, swap: Callable[[Model], obj
                 hint = "; config.json's quantization bits/group_size disagree with the weights"
             raise Qwen3Error(f"{path}: weight {name!r} has shape {tuple(got.shape)}, expected {tuple(param.shape)}{hint}")
         got_dtype = str(got.dtype).removeprefix("mlx.core.")
-        if param.dtype == mx.uint32 and got.dtype != mx.uint32:
-            raise Qwen3Error(f"{path}: weight {name!r} has dtype {got_dtype}, expected uint32 (packed quantized)")
-        if param.dtype != mx.uint32 and not mx.issubdtype(got.dtype, mx.floating):
-            raise Qwen3Error(f"{path}: weight {name!r} has dtype {got_dtype}, expected a float type")
-    if dtype is not None:
-        if dtype not in DTYPES:
-            raise ConfigError(f"dtype={dtype!r} must be one of {', '.join(DTYPES)}")
-        weights = {k: v.astype(DTYPES[dtype]) if mx.issubdtype(v.dtype, mx.floating) else v
-                   for k, v in weights.items()}
-    model.load_weights(list(weights.items()), strict=True)
-    del weights
-    if swap is not None:  # before the weights are read (mx.load is lazy): they go from the files straight into place
-        swap(model)
-    mx.eval(model.parameters())
-    model.eval()
-    return model
+        if mx.issubdtype(param.dtype, mx.floating):
+            if not mx.issubdtype(got.dtype, mx.floating):
+                raise Qwen3Error(f"{path}: weight {name!r} has dtype {got_dtype}, expected a float type")
+        elif got.dtype != param.dtype:  # packed weights (uint32); the scales of mxfp4, nvfp4, mxfp8 (uint8)
+            kind = "packed quantized" if param.dtype == mx.uint32 else "quantization scales"
+            raise Qwen3Error(f"{path}: weight {name!r} has dtype {got_dtype}, expected "
+                             f"{str(param.dtype).removeprefix('mlx.core.')} ({kind})")
 
 
-def load(path_or_repo: str | Path, dtype: str | None = None) -> tuple[Model, Tokenizer]:
+def load(path_or_repo: str | Path, dtype: str | mx.Dtype | None = None) -> tuple[Model, Tokenizer]:
     """Load a Qwen3 model and its tokenizer.
 
     Args:
         path_or_repo: a local checkpoint folder (Hugging Face layout, or MLX as written by our converter
             or by `mlx_lm convert`), or a Hugging Face Hub repo id.
-        dtype: cast floating weights to "float16", "bfloat16" or "float32" (default: as stored).
+        dtype: cast floating weights to float16, bfloat16 or float32, given by name or as an mlx.core dtype
+            (default: as stored).
 
     Returns:
         (model, tokenizer)
 
     Raises:
+        OptionError: dtype is none of the three.
         Qwen3Error: the folder, a file, a key or a tensor is missing or wrong; the message says which.
     """
     path = resolve(path_or_repo)
     model = load_model(path, dtype, swap=speed_up)
     WIRED_LIMIT.hold(model)
     tokenizer = Tokenizer.from_dir(path)
-    gen_config = path / "generation_config.json"
-    tokenizer.generation_config = read_json(gen_config) if gen_config.exists() else None
     if tokenizer.generation_config is not None:
-        check_generation_config(gen_config, tokenizer.generation_config)
+        check_generation_config(path / "generation_config.json", tokenizer.generation_config)
     return model, tokenizer
 
 
@@ -267,5 +292,5 @@ def check_generation_config(file: Path, config: Any) -> None:
             raise Qwen3Error(f"{file}: {key}={value!r} must be a number; fix it or remove the file")
     try:
         validate(default_params(True, config))
-    except ConfigError as e:
+    except OptionError as e:
         raise Qwen3Error(f"{file}: {e}; fix it or remove the file") from None

@@ -349,11 +349,16 @@ def test_bits_8_for_4_bit_weights_names_the_tensor_and_both_shapes(quantized, tm
 
 
 def test_a_group_size_that_does_not_divide_the_layers_is_refused(quantized, tmp_path):
+    # Checked by the loader itself: MLX's own wording of this refusal is not ours to pin.
     path = variant(quantized, tmp_path / "c", config={"quantization": {"group_size": 128, "bits": 4}})
     assert error_of(load_model, path) == (
-        f"{path}/config.json: the quantization block does not fit the model ([quantize] The last dimension of the "
-        "matrix needs to be divisible by the quantization group size 128. However the provided  matrix has shape "
-        "(64,64)); it disagrees with the weights")
+        f"{path}/config.json: quantization.group_size=128 does not divide model.embed_tokens's input size 64; "
+        "the block disagrees with the weights")
+    override = {"group_size": 32, "bits": 4, "model.layers.0.self_attn.q_proj": {"group_size": 128, "bits": 4}}
+    path = variant(quantized, tmp_path / "d", config={"quantization": override})
+    assert error_of(load_model, path) == (
+        f"{path}/config.json: quantization.model.layers.0.self_attn.q_proj.group_size=128 does not divide "
+        "model.layers.0.self_attn.q_proj's input size 64; the block disagrees with the weights")
 
 
 def test_a_quantization_block_on_float_weights_is_refused(floats, tmp_path):
@@ -372,7 +377,12 @@ def test_quantized_weights_without_a_block_are_refused(quantized, tmp_path):
 
 @pytest.mark.parametrize("override, message", [
     ("x", "quantization.model.embed_tokens='x' must be an object or false"),
-    ({"bits": 4}, "quantization.model.embed_tokens.group_size=None must be one of 32, 64, 128"),
+    ({"bits": 7}, "quantization.model.embed_tokens.bits=7 must be one of 2, 3, 4, 5, 6, 8"),
+    ({"group_size": "32"}, "quantization.model.embed_tokens.group_size='32' must be one of 32, 64, 128"),
+    ({"mode": "int4"}, "quantization.model.embed_tokens.mode='int4' is not supported; use one of affine, mxfp4, "
+                       "nvfp4, mxfp8"),
+    ({"mode": "mxfp4", "group_size": 64}, "quantization.model.embed_tokens.group_size=64 must be 32 with mode "
+                                          "'mxfp4'"),
 ])
 def test_a_bad_per_layer_override_names_the_layer(quantized, tmp_path, override, message):
     block = {"group_size": 32, "bits": 4, "model.embed_tokens": override}
@@ -381,8 +391,13 @@ def test_a_bad_per_layer_override_names_the_layer(quantized, tmp_path, override,
 
 
 def test_an_override_on_a_layer_that_cannot_be_quantized_is_ignored(quantized, tmp_path):
-    block = {"group_size": 32, "bits": 4, "model.norm": {"group_size": 32, "bits": 4}}
-    load_model(variant(quantized, tmp_path / "c", config={"quantization": block}))
+    block = {"group_size": 32, "bits": 4, "model.norm": {"group_size": 32, "bits": 8}}
+    model = load_model(variant(quantized, tmp_path / "c", config={"quantization": block}))
+    assert isinstance(model.model.norm, nn.RMSNorm)
+    layers = {path: (m.group_size, m.bits) for path, m in model.named_modules() if "scales" in m}
+    linears = [f"model.layers.0.{p}" for p in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                               "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+    assert layers == {path: (32, 4) for path in ["model.embed_tokens", *linears]}
 
 
 # ---------------------------------------------------------------- tokenizer files

@@ -93,6 +93,14 @@ def test_eos_ids_are_the_union_of_generation_config_and_config(tmp_path, qwen_to
     assert Tokenizer.from_dir(path).eos_token_ids == frozenset({151643, 151645})
 
 
+def test_generation_config_is_kept_whole_and_none_without_the_file(tmp_path, tok, qwen_tokenizer_dir):
+    assert tok.generation_config is None
+    path = _linked_checkpoint(qwen_tokenizer_dir, tmp_path)
+    config = {"eos_token_id": [151645, 151643], "do_sample": True, "temperature": 0.6, "top_k": 20}
+    (path / "generation_config.json").write_text(json.dumps(config))
+    assert Tokenizer.from_dir(path).generation_config == config
+
+
 def test_eos_id_read_from_config_json_alone(tmp_path):
     _tiny_tokenizer(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": 1}))
