@@ -26,9 +26,9 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .config import ModelArgs
+from .config import QUANT_DEFAULTS, QUANT_MODES, ModelArgs
 from .errors import OptionError, Qwen3Error
-from .loader import DTYPES, check_safetensors, load_config, resolve, weight_files
+from .loader import DTYPES, check_safetensors, dtype_name, load_config, resolve, weight_files
 from .model import Model
 
 BITS = (2, 3, 4, 5, 6, 8)
@@ -38,7 +38,7 @@ COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges
 EMBEDDINGS = ("model.embed_tokens", "lm_head")  # the modules that get embed_bits
 # safetensors dtype -> (numpy dtype of its bytes, MLX dtype); numpy has no bfloat16, so those read as uint16.
 _DTYPES = {"F32": (np.float32, mx.float32), "F16": (np.float16, mx.float16),
-           "BF16": (np.uint16, mx.bfloat16), "U32": (np.uint32, mx.uint32)}
+           "BF16": (np.uint16, mx.bfloat16), "U32": (np.uint32, mx.uint32), "U8": (np.uint8, mx.uint8)}
 _ST_NAMES = {mx_dtype: name for name, (_, mx_dtype) in _DTYPES.items()}
 _DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
@@ -91,32 +91,38 @@ def _quantize(group_size: int, bits: int, dtype: mx.Dtype, w: mx.array) -> tuple
     return tuple(mx.quantize(w.astype(dtype), group_size, bits))
 
 
-def _dequantize(group_size: int, bits: int, dtype: mx.Dtype, w: mx.array, scales: mx.array,
-                biases: mx.array) -> tuple[mx.array, ...]:
-    return (mx.dequantize(w, scales, biases, group_size, bits).astype(dtype),)
+def _dequantize(group_size: int, bits: int, mode: str, dtype: mx.Dtype, w: mx.array, scales: mx.array,
+                biases: mx.array | None = None) -> tuple[mx.array, ...]:
+    return (mx.dequantize(w, scales, biases, group_size, bits, mode=mode).astype(dtype),)
 
 
-def _copy_quantized(dtype: mx.Dtype, w: mx.array, scales: mx.array, biases: mx.array) -> tuple[mx.array, ...]:
+def _copy_quantized(dtype: mx.Dtype, w: mx.array, scales: mx.array,
+                    biases: mx.array | None = None) -> tuple[mx.array, ...]:
+    if biases is None:  # mxfp4, nvfp4, mxfp8: the scales are 8-bit exponents, not floats; kept as they are
+        return w, scales
     return w, scales.astype(dtype), biases.astype(dtype)
 
 
 def convert(source: str | Path, output: str | Path, *, quantize: bool = False, bits: int = 4, group_size: int = 64,
-            embed_bits: int | None = None, dtype: str | None = None, dequantize: bool = False, force: bool = False,
-            progress: Callable[[int, int], None] | None = None, shard_bytes: int = 1 << 30,
-            block_bytes: int = 32 << 20) -> ConvertResult:
+            embed_bits: int | None = None, dtype: str | mx.Dtype | None = None, dequantize: bool = False,
+            force: bool = False, weights_only: bool = False, progress: Callable[[int, int], None] | None = None,
+            shard_bytes: int = 1 << 30, block_bytes: int = 32 << 20) -> ConvertResult:
     """Convert a Qwen3 checkpoint into an MLX folder that both mlx-lm and qwen3_mlx load.
 
     Args:
-        source: a Hugging Face folder (float, one file or sharded), an MLX folder (ours or mlx-lm's), or a Hub repo id.
+        source: a Hugging Face folder (float, one file or sharded), an MLX folder (ours or mlx-lm's, its mixed
+            recipes and mxfp4, nvfp4, mxfp8 modes included), or a Hub repo id.
         output: the folder to write. It is written beside, under a hidden temporary name, and renamed at the end.
         quantize: affine-quantize each Linear and Embedding whose input size the group size divides, as mlx-lm does.
         bits, group_size: bits 2, 3, 4, 5, 6 or 8; group size 32, 64 or 128.
         embed_bits: bits of the embedding and an untied lm_head; default 8 when bits < 8 (the tied matrix is both
             the input table and the output head), else bits. config.json records it as a per-module override.
-        dtype: "float16", "bfloat16" or "float32", for unquantized tensors and scales. Default: the source's
-            float dtype, except that a float32 source becomes bfloat16 when quantized.
+        dtype: float16, bfloat16 or float32 (a name or an mlx.core dtype), for unquantized tensors and scales.
+            Default: the source's float dtype, except that a float32 source becomes bfloat16 when quantized.
         dequantize: turn a quantized MLX checkpoint back into float weights.
         force: replace an existing output; the old one is deleted only once the new one is in place.
+        weights_only: allow a source without tokenizer.json; the output then holds weights and config only and
+            cannot generate until tokenizer files are added.
         progress: called as progress(done, total) after each parameter is written.
         shard_bytes: the most bytes in one output file (a larger tensor gets a file of its own).
         block_bytes: the most source bytes read at once; this bounds the peak memory.
@@ -126,72 +132,99 @@ def convert(source: str | Path, output: str | Path, *, quantize: bool = False, b
 
     Raises:
         OptionError: options that exclude each other or do not fit the source (a usage error in the CLI).
-        Qwen3Error: a bad source; an output that exists or overlaps the source; no space left.
+        Qwen3Error: a bad source, or one without tokenizer files; an output that exists or overlaps the source;
+            no space left.
     """
-    _check_options(quantize, bits, group_size, embed_bits, dtype, dequantize)
+    dtype = dtype_name(dtype)
+    _check_options(quantize, bits, group_size, embed_bits, dequantize)
     src = resolve(source)
     start = time.perf_counter()
     out = Path(output).expanduser().absolute()
     _check_output(src, out, output, force)
     config, args = load_config(src)
-    if quantize and args.quantization:
-        raise OptionError(f"{source}: is already quantized ({args.quantization['bits']}-bit); "
-                          f"quantize the original float checkpoint, or pass --dequantize")
-    if dequantize and not args.quantization:
-        raise OptionError(f"{source}: is not quantized; --dequantize applies to quantized MLX checkpoints")
+    _check_source(source, src, args, quantize, dequantize, weights_only)
     sources = _read_headers(src)
-    if dtype is None:
-        counts = Counter()
-        for s in sources.values():
-            counts[s.dtype] += math.prod(s.shape) if s.dtype != "U32" else 0
-        dtype = _DTYPE_NAMES[max(_DTYPE_NAMES, key=counts.__getitem__)]
-        if quantize and dtype == "float32":
-            dtype = "bfloat16"  # float32 scales cost memory and speed and buy nothing next to 4-bit weights
+    dtype = dtype or _default_dtype(sources, quantize)
     embed_bits = embed_bits or (8 if bits < 8 else bits)
     jobs, overrides, params = _plan(src, args, sources, quantize, bits, group_size, embed_bits, DTYPES[dtype],
-                                  dequantize)
+                                    dequantize)
+    if quantize:
+        config["quantization"] = {"group_size": group_size, "bits": bits, "mode": "affine", **overrides}
+    elif dequantize:
+        config.pop("quantization", None)
+    total = sum(job.nbytes for job in jobs)
+    _write_folder(src, out, output, _output_config(config, dtype), jobs, total, shard_bytes, block_bytes, progress)
+    return ConvertResult(out, total * 8 / params, sum(f.stat().st_size for f in out.glob("*.safetensors")),
+                         time.perf_counter() - start)
 
-    config = {k: v for k, v in config.items() if k not in ("_name_or_path", "quantization", "quantization_config")}
+
+def _check_source(given: str | Path, src: Path, args: ModelArgs, quantize: bool, dequantize: bool,
+                  weights_only: bool) -> None:
+    if quantize and args.quantization:
+        raise OptionError(f"{given}: is already quantized ({args.quantization['bits']}-bit "
+                          f"{args.quantization['mode']}); quantize the original float checkpoint, or pass --dequantize")
+    if dequantize and not args.quantization:
+        raise OptionError(f"{given}: is not quantized; --dequantize applies to quantized MLX checkpoints")
+    # Without a tokenizer the output loads but can never turn a prompt into ids: say so now, not at generate.
+    if not weights_only and not (src / "tokenizer.json").is_file():
+        raise Qwen3Error(f"{src}: has no tokenizer.json, so the converted model could not generate; copy "
+                         f"tokenizer.json and tokenizer_config.json from the original Hugging Face checkpoint into "
+                         f"it, or pass --weights-only to write the weights alone")
+
+
+def _default_dtype(sources: dict[str, _Source], quantize: bool) -> str:
+    """The float dtype holding most of the source's elements (packed weights and 8-bit scales not counted)."""
+    counts = Counter()
+    for s in sources.values():
+        counts[s.dtype] += math.prod(s.shape) if s.dtype in _DTYPE_NAMES else 0
+    dtype = _DTYPE_NAMES[max(_DTYPE_NAMES, key=counts.__getitem__)]
+    if quantize and dtype == "float32":
+        return "bfloat16"  # float32 scales cost memory and speed and buy nothing next to 4-bit weights
+    return dtype
+
+
+def _output_config(config: dict, dtype: str) -> dict:
+    """config.json of the output: mlx-lm writes its quantization block under both names (HF reads the second)."""
+    config = {k: v for k, v in config.items() if k not in ("_name_or_path", "quantization_config")}
     config["torch_dtype"] = dtype
     if "dtype" in config:  # transformers >= 5 writes this name instead
         config["dtype"] = dtype
-    if args.quantization and not dequantize:
-        config["quantization"] = config["quantization_config"] = args.quantization
-    if quantize:
-        config["quantization"] = config["quantization_config"] = {
-            "group_size": group_size, "bits": bits, "mode": "affine", **overrides}
+    if "quantization" in config:
+        config["quantization_config"] = config["quantization"]
+    return dict(sorted(config.items()))
 
-    total = sum(job.nbytes for job in jobs)
+
+def _write_folder(src: Path, out: Path, given: str | Path, config: dict, jobs: list[_Job], total: int,
+                  shard_bytes: int, block_bytes: int, progress: Callable[[int, int], None] | None) -> None:
+    """Write the output under a temporary name beside it and rename it into place; on any failure (Ctrl-C
+    included) leave nothing behind, not even the parent folders made for it."""
     created = [p for p in out.parents if not p.exists()]  # innermost first
     free = shutil.disk_usage(next(p for p in out.parents if p.exists())).free
     if free < total:
-        raise Qwen3Error(f"{output}: no space left: it needs {total / 1e9:.2f} GB, {free / 1e9:.2f} GB are free")
+        raise Qwen3Error(f"{given}: no space left: it needs {total / 1e9:.2f} GB, {free / 1e9:.2f} GB are free")
     tmp = out.parent / f".{out.name}.tmp-{secrets.token_hex(4)}"
     try:
         tmp.mkdir(parents=True)
         _write(src, tmp, config, jobs, shard_bytes, block_bytes, progress)
         _replace(tmp, out)
-    except BaseException as e:  # Ctrl-C included: leave nothing behind
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         for folder in created:
             with contextlib.suppress(OSError):
                 folder.rmdir()
         if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-            raise Qwen3Error(f"{output}: no space left on the device after part of its {total / 1e9:.2f} GB; "
+            raise Qwen3Error(f"{given}: no space left on the device after part of its {total / 1e9:.2f} GB; "
                              f"free some space and convert again") from None
         raise
-    return ConvertResult(out, total * 8 / params, sum(f.stat().st_size for f in out.glob("*.safetensors")),
-                         time.perf_counter() - start)
 
 
-def _check_options(quantize: bool, bits: int, group_size: int, embed_bits: int | None, dtype: str | None,
-                   dequantize: bool) -> None:
+def _check_options(quantize: bool, bits: int, group_size: int, embed_bits: int | None, dequantize: bool) -> None:
     if quantize and dequantize:
         raise OptionError("--quantize and --dequantize exclude each other; pick one")
     if embed_bits is not None and not quantize:
         raise OptionError("--embed-bits applies only with --quantize")
     for name, value, allowed in (("bits", bits, BITS), ("group-size", group_size, GROUP_SIZES),
-                                 ("embed-bits", embed_bits, BITS), ("dtype", dtype, tuple(DTYPES))):
+                                 ("embed-bits", embed_bits, BITS)):
         if value is not None and value not in allowed:
             raise OptionError(f"--{name}={value!r} must be one of {', '.join(map(str, allowed))}")
 
@@ -217,16 +250,43 @@ def _read_headers(path: Path) -> dict[str, _Source]:
                 continue
             if info["dtype"] not in _DTYPES:
                 raise Qwen3Error(f"{file}: tensor {name!r} has dtype {info['dtype']}; a Qwen3 checkpoint holds "
-                                 f"F32, F16 or BF16 tensors, and U32 ones when quantized")
+                                 f"F32, F16 or BF16 tensors, and U32 and U8 ones when quantized")
             sources[name] = _Source(file, data + info["data_offsets"][0], info["dtype"], tuple(info["shape"]))
     return sources
 
 
-def _quantized(name: str, shape: tuple[int, ...], bits: int, group_size: int, dtype: mx.Dtype) -> tuple:
+def _quantized(name: str, shape: tuple[int, ...], bits: int, group_size: int, dtype: mx.Dtype,
+               mode: str = "affine") -> tuple:
+    """(name, dtype, shape) of the packed weight and its scales (and biases, in affine mode)."""
     module, (rows, cols) = name.rsplit(".", 1)[0], shape
     grouped = (rows, cols // group_size)
-    return (name, mx.uint32, (rows, cols * bits // 32)), (f"{module}.scales", dtype, grouped), \
-        (f"{module}.biases", dtype, grouped)
+    packed = (name, mx.uint32, (rows, cols * bits // 32))
+    if mode != "affine":  # one 8-bit shared exponent per group, no biases
+        return packed, (f"{module}.scales", mx.uint8, grouped)
+    return packed, (f"{module}.scales", dtype, grouped), (f"{module}.biases", dtype, grouped)
+
+
+def _quantized_job(path: Path, name: str, shape: tuple[int, ...], sources: dict[str, _Source], dtype: mx.Dtype,
+                   dequantize: bool) -> _Job:
+    """Copy (or dequantize) a quantized source weight, its format read from the shapes as mlx-lm reads it:
+    only affine has float scales and biases; each mode with 8-bit scales has one group size and bits."""
+    module = name.rsplit(".", 1)[0]
+    parts = tuple(sources.pop(f"{module}.{p}") for p in ("weight", "scales", "biases") if f"{module}.{p}" in sources)
+    if len(parts) < 2:
+        raise Qwen3Error(f"{path}: {module} has scales but no weight; the checkpoint is corrupt")
+    group, bits = shape[1] // max(1, parts[1].shape[-1]), parts[0].shape[-1] * 32 // shape[1]
+    if parts[1].dtype != "U8":
+        mode = "affine"
+    else:
+        mode = next((m for m, format in QUANT_DEFAULTS.items() if m != "affine" and format == (group, bits)), None)
+    groups, allowed_bits = QUANT_MODES.get(mode, ((), ()))
+    outputs = _quantized(name, shape, bits, group, dtype, mode) if group in groups and bits in allowed_bits else ()
+    if [s.shape for s in parts] != [o[2] for o in outputs]:
+        raise Qwen3Error(f"{path}: {module} has quantized shapes {[s.shape for s in parts]} and {parts[1].dtype} "
+                         f"scales that fit no quantization format for a {shape} weight; the checkpoint is corrupt")
+    if dequantize:
+        return _Job(parts, ((name, dtype, shape),), functools.partial(_dequantize, group, bits, mode, dtype))
+    return _Job(parts, outputs, functools.partial(_copy_quantized, dtype))
 
 
 def _plan(path: Path, args: ModelArgs, sources: dict[str, _Source], quantize: bool, bits: int, group_size: int,
@@ -245,23 +305,12 @@ def _plan(path: Path, args: ModelArgs, sources: dict[str, _Source], quantize: bo
         module, leaf = name.rsplit(".", 1)
         shape = tuple(param.shape)
         if leaf == "weight" and module in quantizable and f"{module}.scales" in sources:
-            parts = tuple(sources.pop(f"{module}.{p}", None) for p in ("weight", "scales", "biases"))
-            if None in parts:
-                raise Qwen3Error(f"{path}: {module} has scales but no weight or biases; the checkpoint is corrupt")
-            group, qbits = shape[1] // parts[1].shape[-1], parts[0].shape[-1] * 32 // shape[1]
-            outputs = _quantized(name, shape, qbits, group, dtype) if group in GROUP_SIZES else ()
-            if qbits not in BITS or [s.shape for s in parts] != [o[2] for o in outputs]:
-                raise Qwen3Error(f"{path}: {module} has quantized shapes {[s.shape for s in parts]} that fit "
-                                 f"no bits and group size for a {shape} weight")
-            if dequantize:
-                jobs.append(_Job(parts, ((name, dtype, shape),), functools.partial(_dequantize, group, qbits, dtype)))
-            else:
-                jobs.append(_Job(parts, outputs, functools.partial(_copy_quantized, dtype)))
+            jobs.append(_quantized_job(path, name, shape, sources, dtype, dequantize))
             continue
         src = sources.pop(name, None)
         if src is None:
             raise Qwen3Error(f"{path}: weight {name!r} is missing; is this a whole dense Qwen3 checkpoint?")
-        if src.shape != shape or src.dtype == "U32":
+        if src.shape != shape or src.dtype not in _DTYPE_NAMES:
             raise Qwen3Error(f"{path}: weight {name!r} is {src.dtype} {src.shape}, expected a float {shape}")
         if quantize and leaf == "weight" and module in quantizable and shape[-1] % group_size == 0:
             b = embed_bits if module in EMBEDDINGS else bits

@@ -9,11 +9,13 @@ import sys
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 from checkpoints import make_checkpoint
 from click.testing import CliRunner
 from mlx_lm import convert as mlx_lm_convert
+from mlx_lm.convert import QUANT_RECIPES, configure_parser
 from mlx_lm.utils import load_model as mlx_lm_load_model
 
 from qwen3_mlx import converter
@@ -47,10 +49,15 @@ def digest(path: Path) -> dict[str, str]:
     return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(path.iterdir())}
 
 
+def small_checkpoint(path: Path, **overrides) -> Path:
+    """A float32 Hugging Face checkpoint, vocabulary 512, with the Qwen3 tokenizer's files (which the converter
+    copies, never reads)."""
+    return make_checkpoint(path, tokenizer=True, vocab_size=512, **SMALL, **overrides)
+
+
 @pytest.fixture(scope="module")
 def hf(tmp_path_factory):
-    """A float32 Hugging Face checkpoint, vocabulary 512."""
-    return make_checkpoint(tmp_path_factory.mktemp("hf"), **SMALL)
+    return small_checkpoint(tmp_path_factory.mktemp("hf"))
 
 
 @pytest.fixture(scope="module")
@@ -59,11 +66,29 @@ def hf_tok(tmp_path_factory):
     return make_checkpoint(tmp_path_factory.mktemp("hf_tok"), tokenizer=True, seed=1, **SMALL)
 
 
+# mlx-lm's quantization formats: its default (affine 4-bit), its mixed recipes, its other modes; each written as
+# `mlx_lm convert -q --quant-predicate RECIPE` or `-q --q-mode MODE` writes it (no group size or bits given).
+MLX_LM_FORMATS = {"affine": {}, **{recipe: {"quant_predicate": recipe} for recipe in QUANT_RECIPES},
+                  **{mode: {"q_mode": mode} for mode in ("mxfp4", "nvfp4", "mxfp8")}}
+
+
 @pytest.fixture(scope="module")
-def mlx_lm_4bit(hf_tok, tmp_path_factory):
-    out = tmp_path_factory.mktemp("mlx_lm") / "q4"
-    mlx_lm_convert(str(hf_tok), str(out), quantize=True, q_bits=4, q_group_size=64)
-    return out
+def mlx_lm_folder(hf_tok, tmp_path_factory):
+    """mlx-lm's conversion of `hf_tok` in a format of MLX_LM_FORMATS, made once per module."""
+    folders = {}
+
+    def folder(name: str) -> Path:
+        if name not in folders:
+            folders[name] = tmp_path_factory.mktemp("mlx_lm") / name
+            mlx_lm_convert(str(hf_tok), str(folders[name]), quantize=True, **MLX_LM_FORMATS[name])
+        return folders[name]
+
+    return folder
+
+
+@pytest.fixture(scope="module")
+def mlx_lm_4bit(mlx_lm_folder):
+    return mlx_lm_folder("affine")
 
 
 @pytest.fixture(scope="module")
@@ -95,13 +120,35 @@ def test_embedding_gets_8_bits_as_an_override_mlx_lm_honours(ours_4bit):
     assert index["metadata"]["total_size"] == sum(v.nbytes for v in tensors(ours_4bit).values())
 
 
-@pytest.mark.parametrize("recipe", [None, "mixed_3_6"])
-def test_mlx_lm_converted_folder_loads_with_mlx_lm_logits(hf_tok, mlx_lm_4bit, tmp_path, recipe):
-    out = mlx_lm_4bit
-    if recipe:
-        out = tmp_path / recipe
-        mlx_lm_convert(str(hf_tok), str(out), quantize=True, q_group_size=64, quant_predicate=recipe)
-    assert np.abs(logits(load_model(out)) - mlx_lm_logits(out)).max() <= 1e-5
+def test_the_formats_cover_every_recipe_and_mode_of_mlx_lm():
+    q_mode = next(action for action in configure_parser()._actions if action.dest == "q_mode")
+    assert set(MLX_LM_FORMATS) == {"affine", *QUANT_RECIPES, *q_mode.choices}
+
+
+@pytest.mark.parametrize("name", MLX_LM_FORMATS)
+def test_mlx_lm_converted_folder_loads_with_mlx_lm_logits(mlx_lm_folder, name):
+    out = mlx_lm_folder(name)
+    assert np.abs(logits(load_model(out)) - mlx_lm_logits(out)).max() <= 1e-4
+
+
+def test_a_mixed_recipe_leaves_group_size_null_and_each_layer_gets_its_bits(mlx_lm_folder):
+    out = mlx_lm_folder("mixed_3_6")
+    block = json.loads((out / "config.json").read_text())["quantization"]
+    # Of 2 layers, the last gets 6-bit v_proj and down_proj; the rest is 3-bit.
+    assert block["model.layers.0.mlp.down_proj"] == {"group_size": None, "bits": 3, "mode": "affine"}
+    assert block["model.layers.1.mlp.down_proj"] == {"group_size": None, "bits": 6, "mode": "affine"}
+    model = load_model(out)
+    for path, module in model.named_modules():
+        if path in block:
+            assert (module.group_size, module.bits, module.mode) == (64, block[path]["bits"], "affine"), path
+
+
+@pytest.mark.parametrize("mode, group_size, bits", [("mxfp4", 32, 4), ("nvfp4", 16, 4), ("mxfp8", 32, 8)])
+def test_a_mode_folder_quantizes_every_layer_in_that_mode(mlx_lm_folder, mode, group_size, bits):
+    model = load_model(mlx_lm_folder(mode))
+    layers = [m for _, m in model.named_modules() if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))]
+    assert len(layers) == 1 + 2 * 7  # the embedding (the head is tied), 7 linears in each of 2 layers
+    assert {(m.mode, m.group_size, m.bits, "biases" in m) for m in layers} == {(mode, group_size, bits, False)}
 
 
 def test_same_tensors_as_mlx_lm_convert_even_in_small_row_blocks(hf_tok, mlx_lm_4bit, tmp_path):
@@ -131,6 +178,29 @@ def test_default_dtype_keeps_float32_but_quantizing_gives_bfloat16_scales(hf, tm
     assert quantized["model.norm.weight"].dtype == quantized["model.embed_tokens.scales"].dtype == mx.bfloat16
 
 
+@pytest.mark.parametrize("name", MLX_LM_FORMATS)
+def test_dequantizing_an_mlx_lm_folder_gives_mlx_lm_dequantized_weights(mlx_lm_folder, tmp_path, name):
+    source = mlx_lm_folder(name)
+    ours = convert(source, tmp_path / "ours", dequantize=True).path
+    mlx_lm_convert(str(source), str(tmp_path / "theirs"), dequantize=True)
+    a, b = tensors(ours), tensors(tmp_path / "theirs")
+    assert sorted(a) == sorted(b)
+    for key, value in b.items():  # mlx-lm leaves mxfp4, nvfp4, mxfp8 weights in bfloat16: ours are all float32
+        assert a[key].dtype == mx.float32 and mx.array_equal(a[key], value.astype(mx.float32)), key
+    assert "quantization" not in json.loads((ours / "config.json").read_text())
+    assert np.abs(logits(load_model(ours)) - mlx_lm_logits(source)).max() <= 1e-4
+
+
+@pytest.mark.parametrize("name", ["mixed_3_6", "nvfp4"])
+def test_an_mlx_lm_folder_is_copied_as_is(mlx_lm_folder, tmp_path, name):
+    source = mlx_lm_folder(name)
+    out = convert(source, tmp_path / "copy").path
+    a, b = tensors(source), tensors(out)
+    assert sorted(a) == sorted(b) and all(a[k].dtype == b[k].dtype and mx.array_equal(a[k], b[k]) for k in a)
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization"] == json.loads((source / "config.json").read_text())["quantization"]
+
+
 def test_dequantize_gives_the_dequantized_weights(ours_4bit, tmp_path):
     out = convert(ours_4bit, tmp_path / "float", dequantize=True).path
     quantized, floats = tensors(ours_4bit), tensors(out)
@@ -154,7 +224,7 @@ def test_quantized_source_is_copied_as_is(ours_4bit, tmp_path):
 
 
 def test_sharded_source_converts_like_a_single_file(hf, tmp_path):
-    sharded = make_checkpoint(tmp_path / "sharded", shard=True, **SMALL)  # the same seed as `hf`
+    sharded = small_checkpoint(tmp_path / "sharded", shard=True)  # the same seed as `hf`
     assert len(list(sharded.glob("*.safetensors"))) > 1
     a = tensors(convert(sharded, tmp_path / "a", quantize=True).path)
     b = tensors(convert(hf, tmp_path / "b", quantize=True).path)
@@ -162,7 +232,7 @@ def test_sharded_source_converts_like_a_single_file(hf, tmp_path):
 
 
 def test_untied_lm_head_is_quantized_with_embed_bits(tmp_path):
-    source = make_checkpoint(tmp_path / "untied", tie_word_embeddings=False, **SMALL)
+    source = small_checkpoint(tmp_path / "untied", tie_word_embeddings=False)
     out = convert(source, tmp_path / "q4", quantize=True, dtype="float32").path
     assert json.loads((out / "config.json").read_text())["quantization"]["lm_head"]["bits"] == 8
     assert tensors(out)["lm_head.weight"].dtype == mx.uint32
@@ -248,9 +318,36 @@ def test_bad_source_is_a_one_line_error(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["empty"]
 
 
+def test_a_source_without_tokenizer_json_is_refused_unless_weights_only(tmp_path):
+    source = make_checkpoint(tmp_path / "bare", **SMALL)
+    with pytest.raises(Qwen3Error) as e:
+        convert(source, tmp_path / "out")
+    assert str(e.value) == (
+        f"{source}: has no tokenizer.json, so the converted model could not generate; copy tokenizer.json and "
+        "tokenizer_config.json from the original Hugging Face checkpoint into it, or pass --weights-only to write "
+        "the weights alone")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bare"]
+    out = convert(source, tmp_path / "out", weights_only=True).path
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json", "model-00001-of-00001.safetensors", "model.safetensors.index.json"]
+
+
+def test_tokenizer_files_are_copied(hf, tmp_path):
+    out = convert(hf, tmp_path / "out").path
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (out / name).read_bytes() == (hf / name).read_bytes(), name
+
+
+def test_dtype_is_a_name_or_an_mlx_dtype(hf, tmp_path):
+    a = tensors(convert(hf, tmp_path / "a", dtype="float16").path)
+    b = tensors(convert(hf, tmp_path / "b", dtype=mx.float16).path)
+    assert all(a[k].dtype == b[k].dtype == mx.float16 and mx.array_equal(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["torch_dtype"] == "float16"
+
+
 def test_invalid_combinations_are_option_errors(hf, ours_4bit, tmp_path):
     for kwargs in (dict(quantize=True, dequantize=True), dict(bits=7, quantize=True), dict(embed_bits=8),
-                   dict(group_size=48, quantize=True), dict(dtype="int8")):
+                   dict(group_size=48, quantize=True), dict(dtype="int8"), dict(dtype=mx.int8)):
         with pytest.raises(OptionError):
             convert(hf, tmp_path / "out", **kwargs)
     with pytest.raises(OptionError, match="already quantized"):
@@ -268,7 +365,7 @@ def test_cli_converts_and_prints_bits_per_weight(hf, tmp_path):
     out = tmp_path / "out"
     result = runner.invoke(main, ["convert", str(hf), str(out), "-q", "--bits", "8"])
     assert result.exit_code == 0, result.output
-    assert re.fullmatch(rf"wrote {out}: 8\.5\d bits per weight, 0\.00 GB in \d+\.\d s\n", result.stdout)
+    assert re.fullmatch(rf"wrote {out}: 8\.5\d bits per weight, 0\.\d MB in \d+\.\d s\n", result.stdout)
     assert "converting" in result.stderr
     again = runner.invoke(main, ["convert", str(hf), str(out), "-q"])
     assert again.exit_code == 1 and again.stderr == f"error: {out}: already exists; pass --force to replace it\n"
