@@ -42,6 +42,7 @@ quantizes the embedding at --q-bits like the rest; ours keeps it at 8 bits.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import importlib.util
 import json
@@ -60,6 +61,11 @@ import numpy as np
 SHAPES = {
     "tiny": dict(hidden_size=256, num_hidden_layers=4, intermediate_size=768, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=64, vocab_size=1024),
+    # Other shapes, to check that the CPU split thresholds hold beyond the two above.
+    "small": dict(hidden_size=512, num_hidden_layers=8, intermediate_size=1536, num_attention_heads=8,
+                  num_key_value_heads=4, head_dim=64, vocab_size=4096),
+    "0.6b": dict(hidden_size=1024, num_hidden_layers=28, intermediate_size=3072, num_attention_heads=16,
+                 num_key_value_heads=8, head_dim=128, vocab_size=151936),  # Qwen3-0.6B
     "full": dict(hidden_size=2048, num_hidden_layers=28, intermediate_size=6144, num_attention_heads=16,
                  num_key_value_heads=8, head_dim=128, vocab_size=151936),
 }
@@ -249,15 +255,22 @@ def weight_bytes_per_token(model) -> int:
     return total
 
 
-def run_ours(path: Path, prompt: list[int], n: int) -> dict:
+def run_ours(path: Path, prompt: list[int], n: int, split_min_cost: int | None = None) -> dict:
     import mlx.core as mx
 
     from qwen3_mlx import load
+    from qwen3_mlx.fast import speed_up
     from qwen3_mlx.generation import TokenGenerator
+    from qwen3_mlx.loader import load_model
     from qwen3_mlx.sampling import SamplingParams, make_logits_processor, make_sampler
+    from qwen3_mlx.tokenizer import Tokenizer
 
     start = time.perf_counter()
-    model, tokenizer = load(path)
+    if split_min_cost is None:
+        model, tokenizer = load(path)
+    else:  # what load() does, with another split threshold
+        model = load_model(path, swap=functools.partial(speed_up, split_min_cost=split_min_cost))
+        tokenizer = Tokenizer.from_dir(path)
     loaded = time.perf_counter()
     load_peak = mx.get_peak_memory()
     mx.reset_peak_memory()
@@ -342,7 +355,9 @@ def cmd_run(a: argparse.Namespace) -> None:
           f"matvec {bw['matvec'] / 1e9:.1f})", file=sys.stderr)
     # The warm-up runs the real prompt, so that kernels built on first use (MLX's JIT on GPUs, mx.compile's)
     # are built before any timed run.
-    weight_bytes = run_ours(path, prompt, 3)["weight_bytes"]
+    if a.split_min_cost is not None:
+        RUNNERS["ours"] = functools.partial(run_ours, split_min_cost=a.split_min_cost)
+    weight_bytes = RUNNERS["ours"](path, prompt, 3)["weight_bytes"]
     run_mlx_lm(path, prompt, 3)
     trials: dict[str, list[dict]] = {"ours": [], "mlx-lm": []}
     for t in range(a.trials):
@@ -447,6 +462,7 @@ def main() -> None:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--bandwidth-gib", type=float, default=1.0, help="size of the bandwidth test's array")
     r.add_argument("--out", help="write the JSON here")
+    r.add_argument("--split-min-cost", type=int, help="ours: split CPU matmuls from this cost (fast.SPLIT_MIN_COST)")
     c = sub.add_parser("convert", help="benchmark conversion, ours against mlx-lm")
     c.add_argument("source")
     c.add_argument("--quantize", "-q", action="store_true")
