@@ -13,10 +13,12 @@ import jinja2.ext
 import tokenizers
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from qwen3_mlx.errors import Qwen3Error
+from qwen3_mlx.errors import OptionError, Qwen3Error
 
 # The named special tokens transformers hands to every chat template (its SPECIAL_TOKENS_ATTRIBUTES).
 _SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+# The roles Qwen3's templates render; a message with another role would vanish from the prompt.
+ROLES = ("system", "user", "assistant", "tool")
 # Older names for a message's reasoning; transformers copies them into `reasoning_content` (and `thinking`).
 _REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
 
@@ -129,14 +131,20 @@ class Tokenizer:
     ) -> str:
         """Render a conversation to prompt text exactly as transformers' apply_chat_template(tokenize=False) does.
 
+        A message's content is text, or OpenAI's list of parts ([{"type": "text", "text": "..."}, ...]), whose
+        texts are joined with newlines as vLLM does for Qwen3's templates (which read content as one string).
+
         Args:
-            messages: dicts with role, content and optionally reasoning_content, tool_calls.
+            messages: dicts with role (system, user, assistant or tool), content and optionally
+                reasoning_content, tool_calls; an assistant message with tool_calls may have null content.
             tools: JSON schemas of the callable tools.
             add_generation_prompt: end with the header that opens the assistant's turn.
             enable_thinking: False makes Qwen3 templates emit an empty <think></think> block.
             **extra: further variables the template reads.
 
         Raises:
+            OptionError: a malformed message: no role or an unknown one, content that is neither text nor a
+                list of text parts; the message names its index.
             Qwen3Error: no template, a template syntax error, a sandbox refusal, or the template failed.
         """
         if self.chat_template is None:
@@ -145,7 +153,7 @@ class Tokenizer:
         if self._compiled is None:
             self._compiled = self._compile()
         # transformers drops None-valued keys and rebuilds the inputs from plain JSON types before rendering.
-        chat = [_alias_reasoning({k: _plain(v) for k, v in m.items() if v is not None}) for m in messages]
+        chat = [_alias_reasoning({k: _plain(v) for k, v in m.items()}) for m in _checked_messages(messages)]
         variables = {**self._special_tokens, **_plain(extra), "enable_thinking": enable_thinking}
         try:
             return self._compiled.render(messages=chat, tools=_plain(tools), documents=None,
@@ -165,6 +173,52 @@ class Tokenizer:
         except jinja2.exceptions.TemplateSyntaxError as e:
             raise Qwen3Error(f"{self._template_source}: chat template syntax error at line {e.lineno}: "
                              f"{_one_line(e)}") from e
+
+
+# ---------------------------------------------------------------- messages
+
+
+def _checked_messages(messages: Any) -> list[dict]:
+    """The messages with None-valued keys dropped and each content one string; OptionError at the first
+    malformed one, which a template would otherwise skip silently or fail on with a Jinja error."""
+    if not isinstance(messages, (list, tuple)):
+        raise OptionError(f"messages is a {type(messages).__name__}; give a list of "
+                          '{"role": ..., "content": ...} objects')
+    return [_checked_message(f"messages[{i}]", m) for i, m in enumerate(messages)]
+
+
+def _checked_message(where: str, message: Any) -> dict:
+    if not isinstance(message, Mapping):
+        raise OptionError(f"{where} is a {type(message).__name__}; give an object like "
+                          '{"role": "user", "content": "..."}')
+    message = {k: v for k, v in message.items() if v is not None}
+    role = message.get("role")
+    if role is None:
+        raise OptionError(f"{where} has no 'role'; give it one of {', '.join(ROLES)}")
+    if not isinstance(role, str) or role not in ROLES:
+        raise OptionError(f"{where}.role={role!r} is not one of {', '.join(ROLES)}")
+    content = message.get("content")
+    if content is None and role == "assistant" and message.get("tool_calls"):
+        content = ""  # OpenAI's null content beside tool calls
+    if content is None:
+        raise OptionError(f"{where} ({role}) has no 'content'; give it text")
+    if isinstance(content, (list, tuple)):
+        content = "\n".join(_part_text(f"{where}.content[{j}]", part) for j, part in enumerate(content))
+    elif not isinstance(content, str):
+        raise OptionError(f"{where}.content={content!r} must be text or a list of "
+                          '{"type": "text", "text": ...} parts')
+    return {**message, "content": content}
+
+
+def _part_text(where: str, part: Any) -> str:
+    kind = part.get("type") if isinstance(part, Mapping) else None
+    if kind != "text":
+        shown = f"type {kind!r}" if isinstance(part, Mapping) else f"a {type(part).__name__}"
+        raise OptionError(f"{where} is {shown}; Qwen3 reads text parts only: "
+                          '{"type": "text", "text": "..."}')
+    if not isinstance(part.get("text"), str):
+        raise OptionError(f"{where}.text={part.get('text')!r} must be a string")
+    return part["text"]
 
 
 # ---------------------------------------------------------------- streaming text
