@@ -6,8 +6,9 @@ class Qwen3Error(Exception):
 
 
 class ConfigError(Qwen3Error, ValueError):
-    """config.json (or an option) holds a missing or invalid value."""
+    """A checkpoint's config.json holds a missing or invalid value (never raised for what a caller passes)."""
 
 
 class OptionError(Qwen3Error, ValueError):
-    """An option given by the user is out of range; the CLI reports it as a usage error (exit 2)."""
+    """A value the caller gave (an option, a dtype, a message) is invalid; the CLI reports it as a usage error
+    (exit 2)."""
