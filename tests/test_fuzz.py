@@ -9,10 +9,13 @@ import struct
 import tempfile
 from pathlib import Path
 
+import mlx.core as mx
+import mlx.nn as nn
 import pytest
 from checkpoints import ONE_LAYER, make_checkpoint
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from mlx.utils import tree_flatten
 
 from qwen3_mlx.errors import Qwen3Error
 from qwen3_mlx.loader import load_model
@@ -39,9 +42,17 @@ rope_blocks = st.fixed_dictionaries({"rope_type": st.sampled_from(["yarn", "yarn
                                     optional={key: numbers | json_values for key in (
     "factor", "original_max_position_embeddings", "rope_theta", "beta_fast", "beta_slow", "mscale",
     "mscale_all_dim", "attention_factor", "truncate")})
+quant_entries = st.fixed_dictionaries({}, optional={
+    "bits": st.sampled_from([2, 3, 4, 8, 7, "4", 4.0, None]), "group_size": st.sampled_from([16, 32, 64, 128, 0, None]),
+    "mode": st.sampled_from(["affine", "mxfp4", "nvfp4", "mxfp8", "int4", None, 4]),
+    "quantize_input": st.booleans(), "global_scale": st.booleans()})
 quant_blocks = st.fixed_dictionaries({}, optional={
-    "bits": st.sampled_from([2, 3, 4, 8, 7, "4"]), "group_size": st.sampled_from([32, 64, 128, 0]),
-    "mode": st.sampled_from(["affine", "mxfp4"]), "model.embed_tokens": st.booleans() | json_values})
+    "bits": st.sampled_from([2, 3, 4, 8, 7, "4"]), "group_size": st.sampled_from([16, 32, 64, 128, 0, None]),
+    "mode": st.sampled_from(["affine", "mxfp4", "nvfp4", "mxfp8"]),
+    "model.embed_tokens": st.booleans() | json_values | quant_entries,
+    "model.layers.0.mlp.down_proj": st.booleans() | quant_entries, "model.norm": quant_entries})
+# The formats the quantized bases are written in: (mode, group size, bits).
+FORMATS = [("affine", 32, 4), ("mxfp4", 32, 4), ("nvfp4", 16, 4), ("mxfp8", 32, 8)]
 
 
 @pytest.fixture(scope="module")
@@ -50,19 +61,39 @@ def base(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def quantized_bases(tmp_path_factory) -> dict[str, tuple[bytes, bytes]]:
+    """mode -> (config.json, model.safetensors) of one layer quantized in that format, every layer alike."""
+    path = make_checkpoint(tmp_path_factory.mktemp("fuzz-q"), **{**ONE_LAYER, "hidden_size": 32,
+                                                                  "intermediate_size": 64, "head_dim": 16})
+    config = json.loads((path / "config.json").read_text())
+    bases = {}
+    for mode, group_size, bits in FORMATS:
+        model = load_model(path)
+        nn.quantize(model, group_size, bits, mode=mode)
+        file = path.parent / f"{path.name}-{mode}.safetensors"  # not beside the float weights: they would load too
+        mx.save_safetensors(str(file), dict(tree_flatten(model.parameters())))
+        block = {"group_size": group_size, "bits": bits, "mode": mode}
+        bases[mode] = json.dumps({**config, "quantization": block}).encode(), file.read_bytes()
+    return bases
+
+
+@pytest.fixture(scope="module")
 def scratch(tmp_path_factory):
     return tmp_path_factory.mktemp("fuzz")
 
 
-def outcome(config: bytes, weights: bytes, root: Path) -> None:
+def outcome(config: bytes, weights: bytes, root: Path, must_load: bool = False) -> None:
     """Load a folder with these two files: a model or a Qwen3Error, nothing else."""
     path = Path(tempfile.mkdtemp(dir=root))
     (path / "config.json").write_bytes(config)
     (path / "model.safetensors").write_bytes(weights)
     try:
-        assert isinstance(load_model(path), Model)
+        model = load_model(path)
     except Qwen3Error as e:
-        assert "\n" not in str(e)
+        assert "\n" not in str(e) and not must_load, str(e)
+        return
+    assert isinstance(model, Model)
+    mx.eval(model(mx.array([[1, 2, 3]])))  # a block that loads also runs
 
 
 # ---------------------------------------------------------------- safetensors
@@ -162,3 +193,17 @@ def test_mutated_configs_load_or_raise_qwen3error(base, scratch, data):
     original = json.loads((base / "config.json").read_text())
     config = data.draw(mutated_configs(original), label="config")
     outcome(config, (base / "model.safetensors").read_bytes(), scratch)
+
+
+def test_the_quantized_bases_load(quantized_bases, scratch):
+    for config, weights in quantized_bases.values():
+        outcome(config, weights, scratch, must_load=True)
+
+
+@FUZZ
+@given(data=st.data())
+def test_mutated_quantization_blocks_load_or_raise_qwen3error(quantized_bases, scratch, data):
+    config, weights = quantized_bases[data.draw(st.sampled_from([mode for mode, _, _ in FORMATS]), label="mode")]
+    config = json.loads(config)
+    config["quantization"] = {**config["quantization"], **data.draw(quant_blocks, label="block")}
+    outcome(json.dumps(config).encode(), weights, scratch)
