@@ -1,6 +1,7 @@
 """The converter: parity with mlx-lm on the same folders, exact tensors, and a safe, all-or-nothing output."""
 
 import errno
+import functools
 import hashlib
 import json
 import re
@@ -22,6 +23,7 @@ from qwen3_mlx import converter
 from qwen3_mlx.cli import main
 from qwen3_mlx.converter import convert
 from qwen3_mlx.errors import OptionError, Qwen3Error
+from qwen3_mlx.fast import RowSplit, speed_up
 from qwen3_mlx.loader import load_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -129,6 +131,25 @@ def test_the_formats_cover_every_recipe_and_mode_of_mlx_lm():
 def test_mlx_lm_converted_folder_loads_with_mlx_lm_logits(mlx_lm_folder, name):
     out = mlx_lm_folder(name)
     assert np.abs(logits(load_model(out)) - mlx_lm_logits(out)).max() <= 1e-4
+
+
+@pytest.mark.parametrize("name", ["mixed_3_6", "mxfp4", "nvfp4", "mxfp8"])
+def test_mlx_lm_formats_through_the_fast_modules_give_mlx_lm_logits(mlx_lm_folder, name):
+    # Every matmul fused and split in 3 (a CPU technique, so on the CPU), then the compiled decode step.
+    device = mx.default_device()
+    mx.set_default_device(mx.cpu)
+    try:
+        out = mlx_lm_folder(name)
+        model = load_model(out, swap=functools.partial(speed_up, threads=3, split_min_cost=0))
+        assert isinstance(model.layers[0].self_attn.qkv_proj, RowSplit)
+        expected = mlx_lm_logits(out)
+        assert np.abs(logits(model) - expected).max() <= 1e-4
+        cache = model.make_cache()
+        model(IDS[:, :-1], cache)
+        last = np.array(model.decode(IDS[:, -1:], cache).astype(mx.float32))
+        assert np.abs(last - expected[:, -1]).max() <= 1e-4
+    finally:
+        mx.set_default_device(device)
 
 
 def test_a_mixed_recipe_leaves_group_size_null_and_each_layer_gets_its_bits(mlx_lm_folder):
