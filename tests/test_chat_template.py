@@ -146,8 +146,8 @@ def _joined(messages: list[dict]) -> list[dict]:
 
 @pytest.mark.parametrize("name", PARTS_CASES)
 def test_text_parts_render_as_transformers_renders_their_joined_text(tok, hf, name):
-    # transformers passes lists to the template as they are, and Qwen3's template then fails on them;
-    # vLLM joins the parts with newlines for such templates, which is what we do.
+    # transformers hands lists to the template as they are: Qwen3's first template fails on them, its later one
+    # (`content is string` else '') drops their text. vLLM joins the parts with newlines for such templates, as we do.
     messages = PARTS_CASES[name]
     expected = hf.apply_chat_template(_joined(messages), tools=[TIME], tokenize=False, add_generation_prompt=True)
     assert tok.apply_chat_template(messages, tools=[TIME]) == expected
