@@ -273,6 +273,7 @@ def load(path_or_repo: str | Path, dtype: str | mx.Dtype | None = None) -> tuple
         OptionError: dtype is none of the three.
         Qwen3Error: the folder, a file, a key or a tensor is missing or wrong; the message says which.
     """
+    dtype_name(dtype)  # a bad option fails before a Hub download
     path = resolve(path_or_repo)
     model = load_model(path, dtype, swap=speed_up)
     WIRED_LIMIT.hold(model)

@@ -39,6 +39,15 @@ def test_another_dtype_is_an_option_error_before_anything_is_read(floats, tmp_pa
     assert str(e.value) == f"dtype={dtype!r} must be one of float16, bfloat16, float32, as a name or an mlx.core dtype"
 
 
+def test_a_bad_dtype_fails_before_a_hub_download(monkeypatch):
+    def download(*args, **kwargs):
+        raise AssertionError("downloaded")
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", download)
+    with pytest.raises(OptionError):
+        load("Qwen/Qwen3-0.6B", dtype="int4")
+
+
 def test_the_tokenizer_carries_the_checkpoints_generation_config(chat_ckpt):
     _, tokenizer = load(chat_ckpt)
     assert tokenizer.generation_config == json.loads((chat_ckpt / "generation_config.json").read_text())
