@@ -161,8 +161,8 @@ def convert(source: str | Path, output: str | Path, *, quantize: bool = False, b
 def _check_source(given: str | Path, src: Path, args: ModelArgs, quantize: bool, dequantize: bool,
                   weights_only: bool) -> None:
     if quantize and args.quantization:
-        raise OptionError(f"{given}: is already quantized ({args.quantization['bits']}-bit "
-                          f"{args.quantization['mode']}); quantize the original float checkpoint, or pass --dequantize")
+        raise OptionError(f"{given}: is already quantized ({args.quantization['mode']}); quantize the original "
+                          f"float checkpoint, or pass --dequantize")
     if dequantize and not args.quantization:
         raise OptionError(f"{given}: is not quantized; --dequantize applies to quantized MLX checkpoints")
     # Without a tokenizer the output loads but can never turn a prompt into ids: say so now, not at generate.
