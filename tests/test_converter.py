@@ -353,6 +353,13 @@ def test_a_source_without_tokenizer_json_is_refused_unless_weights_only(tmp_path
         "config.json", "model-00001-of-00001.safetensors", "model.safetensors.index.json"]
 
 
+def test_cli_refuses_a_source_without_tokenizer_json_in_one_line(tmp_path):
+    source = make_checkpoint(tmp_path / "bare", **SMALL)
+    result = CliRunner().invoke(main, ["convert", str(source), str(tmp_path / "out")])
+    assert result.exit_code == 1 and result.stderr.startswith(f"error: {source}: has no tokenizer.json")
+    assert result.stderr.count("\n") == 1 and not (tmp_path / "out").exists()
+
+
 def test_tokenizer_files_are_copied(hf, tmp_path):
     out = convert(hf, tmp_path / "out").path
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
