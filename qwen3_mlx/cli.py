@@ -87,12 +87,15 @@ def parse_template_config(ctx: click.Context, param: click.Parameter, value: str
     return config
 
 
+DEFAULTS = GenerationOptions()  # the defaults shown in --help are the library's
+
 GENERATION_OPTIONS = [
-    click.option("--think/--no-think", default=True, show_default=True,
+    click.option("--think/--no-think", default=DEFAULTS.think, show_default=True,
                  help="Qwen3's thinking mode (the template's enable_thinking); it also picks the sampling defaults."),
     click.option("--thinking-budget", type=click.IntRange(min=0), metavar="N",
                  help="Most reasoning tokens, then the reasoning is closed early; 0 = no reasoning."),
-    click.option("--max-tokens", "-m", type=click.IntRange(min=0), default=4096, show_default=True,
+    click.option("--max-tokens", "-m", type=click.IntRange(min=0), default=DEFAULTS.max_tokens,
+                 show_default=True,
                  help="Most answer tokens (with no --thinking-budget: reasoning and answer together)."),
     click.option("--temp", type=click.FloatRange(min=0),
                  help="Temperature; 0 is greedy. Default: Qwen's for the mode (thinking 0.6, non-thinking 0.7)."),
@@ -114,7 +117,8 @@ GENERATION_OPTIONS = [
                  help='mlx_lm\'s template variables, e.g. {"enable_thinking": false} (the same as --no-think).'),
     click.option("--max-kv-size", type=click.IntRange(min=1), metavar="N",
                  help="A rotating cache of N tokens that keeps the system prompt; memory stays bounded."),
-    click.option("--prefill-step-size", type=click.IntRange(min=1), default=2048, show_default=True,
+    click.option("--prefill-step-size", type=click.IntRange(min=1), default=DEFAULTS.prefill_step_size,
+                 show_default=True,
                  help="Prompt tokens computed per step; smaller lowers peak memory."),
     click.option("--hide-thinking", is_flag=True, help="Do not print the reasoning."),
     click.option("--verbose", "-v", is_flag=True, help="Print token counts, speeds and memory on stderr."),
