@@ -1,14 +1,16 @@
 """qwen3-mlx: Qwen3 dense language models in MLX.
 
-    from qwen3_mlx import load, generate, stream_generate
+    from qwen3_mlx import load, generate, stream_generate, GenerationOptions
     model, tokenizer = load("mlx-community/Qwen3-1.7B-4bit")
     result = generate(model, tokenizer, "Why is the sky blue?", thinking_budget=256)
     print(result.reasoning, result.content)
+    result = generate(model, tokenizer, "And at sunset?", GenerationOptions(think=False, seed=0))
 """
 
 from .errors import ConfigError, OptionError, Qwen3Error
 from .generation import GenerationResult, GenerationStats, generate, stream_generate
 from .loader import load
+from .options import GenerationOptions
 
-__all__ = ["load", "generate", "stream_generate", "GenerationResult", "GenerationStats",
+__all__ = ["load", "generate", "stream_generate", "GenerationOptions", "GenerationResult", "GenerationStats",
            "Qwen3Error", "ConfigError", "OptionError"]
