@@ -1,5 +1,6 @@
 """A stub model with scripted logits, for tests of the generation loop and the chat."""
 
+import time
 from types import SimpleNamespace
 
 import mlx.core as mx
@@ -13,13 +14,15 @@ class ScriptedModel:
     """Logits that make `script(response so far)` the next token, whatever the sampler.
 
     It keeps a real KVCache of dummy entries, so trimming and roll-back act as they do on a model.
+    Every call takes `seconds_per_call` at least, however many tokens it reads.
     """
 
-    def __init__(self, script, header):
+    def __init__(self, script, header, seconds_per_call=0.0):
         self.script = script
         self.header = header  # the response is what follows the last occurrence of these ids
         self.args = SimpleNamespace(vocab_size=VOCAB, max_position_embeddings=4096)
         self.fed: list[int] = []
+        self.seconds_per_call = seconds_per_call
 
     def make_cache(self, max_kv_size=None, keep=0):
         return [KVCache()]
@@ -30,6 +33,7 @@ class ScriptedModel:
         return self.fed[max(starts, default=len(self.fed)) :]
 
     def __call__(self, ids, cache):
+        time.sleep(self.seconds_per_call)
         c, n = cache[0], ids.shape[1]
         del self.fed[c.offset :]
         self.fed += ids[0].tolist()

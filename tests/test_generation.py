@@ -1,9 +1,13 @@
 """Generation: thinking budget, stop rules, limits and seeds, on a scripted stub and a tiny random model."""
 
+import mlx.core as mx
+import numpy as np
 import pytest
 from checkpoints import make_checkpoint
 from stubs import ScriptedModel, thinker
 
+from qwen3_mlx import GenerationOptions
+from qwen3_mlx.errors import OptionError
 from qwen3_mlx.generation import EARLY_STOP_TEXT, ThinkingBudget, generate, stream_generate
 from qwen3_mlx.loader import load
 from qwen3_mlx.tokenizer import Tokenizer
@@ -118,6 +122,83 @@ def test_reasoning_and_answer_are_separated_by_token_id(tok):
     assert r.text == "<think>Let me think.\n\nLet me think.</think>Yes."
 
 
+def continuing(tok, seen, continuation):
+    """A model that writes `continuation`, then ends its turn, after a response that began with `seen`."""
+    eot = tok.token_to_id("<|im_end|>")
+
+    def script(response):
+        i = len(response) - len(seen)
+        return continuation[i] if 0 <= i < len(continuation) else eot
+
+    return script
+
+
+@pytest.mark.parametrize("think", [True, False])
+def test_a_prefilled_answer_follows_an_empty_reasoning_block_in_either_mode(tok, think):
+    seen = tok.encode("<think>\n\n</think>\n\nThe answer is")
+    model = stub(tok, continuing(tok, seen, tok.encode(" 4.")))
+    r = generate(model, tok, "2 + 2?", think=think, prefill_response="The answer is")
+    assert model.response()[: len(seen)] == seen  # one empty block, whichever template wrote it
+    assert (r.reasoning, r.content, r.stats.reasoning_tokens) == ("", " 4.", 0)
+    assert r.stats.answer_tokens == len(tok.encode(" 4.")) == 3  # " ", "4", "."
+
+
+def test_a_prefill_that_opens_the_reasoning_is_continued_as_reasoning(tok):
+    seen = tok.encode("<think>\nFirst,")
+    model = stub(tok, continuing(tok, seen, tok.encode(" add.") + [tok.think_end_id] + tok.encode("\n\n4")))
+    r = generate(model, tok, "2 + 2?", prefill_response="<think>\nFirst,")
+    assert model.response()[: len(seen)] == seen
+    assert (r.reasoning, r.content, r.stats.reasoning_tokens) == (" add.", "4", 2)
+
+
+def test_a_prefill_after_token_ids_is_appended_as_it_is(tok):
+    model = stub(tok, lambda response: tok.token_to_id("<|im_end|>"))
+    ids = tok.encode("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+    r = generate(model, tok, ids, prefill_response="Hello")
+    assert model.fed == ids + tok.encode("Hello") + [tok.token_to_id("<|im_end|>")]
+    assert r.stats.prompt_tokens == len(ids) + 1
+
+
+def test_options_and_keywords_set_the_same_fields(tok):
+    script = thinker(tok, tok.encode(" x"), tok.encode(" y" * 20))
+    by_options = run(tok, script, options=GenerationOptions(max_tokens=6, thinking_budget=5))[1]
+    by_keywords = run(tok, script, max_tokens=6, thinking_budget=5)[1]
+    overridden = run(tok, script, options=GenerationOptions(max_tokens=50, thinking_budget=1), max_tokens=6,
+                     thinking_budget=5)[1]
+    assert by_options.token_ids == by_keywords.token_ids == overridden.token_ids
+    assert (by_options.stats.reasoning_tokens, by_options.stats.answer_tokens) == (5, 6)
+
+
+def test_an_unknown_keyword_is_an_option_error_that_lists_the_options(tok):
+    with pytest.raises(OptionError) as e:
+        generate(stub(tok, lambda r: 0), tok, "q", max_token=5)
+    assert str(e.value) == (
+        "unknown generation option 'max_token'; expected one of logit_bias, max_kv_size, max_tokens, min_p, "
+        "prefill_step_size, presence_penalty, repetition_penalty, seed, stop, temp, think, thinking_budget, "
+        "top_k, top_p")
+
+
+def test_prefill_progress_is_reported_once_per_chunk(tok):
+    calls = []
+    generate(stub(tok, lambda r: 0), tok, list(range(5, 15)), max_tokens=1, prefill_step_size=4,
+             progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(4, 10), (8, 10), (10, 10)]
+
+
+def test_the_decode_rate_counts_drawn_tokens_only_and_not_the_forced_pass(tok):
+    delay = 0.02  # every model call, whatever its length; so a step takes at least this
+    budgeted = ScriptedModel(thinker(tok, tok.encode(" x"), tok.encode(" y" * 30)), stub(tok, None).header, delay)
+    plain = ScriptedModel(thinker(tok, tok.encode(" x"), tok.encode(" y" * 30), reasoning_len=20),
+                          stub(tok, None).header, delay)
+    cut = generate(budgeted, tok, "q", thinking_budget=20).stats
+    whole = generate(plain, tok, "q").stats
+    assert cut.forced_tokens == len(tok.encode(EARLY_STOP_TEXT)) and whole.forced_tokens == 0
+    # Not decode steps: the first token (out of the prefill), and the first after the forced pass.
+    assert (cut.decode_tokens, whole.decode_tokens) == (cut.sampled_tokens - 2, whole.sampled_tokens - 1)
+    assert cut.generation_tps < 1 / delay and whole.generation_tps < 1 / delay
+    assert 0.75 < cut.generation_tps / whole.generation_tps < 1.33
+
+
 def test_empty_prompt_is_refused_in_raw_mode(tok):
     from qwen3_mlx.errors import Qwen3Error
 
@@ -151,6 +232,17 @@ def test_budget_on_a_random_model_that_starts_inside_reasoning(tiny):
     assert r.stats.forced_tokens == len(tokenizer.encode(EARLY_STOP_TEXT))
     assert "Considering the limited time by the user" in r.reasoning
     assert r.stats.answer_tokens == 6
+
+
+def test_a_seeded_request_gives_the_same_tokens_whatever_runs_between_and_leaves_the_global_state(tiny):
+    model, tokenizer = tiny
+    first = generate(model, tokenizer, "Hello", seed=7, max_tokens=12).token_ids
+    mx.random.seed(1)
+    generate(model, tokenizer, "Hi", max_tokens=5)  # unseeded: draws from MLX's global state
+    state = np.array(mx.random.state[0])
+    again = generate(model, tokenizer, "Hello", seed=7, max_tokens=12).token_ids
+    assert again == first
+    np.testing.assert_array_equal(np.array(mx.random.state[0]), state)
 
 
 def test_same_seed_same_tokens(tiny):
