@@ -484,16 +484,16 @@ def encode_prompt(tokenizer: Tokenizer, prompt: str | Messages | Sequence[int], 
     """(prompt token ids, whether the model is asked to think). Token ids pass through as they are;
     `prefill_response` follows the prompt (see stream_generate for the rule)."""
     if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(t, int) for t in prompt):
-        return list(prompt) + (tokenizer.encode(prefill_response) if prefill_response else []), think
-    thinking = think if raw else thinking_requested(prompt, think)  # type: ignore[arg-type]
-    text = build_prompt(tokenizer, prompt, system=system, think=think, raw=raw, tools=tools)  # type: ignore[arg-type]
-    if not prefill_response:
-        return tokenizer.encode(text), thinking
-    if not raw and _needs_closed_reasoning(text, prefill_response):
-        prefill_response = "<think>" + EMPTY_THINKING_TEXT + prefill_response
-    ids = tokenizer.encode(text + prefill_response)
-    # A prefilled answer ends the thinking; a prefill inside the reasoning continues it.
-    return ids, thinking and _starts_in_reasoning(tokenizer, ids)
+        ids, thinking = list(prompt) + (tokenizer.encode(prefill_response) if prefill_response else []), think
+    else:
+        thinking = think if raw else thinking_requested(prompt, think)  # type: ignore[arg-type]
+        text = build_prompt(tokenizer, prompt, system=system, think=think, raw=raw, tools=tools)  # type: ignore[arg-type]
+        if prefill_response and not raw and _needs_closed_reasoning(text, prefill_response):
+            prefill_response = "<think>" + EMPTY_THINKING_TEXT + prefill_response
+        ids = tokenizer.encode(text + (prefill_response or ""))
+    if prefill_response:  # a prefilled answer ends the thinking; a prefill inside the reasoning continues it
+        thinking = thinking and _starts_in_reasoning(tokenizer, ids)
+    return ids, thinking
 
 
 def _needs_closed_reasoning(text: str, prefill: str) -> bool:
@@ -612,9 +612,8 @@ def stream_generate(
         tools: tool definitions passed to the chat template.
         prefill_response: the start of the response, which the model continues (not yielded). It is
             reasoning when it starts with <think> or the template has opened the block; otherwise it
-            is the answer, and an empty reasoning block goes before it when the template has not
-            closed one, so the model answers without reasoning. After raw text or token ids it is
-            appended as it is.
+            is the answer, after an empty reasoning block (the template's, or one put in), so the
+            model answers without reasoning. After raw text or token ids it is appended as it is.
         keep: with a rotating cache (options.max_kv_size), the tokens it always keeps (default: the
             system turn, else 4).
         cache: a cache holding a prefix of the prompt's tokens (reused; only the rest is computed).
@@ -623,11 +622,9 @@ def stream_generate(
         **kwargs: GenerationOptions fields, which override those of `options` (the keyword API:
             `stream_generate(model, tok, "q", max_tokens=5, thinking_budget=3)`).
 
-    Limits: every token the model draws counts toward one. Without a thinking budget, max_tokens
-    counts them all (<think> and </think> too); with one, the budget bounds the reasoning and
-    max_tokens the answer. Without a rotating cache, prompt and response never exceed the model's
-    context (max_position_embeddings): the response ends there with finish_reason "length".
-    max_tokens=0 computes nothing.
+    Every token the model draws counts toward a limit (see GenerationOptions.max_tokens). Without a
+    rotating cache, prompt and response never exceed the model's context (max_position_embeddings):
+    the response ends there with finish_reason "length". max_tokens=0 computes nothing.
 
     Yields:
         Chunk(text, kind, token, stats); `stats` is one object updated as the run goes on, so it is

@@ -17,7 +17,9 @@ class GenerationOptions:
 
     think: Qwen3's enable_thinking ("/no_think" in the last user message also turns it off).
     thinking_budget: the most reasoning tokens (0: no reasoning); None for no limit.
-    max_tokens: the most answer tokens; without a budget, reasoning and answer together.
+    max_tokens: the most tokens the model may draw for the answer; without a thinking budget, for
+        the reasoning and the answer together, <think> and </think> included. (With a budget, the
+        budget bounds the reasoning's tokens.)
     temp, top_p, top_k, min_p: sampling; None takes Qwen's defaults for the mode, then
         generation_config.json. temp 0 is greedy decoding.
     presence_penalty, repetition_penalty, logit_bias: over every generated token.
