@@ -301,7 +301,7 @@ def generate(model: str, prompt: str, system: str | None, raw: bool, prefill_res
     """
     import warnings
 
-    from .chat import open_prompt_cache, save_prompt_cache
+    from .prompt_cache import open_prompt_cache, save_prompt_cache
     from .generation import encode_prompt, stream_generate
     from .loader import load
 
@@ -321,11 +321,6 @@ def generate(model: str, prompt: str, system: str | None, raw: bool, prefill_res
     print_response(chunks, display)
     if cache is not None and not save_prompt_cache(prompt_cache, cache, ids, loaded):
         click.echo(f"warning: {prompt_cache} not saved: the rotating cache has moved past the prompt", err=True)
-
-
-def _keywords(options: GenerationOptions) -> dict[str, Any]:
-    """ChatSession's keyword form of `options`, until it takes the value itself."""
-    return {f.name: getattr(options, f.name) for f in dataclasses.fields(options)}
 
 
 # ---------------------------------------------------------------- chat
@@ -383,13 +378,15 @@ def save_or_load(session: Any, name: str, arg: str) -> None:
     if not arg:
         raise OptionError(f"{name} needs a file name")
     path = Path(arg).expanduser()
-    if name == "/save":
-        check_writable(path)
-        session.save(path)
-    else:
+    if name == "/load":
         session.load(path)
-    click.echo(f"{'saved' if name == '/save' else 'loaded'} {len(session.messages)} messages, "
-               f"{len(session.cached)} cached tokens: {arg}", err=True)
+        click.echo(f"loaded {len(session.messages)} messages, {len(session.cached)} cached tokens: {arg}", err=True)
+        return
+    check_writable(path)
+    saved = session.save(path)
+    held = f"{saved.held} cached tokens" if saved.held == saved.tokens else (
+        f"{saved.held} of {saved.tokens} tokens cached (the rotating cache keeps the start and the latest)")
+    click.echo(f"saved {len(session.messages)} messages, {held}: {arg}", err=True)
 
 
 def read_message(interactive: bool) -> str | None:
@@ -438,7 +435,7 @@ def chat(model: str, system: str | None, options: GenerationOptions, display: Di
     from .loader import load
 
     loaded, tokenizer = load(model)
-    session = ChatSession(loaded, tokenizer, system=system, **_keywords(options))
+    session = ChatSession(loaded, tokenizer, options, system=system)
     warnings.showwarning = _show_warning
     interactive = sys.stdin.isatty()
     if interactive:

@@ -7,7 +7,8 @@ from checkpoints import make_checkpoint
 from click.testing import CliRunner
 from stubs import ScriptedModel, thinker
 
-from qwen3_mlx.chat import ChatSession, common_prefix, load_cache, save_cache
+from qwen3_mlx.chat import ChatSession
+from qwen3_mlx.prompt_cache import common_prefix, load_cache, save_cache
 from qwen3_mlx.cli import main
 from qwen3_mlx.errors import Qwen3Error
 from qwen3_mlx.generation import encode_prompt, generate

@@ -1,0 +1,163 @@
+"""Cache files and prefix reuse: a KV cache saved with the tokens it holds (chat /save, --prompt-cache),
+refused for another model, and trimmed back to the prefix a new prompt shares with it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+
+from .cache import KVCache, restore
+from .errors import Qwen3Error
+from .generation import make_prompt_cache
+from .model import Model
+from .tokenizer import Tokenizer
+
+CACHE_FORMAT = "qwen3-mlx-kv-cache/1"
+
+
+@dataclass(frozen=True)
+class SavedCache:
+    """What a cache file holds: `tokens` seen in all, of which the keys and values of `held` (fewer
+    when a rotating cache has moved past its window: the kept prefix and the latest tokens)."""
+
+    tokens: int
+    held: int
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def model_fingerprint(model: Model) -> str:
+    """Identifies the weights a cache was computed with: the architecture, the quantization, and a
+    few of the weights themselves (another model of the same shape has other norms)."""
+    args = asdict(model.args)
+    args["quantization"] = dict(model.args.quantization or {})
+    h = hashlib.sha256(json.dumps(args, sort_keys=True, default=str).encode())
+    h.update(memoryview(model.model.norm.weight.astype(mx.float32)))
+    h.update(memoryview(model.model.layers[0].input_layernorm.weight.astype(mx.float32)))
+    return h.hexdigest()[:32]
+
+
+def save_cache(path: Path, cache: list[KVCache], tokens: list[int], model: Model,
+               extra: dict[str, Any] | None = None) -> SavedCache:
+    """Write the cache, the tokens it holds and `extra` (e.g. the conversation) to a safetensors file.
+
+    The file is written beside its destination and renamed into place, so a failure leaves no half file.
+
+    Raises:
+        Qwen3Error: the folder does not exist or the file cannot be written; the message names the path.
+    """
+    if cache[0].offset != len(tokens):
+        raise Qwen3Error(f"internal: the cache holds {cache[0].offset} tokens, not {len(tokens)}")
+    arrays = {"tokens": mx.array(tokens, mx.int32)}
+    for i, c in enumerate(cache):
+        if c.offset:
+            arrays[f"layers.{i}.keys"], arrays[f"layers.{i}.values"], _ = c.stored()
+    held = arrays["layers.0.keys"].shape[2] if "layers.0.keys" in arrays else 0
+    meta = {"format": CACHE_FORMAT, "model": model_fingerprint(model), "offset": str(cache[0].offset),
+            "max_size": str(getattr(cache[0], "max_size", "")), "keep": str(getattr(cache[0], "keep", "")),
+            "extra": json.dumps(extra or {}, ensure_ascii=False)}
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise Qwen3Error(f"{path}: the folder {folder} does not exist; create it or give another path")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".safetensors", dir=folder)
+    except OSError as e:
+        raise Qwen3Error(f"{path}: could not write the cache file ({e.strerror or e}); give another path") from None
+    os.close(fd)
+    try:
+        mx.save_safetensors(tmp, arrays, metadata=meta)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise Qwen3Error(f"{path}: could not write the cache file ({e.strerror or e}); give another path") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return SavedCache(tokens=len(tokens), held=held)
+
+
+def load_cache(path: Path, model: Model) -> tuple[list[KVCache], list[int], dict[str, Any]]:
+    """Read a file written by save_cache; refuse one made with another model or quantization.
+
+    Returns:
+        (cache, tokens it holds, extra)
+
+    Raises:
+        Qwen3Error: no such file, not a cache file, or one made with another model.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise Qwen3Error(f"{path}: no such cache file")
+    try:
+        arrays, meta = mx.load(str(path), return_metadata=True)
+    except (RuntimeError, ValueError) as e:
+        raise Qwen3Error(f"{path}: not a readable cache file ({e})") from None
+    if meta.get("format") != CACHE_FORMAT:
+        raise Qwen3Error(f"{path}: not a qwen3-mlx cache file (format {meta.get('format')!r})")
+    if meta.get("model") != model_fingerprint(model):
+        raise Qwen3Error(f"{path}: was made with another model or quantization; "
+                         f"delete it or pass another file")
+    offset, tokens = int(meta["offset"]), arrays["tokens"].tolist()
+    cache = (model.make_cache(int(meta["max_size"]), int(meta["keep"])) if meta["max_size"]
+             else model.make_cache())
+    if offset:
+        for i, c in enumerate(cache):
+            restore(c, arrays[f"layers.{i}.keys"], arrays[f"layers.{i}.values"], offset)
+    return cache, tokens, json.loads(meta.get("extra") or "{}")
+
+
+def reuse(cache: list[KVCache], cached: list[int], prompt: list[int]) -> int:
+    """Trim `cache` (holding `cached`) back to its longest common prefix with `prompt`.
+
+    Returns how many prompt tokens the cache still holds, or -1 when it cannot be trimmed
+    (a rotating cache past its window) and must be rebuilt.
+    """
+    keep = common_prefix(cached, prompt)
+    if keep == len(cached):
+        return keep
+    if not all(c.is_trimmable() for c in cache):
+        return -1
+    for c in cache:
+        c.trim(c.offset - keep)
+    return keep
+
+
+# ---------------------------------------------------------------- one-shot prompt cache
+
+
+def open_prompt_cache(path: Path, model: Model, tokenizer: Tokenizer, prompt: list[int],
+                      system: str | None, max_kv_size: int | None) -> list[KVCache]:
+    """A cache for `prompt`: the one saved in `path` trimmed to the shared prefix, or a new one."""
+    if Path(path).exists():
+        cache, cached, _ = load_cache(path, model)
+        if reuse(cache, cached, prompt) >= 0:
+            return cache
+    return make_prompt_cache(model, tokenizer, prompt, system, max_kv_size)
+
+
+def save_prompt_cache(path: Path, cache: list[KVCache], prompt: list[int], model: Model) -> bool:
+    """Save the cache of `prompt` (the response is trimmed off); False when the cache has rotated.
+
+    Raises:
+        Qwen3Error: as save_cache.
+    """
+    if not all(c.is_trimmable() for c in cache):
+        return False
+    for c in cache:
+        c.trim(c.offset - len(prompt))
+    save_cache(path, cache, prompt, model)
+    return True
