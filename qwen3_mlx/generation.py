@@ -26,7 +26,7 @@ from .errors import OptionError, Qwen3Error
 from .model import Model
 from .options import DEFAULT_MAX_TOKENS, GenerationOptions
 from .sampling import Sampler, default_params, make_logits_processor, make_sampler
-from .tokenizer import StreamDetokenizer, Tokenizer
+from .tokenizer import StreamDetokenizer, Tokenizer, checked_messages
 
 # Qwen3 technical report, section 4.3: the text that ends reasoning early when the budget runs out.
 EARLY_STOP_TEXT = (
@@ -472,7 +472,7 @@ def build_prompt(tokenizer: Tokenizer, prompt: str | Messages, *, system: str | 
         if not isinstance(prompt, str):
             raise Qwen3Error("raw mode takes a string prompt, not a list of messages")
         return prompt
-    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else checked_messages(prompt)
     if system is not None:
         messages = [{"role": "system", "content": system}] + [m for m in messages if m.get("role") != "system"]
     return tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, enable_thinking=think)
@@ -486,6 +486,8 @@ def encode_prompt(tokenizer: Tokenizer, prompt: str | Messages | Sequence[int], 
     if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(t, int) for t in prompt):
         ids, thinking = list(prompt) + (tokenizer.encode(prefill_response) if prefill_response else []), think
     else:
+        if not raw and not isinstance(prompt, str):
+            prompt = checked_messages(prompt)  # one line for a malformed message; content lists made text
         thinking = think if raw else thinking_requested(prompt, think)  # type: ignore[arg-type]
         text = build_prompt(tokenizer, prompt, system=system, think=think, raw=raw, tools=tools)  # type: ignore[arg-type]
         if prefill_response and not raw and _needs_closed_reasoning(text, prefill_response):

@@ -153,7 +153,7 @@ class Tokenizer:
         if self._compiled is None:
             self._compiled = self._compile()
         # transformers drops None-valued keys and rebuilds the inputs from plain JSON types before rendering.
-        chat = [_alias_reasoning({k: _plain(v) for k, v in m.items()}) for m in _checked_messages(messages)]
+        chat = [_alias_reasoning({k: _plain(v) for k, v in m.items()}) for m in checked_messages(messages)]
         variables = {**self._special_tokens, **_plain(extra), "enable_thinking": enable_thinking}
         try:
             return self._compiled.render(messages=chat, tools=_plain(tools), documents=None,
@@ -178,7 +178,7 @@ class Tokenizer:
 # ---------------------------------------------------------------- messages
 
 
-def _checked_messages(messages: Any) -> list[dict]:
+def checked_messages(messages: Any) -> list[dict]:
     """The messages with None-valued keys dropped and each content one string; OptionError at the first
     malformed one, which a template would otherwise skip silently or fail on with a Jinja error."""
     if not isinstance(messages, (list, tuple)):

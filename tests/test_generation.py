@@ -267,3 +267,19 @@ def test_prompt_longer_than_the_context_names_the_option(tiny):
         generate(model, tokenizer, "word" + " word" * 4999, raw=True)
     assert str(e.value) == ("the prompt has 5000 tokens but the model's context is 4096 (max_position_embeddings); "
                             "shorten it, or pass --max-kv-size to use a rotating cache")
+
+
+def test_a_malformed_message_with_a_system_prompt_is_one_option_error(tok):
+    script = thinker(tok, tok.encode(" a"), tok.encode("b"), reasoning_len=1)
+    with pytest.raises(OptionError) as e:
+        generate(stub(tok, script), tok, ["hi"], max_tokens=3, system="Be brief.")
+    assert str(e.value) == 'messages[0] is a str; give an object like {"role": "user", "content": "..."}'
+
+
+def test_the_soft_switch_is_read_from_text_parts(tok):
+    from qwen3_mlx.generation import encode_prompt
+
+    parts = [{"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "text", "text": "/no_think"}]}]
+    ids, thinking = encode_prompt(tok, parts)
+    assert thinking is False
+    assert tok.decode(ids).endswith("hi\n/no_think<|im_end|>\n<|im_start|>assistant\n")
