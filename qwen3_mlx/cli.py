@@ -493,11 +493,13 @@ BITS = click.Choice(["2", "3", "4", "5", "6", "8"])
                    "being quantized).")
 @click.option("--dequantize", "-d", is_flag=True, help="Turn a quantized MLX checkpoint back into float weights.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+@click.option("--weights-only", is_flag=True,
+              help="Allow a SOURCE without tokenizer.json: OUTPUT then holds the weights and config only.")
 @user_errors
 @version
 def convert(source: str | None, output: Path | None, hf_path: str | None, mlx_path: Path | None, quantize: bool,
             bits: str, group_size: str, embed_bits: str | None, dtype: str | None, dequantize: bool,
-            force: bool) -> None:
+            force: bool, weights_only: bool) -> None:
     """Convert SOURCE (a Hugging Face or MLX folder, or a Hub repo id) into an MLX folder OUTPUT."""
     from click.core import ParameterSource
 
@@ -521,7 +523,7 @@ def convert(source: str | None, output: Path | None, hf_path: str | None, mlx_pa
     try:
         result = convert_checkpoint(source, output, quantize=quantize, bits=int(bits), group_size=int(group_size),
                                     embed_bits=int(embed_bits) if embed_bits else None, dtype=dtype,
-                                    dequantize=dequantize, force=force, progress=show)
+                                    dequantize=dequantize, force=force, weights_only=weights_only, progress=show)
     finally:
         if bar is not None:
             bar.render_finish()

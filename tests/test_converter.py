@@ -424,3 +424,10 @@ def test_convert_script_exit_codes(hf, tmp_path):
     assert exists.returncode == 1 and exists.stderr.strip().splitlines() == [
         f"error: {tmp_path / 'out'}: already exists; pass --force to replace it"]
     assert run("-q", "--dequantize").returncode == 2
+
+
+def test_cli_weights_only_converts_a_source_without_tokenizer_json(tmp_path):
+    source = make_checkpoint(tmp_path / "bare", **SMALL)
+    result = CliRunner().invoke(main, ["convert", str(source), str(tmp_path / "out"), "--weights-only"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out" / "config.json").exists() and not (tmp_path / "out" / "tokenizer.json").exists()
