@@ -309,6 +309,16 @@ def test_stats_after_reset_or_load_do_not_show_the_previous_answer(ckpt, tmp_pat
     assert result.stderr.endswith("\nno answer yet\n"), result.stderr
 
 
+
+def test_save_with_a_rotated_cache_says_how_much_of_the_conversation_it_holds(ckpt, tmp_path):
+    save = tmp_path / "c.safetensors"
+    result = run("chat", "--model", str(ckpt), "--max-kv-size", "24", "-m", "30", "--seed", "0", "--no-think",
+                 input=f"hi\n/save {save}\n")
+    assert result.exit_code == 0, result.output
+    saved = re.search(r"saved 2 messages, (\d+) of (\d+) tokens cached \(the rotating cache keeps the start and "
+                      r"the latest\): ", result.stderr)
+    assert saved and int(saved[1]) == 24 < int(saved[2]), result.stderr
+
 # ---------------------------------------------------------------- convert
 
 
