@@ -13,7 +13,8 @@ from typing import Any, Iterator
 
 from .cache import KVCache
 from .errors import OptionError, Qwen3Error
-from .generation import Chunk, GenerationStats, extend_cache, make_prompt_cache, stream_generate, thinking_requested
+from .generation import Chunk, GenerationStats, extend_cache, stream_generate
+from .prompt import make_prompt_cache, thinking_requested
 from .model import Model
 from .options import GenerationOptions
 from .prompt_cache import SavedCache, load_cache, reuse, save_cache

@@ -302,7 +302,8 @@ def generate(model: str, prompt: str, system: str | None, raw: bool, prefill_res
     import warnings
 
     from .prompt_cache import open_prompt_cache, save_prompt_cache
-    from .generation import encode_prompt, stream_generate
+    from .generation import stream_generate
+    from .prompt import encode_prompt
     from .loader import load
 
     check_raw(raw, system, prefill_response)

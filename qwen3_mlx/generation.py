@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
+from typing import Any, Callable, Iterator, Literal, Sequence
 
 import mlx.core as mx
 
@@ -24,21 +24,26 @@ from .cache import KVCache, RotatingKVCache
 from .device import generation_stream
 from .errors import OptionError, Qwen3Error
 from .model import Model
-from .options import DEFAULT_MAX_TOKENS, GenerationOptions
+from .options import GenerationOptions
+from .prompt import (
+    EMPTY_THINKING_TEXT,
+    Messages,
+    check_prompt_ids,
+    encode_prompt,
+    make_prompt_cache,
+    starts_in_reasoning,
+)
 from .sampling import Sampler, default_params, make_logits_processor, make_sampler
-from .tokenizer import StreamDetokenizer, Tokenizer, checked_messages
+from .tokenizer import StreamDetokenizer, Tokenizer
 
 # Qwen3 technical report, section 4.3: the text that ends reasoning early when the budget runs out.
 EARLY_STOP_TEXT = (
     "\n\nConsidering the limited time by the user, I have to give the solution "
     "based on the thinking directly now.\n</think>\n\n"
 )
-# What Qwen3's template writes for enable_thinking=False: an empty reasoning block.
-EMPTY_THINKING_TEXT = "\n\n</think>\n\n"
 _THOUGHT_ENDS = ("\n", ".", "!", "?", "。", "！", "？", "…")
 
 Kind = Literal["reasoning", "answer"]
-Messages = Sequence[Mapping[str, object]]
 Progress = Callable[[int, int], None]
 Processor = Callable[[mx.array, mx.array], mx.array]
 
@@ -465,96 +470,6 @@ class _Response:
 # ---------------------------------------------------------------- prompts
 
 
-def build_prompt(tokenizer: Tokenizer, prompt: str | Messages, *, system: str | None = None,
-                 think: bool = True, raw: bool = False, tools: list[dict] | None = None) -> str:
-    """The text the model reads: the chat template applied to `prompt`, or `prompt` itself when raw."""
-    if raw:
-        if not isinstance(prompt, str):
-            raise Qwen3Error("raw mode takes a string prompt, not a list of messages")
-        return prompt
-    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else checked_messages(prompt)
-    if system is not None:
-        messages = [{"role": "system", "content": system}] + [m for m in messages if m.get("role") != "system"]
-    return tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, enable_thinking=think)
-
-
-def encode_prompt(tokenizer: Tokenizer, prompt: str | Messages | Sequence[int], *, system: str | None = None,
-                  think: bool = True, raw: bool = False, tools: list[dict] | None = None,
-                  prefill_response: str | None = None) -> tuple[list[int], bool]:
-    """(prompt token ids, whether the model is asked to think). Token ids pass through as they are;
-    `prefill_response` follows the prompt (see stream_generate for the rule)."""
-    if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(t, int) for t in prompt):
-        ids, thinking = list(prompt) + (tokenizer.encode(prefill_response) if prefill_response else []), think
-    else:
-        if not raw and not isinstance(prompt, str):
-            prompt = checked_messages(prompt)  # one line for a malformed message; content lists made text
-        thinking = think if raw else thinking_requested(prompt, think)  # type: ignore[arg-type]
-        text = build_prompt(tokenizer, prompt, system=system, think=think, raw=raw, tools=tools)  # type: ignore[arg-type]
-        if prefill_response and not raw and _needs_closed_reasoning(text, prefill_response):
-            prefill_response = "<think>" + EMPTY_THINKING_TEXT + prefill_response
-        ids = tokenizer.encode(text + (prefill_response or ""))
-    if prefill_response:  # a prefilled answer ends the thinking; a prefill inside the reasoning continues it
-        thinking = thinking and _starts_in_reasoning(tokenizer, ids)
-    return ids, thinking
-
-
-def _needs_closed_reasoning(text: str, prefill: str) -> bool:
-    """Whether `prefill` is an answer that has to follow an (empty) reasoning block: it does not open
-    one itself, the template has not opened one (Qwen3-2507 thinking templates end in <think>), nor
-    closed one (the non-thinking template ends in an empty block)."""
-    opened = text.rfind("<think>") > text.rfind("</think>")
-    return not (prefill.startswith("<think>") or opened or text.rstrip().endswith("</think>"))
-
-
-def thinking_requested(prompt: str | Messages, think: bool) -> bool:
-    """Qwen3's mode: enable_thinking, unless the last user turn says /no_think (the soft switch)."""
-    if not think:
-        return False
-    text = prompt if isinstance(prompt, str) else next(
-        (str(m.get("content", "")) for m in reversed(prompt) if m.get("role") == "user"), "")
-    return text.rfind("/no_think") <= text.rfind("/think")
-
-
-def check_prompt_ids(ids: Sequence[int], vocab_size: int) -> None:
-    """Refuse an empty prompt and ids the model has no embedding for (MLX would read out of bounds).
-
-    Raises:
-        Qwen3Error: the prompt is empty.
-        OptionError: an id is outside [0, vocab_size); the message names it and its position.
-    """
-    if not ids:
-        raise Qwen3Error("the prompt is empty; give some text")
-    for i, t in enumerate(ids):
-        if not 0 <= t < vocab_size:
-            raise OptionError(f"prompt token {i} is id {t}, outside the model's vocabulary [0, {vocab_size}); "
-                              "give ids that the tokenizer makes")
-
-
-def system_prefix_length(tokenizer: Tokenizer, prompt_ids: Sequence[int], system: str | None) -> int:
-    """Tokens of the system turn at the start of the prompt (what a rotating cache keeps); else 4,
-    the attention sinks of StreamingLLM."""
-    if system is not None:
-        head = tokenizer.encode(tokenizer.apply_chat_template(
-            [{"role": "system", "content": system}], add_generation_prompt=False))
-        if list(prompt_ids[: len(head)]) == head:
-            return len(head)
-    return min(4, len(prompt_ids))
-
-
-def make_prompt_cache(model: Model, tokenizer: Tokenizer, prompt_ids: Sequence[int], system: str | None,
-                      max_kv_size: int | None, keep: int | None = None) -> list[KVCache]:
-    """A plain cache, or a rotating one of max_kv_size tokens that keeps the system turn."""
-    if max_kv_size is None:
-        return model.make_cache()
-    if keep is None:
-        keep = system_prefix_length(tokenizer, prompt_ids, system)
-    if max_kv_size <= keep:
-        what = "the system prompt" if system is not None else "the first tokens, kept as attention sinks"
-        raise OptionError(f"max_kv_size={max_kv_size} must be larger than the kept prefix ({keep} tokens: {what}); "
-                          f"raise it{' or shorten the system prompt' if system is not None else ''}")
-    return model.make_cache(max_kv_size, keep)
-
-
 def _context_room(model: Model, prompt_ids: Sequence[int], rotating: bool) -> int | None:
     """How many response tokens fit after the prompt in the model's context; None with a rotating cache."""
     if rotating:
@@ -575,15 +490,6 @@ def _reuse_cache(cache: list[KVCache], prompt_ids: Sequence[int]) -> int:
         if c.offset > cached:
             c.trim(c.offset - cached)
     return cached
-
-
-def _starts_in_reasoning(tokenizer: Tokenizer, ids: Sequence[int]) -> bool:
-    """A prompt that ends inside an open <think> block (e.g. Qwen3-2507 thinking templates)."""
-    start, end = tokenizer.think_start_id, tokenizer.think_end_id
-    if start is None or start not in ids:
-        return False
-    last = len(ids) - 1 - list(reversed(ids)).index(start)
-    return end not in ids[last:]
 
 
 # ---------------------------------------------------------------- the API
@@ -654,7 +560,7 @@ def stream_generate(
     stats.cached_tokens = _reuse_cache(cache, prompt_ids)
     key = mx.random.key(opts.seed) if opts.seed is not None else None
     gen = TokenGenerator(model, cache, sampler, processor, key)
-    response = _Response(gen, tokenizer, budget, limits, opts.stop, stats, _starts_in_reasoning(tokenizer, prompt_ids))
+    response = _Response(gen, tokenizer, budget, limits, opts.stop, stats, starts_in_reasoning(tokenizer, prompt_ids))
     mx.reset_peak_memory()
     try:
         gen.prefill(prompt_ids[stats.cached_tokens :], opts.prefill_step_size, progress)

@@ -15,7 +15,7 @@ import mlx.core as mx
 
 from .cache import KVCache, restore
 from .errors import Qwen3Error
-from .generation import make_prompt_cache
+from .prompt import make_prompt_cache
 from .model import Model
 from .tokenizer import Tokenizer
 

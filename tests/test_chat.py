@@ -11,7 +11,8 @@ from qwen3_mlx.chat import ChatSession
 from qwen3_mlx.prompt_cache import common_prefix, load_cache, save_cache
 from qwen3_mlx.cli import main
 from qwen3_mlx.errors import Qwen3Error
-from qwen3_mlx.generation import encode_prompt, generate
+from qwen3_mlx.generation import generate
+from qwen3_mlx.prompt import encode_prompt
 from qwen3_mlx.loader import load
 
 
