@@ -14,9 +14,9 @@ from typing import Any, Iterator
 from .cache import KVCache
 from .errors import OptionError, Qwen3Error
 from .generation import Chunk, GenerationStats, extend_cache, stream_generate
-from .prompt import make_prompt_cache, thinking_requested
 from .model import Model
 from .options import GenerationOptions
+from .prompt import make_prompt_cache, thinking_requested
 from .prompt_cache import SavedCache, load_cache, reuse, save_cache
 from .tokenizer import Tokenizer
 
@@ -59,9 +59,11 @@ class ChatSession:
         self.options = self.options.replace(thinking_budget=tokens)
 
     def set_system(self, text: str | None) -> None:
+        """The system prompt of the next renders; None or "" for none. The cache is reused up to where it differs."""
         self.system = text or None
 
     def reset(self) -> None:
+        """Start a new conversation: no history, no cache, no figures; thinking back to options.think."""
         self.messages, self.cache, self.cached, self.last = [], None, [], None
         self._switch, self.thinking = "", self.options.think
 
