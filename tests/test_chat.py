@@ -8,12 +8,12 @@ from click.testing import CliRunner
 from stubs import ScriptedModel, thinker
 
 from qwen3_mlx.chat import ChatSession
-from qwen3_mlx.prompt_cache import common_prefix, load_cache, save_cache
 from qwen3_mlx.cli import main
 from qwen3_mlx.errors import Qwen3Error
 from qwen3_mlx.generation import generate
-from qwen3_mlx.prompt import encode_prompt
 from qwen3_mlx.loader import load
+from qwen3_mlx.prompt import encode_prompt
+from qwen3_mlx.prompt_cache import common_prefix, load_cache, save_cache
 
 
 def small(path, **kw):
@@ -198,3 +198,85 @@ def test_an_interrupted_step_leaves_every_layer_holding_the_same_tokens(tiny):
     session.cache[0].update_and_fetch(*(mx.zeros((1, 1, 1, 16)),) * 2)
     session._settle(held, None)
     assert {c.offset for c in session.cache} == {len(held)} and session.cached == held
+
+
+def test_ctrl_c_mid_answer_keeps_the_exchange_marked_and_its_figures(tok_stub):
+    tok, _ = tok_stub
+    header = tok.encode("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    answer = tok.encode("One two three four five six")
+
+    def script(response):
+        if len(response) == 4:
+            raise KeyboardInterrupt  # Ctrl-C while the fifth token is computed
+        return answer[len(response)]
+
+    session = ChatSession(ScriptedModel(script, header=header), tok, think=False, max_tokens=20, eager=False)
+    shown = []
+    with pytest.raises(KeyboardInterrupt):
+        for chunk in session.send("count"):
+            shown.append(chunk.text)
+    # The history and the figures hold what was shown; the cache is trimmed back to the same tokens.
+    shown_ids = session.last.token_ids
+    assert len(shown_ids) >= 3 and shown_ids == answer[: len(shown_ids)]
+    assert session.messages == [{"role": "user", "content": "count"},
+                                {"role": "assistant", "content": tok.decode(shown_ids), "interrupted": True}]
+    assert "".join(shown) == tok.decode(shown_ids) and session.last.finish_reason == "interrupted"
+    assert session.cached[-len(shown_ids):] == shown_ids and session.cache[0].offset == len(session.cached)
+
+
+def test_set_thinking_appends_the_soft_switch_to_the_next_message_only(tiny):
+    model, tok = tiny
+    session = ChatSession(model, tok, max_tokens=2, temp=0, eager=False)
+    session.set_thinking(False)
+    drain(session.send("one"))
+    drain(session.send("two"))
+    assert [m["content"] for m in session.messages if m["role"] == "user"] == ["one /no_think", "two"]
+    assert session.thinking is False and session.options.think is True  # the options keep the starting mode
+    session.reset()
+    assert session.thinking is True and session.messages == [] and session.last is None
+
+
+def test_set_system_takes_effect_on_the_next_render(tiny):
+    model, tok = tiny
+    session = ChatSession(model, tok, think=False)
+    hi = [{"role": "user", "content": "hi"}]
+    session.set_system("Be brief.")
+    assert session.render(hi) == session.tokenizer.encode(session.tokenizer.apply_chat_template(
+        [{"role": "system", "content": "Be brief."}] + hi, add_generation_prompt=True, enable_thinking=False))
+    session.set_system("")
+    assert session.system is None and session.render(hi) == ChatSession(model, tok, think=False).render(hi)
+
+
+def test_options_and_keywords_make_the_session_options(tiny):
+    from qwen3_mlx.errors import OptionError
+    from qwen3_mlx.options import GenerationOptions
+
+    model, tok = tiny
+    base = GenerationOptions(think=False, max_tokens=7, temp=0.0)
+    session = ChatSession(model, tok, base, max_kv_size=64)
+    assert session.options == GenerationOptions(think=False, max_tokens=7, temp=0.0, max_kv_size=64)
+    assert base.max_kv_size is None  # options are frozen: the keywords made a new value
+    drain(session.send("hi"))
+    assert session.cache[0].max_size == 64
+    with pytest.raises(OptionError, match="unknown generation option 'tmp'"):
+        ChatSession(model, tok, tmp=0.5)
+
+
+def test_a_tool_result_then_a_user_message_renders_as_transformers_does(tiny):
+    from checkpoints import tokenizer_dir
+    from transformers import AutoTokenizer
+
+    model, tok = tiny
+    tools = [{"type": "function", "function": {"name": "now", "description": "The time.",
+                                                "parameters": {"type": "object", "properties": {}}}}]
+    session = ChatSession(model, tok, tools=tools, system="Be brief.", think=False, max_tokens=3, temp=0)
+    drain(session.send("What time is it?"))
+    session.add_tool_result("12:00", name="now")
+    drain(session.send("And in Tokyo?"))
+    assert [m["role"] for m in session.messages] == ["user", "assistant", "tool", "user", "assistant"]
+    hf = AutoTokenizer.from_pretrained(str(tokenizer_dir()))
+    history = [{"role": "system", "content": "Be brief."}] + session.messages[:-1]
+    expected = hf.encode(hf.apply_chat_template(history, tools=tools, tokenize=False, add_generation_prompt=True,
+                                                enable_thinking=False), add_special_tokens=False)
+    assert session.cached[: len(expected)] == expected
+    assert "<|im_start|>user\n<tool_response>\n12:00\n</tool_response><|im_end|>" in tok.decode(expected)
