@@ -280,3 +280,40 @@ def test_a_tool_result_then_a_user_message_renders_as_transformers_does(tiny):
                                                 enable_thinking=False), add_special_tokens=False)
     assert session.cached[: len(expected)] == expected
     assert "<|im_start|>user\n<tool_response>\n12:00\n</tool_response><|im_end|>" in tok.decode(expected)
+
+
+def test_a_chat_stops_at_the_context_and_refuses_a_turn_past_it_keeping_the_conversation(tok_stub):
+    from qwen3_mlx.errors import Qwen3Error
+
+    tok, header = tok_stub
+    (word,) = tok.encode(" word")
+    model = ScriptedModel(lambda response: word, header=header)
+    model.args.max_position_embeddings = 40
+    session = ChatSession(model, tok, think=False, max_tokens=100, eager=False)
+    drain(session.send("question"))
+    assert session.last.finish_reason == "length"
+    assert session.last.prompt_tokens + len(session.last.token_ids) == 40 == session.cache[0].offset
+    history = list(session.messages)
+    with pytest.raises(Qwen3Error, match=r"^the prompt has \d+ tokens but the model's context is 40 "):
+        drain(session.send("more"))
+    assert session.messages == history and session.cache[0].offset == len(session.cached)
+    session.reset()
+    drain(session.send("again"))  # a new conversation fits again
+    assert session.last.finish_reason == "length"
+
+
+def test_ctrl_c_before_the_first_token_keeps_the_message_with_an_empty_interrupted_answer(tok_stub):
+    tok, header = tok_stub
+
+    def script(response):
+        raise KeyboardInterrupt  # while the prompt is read
+
+    session = ChatSession(ScriptedModel(script, header=header), tok, think=False, eager=False)
+    with pytest.raises(KeyboardInterrupt):
+        drain(session.send("hello"))
+    assert session.messages == [{"role": "user", "content": "hello"},
+                                {"role": "assistant", "content": "", "interrupted": True}]
+    assert session.last is None  # no figures: nothing was generated
+    # The cache holds what was read of the prompt, and the next turn reuses it.
+    prompt = session.render(session.messages[:1])
+    assert session.cache[0].offset == len(session.cached) > 0 and session.cached == prompt[: len(session.cached)]
