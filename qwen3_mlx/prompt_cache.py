@@ -15,8 +15,8 @@ import mlx.core as mx
 
 from .cache import KVCache, restore
 from .errors import Qwen3Error
-from .prompt import make_prompt_cache
 from .model import Model
+from .prompt import make_prompt_cache
 from .tokenizer import Tokenizer
 
 CACHE_FORMAT = "qwen3-mlx-kv-cache/1"
