@@ -478,7 +478,7 @@ def _context_room(model: Model, prompt_ids: Sequence[int], rotating: bool) -> in
     if len(prompt_ids) > context:
         raise Qwen3Error(
             f"the prompt has {len(prompt_ids)} tokens but the model's context is {context} "
-            f"(max_position_embeddings); shorten it, or pass --max-kv-size to use a rotating cache")
+            f"(max_position_embeddings); shorten it, or use a rotating cache (--max-kv-size, max_kv_size in the API)")
     return context - len(prompt_ids)
 
 

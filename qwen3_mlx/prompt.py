@@ -34,6 +34,8 @@ def encode_prompt(tokenizer: Tokenizer, prompt: str | Messages | Sequence[int], 
                   prefill_response: str | None = None) -> tuple[list[int], bool]:
     """(prompt token ids, whether the model is asked to think). Token ids pass through as they are;
     `prefill_response` follows the prompt (see stream_generate for the rule)."""
+    if isinstance(prompt, str) and not prompt.strip():  # one rule, with or without the template (the CLI's too)
+        raise Qwen3Error("the prompt is empty; give some text")
     if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(t, int) for t in prompt):
         ids, thinking = list(prompt) + (tokenizer.encode(prefill_response) if prefill_response else []), think
     else:

@@ -73,17 +73,17 @@ def save_cache(path: Path, cache: list[KVCache], tokens: list[int], model: Model
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
-        raise Qwen3Error(f"{path}: the folder {folder} does not exist; create it or give another path")
+        raise Qwen3Error(f"{path}: the folder {folder} does not exist; create it or choose another path")
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".safetensors", dir=folder)
     except OSError as e:
-        raise Qwen3Error(f"{path}: could not write the cache file ({e.strerror or e}); give another path") from None
+        raise Qwen3Error(f"{path}: could not write the cache file ({e.strerror or e}); choose another path") from None
     os.close(fd)
     try:
         mx.save_safetensors(tmp, arrays, metadata=meta)
         os.replace(tmp, path)
     except OSError as e:
-        raise Qwen3Error(f"{path}: could not write the cache file ({e.strerror or e}); give another path") from None
+        raise Qwen3Error(f"{path}: could not write the cache file ({e.strerror or e}); choose another path") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

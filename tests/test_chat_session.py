@@ -5,22 +5,14 @@ import itertools
 import os
 
 import pytest
-from checkpoints import make_checkpoint, tokenizer_dir
+from checkpoints import tokenizer_dir
 
 from qwen3_mlx.chat import ChatSession
 from qwen3_mlx.errors import OptionError, Qwen3Error
-from qwen3_mlx.loader import load
 
 TOOLS = [{"type": "function", "function": {
     "name": "get_weather", "description": "The weather in a city.",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    path = make_checkpoint(tmp_path_factory.mktemp("chat"), tokenizer=True, hidden_size=32, intermediate_size=64,
-                           num_attention_heads=2, num_key_value_heads=1)
-    return load(path)
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +75,7 @@ def test_saving_into_a_missing_folder_is_one_line_and_nothing_is_written(tiny, t
     target = tmp_path / "no" / "such" / "f.safetensors"
     with pytest.raises(Qwen3Error) as e:
         session.save(target)
-    assert str(e.value) == f"{target}: the folder {target.parent} does not exist; create it or give another path"
+    assert str(e.value) == f"{target}: the folder {target.parent} does not exist; create it or choose another path"
     assert os.listdir(tmp_path) == []
     assert len(session.messages) == 2  # the conversation goes on
 

@@ -6,14 +6,7 @@ import threading
 import mlx.core as mx
 import pytest
 
-from checkpoints import make_checkpoint
 from qwen3_mlx import device, generate, load
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return make_checkpoint(tmp_path_factory.mktemp("tiny"), tokenizer=True, hidden_size=32,
-                           intermediate_size=64, num_attention_heads=2, num_key_value_heads=1)
 
 
 @pytest.fixture
@@ -31,9 +24,9 @@ def fake_metal(monkeypatch):
     return limits
 
 
-def test_on_metal_the_wired_limit_is_held_while_a_model_lives(tiny, fake_metal):
-    first, _ = load(tiny)
-    second, _ = load(tiny)
+def test_on_metal_the_wired_limit_is_held_while_a_model_lives(tiny_checkpoint, fake_metal):
+    first, _ = load(tiny_checkpoint)
+    second, _ = load(tiny_checkpoint)
     assert fake_metal == [123 * 2**20]  # raised once, whatever the number of models
     del first
     gc.collect()
@@ -43,16 +36,16 @@ def test_on_metal_the_wired_limit_is_held_while_a_model_lives(tiny, fake_metal):
     assert fake_metal == [123 * 2**20, 7]  # the previous limit, once the last model is gone
 
 
-def test_off_metal_the_wired_limit_is_left_alone(tiny, monkeypatch):
+def test_off_metal_the_wired_limit_is_left_alone(tiny_checkpoint, monkeypatch):
     monkeypatch.setattr(mx.metal, "is_available", lambda: False)
     monkeypatch.setattr(mx, "set_wired_limit", lambda n: pytest.fail("the wired limit was set"))
-    model, _ = load(tiny)
+    model, _ = load(tiny_checkpoint)
     del model
     gc.collect()
 
 
-def test_on_metal_generation_runs_on_a_stream_of_its_own(tiny, fake_metal):
-    model, tok = load(tiny)
+def test_on_metal_generation_runs_on_a_stream_of_its_own(tiny_checkpoint, fake_metal):
+    model, tok = load(tiny_checkpoint)
     expected = generate(model, tok, "hi", max_tokens=5, temp=0, think=False).token_ids
     streams = []
     real = mx.stream
@@ -71,8 +64,8 @@ def test_on_metal_generation_runs_on_a_stream_of_its_own(tiny, fake_metal):
     assert got == expected
 
 
-def test_a_model_loaded_in_one_thread_generates_in_others(tiny):
-    model, tok = load(tiny)
+def test_a_model_loaded_in_one_thread_generates_in_others(tiny_checkpoint):
+    model, tok = load(tiny_checkpoint)
     expected = generate(model, tok, "hi", max_tokens=6, temp=0, think=False).token_ids
     results, errors = [], []
 
@@ -89,11 +82,11 @@ def test_a_model_loaded_in_one_thread_generates_in_others(tiny):
     assert errors == [] and results == [expected, expected]
 
 
-def test_a_model_loaded_and_used_in_a_second_thread_after_another(tiny):
+def test_a_model_loaded_and_used_in_a_second_thread_after_another(tiny_checkpoint):
     out = []
 
     def run():
-        model, tok = load(tiny)
+        model, tok = load(tiny_checkpoint)
         out.append(generate(model, tok, "hi", max_tokens=4, temp=0, think=False).token_ids)
 
     for _ in range(2):

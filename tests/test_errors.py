@@ -487,7 +487,7 @@ def test_a_prompt_longer_than_the_context_names_max_kv_size(chat_ckpt):
     result = cli(chat_ckpt, "--raw", "-p", "word" + " word" * 4999)
     assert one_line_error(result) == (
         "the prompt has 5000 tokens but the model's context is 4096 (max_position_embeddings); shorten it, "
-        "or pass --max-kv-size to use a rotating cache")
+        "or use a rotating cache (--max-kv-size, max_kv_size in the API)")
 
 
 @pytest.mark.parametrize("template, attribute, owner", [

@@ -3,13 +3,11 @@
 import mlx.core as mx
 import numpy as np
 import pytest
-from checkpoints import make_checkpoint
 from stubs import ScriptedModel, thinker
 
 from qwen3_mlx import GenerationOptions
 from qwen3_mlx.errors import OptionError
 from qwen3_mlx.generation import EARLY_STOP_TEXT, ThinkingBudget, generate, stream_generate
-from qwen3_mlx.loader import load
 from qwen3_mlx.tokenizer import Tokenizer
 
 
@@ -216,13 +214,6 @@ def test_budget_must_not_be_negative():
 # ---------------------------------------------------------------- a tiny random model
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    path = make_checkpoint(tmp_path_factory.mktemp("tiny"), tokenizer=True, hidden_size=32,
-                           intermediate_size=64, num_attention_heads=2, num_key_value_heads=1)
-    return load(path)
-
-
 def test_budget_on_a_random_model_that_starts_inside_reasoning(tiny):
     model, tokenizer = tiny
     prompt = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n<think>\n"
@@ -266,7 +257,7 @@ def test_prompt_longer_than_the_context_names_the_option(tiny):
     with pytest.raises(Qwen3Error) as e:
         generate(model, tokenizer, "word" + " word" * 4999, raw=True)
     assert str(e.value) == ("the prompt has 5000 tokens but the model's context is 4096 (max_position_embeddings); "
-                            "shorten it, or pass --max-kv-size to use a rotating cache")
+                            "shorten it, or use a rotating cache (--max-kv-size, max_kv_size in the API)")
 
 
 def test_a_malformed_message_with_a_system_prompt_is_one_option_error(tok):
@@ -283,3 +274,12 @@ def test_the_soft_switch_is_read_from_text_parts(tok):
     ids, thinking = encode_prompt(tok, parts)
     assert thinking is False
     assert tok.decode(ids).endswith("hi\n/no_think<|im_end|>\n<|im_start|>assistant\n")
+
+
+@pytest.mark.parametrize("raw", [False, True])
+def test_a_blank_prompt_is_refused_with_or_without_the_template(tok, raw):
+    from qwen3_mlx.errors import Qwen3Error
+
+    script = thinker(tok, tok.encode(" a"), tok.encode("b"), reasoning_len=1)
+    with pytest.raises(Qwen3Error, match="^the prompt is empty; give some text$"):
+        generate(stub(tok, script), tok, " \n", raw=raw, max_tokens=2)

@@ -161,17 +161,6 @@ def test_an_empty_stop_string_is_refused(tok):
 # ---------------------------------------------------------------- a tiny random model
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from checkpoints import make_checkpoint
-
-    from qwen3_mlx.loader import load
-
-    path = make_checkpoint(tmp_path_factory.mktemp("tiny"), tokenizer=True, hidden_size=32,
-                           intermediate_size=64, num_attention_heads=2, num_key_value_heads=1)
-    return load(path)
-
-
 def test_a_prompt_too_long_is_refused_with_a_given_cache_too(tiny):
     model, tokenizer = tiny
     with pytest.raises(Qwen3Error) as e:

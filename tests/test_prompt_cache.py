@@ -44,7 +44,7 @@ def test_saving_a_prompt_cache_into_a_missing_folder_is_one_line_and_writes_noth
     target = tmp_path / "no" / "such" / "x.safetensors"
     with pytest.raises(Qwen3Error) as e:
         save_prompt_cache(target, cache, ids, model)
-    assert str(e.value) == f"{target}: the folder {target.parent} does not exist; create it or give another path"
+    assert str(e.value) == f"{target}: the folder {target.parent} does not exist; create it or choose another path"
     assert os.listdir(tmp_path) == []
 
 
@@ -56,7 +56,7 @@ def test_a_write_that_fails_leaves_no_half_file(tiny, tmp_path):
     with pytest.raises(Qwen3Error) as e:
         save_prompt_cache(target, cache, ids, model)
     assert str(e.value).startswith(f"{target}: could not write the cache file (")
-    assert str(e.value).endswith("); give another path") and "\n" not in str(e.value)
+    assert str(e.value).endswith("); choose another path") and "\n" not in str(e.value)
     assert os.listdir(tmp_path) == ["taken"] and os.listdir(target) == []
 
 
