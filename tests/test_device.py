@@ -74,6 +74,8 @@ def test_a_model_loaded_in_one_thread_generates_in_others(tiny_checkpoint):
             results.append(generate(model, tok, "hi", max_tokens=6, temp=0, think=False).token_ids)
         except Exception as e:  # noqa: BLE001 - reported below, with the thread's error
             errors.append(e)
+        finally:
+            mx.clear_streams()  # MLX's rule for a thread that ran work: else the process may abort at exit
 
     for _ in range(2):  # a second thread after the first has run and ended
         t = threading.Thread(target=run)
@@ -88,6 +90,7 @@ def test_a_model_loaded_and_used_in_a_second_thread_after_another(tiny_checkpoin
     def run():
         model, tok = load(tiny_checkpoint)
         out.append(generate(model, tok, "hi", max_tokens=4, temp=0, think=False).token_ids)
+        mx.clear_streams()
 
     for _ in range(2):
         t = threading.Thread(target=run)
