@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 from .errors import OptionError
 
@@ -81,6 +81,3 @@ def _check_int(name: str, value: Any, minimum: int | None) -> None:
     if minimum is not None and value < minimum:
         raise OptionError(f"{name} must be >= {minimum}, got {value}")
 
-
-def option_names() -> Sequence[str]:
-    return [f.name for f in dataclasses.fields(GenerationOptions)]

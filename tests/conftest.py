@@ -30,3 +30,16 @@ def tiny(tiny_checkpoint):
     from qwen3_mlx.loader import load
 
     return load(tiny_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def tok():
+    """The real Qwen3 tokenizer with both end-of-turn ids, as a checkpoint's config.json gives them
+    (the tokenizer files alone name <|im_end|> only). Test modules about the tokenizer itself define their own."""
+    from checkpoints import tokenizer_dir
+
+    from qwen3_mlx.tokenizer import Tokenizer
+
+    t = Tokenizer.from_dir(tokenizer_dir())
+    t.eos_token_ids = frozenset({t.token_to_id("<|im_end|>"), t.token_to_id("<|endoftext|>")})
+    return t

@@ -8,17 +8,6 @@ from stubs import ScriptedModel, thinker
 from qwen3_mlx import GenerationOptions
 from qwen3_mlx.errors import OptionError
 from qwen3_mlx.generation import EARLY_STOP_TEXT, ThinkingBudget, generate, stream_generate
-from qwen3_mlx.tokenizer import Tokenizer
-
-
-@pytest.fixture(scope="module")
-def tok():
-    from checkpoints import tokenizer_dir
-
-    t = Tokenizer.from_dir(tokenizer_dir())
-    t.eos_token_ids = frozenset({t.token_to_id("<|im_end|>"), t.token_to_id("<|endoftext|>")})
-    t.generation_config = None
-    return t
 
 
 def stub(tok, script):
