@@ -174,3 +174,96 @@ def restore(cache: KVCache, keys: mx.array, values: mx.array, offset: int) -> No
         keys = mx.concatenate([keys[..., : cache.keep, :], mx.roll(k, shift, axis=2)], axis=2)
         values = mx.concatenate([values[..., : cache.keep, :], mx.roll(v, shift, axis=2)], axis=2)
     cache.keys, cache.values = keys, values
+
+
+class BatchKVCache:
+    """Several rows' keys and values in one tensor, so that their decode steps run as one batch.
+
+    Rows are aligned on the right (left padding): row i's tokens are the last lengths[i] of the `end`
+    columns in use, and the columns before them hold nothing and are masked out. Every row then
+    writes its next token into the same column, so a step is one slice update for the whole batch
+    (as in mlx-lm's BatchKVCache); per-row write positions would need a scatter per step instead.
+    Rows join (`add`, a single-row cache computed on its own) and leave (`keep`) between steps;
+    leaving drops the columns no remaining row uses, and the memory with them.
+    """
+
+    step = 256
+
+    def __init__(self) -> None:
+        self.keys: mx.array | None = None  # (B, H_kv, capacity, D)
+        self.values: mx.array | None = None
+        self.end = 0  # columns in use
+        self.lengths: list[int] = []  # tokens per row
+
+    @property
+    def offset(self) -> mx.array:
+        """(B,) each row's position of its next token: what RoPE reads."""
+        return mx.array(self.lengths, mx.int32)
+
+    def make_mask(self, n: int) -> mx.array:
+        """(B, 1, n, end + n): a row sees its own columns, and causally the n new ones."""
+        cols = mx.arange(self.end + n)
+        starts = mx.array([self.end - length for length in self.lengths])[:, None, None, None]
+        mask = cols >= starts
+        if n > 1:
+            mask = mask & (cols <= self.end + mx.arange(n)[:, None])
+        return mask
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        n = keys.shape[2]
+        if self.end + n > self.keys.shape[2]:
+            grow = -(-n // self.step) * self.step
+            B, H, _, D = self.keys.shape
+            self.keys = mx.concatenate([self.keys[..., : self.end, :], mx.zeros((B, H, grow, D), keys.dtype)], axis=2)
+            self.values = mx.concatenate(
+                [self.values[..., : self.end, :], mx.zeros((B, H, grow, values.shape[3]), values.dtype)], axis=2)
+        self.keys[..., self.end : self.end + n, :] = keys
+        self.values[..., self.end : self.end + n, :] = values
+        self.end += n
+        self.lengths = [length + n for length in self.lengths]
+        return self.keys[..., : self.end, :], self.values[..., : self.end, :]
+
+    def add(self, cache: KVCache) -> None:
+        """Take in the row held by a single-row cache, as the batch's last row."""
+        keys, values, _ = cache.stored()  # (1, H_kv, n, D)
+        n = cache.offset
+        if self.keys is None:
+            self.keys, self.values, self.end, self.lengths = keys, values, n, [n]
+            return
+        old_k, old_v = self.keys[..., : self.end, :], self.values[..., : self.end, :]
+        if n > self.end:  # the newcomer is longer: pad the rows there are
+            old_k, old_v = _pad_left(old_k, n - self.end), _pad_left(old_v, n - self.end)
+            self.end = n
+        keys, values = _pad_left(keys, self.end - n), _pad_left(values, self.end - n)
+        self.keys = mx.concatenate([old_k, keys], axis=0)
+        self.values = mx.concatenate([old_v, values], axis=0)
+        self.lengths = self.lengths + [n]
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only these rows (indices, in this order)."""
+        self.lengths = [self.lengths[i] for i in rows]
+        if not rows:
+            self.keys = self.values = None
+            self.end = 0
+            return
+        unused = self.end - max(self.lengths)  # leading columns no row uses any more
+        index = mx.array(rows)
+        self.keys = self.keys[index, :, unused : self.end, :]
+        self.values = self.values[index, :, unused : self.end, :]
+        self.end -= unused
+
+    def row(self, i: int) -> tuple[mx.array, mx.array]:
+        """Row i's keys and values (1, H_kv, lengths[i], D), in temporal order."""
+        start = self.end - self.lengths[i]
+        return self.keys[i : i + 1, :, start : self.end, :], self.values[i : i + 1, :, start : self.end, :]
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+
+def _pad_left(x: mx.array, n: int) -> mx.array:
+    """x (B, H, S, D) with n zero columns in front."""
+    if n == 0:
+        return x
+    return mx.concatenate([mx.zeros((*x.shape[:2], n, x.shape[3]), x.dtype), x], axis=2)

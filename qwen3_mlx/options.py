@@ -20,6 +20,8 @@ class GenerationOptions:
     max_tokens: the most tokens the model may draw for the answer; without a thinking budget, for
         the reasoning and the answer together, <think> and </think> included. (With a budget, the
         budget bounds the reasoning's tokens.)
+    max_total_tokens: the most tokens of the whole response, reasoning, forced text and answer
+        together (how OpenAI's API counts max_tokens); None for no such cap.
     temp, top_p, top_k, min_p: sampling; None takes Qwen's defaults for the mode, then
         generation_config.json. temp 0 is greedy decoding.
     presence_penalty, repetition_penalty, logit_bias: over every generated token.
@@ -27,11 +29,14 @@ class GenerationOptions:
     seed: makes sampling repeatable, whatever else the process does.
     max_kv_size: a rotating cache of this many tokens (keeps the system turn).
     prefill_step_size: prompt tokens per prefill chunk.
+    logprobs: None, or k >= 0: each drawn token's log-probability (of the distribution after the
+        penalties and the logit bias, before temperature and filters) and the k most likely tokens'.
     """
 
     think: bool = True
     thinking_budget: int | None = None
     max_tokens: int = DEFAULT_MAX_TOKENS
+    max_total_tokens: int | None = None
     temp: float | None = None
     top_p: float | None = None
     top_k: int | None = None
@@ -43,6 +48,7 @@ class GenerationOptions:
     seed: int | None = None
     max_kv_size: int | None = None
     prefill_step_size: int = 2048
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -53,6 +59,10 @@ class GenerationOptions:
         _check_int("prefill_step_size", self.prefill_step_size, 1)
         if self.thinking_budget is not None:
             _check_int("thinking_budget", self.thinking_budget, 0)
+        if self.max_total_tokens is not None:
+            _check_int("max_total_tokens", self.max_total_tokens, 0)
+        if self.logprobs is not None:
+            _check_int("logprobs", self.logprobs, 0)
         if self.max_kv_size is not None:
             _check_int("max_kv_size", self.max_kv_size, 1)
         if self.seed is not None:

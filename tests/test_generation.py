@@ -48,10 +48,17 @@ def test_budget_never_cuts_inside_a_multibyte_character(tok):
     clef = tok.encode("𝄞")  # two tokens, neither a character on its own
     assert len(clef) == 2
     model, r = run(tok, thinker(tok, clef, tok.encode("ok")), thinking_budget=41)
-    assert r.stats.reasoning_tokens == 40  # the 41st token began a character: rolled back
-    assert r.reasoning == "𝄞" * 20 + EARLY_STOP_TEXT.split("</think>")[0].rstrip("\n")
+    assert r.stats.reasoning_tokens == 42  # the 41st token began a character: the 42nd completes it
+    assert r.reasoning == "𝄞" * 21 + EARLY_STOP_TEXT.split("</think>")[0].rstrip("\n")
     assert "\ufffd" not in r.reasoning
-    assert model.response()[: 41] == [tok.think_start_id] + clef * 20
+    assert model.response()[: 44] == [tok.think_start_id] + clef * 21 + tok.encode(EARLY_STOP_TEXT)[:1]
+
+
+def test_budget_cuts_a_character_that_never_completes_after_the_overrun(tok):
+    lead = tok.encode("𝄞")[:1]  # the first bytes of a character, repeated: never a whole character
+    _, r = run(tok, thinker(tok, lead, tok.encode("ok")), thinking_budget=10)
+    assert r.stats.reasoning_tokens == 13  # 10 + ThinkingBudget.overrun
+    assert r.reasoning.startswith("\ufffd") and r.content == "ok"
 
 
 def test_budget_larger_than_the_reasoning_changes_nothing(tok):
@@ -160,9 +167,9 @@ def test_an_unknown_keyword_is_an_option_error_that_lists_the_options(tok):
     with pytest.raises(OptionError) as e:
         generate(stub(tok, lambda r: 0), tok, "q", max_token=5)
     assert str(e.value) == (
-        "unknown generation option 'max_token'; expected one of logit_bias, max_kv_size, max_tokens, min_p, "
-        "prefill_step_size, presence_penalty, repetition_penalty, seed, stop, temp, think, thinking_budget, "
-        "top_k, top_p")
+        "unknown generation option 'max_token'; expected one of logit_bias, logprobs, max_kv_size, max_tokens, "
+        "max_total_tokens, min_p, prefill_step_size, presence_penalty, repetition_penalty, seed, stop, temp, think, "
+        "thinking_budget, top_k, top_p")
 
 
 def test_prefill_progress_is_reported_once_per_chunk(tok):
