@@ -86,27 +86,30 @@ class Draw:
 
 class Sampling:
     """One request's way of drawing a token: its logits processors over the tokens it has been fed
-    since the prompt, its sampler, its random key (split at every draw; None draws from MLX's global
-    state), and the log-probabilities it reports. A row of a batch draws with its own, so that its
-    tokens never depend on the rows beside it."""
+    since the prompt, its sampler, its random key (from its seed, split at every draw; without a
+    seed, MLX's global random state), and the log-probabilities it reports. A row of a batch draws
+    with its own, so that its tokens never depend on the rows beside it. Its arrays are made at the
+    first draw, in the thread that runs the model (an engine prepares requests in its callers' threads)."""
 
-    def __init__(self, sampler: Sampler, processor: Processor | None = None, key: mx.array | None = None,
+    def __init__(self, sampler: Sampler, processor: Processor | None = None, seed: int | None = None,
                  logprobs: int | None = None, vocab_limit: int | None = None) -> None:
-        self.sampler, self.processor, self.key = sampler, processor, key
+        self.sampler, self.processor, self.seed = sampler, processor, seed
         self.logprobs, self.vocab_limit = logprobs, vocab_limit
-        self.history = mx.zeros((0,), mx.int32)  # every token fed after the prompt, for the penalties
+        self.key: mx.array | None = None
+        self.history: mx.array | None = None  # every token fed after the prompt, for the penalties
 
     def remember(self, ids: mx.array) -> None:
         if self.processor is not None:
-            self.history = mx.concatenate([self.history, ids])
+            self.history = ids if self.history is None else mx.concatenate([self.history, ids])
 
     def draw(self, logits: mx.array) -> Draw:
         """The next token of logits (1, V), queued, not waited for."""
         if self.processor is not None:
-            logits = self.processor(logits, self.history)
+            history = self.history if self.history is not None else mx.zeros((0,), mx.int32)
+            logits = self.processor(logits, history)
         key = None
-        if self.key is not None:
-            self.key, key = mx.random.split(self.key)
+        if self.seed is not None:
+            self.key, key = mx.random.split(self.key if self.key is not None else mx.random.key(self.seed))
         token = self.sampler(logits, key)
         if self.logprobs is None:
             return Draw(token)
@@ -275,26 +278,21 @@ def stream_generate(
         Qwen3Error: an empty prompt, or a prompt longer than the context.
     """
     opts = GenerationOptions.of(options, **kwargs)
-    budget = ThinkingBudget(opts.thinking_budget) if opts.thinking_budget is not None else None
-    prompt_ids, thinking = encode_prompt(tokenizer, prompt, system=system, think=opts.think, raw=raw, tools=tools,
-                                         prefill_response=prefill_response)
-    check_prompt_ids(prompt_ids, model.args.vocab_size)
     rotating = isinstance(cache[0], RotatingKVCache) if cache is not None else opts.max_kv_size is not None
-    limits = Limits(opts.max_tokens, budget is not None, _context_room(model, prompt_ids, rotating), opts.max_total_tokens)
-    sampling = make_sampling(tokenizer, model, opts, thinking and (budget is None or budget.tokens > 0))
-    stats = GenerationStats(prompt_tokens=len(prompt_ids))
-    if 0 in (opts.max_tokens, opts.max_total_tokens, limits.room):  # nothing may be generated: compute nothing
-        stats.finish_reason = "length"
+    job = prepare(model, tokenizer, prompt, opts, system=system, raw=raw, tools=tools,
+                  prefill_response=prefill_response, rotating=rotating)
+    response, stats = job.response, job.response.stats
+    if response.limits.allow_nothing:  # compute nothing
         yield Chunk("", "answer", None, stats)
         return
     if cache is None:
-        cache = make_prompt_cache(model, tokenizer, prompt_ids, system, opts.max_kv_size, keep)
-    stats.cached_tokens = _reuse_cache(cache, prompt_ids)
-    gen = TokenGenerator(model, cache, sampling)
-    response = Response(tokenizer, budget, limits, opts.stop, stats, starts_in_reasoning(tokenizer, prompt_ids))
+        cache = make_prompt_cache(model, tokenizer, job.prompt_ids, system, opts.max_kv_size, keep)
+    stats.cached_tokens = _reuse_cache(cache, job.prompt_ids)
+    gen = TokenGenerator(model, cache, job.sampling)
+    response.clock.restart()
     mx.reset_peak_memory()
     try:
-        gen.prefill(prompt_ids[stats.cached_tokens :], opts.prefill_step_size, progress)
+        gen.prefill(job.prompt_ids[stats.cached_tokens :], opts.prefill_step_size, progress)
         yield from run(gen, response)
     except KeyboardInterrupt:
         stats.finish_reason = "interrupted"
@@ -303,6 +301,42 @@ def stream_generate(
         response.clock.stop()
         stats.peak_memory_gb = mx.get_peak_memory() / 1e9
     yield response.last_chunk()
+
+
+@dataclass
+class Job:
+    """One request made ready to run: its prompt's ids, the response its tokens go to, how it draws."""
+
+    prompt_ids: list[int]
+    options: GenerationOptions
+    response: Response
+    sampling: Sampling
+
+    def most_tokens(self) -> int:
+        """The most tokens its cache may hold: the prompt and the longest response the limits allow."""
+        limits, budget = self.response.limits, self.response.budget
+        if limits.budgeted:  # <think>, the reasoning, the early-stop text, then the answer and its end
+            close = len(self.response.tokenizer.encode(budget.close_text()))
+            response = 1 + budget.tokens + budget.overrun + close + limits.max_tokens + 1
+        else:
+            response = limits.max_tokens
+        caps = [response] + [cap for cap in (limits.room, limits.max_total) if cap is not None]
+        return len(self.prompt_ids) + min(caps)
+
+
+def prepare(model: Model, tokenizer: Tokenizer, prompt: str | Messages | Sequence[int], opts: GenerationOptions,
+            *, system: str | None = None, raw: bool = False, tools: list[dict] | None = None,
+            prefill_response: str | None = None, rotating: bool = False) -> Job:
+    """Encode and check a request (see stream_generate for the arguments and errors); computes nothing."""
+    budget = ThinkingBudget(opts.thinking_budget) if opts.thinking_budget is not None else None
+    prompt_ids, thinking = encode_prompt(tokenizer, prompt, system=system, think=opts.think, raw=raw, tools=tools,
+                                         prefill_response=prefill_response)
+    check_prompt_ids(prompt_ids, model.args.vocab_size)
+    limits = Limits(opts.max_tokens, budget is not None, _context_room(model, prompt_ids, rotating), opts.max_total_tokens)
+    sampling = make_sampling(tokenizer, model, opts, thinking and (budget is None or budget.tokens > 0))
+    stats = GenerationStats(prompt_tokens=len(prompt_ids))
+    response = Response(tokenizer, budget, limits, opts.stop, stats, starts_in_reasoning(tokenizer, prompt_ids))
+    return Job(list(prompt_ids), opts, response, sampling)
 
 
 def make_sampling(tokenizer: Tokenizer, model: Model, opts: GenerationOptions, thinking: bool) -> Sampling:
@@ -314,9 +348,8 @@ def make_sampling(tokenizer: Tokenizer, model: Model, opts: GenerationOptions, t
     if params.temperature == 0 and thinking:
         warnings.warn("greedy decoding (temp 0) in thinking mode can repeat endlessly; "
                       "Qwen recommends temp 0.6, top-p 0.95, top-k 20", stacklevel=3)
-    key = mx.random.key(opts.seed) if opts.seed is not None else None
     return Sampling(make_sampler(params, tokenizer.vocab_size), make_logits_processor(params, model.args.vocab_size),
-                    key, opts.logprobs, tokenizer.vocab_size)
+                    opts.seed, opts.logprobs, tokenizer.vocab_size)
 
 
 def generate(model: Model, tokenizer: Tokenizer, prompt: str | Messages | Sequence[int],

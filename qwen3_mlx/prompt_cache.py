@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import tempfile
+from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -161,3 +162,59 @@ def save_prompt_cache(path: Path, cache: list[KVCache], prompt: list[int], model
         c.trim(c.offset - len(prompt))
     save_cache(path, cache, prompt, model)
     return True
+
+
+class PrefixStore:
+    """Keys and values of token sequences computed before, for requests that begin the same way (a
+    client re-sending its growing conversation, a system prompt many requests share). Bounded in
+    bytes; the least recently used sequence goes first. The stored arrays are copies, never written
+    to: a cache filled from them grows into buffers of its own."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[tuple[int, ...], list[tuple[mx.array, mx.array]]] = OrderedDict()
+        self.nbytes = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def lookup(self, ids: list[int], cache: list[KVCache]) -> tuple[list[KVCache], int]:
+        """Fill the empty `cache` with the longest stored prefix of `ids` (but never all of them: the
+        last token must run to give the first draw's logits); returns it and how many tokens it holds."""
+        best, n = None, 0
+        for key in self._entries:
+            common = min(common_prefix(list(key), ids), len(ids) - 1)
+            if common > n:
+                best, n = key, common
+        if best is None:
+            return cache, 0
+        self._entries.move_to_end(best)
+        for c, (keys, values) in zip(cache, self._entries[best]):
+            restore(c, keys[..., :n, :], values[..., :n, :], n)
+        return cache, n
+
+    def store(self, ids: list[int], cache: list[KVCache]) -> None:
+        """Keep a copy of what `cache` holds (the first `cache[0].offset` of `ids`)."""
+        self.store_arrays(ids[: cache[0].offset], [c.stored()[:2] for c in cache])
+
+    def store_arrays(self, ids: list[int], keys_values: list[tuple[mx.array, mx.array]]) -> None:
+        """Keep copies of per-layer keys and values (1, H_kv, len(ids), D) of `ids`."""
+        key = tuple(ids)
+        copies = [(mx.contiguous(k), mx.contiguous(v)) for k, v in keys_values]
+        size = sum(k.nbytes + v.nbytes for k, v in copies)
+        if not key or size > self.max_bytes:
+            return
+        longer = next((old for old in self._entries if old[: len(key)] == key), None)
+        if longer is not None:  # held already, within a longer sequence
+            self._entries.move_to_end(longer)
+            return
+        mx.eval(copies)
+        for old in [old for old in self._entries if key[: len(old)] == old]:  # prefixes of this one: superseded
+            self._drop(old)
+        self._entries[key] = copies
+        self.nbytes += size
+        while self.nbytes > self.max_bytes:
+            self._drop(next(iter(self._entries)))
+
+    def _drop(self, key: tuple[int, ...]) -> None:
+        self.nbytes -= sum(k.nbytes + v.nbytes for k, v in self._entries.pop(key))

@@ -1,0 +1,362 @@
+"""Batched generation: many requests decoded together, each exactly as if it ran alone.
+
+- BatchGenerator: token ids for many rows. A decode step runs every row's next token through the
+  model as one batch (B, 1) over a BatchKVCache; each row draws from its own logits with its own
+  Sampling (processors over its own tokens, its own key), so its tokens never depend on its
+  neighbours. The thinking budget's forced text goes into its row one token a step, while the other
+  rows keep sampling.
+- Scheduler: requests in, chunks out, between decode steps: admission (a row limit and a KV-memory
+  budget, first come first served), a newcomer's prompt computed alone in chunks interleaved with
+  decode steps (then merged into the batch), prefix reuse across requests, cancellation.
+  `batch_generate` runs one in the caller's thread; engine.Engine runs one in a thread of its own.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import mlx.core as mx
+
+from .cache import BatchKVCache, KVCache
+from .device import generation_stream
+from .errors import OptionError, Qwen3Error
+from .generation import Draw, Job, collect, extend_cache, prepare, step
+from .model import Model
+from .options import GenerationOptions
+from .prompt import Messages
+from .prompt_cache import PrefixStore
+from .response import Chunk, GenerationResult
+from .tokenizer import Tokenizer
+
+Sink = Callable[[Chunk, bool], None]  # (chunk, whether it is the request's last)
+
+
+# ---------------------------------------------------------------- token ids for many rows
+
+
+@dataclass(eq=False)
+class Row:
+    """One request's place in a batch."""
+
+    job: Job
+    draw: Draw  # its latest draw, not read yet
+    forced: list[int] = field(default_factory=list)  # ids to feed, one a step, in place of draws
+    discard: int = 0  # how many of its coming draws come before its forced ids were taken in: not read
+
+
+class BatchGenerator:
+    """Token ids for many rows, one step ahead: `step()` queues the next decode step of every row and
+    hands back the draws of the step before, for the caller to read while the device works."""
+
+    def __init__(self, model: Model) -> None:
+        self.model = model
+        self.cache = [BatchKVCache() for _ in model.layers]
+        self.rows: list[Row] = []
+
+    def add(self, row: Row, cache: list[KVCache]) -> None:
+        """A row whose prompt `cache` holds (computed alone), its first draw on its way."""
+        for batch, layer in zip(self.cache, cache):
+            batch.add(layer)
+        self.rows.append(row)
+
+    def remove(self, rows: set[Row]) -> None:
+        keep = [i for i, row in enumerate(self.rows) if row not in rows]
+        for c in self.cache:
+            c.keep(keep)
+        self.rows = [self.rows[i] for i in keep]
+
+    def step(self) -> list[tuple[Row, Draw]]:
+        """Queue a decode step for every row; returns each row's draw of the step before."""
+        inputs = [mx.array(row.forced[:1], mx.int32) if row.forced else row.draw.token for row in self.rows]
+        before = [(row, row.draw) for row in self.rows]
+        with generation_stream():
+            logits = self.model(mx.concatenate(inputs)[:, None], self.cache)[:, -1, :]  # (B, V)
+            for i, (row, ids) in enumerate(zip(self.rows, inputs)):
+                del row.forced[:1]
+                row.job.sampling.remember(ids)
+                row.draw = row.job.sampling.draw(logits[i : i + 1])
+        mx.async_eval([a for row in self.rows for a in row.draw.arrays()])
+        return before
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.nbytes for c in self.cache)
+
+
+# ---------------------------------------------------------------- requests in, chunks out
+
+
+@dataclass(eq=False)
+class Ticket:
+    """A request as the scheduler holds it: the job, where its chunks go, whether it was cancelled."""
+
+    job: Job
+    sink: Sink
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    most_tokens: int = 0  # its worst case in the cache
+    fail: Callable[[BaseException], None] | None = None  # told when the loop fails
+
+
+def kv_bytes_per_token(model: Model) -> int:
+    """Bytes of keys and values one token takes in every layer's cache."""
+    args = model.args
+    dtype = model.model.norm.weight.dtype  # the activations' dtype, quantized or not
+    return 2 * args.num_hidden_layers * args.num_key_value_heads * args.head_dim * dtype.size
+
+
+class Scheduler:
+    """Requests in, chunks out. Each `run_once()`: admit waiting requests that fit, compute one
+    chunk of a newcomer's prompt (the row joins the batch when its prompt is done), run one decode
+    step, read the draws of the step before.
+
+    Admission: at most `max_batch` rows, and a request is admitted only when the batch's worst case
+    fits in `kv_memory` bytes: rows are left-padded to the longest, so the bound is rows x (the
+    longest worst case, prompt + response, plus a growth step) x bytes per token. A request that
+    could never fit is refused at submit.
+    """
+
+    def __init__(self, model: Model, tokenizer: Tokenizer, *, max_batch: int = 8, kv_memory: int | None = None,
+                 prefix_store: PrefixStore | None = None, prefill_step_size: int = 512) -> None:
+        if max_batch < 1:
+            raise OptionError(f"max_batch must be >= 1, got {max_batch}")
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch, self.kv_memory, self.prefill_step_size = max_batch, kv_memory, prefill_step_size
+        self.prefixes = prefix_store
+        self.per_token = kv_bytes_per_token(model)
+        self.gen = BatchGenerator(model)
+        self.waiting: deque[Ticket] = deque()
+        self.prefilling: _Prefill | None = None
+        self.tickets: dict[Row, Ticket] = {}
+
+    # -- requests in
+
+    def check(self, job: Job) -> int:
+        """The job's worst case in tokens; refused when it alone exceeds the KV budget, or asks for
+        what a batch cannot do."""
+        if job.options.max_kv_size is not None:
+            raise OptionError("max_kv_size (a rotating cache) is not supported in a batch; "
+                              "leave it unset, or generate this request alone")
+        most = job.most_tokens()
+        need = self._bytes(1, most)
+        if self.kv_memory is not None and need > self.kv_memory:
+            raise Qwen3Error(
+                f"the request needs up to {most} tokens of KV cache ({need / 1e9:.2f} GB) but the KV budget is "
+                f"{self.kv_memory / 1e9:.2f} GB; lower max_tokens (or the thinking budget), or raise the KV budget")
+        return most
+
+    def submit(self, ticket: Ticket) -> None:
+        ticket.most_tokens = self.check(ticket.job)
+        self.waiting.append(ticket)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting or self.prefilling or self.gen.rows)
+
+    # -- one round
+
+    def run_once(self) -> None:
+        self._drop_cancelled()
+        self._admit()
+        if self.prefilling is not None:
+            self._prefill_chunk()
+        if self.gen.rows:
+            self._read(self.gen.step())
+
+    def _bytes(self, rows: int, most_tokens: int) -> int:
+        return rows * (most_tokens + BatchKVCache.step) * self.per_token
+
+    def _fits(self, ticket: Ticket) -> bool:
+        rows = len(self.gen.rows) + 1
+        if rows > self.max_batch:
+            return False
+        if self.kv_memory is None:
+            return True
+        longest = max([ticket.most_tokens] + [self.tickets[row].most_tokens for row in self.gen.rows])
+        return self._bytes(rows, longest) <= self.kv_memory
+
+    def _admit(self) -> None:
+        if self.prefilling is not None or not self.waiting or not self._fits(self.waiting[0]):
+            return  # first come, first served: a request waits until the one before it is in
+        ticket = self.waiting.popleft()
+        job = ticket.job
+        if job.response.limits.allow_nothing:
+            self._finish(ticket, job.response.last_chunk())
+            return
+        cache, cached = self.model.make_cache(), 0
+        if self.prefixes is not None:
+            cache, cached = self.prefixes.lookup(job.prompt_ids, cache)
+        job.response.stats.cached_tokens = cached
+        job.response.clock.restart()
+        self.prefilling = _Prefill(ticket, cache, cached)
+
+    def _prefill_chunk(self) -> None:
+        """One chunk of the newcomer's prompt; with the last one, its first draw, and it joins the batch."""
+        p = self.prefilling
+        ids = p.ticket.job.prompt_ids
+        end = min(p.done + self.prefill_step_size, len(ids) - 1)
+        if p.done < end:
+            extend_cache(self.model, p.cache, ids[p.done : end], self.prefill_step_size)
+            p.done = end
+            return
+        job = p.ticket.job
+        draw = step(self.model, p.cache, job.sampling, mx.array(ids[-1:], mx.int32), remember=False)
+        if self.prefixes is not None:
+            self.prefixes.store(ids, p.cache)
+        row = Row(job, draw)
+        self.gen.add(row, p.cache)
+        self.tickets[row] = p.ticket
+        self.prefilling = None
+        self._take_forced(row)  # a budget of 0 closes the block before the first draw
+
+    # -- chunks out
+
+    def _read(self, draws: list[tuple[Row, Draw]]) -> None:
+        done: set[Row] = set()
+        for row, draw in draws:
+            if row.discard:
+                row.discard -= 1
+                continue
+            response, ticket = row.job.response, self.tickets[row]
+            token, logprob = draw.read()
+            response.clock.drawn()
+            for chunk in response.read(token, logprob=logprob):
+                ticket.sink(chunk, False)
+            self._take_forced(row)
+            if not row.forced and not response.may_draw():
+                done.add(row)
+        for row in done:
+            self._leave(row, "")
+
+    def _take_forced(self, row: Row) -> None:
+        """Ids the response forces in: it reads them now; they go to the model one a step from the
+        next step on, and the draws made until the last of them is in are not read."""
+        response, ticket = row.job.response, self.tickets[row]
+        forced = response.take_forced()
+        if not forced:
+            return
+        row.forced, row.discard = list(forced), len(forced)
+        response.clock.fed()
+        for token in forced:
+            for chunk in response.read(token, forced=True):
+                ticket.sink(chunk, False)
+
+    def _leave(self, row: Row, reason: str) -> None:
+        """The row leaves the batch: its cache for the prefix store, its last chunk to its sink."""
+        i = self.gen.rows.index(row)
+        if self.prefixes is not None and not reason:
+            ids = row.job.prompt_ids + row.job.response.stats.token_ids
+            keys_values = [c.row(i) for c in self.gen.cache]
+            self.prefixes.store_arrays(ids[: self.gen.cache[0].lengths[i]], keys_values)
+        self.gen.remove({row})
+        ticket = self.tickets.pop(row)
+        if reason:
+            row.job.response.stats.finish_reason = reason
+        self._finish(ticket, row.job.response.last_chunk())
+
+    def _finish(self, ticket: Ticket, last: Chunk) -> None:
+        ticket.job.response.clock.stop()
+        ticket.sink(last, True)
+
+    def _drop_cancelled(self) -> None:
+        for ticket in [t for t in self.waiting if t.cancelled.is_set()]:
+            self.waiting.remove(ticket)
+            ticket.job.response.stats.finish_reason = "cancelled"
+            self._finish(ticket, ticket.job.response.last_chunk())
+        if self.prefilling is not None and self.prefilling.ticket.cancelled.is_set():
+            ticket, self.prefilling = self.prefilling.ticket, None
+            ticket.job.response.stats.finish_reason = "cancelled"
+            self._finish(ticket, ticket.job.response.last_chunk())
+        for row in [row for row in self.gen.rows if self.tickets[row].cancelled.is_set()]:
+            self._leave(row, "cancelled")
+
+    def tickets_all(self) -> list[Ticket]:
+        """Every request held: waiting, being prefilled, in the batch."""
+        tickets = list(self.waiting) + list(self.tickets.values())
+        if self.prefilling is not None:
+            tickets.append(self.prefilling.ticket)
+        return tickets
+
+    def fail(self) -> list[Ticket]:
+        """Drop every request (the loop failed); returns them, for their callers to be told."""
+        tickets = self.tickets_all()
+        self.waiting.clear()
+        self.tickets.clear()
+        self.prefilling = None
+        self.gen = BatchGenerator(self.model)
+        return tickets
+
+
+@dataclass
+class _Prefill:
+    ticket: Ticket
+    cache: list[KVCache]
+    done: int  # prompt tokens in the cache
+
+
+# ---------------------------------------------------------------- the API
+
+
+def batch_generate(
+    model: Model,
+    tokenizer: Tokenizer,
+    prompts: Sequence[str | Messages | Sequence[int]],
+    options: GenerationOptions | Sequence[GenerationOptions] | None = None,
+    *,
+    max_batch: int = 8,
+    kv_memory: int | None = None,
+    prefill_step_size: int = 512,
+    system: str | None = None,
+    raw: bool = False,
+    tools: list[dict] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    **kwargs: Any,
+) -> list[GenerationResult]:
+    """Generate a response to each prompt, decoding them together; each row's tokens are those the
+    same request gives through `generate` (seeds, penalties, stop strings, limits and the thinking
+    budget are per row).
+
+    Args:
+        prompts: user messages, lists of chat messages, or token ids, as `generate` takes them.
+        options: GenerationOptions for all prompts, or a list with one per prompt.
+        max_batch: the most rows decoded at once; the others wait their turn.
+        kv_memory: bytes the batch's KV cache may take (None: no limit).
+        prefill_step_size: prompt tokens computed between two decode steps.
+        system, raw, tools: as in `generate`, for every prompt.
+        progress: called with (responses done, total) as each one ends.
+        **kwargs: GenerationOptions fields, overriding those of `options` for every prompt.
+
+    Returns:
+        one GenerationResult per prompt, in order.
+
+    Raises:
+        OptionError, Qwen3Error: as `generate`; also a request larger than `kv_memory` alone, or a
+        rotating cache (max_kv_size), which a batch does not do.
+    """
+    if options is None or isinstance(options, GenerationOptions):
+        options = [options] * len(prompts)
+    if len(options) != len(prompts):
+        raise OptionError(f"options: {len(options)} given for {len(prompts)} prompts; give one, or one per prompt")
+    scheduler = Scheduler(model, tokenizer, max_batch=max_batch, kv_memory=kv_memory,
+                          prefill_step_size=prefill_step_size)
+    chunks: list[list[Chunk]] = [[] for _ in prompts]
+    ended = [0]
+
+    def sink_of(i: int) -> Sink:
+        def sink(chunk: Chunk, last: bool) -> None:
+            chunks[i].append(chunk)
+            if last:
+                ended[0] += 1
+                if progress:
+                    progress(ended[0], len(prompts))
+        return sink
+
+    jobs = [prepare(model, tokenizer, prompt, GenerationOptions.of(opts, **kwargs), system=system, raw=raw,
+                    tools=tools) for prompt, opts in zip(prompts, options)]
+    for i, job in enumerate(jobs):
+        scheduler.submit(Ticket(job, sink_of(i)))
+    while scheduler.busy:
+        scheduler.run_once()
+    return [collect(iter(c)) for c in chunks]

@@ -1,0 +1,212 @@
+"""The engine: one thread owns the model and runs the batch's decode loop (batch.Scheduler) for a
+long-running process such as the server. Any thread or asyncio task submits a request and gets a
+`Request` handle that streams its chunks and can cancel it.
+
+    with Engine(model, tokenizer, max_batch=8) as engine:
+        request = engine.submit("Why is the sky blue?", thinking_budget=256)
+        for chunk in request:            # or `async for`, in the event loop that submitted it
+            print(chunk.text, end="")
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any
+
+import mlx.core as mx
+
+from .batch import Scheduler, Ticket
+from .errors import Qwen3Error
+from .generation import collect, prepare
+from .model import Model
+from .options import GenerationOptions
+from .prompt import Messages
+from .prompt_cache import PrefixStore
+from .response import Chunk, GenerationResult
+from .tokenizer import Tokenizer
+
+
+class EngineFull(Qwen3Error):
+    """The queue of waiting requests is full; try again later."""
+
+
+class EngineClosed(Qwen3Error):
+    """The engine is shutting down (or was never started) and takes no more requests."""
+
+
+_END = object()  # after a request's last chunk
+
+
+class Request:
+    """A submitted request: its chunks as they come (`for`, from any thread but an event loop's; or
+    `async for`, in the event loop that submitted it), `cancel()`, and `result()`."""
+
+    def __init__(self, engine: Engine, prompt_tokens: int, loop: asyncio.AbstractEventLoop | None) -> None:
+        self.prompt_tokens = prompt_tokens
+        self._engine, self._loop = engine, loop
+        self._items: queue.SimpleQueue | asyncio.Queue = asyncio.Queue() if loop else queue.SimpleQueue()
+        self._cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        """Stop the request: its row leaves the batch at the next step (its last chunk then says
+        finish_reason "cancelled"); a waiting request leaves the queue."""
+        self._cancelled.set()
+        self._engine._wake()
+
+    def __iter__(self) -> Iterator[Chunk]:
+        if self._loop is not None:
+            raise Qwen3Error("this request was submitted from an event loop: read it with `async for`")
+        while (item := self._items.get()) is not _END:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    async def __aiter__(self) -> AsyncIterator[Chunk]:
+        if self._loop is None:
+            raise Qwen3Error("this request was not submitted from an event loop: read it with `for`")
+        while (item := await self._items.get()) is not _END:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def result(self) -> GenerationResult:
+        """The whole response (waits for it)."""
+        return collect(iter(self))
+
+    def _put(self, item: Any) -> None:
+        """From the engine's thread."""
+        if self._loop is None:
+            self._items.put(item)
+        else:
+            try:
+                self._loop.call_soon_threadsafe(self._items.put_nowait, item)
+            except RuntimeError:  # the loop is closed: nobody is reading any more
+                self._cancelled.set()
+
+    def _sink(self, chunk: Chunk, last: bool) -> None:
+        self._put(chunk)
+        if last:
+            self._put(_END)
+
+    def _fail(self, error: BaseException) -> None:
+        self._put(Qwen3Error(f"generation failed: {error}"))
+        self._put(_END)
+
+
+class Engine:
+    """One thread that owns the model and decodes every admitted request together.
+
+    Args:
+        max_batch: the most rows decoded at once.
+        kv_memory: bytes the batch's KV cache may take (None: no limit); a request is admitted when
+            its worst case fits (batch.Scheduler), and refused at submit if it never could.
+        prompt_cache_bytes: bytes of caches kept for prefix reuse across requests (0: none).
+        prefill_step_size: prompt tokens computed between two decode steps.
+        max_queue: the most requests waiting for a row; more is EngineFull.
+    """
+
+    def __init__(self, model: Model, tokenizer: Tokenizer, *, max_batch: int = 8, kv_memory: int | None = None,
+                 prompt_cache_bytes: int = 1 << 30, prefill_step_size: int = 512, max_queue: int = 256) -> None:
+        self.model, self.tokenizer, self.max_queue = model, tokenizer, max_queue
+        prefixes = PrefixStore(prompt_cache_bytes) if prompt_cache_bytes > 0 else None
+        self._scheduler = Scheduler(model, tokenizer, max_batch=max_batch, kv_memory=kv_memory,
+                                    prefix_store=prefixes, prefill_step_size=prefill_step_size)
+        self._inbox: list[Ticket] = []  # submitted, not yet seen by the engine's thread
+        self._lock = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closing = False
+        self._cancel_all = False
+
+    # -- life
+
+    def start(self) -> Engine:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="qwen3-mlx-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def close(self, cancel: bool = False) -> None:
+        """Take no more requests; finish the ones there are (or cancel them) and stop the thread."""
+        with self._lock:
+            self._closing, self._cancel_all = True, self._cancel_all or cancel
+            self._lock.notify()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+
+    def __enter__(self) -> Engine:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close(cancel=exc[0] is not None)
+
+    # -- requests
+
+    def submit(self, prompt: str | Messages | Sequence[int], options: GenerationOptions | None = None, *,
+               system: str | None = None, raw: bool = False, tools: list[dict] | None = None,
+               prefill_response: str | None = None, **kwargs: Any) -> Request:
+        """Queue a request; takes the arguments of `generate`. Checked here, in the caller's thread.
+
+        Raises:
+            OptionError, Qwen3Error: as `generate`; a request larger than the KV budget alone.
+            EngineFull: `max_queue` requests are waiting already.
+            EngineClosed: the engine is not running.
+        """
+        job = prepare(self.model, self.tokenizer, prompt, GenerationOptions.of(options, **kwargs), system=system,
+                      raw=raw, tools=tools, prefill_response=prefill_response)
+        most = self._scheduler.check(job)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        request = Request(self, len(job.prompt_ids), loop)
+        ticket = Ticket(job, request._sink, request._cancelled, most, request._fail)
+        with self._lock:
+            if self._closing or self._thread is None:
+                raise EngineClosed("the engine is not running (closed, or not started): no more requests")
+            if len(self._inbox) + len(self._scheduler.waiting) >= self.max_queue:
+                raise EngineFull(f"{self.max_queue} requests are waiting already; try again later")
+            self._inbox.append(ticket)
+            self._lock.notify()
+        return request
+
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes the batch's KV cache holds now."""
+        return self._scheduler.gen.nbytes
+
+    @property
+    def rows(self) -> int:
+        """Requests being decoded now."""
+        return len(self._scheduler.gen.rows)
+
+    def _wake(self) -> None:
+        with self._lock:
+            self._lock.notify()
+
+    # -- the thread
+
+    def _run(self) -> None:
+        scheduler = self._scheduler
+        try:
+            while True:
+                with self._lock:
+                    while not (self._inbox or scheduler.busy or self._closing):
+                        self._lock.wait()
+                    for ticket in self._inbox:
+                        scheduler.waiting.append(ticket)
+                    self._inbox.clear()
+                    if self._cancel_all:
+                        for ticket in scheduler.tickets_all():
+                            ticket.cancelled.set()
+                    if self._closing and not scheduler.busy:
+                        return
+                try:
+                    scheduler.run_once()
+                except Exception as error:  # a fault of ours or the device's: tell every caller
+                    for ticket in scheduler.fail():
+                        ticket.fail(error)
+        finally:
+            mx.clear_streams()  # MLX's rule for a thread that ran work, before it ends
