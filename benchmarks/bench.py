@@ -37,6 +37,9 @@ markdown table; --out also writes every trial as JSON.
 convert: times our converter (qwen3_mlx.converter.convert) and `python -m mlx_lm convert` on the same
 source, each in a child process of its own: wall time and peak RSS (os.wait4's ru_maxrss). mlx-lm
 quantizes the embedding at --q-bits like the rest; ours keeps it at 8 bits.
+
+Batched generation (ours against mlx-lm's batch_generate, time to first token under load) is
+benchmarks/batch_bench.py, on checkpoints made here.
 """
 
 from __future__ import annotations

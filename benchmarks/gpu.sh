@@ -14,7 +14,11 @@
 # then two calls to one warm machine, the second right after the first:
 #   run(carry=[".whl/p1"], command="bash benchmarks/gpu.sh stage")
 #   run(carry=[".whl/p2"], command="bash benchmarks/gpu.sh", timeout_s=480)
-# Results: $OUT/gpu.log and one JSON per checkpoint.
+# or, for the batched benchmarks of issue 12 (batch_bench.py: ours against mlx-lm's batch_generate at
+# 1, 8 and 32 rows on the Qwen3-1.7B shape and the tiny one; time to first token under load), as the
+# second call or a third one on the same machine (the install is skipped when it is there already):
+#   run(carry=[".whl/p2"], command="bash benchmarks/gpu.sh batch", timeout_s=480)
+# Results: $OUT/gpu.log (gpu-batch.log) and one JSON per checkpoint and benchmark.
 set -u
 STAGE=/tmp/mlx-wheels
 OUT=${OUT:-/tmp/gpu-out}
@@ -25,14 +29,19 @@ if [ "${1:-}" = stage ]; then
     exit
 fi
 
-exec > >(tee "$OUT/gpu.log") 2>&1
+MODE=${1:-all}
+LOG=gpu.log
+[ "$MODE" = batch ] && LOG=gpu-batch.log
+exec > >(tee "$OUT/$LOG") 2>&1
 export PYTHONUNBUFFERED=1
-cp .whl/p2/* "$STAGE/"
-whl=$(awk '{print $2}' "$STAGE/cuda.md5")
-cat "$STAGE/cuda.part00" "$STAGE/cuda.part01" > "$STAGE/$whl"
-(cd "$STAGE" && md5sum -c cuda.md5) || exit 1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-    "$STAGE"/*.whl || exit 1
+if [ ! -d /tmp/site/mlx ] || [ ! -d /tmp/site/mlx_lm ]; then
+    cp .whl/p2/* "$STAGE/"
+    whl=$(awk '{print $2}' "$STAGE/cuda.md5")
+    cat "$STAGE/cuda.part00" "$STAGE/cuda.part01" > "$STAGE/$whl"
+    (cd "$STAGE" && md5sum -c cuda.md5) || exit 1
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        "$STAGE"/*.whl || exit 1
+fi
 export PYTHONPATH=/tmp/site:$PWD
 # mlx-cuda's libraries look for CUDA's beside them; here they are PyTorch's, in the main site-packages.
 SP=$(python3 -c "import site; print(site.getsitepackages()[0])")
@@ -42,6 +51,21 @@ python3 -c "import mlx.core as mx; print('mlx', mx.__version__, mx.default_devic
 
 B="python3 benchmarks/bench.py"
 START=$SECONDS
+if [ "$MODE" = batch ]; then
+    BB="python3 benchmarks/batch_bench.py"
+    $B make full /tmp/full-bf16 || exit 1
+    $BB batch /tmp/full-bf16 --rows 1 8 32 --prompt-tokens 128 --decode-tokens 128 --trials 3 \
+        --out "$OUT/batch-full-bf16.json"
+    echo "elapsed $((SECONDS - START)) s"
+    $B make tiny /tmp/tiny-bf16 || exit 1
+    $BB batch /tmp/tiny-bf16 --rows 1 8 32 --prompt-tokens 32 --decode-tokens 256 --trials 3 \
+        --out "$OUT/batch-tiny-bf16.json"
+    echo "elapsed $((SECONDS - START)) s"
+    $BB ttft /tmp/tiny-bf16 --trials 5 --out "$OUT/ttft-tiny-bf16.json"
+    $BB ttft /tmp/full-bf16 --trials 3 --out "$OUT/ttft-full-bf16.json"
+    echo "elapsed $((SECONDS - START)) s"
+    exit
+fi
 $B make full /tmp/full-bf16 || exit 1
 # Issue 6's figure: turn-3 time to first token with the reused cache against re-reading everything.
 python3 benchmarks/chat_ttft.py /tmp/full-bf16 --history 500 --trials 3 --out "$OUT/chat-bf16.json"
