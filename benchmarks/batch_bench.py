@@ -49,7 +49,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench import EOS_IDS  # noqa: E402
+from bench import EOS_IDS
 
 
 def prompts_of(rng: np.random.Generator, vocab: int, rows: int, n: int) -> list[list[int]]:
@@ -157,8 +157,8 @@ def cmd_batch(a: argparse.Namespace) -> None:
              f"{'4-bit' if config.get('quantization') else config.get('torch_dtype', '?')}; prompts "
              f"{a.prompt_tokens}, decode {a.decode_tokens} a row, {a.trials} trials (medians); "
              f"{mx.default_device()}, {platform.machine()}; ours single stream {single:.1f} tok/s")
-    lines = [title, "", "| rows | decode tok/s ours | mlx-lm | ours / mlx-lm | ours / single stream "
-             "| end-to-end tok/s ours | mlx-lm | peak GB ours | mlx-lm | rows alike |",
+    lines = [title, "", ("| rows | decode tok/s ours | mlx-lm | ours / mlx-lm | ours / single stream "
+                         "| end-to-end tok/s ours | mlx-lm | peak GB ours | mlx-lm | rows alike |"),
              "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for rows in a.rows:
         o, m = med[f"ours/{rows}"], med[f"mlx-lm/{rows}"]
@@ -250,8 +250,8 @@ def cmd_ttft(a: argparse.Namespace) -> None:
                 print(f"trial {t + 1} {mode:6s} " + " ".join(f"{k} {v:.4f}" for k, v in r.items()), file=sys.stderr)
     med = {mode: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for mode, rs in trials.items()}
     lo = med["loaded"]
-    lines = [f"{path.name}: a {a.prompt_tokens}-token request, alone and while {a.running} rows decode; "
-             f"prefill step {a.prefill_step_size}; {a.trials} trials (medians); {mx.default_device()}", "",
+    lines = [(f"{path.name}: a {a.prompt_tokens}-token request, alone and while {a.running} rows decode; "
+              f"prefill step {a.prefill_step_size}; {a.trials} trials (medians); {mx.default_device()}"), "",
              "| figure | value |", "| --- | ---: |",
              f"| TTFT alone s | {med['alone']['ttft_s']:.4f} |",
              f"| TTFT under load s | {lo['ttft_s']:.4f} |",
