@@ -143,8 +143,8 @@ class Scheduler:
         need = self._bytes(1, most)
         if self.kv_memory is not None and need > self.kv_memory:
             raise Qwen3Error(
-                f"the request needs up to {most} tokens of KV cache ({need / 1e9:.2f} GB) but the KV budget is "
-                f"{self.kv_memory / 1e9:.2f} GB; lower max_tokens (or the thinking budget), or raise the KV budget")
+                f"the request needs up to {most} tokens of KV cache ({_size(need)}) but the KV budget is "
+                f"{_size(self.kv_memory)}; lower max_tokens (or the thinking budget), or raise the KV budget")
         return most
 
     def submit(self, ticket: Ticket) -> None:
@@ -289,6 +289,10 @@ class Scheduler:
         return tickets
 
 
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
 @dataclass
 class _Prefill:
     ticket: Ticket
@@ -311,6 +315,7 @@ def batch_generate(
     system: str | None = None,
     raw: bool = False,
     tools: list[dict] | None = None,
+    prefill_response: str | None = None,
     progress: Callable[[int, int], None] | None = None,
     **kwargs: Any,
 ) -> list[GenerationResult]:
@@ -324,7 +329,7 @@ def batch_generate(
         max_batch: the most rows decoded at once; the others wait their turn.
         kv_memory: bytes the batch's KV cache may take (None: no limit).
         prefill_step_size: prompt tokens computed between two decode steps.
-        system, raw, tools: as in `generate`, for every prompt.
+        system, raw, tools, prefill_response: as in `generate`, for every prompt.
         progress: called with (responses done, total) as each one ends.
         **kwargs: GenerationOptions fields, overriding those of `options` for every prompt.
 
@@ -354,7 +359,7 @@ def batch_generate(
         return sink
 
     jobs = [prepare(model, tokenizer, prompt, GenerationOptions.of(opts, **kwargs), system=system, raw=raw,
-                    tools=tools) for prompt, opts in zip(prompts, options)]
+                    tools=tools, prefill_response=prefill_response) for prompt, opts in zip(prompts, options)]
     for i, job in enumerate(jobs):
         scheduler.submit(Ticket(job, sink_of(i)))
     while scheduler.busy:

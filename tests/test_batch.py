@@ -1,0 +1,248 @@
+"""Batched generation: every row gives the tokens of the same request alone, whatever shares its batch."""
+
+import asyncio
+
+import mlx.core as mx
+import pytest
+
+from qwen3_mlx import GenerationOptions, generate
+from qwen3_mlx.batch import batch_generate, kv_bytes_per_token
+from qwen3_mlx.cache import BatchKVCache, KVCache
+from qwen3_mlx.engine import Engine, EngineClosed, EngineFull
+from qwen3_mlx.errors import OptionError, Qwen3Error
+from qwen3_mlx.prompt import encode_prompt
+
+PROMPTS = ["Hello", "Tell me a long story about a dragon and a knight who meet at dawn", "Why?", "1 2 3",
+           "a b c d e f", "What is 2+2?", "Name three colours.", "ok"]
+GREEDY = dict(temp=0, think=False)
+
+
+def alone(model, tok, prompts, options):
+    return [generate(model, tok, p, o) for p, o in zip(prompts, options)]
+
+
+def eot_bias(tok, value):
+    """A bias toward the end of turn that makes the random model end some answers early and not others."""
+    return {tok.token_to_id("<|im_end|>"): value}
+
+
+# ---------------------------------------------------------------- the cache
+
+
+def test_batch_cache_aligns_rows_on_the_right_and_masks_the_padding():
+    def single(n, value):
+        c = KVCache()
+        c.update_and_fetch(mx.full((1, 1, n, 2), value), mx.full((1, 1, n, 2), -value))
+        return c
+
+    batch = BatchKVCache()
+    batch.add(single(2, 1.0))
+    batch.add(single(4, 2.0))  # longer: the first row is padded in front
+    batch.add(single(1, 3.0))
+    assert (batch.end, batch.lengths, batch.offset.tolist()) == (4, [2, 4, 1], [2, 4, 1])
+    assert batch.keys[:, 0, :, 0].tolist() == [[0, 0, 1, 1], [2, 2, 2, 2], [0, 0, 0, 3]]
+    assert batch.make_mask(1)[:, 0, 0].tolist() == [[False, False, True, True, True], [True] * 5,
+                                                   [False, False, False, True, True]]
+    keys, _ = batch.update_and_fetch(mx.full((3, 1, 1, 2), 9.0), mx.zeros((3, 1, 1, 2)))
+    assert keys[:, 0, :, 0].tolist() == [[0, 0, 1, 1, 9], [2, 2, 2, 2, 9], [0, 0, 0, 3, 9]]
+    batch.keep([2, 0])  # the longest row leaves: the columns only it used go too
+    assert (batch.end, batch.lengths) == (3, [2, 3])
+    assert batch.keys[:, 0, :, 0].tolist() == [[0, 3, 9], [1, 1, 9]]
+    assert batch.row(1)[0][0, 0, :, 0].tolist() == [1, 1, 9]
+    batch.keep([])
+    assert (batch.keys, batch.nbytes) == (None, 0)
+
+
+# ---------------------------------------------------------------- rows equal requests alone
+
+
+def test_greedy_rows_of_different_lengths_equal_generate(tiny):
+    model, tok = tiny
+    options = [GenerationOptions(max_tokens=24, logit_bias=eot_bias(tok, 3.5), **GREEDY)] * len(PROMPTS)
+    single = alone(model, tok, PROMPTS, options)
+    batched = batch_generate(model, tok, PROMPTS, options)
+    assert [r.token_ids for r in batched] == [r.token_ids for r in single]
+    assert [(r.reasoning, r.content) for r in batched] == [(r.reasoning, r.content) for r in single]
+    # Rows left early at their end of turn and others ran to max_tokens: both were covered.
+    assert {r.stats.finish_reason for r in batched} == {"stop", "length"}
+
+
+def test_rows_join_a_running_batch_as_others_leave(tiny):
+    model, tok = tiny
+    options = [GenerationOptions(max_tokens=4 + 5 * (i % 3), **GREEDY) for i in range(len(PROMPTS))]
+    single = alone(model, tok, PROMPTS, options)
+    done = []
+    batched = batch_generate(model, tok, PROMPTS, options, max_batch=3, progress=lambda d, t: done.append((d, t)))
+    assert [r.token_ids for r in batched] == [r.token_ids for r in single]
+    assert done == [(i, len(PROMPTS)) for i in range(1, len(PROMPTS) + 1)]
+
+
+def test_a_stop_string_ends_its_row_only(tiny):
+    model, tok = tiny
+    free = generate(model, tok, PROMPTS[1], max_tokens=30, **GREEDY).content
+    stop = free[len(free) // 2 : len(free) // 2 + 3]
+    options = [GenerationOptions(max_tokens=30, **GREEDY), GenerationOptions(max_tokens=30, stop=(stop,), **GREEDY),
+               GenerationOptions(max_tokens=30, **GREEDY)]
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[2]]
+    single = alone(model, tok, prompts, options)
+    batched = batch_generate(model, tok, prompts, options)
+    assert [(r.content, r.stats.finish_reason) for r in batched] == [(r.content, r.stats.finish_reason) for r in single]
+    assert batched[1].stats.finish_reason == "stop_string" and stop not in batched[1].content
+
+
+@pytest.mark.filterwarnings("ignore:greedy decoding")
+def test_rows_with_a_thinking_budget_are_cut_as_alone_while_the_others_sample(tiny):
+    model, tok = tiny
+    budgets = [None, 0, 5, 12, 3]
+    options = [GenerationOptions(temp=0, thinking_budget=b, max_tokens=8) for b in budgets]
+    prompts = PROMPTS[: len(budgets)]
+    kwargs = dict(prefill_response="<think>\n")  # the reasoning is open: the random model need not open it
+    single = [generate(model, tok, p, o, **kwargs) for p, o in zip(prompts, options)]
+    batched = batch_generate(model, tok, prompts, options, **kwargs)
+    assert [r.token_ids for r in batched] == [r.token_ids for r in single]
+    assert [r.stats.budget_exhausted for r in batched] == [False, True, True, True, True]
+    assert [r.stats.forced_tokens > 0 for r in batched] == [False, True, True, True, True]
+    assert [r.reasoning for r in batched] == [r.reasoning for r in single]
+
+
+def test_a_seeded_row_draws_the_same_text_alone_and_among_seven_others(tiny):
+    model, tok = tiny
+    options = [GenerationOptions(seed=100 + i, temp=0.8, top_p=0.95, max_tokens=16, think=False,
+                                 presence_penalty=0.5 if i % 2 else None) for i in range(8)]
+    single = alone(model, tok, PROMPTS, options)
+    batched = batch_generate(model, tok, PROMPTS, options)
+    assert [r.token_ids for r in batched] == [r.token_ids for r in single]
+    # The same request among other rows: its own seed alone decides what it draws.
+    shuffled = batch_generate(model, tok, PROMPTS[::-1], options[::-1], max_batch=5)
+    assert shuffled[-1].token_ids == batched[0].token_ids
+
+
+def test_log_probabilities_of_a_row_are_those_of_the_request_alone(tiny):
+    model, tok = tiny
+    options = GenerationOptions(max_tokens=6, logprobs=3, **GREEDY)
+    single = generate(model, tok, PROMPTS[0], options)
+    batched = batch_generate(model, tok, PROMPTS[:3], options)[0]
+    assert [lp.token for lp in batched.logprobs] == single.token_ids
+    for a, b in zip(batched.logprobs, single.logprobs):
+        assert a.logprob == pytest.approx(b.logprob, abs=1e-4)
+        assert [t for t, _ in a.top] == [t for t, _ in b.top] and a.top[0][0] == a.token  # greedy: the most likely
+    # The first token's, from the model's own logits.
+    ids, _ = encode_prompt(tok, PROMPTS[0], think=False)
+    logits = model(mx.array([ids]))[0, -1, : tok.vocab_size]
+    expected = (logits - mx.logsumexp(logits))[single.token_ids[0]].item()
+    assert single.logprobs[0].logprob == pytest.approx(expected, abs=1e-5)
+
+
+def test_a_batch_refuses_a_rotating_cache_and_a_mismatched_options_list(tiny):
+    model, tok = tiny
+    with pytest.raises(OptionError) as e:
+        batch_generate(model, tok, ["a"], max_kv_size=64)
+    assert str(e.value) == ("max_kv_size (a rotating cache) is not supported in a batch; leave it unset, "
+                            "or generate this request alone")
+    with pytest.raises(OptionError) as e:
+        batch_generate(model, tok, ["a", "b"], [GenerationOptions()])
+    assert str(e.value) == "options: 1 given for 2 prompts; give one, or one per prompt"
+
+
+# ---------------------------------------------------------------- the engine
+
+
+def test_engine_rows_submitted_while_others_run_equal_generate(tiny):
+    model, tok = tiny
+    options = [GenerationOptions(max_tokens=10 + i, **GREEDY) for i in range(len(PROMPTS))]
+    single = alone(model, tok, PROMPTS, options)
+    with Engine(model, tok, max_batch=3, prompt_cache_bytes=0) as engine:
+        first = [engine.submit(p, o) for p, o in zip(PROMPTS[:2], options[:2])]
+        next(iter(first[0]))  # the batch is running
+        rest = [engine.submit(p, o) for p, o in zip(PROMPTS[2:], options[2:])]
+        results = [r.result() for r in first + rest]
+    assert [r.token_ids for r in results] == [r.token_ids for r in single]
+
+
+def test_engine_streams_to_asyncio_tasks(tiny):
+    model, tok = tiny
+    single = [generate(model, tok, p, max_tokens=8, **GREEDY) for p in PROMPTS[:4]]
+
+    async def main(engine):
+        async def one(prompt):
+            text = []
+            async for chunk in engine.submit(prompt, max_tokens=8, **GREEDY):
+                text.append(chunk.text)
+            return "".join(text), chunk.stats.token_ids
+
+        return await asyncio.gather(*(one(p) for p in PROMPTS[:4]))
+
+    with Engine(model, tok) as engine:
+        results = asyncio.run(main(engine))
+    assert results == [(r.content, r.token_ids) for r in single]
+
+
+def test_cancelling_frees_the_row_and_its_memory_and_admits_the_next(tiny):
+    model, tok = tiny
+    with Engine(model, tok, max_batch=1, prompt_cache_bytes=0) as engine:
+        long = engine.submit(PROMPTS[1], max_tokens=4000, **GREEDY)
+        chunks = iter(long)
+        next(chunks)
+        waiting = engine.submit(PROMPTS[0], max_tokens=5, **GREEDY)  # no row for it yet
+        assert engine.rows == 1 and engine.kv_bytes > 0
+        long.cancel()
+        rest = list(chunks)
+        assert rest[-1].stats.finish_reason == "cancelled" and len(rest[-1].stats.token_ids) < 4000
+        assert waiting.result().token_ids == generate(model, tok, PROMPTS[0], max_tokens=5, **GREEDY).token_ids
+        assert (engine.rows, engine.kv_bytes) == (0, 0)
+
+
+def test_a_request_larger_than_the_kv_budget_alone_is_refused_at_once(tiny):
+    model, tok = tiny
+    assert kv_bytes_per_token(model) == 256  # 2 layers of 1 KV head of 16 dims, keys and values, float32
+    with Engine(model, tok, kv_memory=1_000_000) as engine:
+        with pytest.raises(Qwen3Error) as e:
+            engine.submit("Hello", max_tokens=4000, **GREEDY)
+        # 13 prompt tokens and 4000 more, and a growth step of 256: 4269 x 256 bytes
+        assert str(e.value) == ("the request needs up to 4013 tokens of KV cache (1.1 MB) but the KV budget is "
+                                "1.0 MB; lower max_tokens (or the thinking budget), or raise the KV budget")
+        assert engine.submit("Hello", max_tokens=3, **GREEDY).result().stats.finish_reason in ("stop", "length")
+
+
+def test_the_kv_budget_queues_requests_until_their_worst_case_fits(tiny):
+    model, tok = tiny
+    options = [GenerationOptions(max_tokens=40, **GREEDY)] * 4
+    single = alone(model, tok, PROMPTS[:4], options)
+    longest = max(len(encode_prompt(tok, p, think=False)[0]) for p in PROMPTS[:4]) + 40
+    two_rows = 2 * (longest + 256) * kv_bytes_per_token(model)
+    with Engine(model, tok, kv_memory=two_rows, prompt_cache_bytes=0) as engine:
+        requests = [engine.submit(p, o) for p, o in zip(PROMPTS[:4], options)]
+        seen = set()
+        for r in requests:
+            for _ in r:
+                seen.add(engine.rows)
+    assert max(seen) == 2
+    assert [r.result().token_ids for r in requests] == [r.token_ids for r in single]
+
+
+def test_a_full_queue_and_a_closed_engine_refuse_requests(tiny):
+    model, tok = tiny
+    engine = Engine(model, tok, max_queue=0)
+    with pytest.raises(EngineClosed):
+        engine.submit("Hello")
+    with engine:
+        with pytest.raises(EngineFull) as e:
+            engine.submit("Hello", max_tokens=1)
+        assert str(e.value) == "0 requests are waiting already; try again later"
+
+
+def test_prefix_reuse_gives_the_same_tokens_and_computes_only_the_rest(tiny):
+    model, tok = tiny
+    first = [{"role": "user", "content": PROMPTS[1]}]
+    with Engine(model, tok) as engine:
+        answer = engine.submit(first, max_tokens=12, **GREEDY).result()
+        conversation = first + [{"role": "assistant", "content": answer.content},
+                                {"role": "user", "content": "And then?"}]
+        again = engine.submit(conversation, max_tokens=12, **GREEDY).result()
+    fresh = generate(model, tok, conversation, max_tokens=12, **GREEDY)
+    assert again.token_ids == fresh.token_ids
+    # Computed before: the first prompt and the answer, as far as the conversation's tokens agree with them.
+    before = encode_prompt(tok, first, think=False)[0] + answer.token_ids
+    now = encode_prompt(tok, conversation, think=False)[0]
+    common = next(i for i, (a, b) in enumerate(zip(before, now)) if a != b)
+    assert again.stats.cached_tokens == common > len(before) - len(answer.token_ids)
