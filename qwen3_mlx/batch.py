@@ -73,7 +73,7 @@ class BatchGenerator:
         inputs = [mx.array(row.forced[:1], mx.int32) if row.forced else row.draw.token for row in self.rows]
         before = [(row, row.draw) for row in self.rows]
         with generation_stream():
-            logits = self.model(mx.concatenate(inputs)[:, None], self.cache)[:, -1, :]  # (B, V)
+            logits = self.model.decode(mx.concatenate(inputs)[:, None], self.cache)  # (B, V)
             for i, (row, ids) in enumerate(zip(self.rows, inputs)):
                 del row.forced[:1]
                 row.job.sampling.remember(ids)

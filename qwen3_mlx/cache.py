@@ -212,16 +212,37 @@ class BatchKVCache:
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         n = keys.shape[2]
         if self.end + n > self.keys.shape[2]:
-            grow = -(-n // self.step) * self.step
-            B, H, _, D = self.keys.shape
-            self.keys = mx.concatenate([self.keys[..., : self.end, :], mx.zeros((B, H, grow, D), keys.dtype)], axis=2)
-            self.values = mx.concatenate(
-                [self.values[..., : self.end, :], mx.zeros((B, H, grow, values.shape[3]), values.dtype)], axis=2)
+            self._grow(n)
         self.keys[..., self.end : self.end + n, :] = keys
         self.values[..., self.end : self.end + n, :] = values
         self.end += n
         self.lengths = [length + n for length in self.lengths]
         return self.keys[..., : self.end, :], self.values[..., : self.end, :]
+
+    def buffers(self, n: int = 1) -> tuple[mx.array, mx.array]:
+        """The whole buffers (B, H_kv, capacity, D), with room for n more tokens: what the compiled
+        decode step (fast.py) writes into, as `BatchSlots`."""
+        if self.end + n > self.keys.shape[2]:
+            self._grow(n)
+        return self.keys, self.values
+
+    def commit(self, keys: mx.array, values: mx.array, n: int = 1) -> None:
+        """Take back the buffers from `buffers(n)` with the next n tokens written at `end`."""
+        assert keys.shape == self.keys.shape and values.shape == self.values.shape
+        self.keys, self.values, self.end = keys, values, self.end + n
+        self.lengths = [length + n for length in self.lengths]
+
+    def slots(self, keys: mx.array, values: mx.array) -> BatchSlots:
+        """The arrays a compiled step needs, besides the buffers: where to write, where rows start."""
+        starts = mx.array([self.end - length for length in self.lengths], mx.int32)
+        return BatchSlots(keys, values, mx.array(self.end, mx.int32), starts, self.offset)
+
+    def _grow(self, n: int) -> None:
+        grow = -(-n // self.step) * self.step
+        B, H, _, D = self.keys.shape
+        self.keys = mx.concatenate([self.keys[..., : self.end, :], mx.zeros((B, H, grow, D), self.keys.dtype)], axis=2)
+        self.values = mx.concatenate(
+            [self.values[..., : self.end, :], mx.zeros((B, H, grow, self.values.shape[3]), self.values.dtype)], axis=2)
 
     def add(self, cache: KVCache) -> None:
         """Take in the row held by a single-row cache, as the batch's last row."""
@@ -260,6 +281,25 @@ class BatchKVCache:
     @property
     def nbytes(self) -> int:
         return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+
+class BatchSlots:
+    """A BatchKVCache as the compiled decode step sees it: the whole buffers, the column to write
+    (`end`), where each row starts and each row's position, all as arrays, so one compiled graph
+    serves every step until the buffers grow or a row joins or leaves."""
+
+    def __init__(self, keys: mx.array, values: mx.array, end: mx.array, starts: mx.array, offset: mx.array) -> None:
+        self.keys, self.values, self.end, self.starts, self.offset = keys, values, end, starts, offset
+
+    def make_mask(self, n: int) -> mx.array:
+        cols = mx.arange(self.keys.shape[2])
+        return (cols >= self.starts[:, None, None, None]) & (cols <= self.end)
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        at = self.end.reshape(1)
+        self.keys = mx.slice_update(self.keys, keys, at, axes=(2,))
+        self.values = mx.slice_update(self.values, values, at, axes=(2,))
+        return self.keys, self.values
 
 
 def _pad_left(x: mx.array, n: int) -> mx.array:

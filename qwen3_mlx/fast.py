@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 import mlx.core as mx
 import mlx.nn as nn
 
-from .cache import KVCache, Slots
+from .cache import BatchKVCache, BatchSlots, KVCache, Slots
 from .model import MLP, Attention, Mask, Model
 
 # A matmul is split across CPU threads when it costs at least this many bf16 weights' worth: on the
@@ -165,8 +165,11 @@ class CompiledDecode:
     def __init__(self, model: Model) -> None:
         self._model = model
         self._graph = mx.compile(self._decode)
+        self._batch_graph = mx.compile(self._decode_batch)
 
     def __call__(self, ids: mx.array, cache: Sequence[KVCache]) -> mx.array:
+        if ids.shape[1] == 1 and all(type(c) is BatchKVCache and c.keys is not None for c in cache):
+            return self._batch(ids, cache)
         if ids.shape[1] != 1 or not all(type(c) is KVCache and c.keys is not None for c in cache):
             return Model.decode(self._model, ids, cache)
         buffers = [c.buffers(1) for c in cache]
@@ -174,6 +177,22 @@ class CompiledDecode:
         for c, (keys, values) in zip(cache, written):
             c.commit(keys, values)
         return logits
+
+    def _batch(self, ids: mx.array, cache: Sequence[BatchKVCache]) -> mx.array:
+        """One token for each row of a batch (B, 1), through the batch's graph (a graph for each
+        batch size and buffer size met, kept by mx.compile)."""
+        buffers = [c.buffers(1) for c in cache]
+        first = cache[0].slots(*buffers[0])
+        logits, written = self._batch_graph(ids, first.end, first.starts, first.offset, buffers)
+        for c, (keys, values) in zip(cache, written):
+            c.commit(keys, values)
+        return logits
+
+    def _decode_batch(self, ids: mx.array, end: mx.array, starts: mx.array, offset: mx.array,
+                      buffers: list[tuple[mx.array, mx.array]]) -> tuple[mx.array, list[tuple[mx.array, mx.array]]]:
+        slots = [BatchSlots(keys, values, end, starts, offset) for keys, values in buffers]
+        logits = self._model(ids, slots)[:, -1, :]
+        return logits, [(s.keys, s.values) for s in slots]
 
     def _decode(self, ids: mx.array, offset: mx.array,
                 buffers: list[tuple[mx.array, mx.array]]) -> tuple[mx.array, list[tuple[mx.array, mx.array]]]:
