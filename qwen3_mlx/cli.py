@@ -530,3 +530,45 @@ def convert(source: str | None, output: Path | None, hf_path: str | None, mlx_pa
             bar.render_finish()
     click.echo(f"wrote {output}: {result.bits_per_weight:.2f} bits per weight, "
                f"{human_size(result.size_bytes)} in {result.seconds:.1f} s")
+
+
+# ---------------------------------------------------------------- serve
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help=MODEL_HELP)
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; 0.0.0.0 opens it to the network (set --api-key then).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="Port to listen on.")
+@click.option("--api-key", envvar="QWEN3_MLX_API_KEY", metavar="KEY",
+              help="Require `Authorization: Bearer KEY` on /v1/* (also read from QWEN3_MLX_API_KEY).")
+@click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Most requests decoded together; the others wait in a queue.")
+@click.option("--kv-memory", type=click.FloatRange(min=0, min_open=True), metavar="GB",
+              help="Most memory the batch's KV cache may take; a request waits until it fits. Default: no limit.")
+@click.option("--prompt-cache-gb", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="Memory for caches of recent prompts, reused by requests that share a prefix (0: none).")
+@click.option("--thinking-budget", type=click.IntRange(min=0), metavar="N",
+              help="Default thinking budget of requests that give none.")
+@click.option("--max-tokens", "-m", type=click.IntRange(min=1), default=DEFAULTS.max_tokens, show_default=True,
+              help="Most tokens a request may generate, reasoning included (larger max_tokens are lowered to it); "
+                   "also the default.")
+@click.option("--cors-origin", metavar="ORIGIN", help="Allow browsers on ORIGIN to call the API (CORS is off without).")
+@user_errors
+@version
+def serve(model: str, host: str, port: int, api_key: str | None, max_batch: int, kv_memory: float | None,
+          prompt_cache_gb: float, thinking_budget: int | None, max_tokens: int, cors_origin: str | None) -> None:
+    """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions,
+    /v1/models, /health; /docs describes it). Needs the serve extra: pip install "qwen3-mlx[serve]".
+
+    SIGTERM or Ctrl-C stops admitting and lets running requests finish (30 s at most; Ctrl-C again
+    cancels them), then exits 0 (SIGTERM) or 130 (Ctrl-C).
+    """
+    try:
+        from .server.serve import serve as run_server
+    except ImportError as e:  # FastAPI or uvicorn missing
+        raise Qwen3Error(f"serve needs the serve extra ({e.name} is not installed): "
+                         f'pip install "qwen3-mlx[serve]"') from None
+    run_server(model, host=host, port=port, api_key=api_key, max_batch=max_batch,
+               kv_memory=int(kv_memory * 1e9) if kv_memory else None, prompt_cache_bytes=int(prompt_cache_gb * 1e9),
+               thinking_budget=thinking_budget, max_tokens=max_tokens, cors_origin=cors_origin)

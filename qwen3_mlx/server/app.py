@@ -1,0 +1,481 @@
+"""The OpenAI-compatible server: FastAPI routes that check a request, submit it to the engine, and
+format its chunks back, whole or as server-sent events.
+
+    app = create_app(engine, model_id="Qwen3-1.7B-4bit")   # then serve it with uvicorn
+
+The engine owns the model and batches every request (engine.py); a request whose client goes away
+is cancelled at once. Reasoning goes in `reasoning_content` and `reasoning`, never in `content`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import Response, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from ..engine import EngineClosed, EngineFull
+from ..errors import Qwen3Error
+from ..response import Chunk, GenerationStats, TokenLogprob
+from . import protocol as p
+from .params import (
+    ApiError,
+    Settings,
+    Submission,
+    chat_submission,
+    completion_submission,
+)
+
+log = logging.getLogger("qwen3_mlx.server")
+
+DEFAULT_MAX_BODY_BYTES = 8 << 20
+_FINISH = {"stop": "stop", "stop_string": "stop", "length": "length", "tool_calls": "tool_calls"}
+_ERRORS = {400: p.ErrorResponse, 401: p.ErrorResponse, 404: p.ErrorResponse, 413: p.ErrorResponse,
+           429: p.ErrorResponse, 503: p.ErrorResponse}
+_ERROR_DOCS = {status: {"model": model} for status, model in _ERRORS.items()}
+
+
+def create_app(engine: Any, *, model_id: str, api_key: str | None = None, max_tokens_cap: int = 4096,
+               default_thinking_budget: int | None = None, cors_origin: str | None = None,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+    """The FastAPI app over a started engine.Engine (the caller starts and closes it).
+
+    Args:
+        model_id: the name /v1/models lists; a request naming another model gets a 404.
+        api_key: when set, /v1/* needs `Authorization: Bearer <api_key>`.
+        max_tokens_cap: the most tokens a request may generate (its max_tokens is lowered to it),
+            and the default when it asks for no limit.
+        default_thinking_budget: the thinking budget of requests that give none.
+        cors_origin: the one origin browsers may call from; None: no CORS headers.
+        max_body_bytes: larger request bodies get a 413.
+    """
+    settings = Settings(model_id, max_tokens_cap, default_thinking_budget)
+    app = FastAPI(title="qwen3-mlx", summary="An OpenAI-compatible server for Qwen3 with reasoning, "
+                                             "a per-request thinking budget and tool calls")
+    app.state.engine, app.state.settings, app.state.created = engine, settings, int(time.time())
+    _add_error_handlers(app)
+    app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes)
+    if cors_origin:
+        app.add_middleware(CORSMiddleware, allow_origins=[cors_origin], allow_methods=["GET", "POST", "OPTIONS"],
+                           allow_headers=["*"])
+    app.include_router(_routes())
+    return app
+
+
+# ---------------------------------------------------------------- routes
+
+
+def _routes() -> Any:
+    from fastapi import APIRouter
+
+    router = APIRouter()
+
+    @router.post("/v1/chat/completions", response_model=p.ChatCompletion, responses=_ERROR_DOCS)
+    async def chat_completions(body: p.ChatCompletionRequest, request: Request) -> Response:
+        settings = request.app.state.settings
+        submission = chat_submission(body, settings)
+        handle = _submit(request.app.state.engine, submission)
+        chunks = _chunks(handle, request)
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            events = _chat_events(chunks, settings.model_id, include_usage, body.logprobs, body.parallel_tool_calls,
+                                  request.app.state.engine.tokenizer)
+            return _sse(events)
+        reply = await _collect(chunks, body.parallel_tool_calls)
+        return _json(_chat_completion(reply, settings.model_id, body.logprobs, request.app.state.engine.tokenizer))
+
+    @router.post("/v1/completions", response_model=p.Completion, responses=_ERROR_DOCS)
+    async def completions(body: p.CompletionRequest, request: Request) -> Response:
+        settings = request.app.state.settings
+        handle = _submit(request.app.state.engine, completion_submission(body, settings))
+        chunks = _chunks(handle, request)
+        tokenizer = request.app.state.engine.tokenizer
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return _sse(_completion_events(chunks, settings.model_id, include_usage, body.logprobs is not None,
+                                           tokenizer))
+        reply = await _collect(chunks, True)
+        return _json(_completion(reply, settings.model_id, body.logprobs is not None, tokenizer))
+
+    @router.get("/v1/models", response_model=p.ModelList, responses=_ERROR_DOCS)
+    async def models(request: Request) -> p.ModelList:
+        return p.ModelList(data=[_model_card(request)])
+
+    @router.get("/v1/models/{model}", response_model=p.ModelCard, responses=_ERROR_DOCS)
+    async def model(model: str, request: Request) -> p.ModelCard:
+        if model != request.app.state.settings.model_id:
+            raise ApiError(404, f"the model {model!r} does not exist", param="model", code="model_not_found")
+        return _model_card(request)
+
+    @router.get("/health", response_model=p.Health)
+    async def health(request: Request) -> p.Health:
+        return p.Health(model=request.app.state.settings.model_id, rows=request.app.state.engine.rows)
+
+    return router
+
+
+def _model_card(request: Request) -> p.ModelCard:
+    return p.ModelCard(id=request.app.state.settings.model_id, created=request.app.state.created)
+
+
+def _submit(engine: Any, s: Submission) -> Any:
+    """engine.submit, from the event loop (the request then streams to it)."""
+    return engine.submit(s.prompt, s.options, raw=s.raw, tools=s.tools)
+
+
+async def _chunks(handle: Any, request: Request) -> AsyncIterator[Chunk]:
+    """The request's chunks; its row is cancelled when the client goes away or the reader stops early."""
+    finished = False
+
+    async def watch() -> None:
+        while not await request.is_disconnected():
+            await asyncio.sleep(0.1)
+        handle.cancel()
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        async for chunk in handle:
+            yield chunk
+        finished = True
+    finally:
+        watcher.cancel()
+        if not finished:
+            handle.cancel()
+
+
+# ---------------------------------------------------------------- one response, gathered
+
+
+@dataclass
+class Reply:
+    """A response as its chunks arrive: the text of each part, the tool calls, the log-probabilities."""
+
+    parallel_tool_calls: bool = True
+    reasoning: list[str] = field(default_factory=list)
+    content: list[str] = field(default_factory=list)
+    calls: dict[int, dict] = field(default_factory=dict)  # index -> {"id", "name", "arguments"}
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    stats: GenerationStats = field(default_factory=GenerationStats)
+
+    def add(self, chunk: Chunk) -> dict | None:
+        """Take in a chunk; returns its tool-call delta ({"index", "id", "name", "arguments"}), if any."""
+        self.stats = chunk.stats
+        if chunk.kind == "answer":
+            self.logprobs.extend(chunk.logprobs)
+            self.content.append(chunk.text)
+        elif chunk.kind == "reasoning":
+            self.reasoning.append(chunk.text)
+        else:
+            return self._tool_call(chunk)
+        return None
+
+    def _tool_call(self, chunk: Chunk) -> dict | None:
+        delta = chunk.tool_call  # type: ignore[attr-defined]
+        if delta is None or (delta.index > 0 and not self.parallel_tool_calls):
+            return None
+        call = self.calls.setdefault(delta.index, {"id": None, "name": "", "arguments": ""})
+        if delta.id:
+            call["id"] = delta.id
+        if delta.name:
+            call["name"] += delta.name
+        call["arguments"] += delta.arguments or ""
+        return {"index": delta.index, "id": delta.id, "name": delta.name, "arguments": delta.arguments}
+
+    @property
+    def finish_reason(self) -> str:
+        if self.calls:
+            return "tool_calls"
+        reason = self.stats.finish_reason or "stop"
+        return _FINISH.get(reason, reason)
+
+    def tool_calls(self) -> list[p.ToolCall] | None:
+        if not self.calls:
+            return None
+        return [p.ToolCall(id=call["id"] or _id("call"), function=p.FunctionCall(name=call["name"],
+                                                                                 arguments=call["arguments"]))
+                for _, call in sorted(self.calls.items())]
+
+    def usage(self, eos_ids: frozenset[int]) -> p.Usage:
+        return usage(self.stats, eos_ids)
+
+
+async def _collect(chunks: AsyncIterator[Chunk], parallel_tool_calls: bool) -> Reply:
+    reply = Reply(parallel_tool_calls)
+    try:
+        async for chunk in chunks:
+            reply.add(chunk)
+    except Qwen3Error as e:  # the engine failed (not the request's fault)
+        raise ApiError(500, str(e), type="server_error") from None
+    return reply
+
+
+def usage(stats: GenerationStats, eos_ids: frozenset[int]) -> p.Usage:
+    """completion_tokens: every token of the response, reasoning, <think> tags and forced text included,
+    but not the end-of-turn token; reasoning_tokens: those the model wrote inside the reasoning."""
+    ids = stats.token_ids
+    completion = len(ids) - (1 if ids and ids[-1] in eos_ids else 0)
+    return p.Usage(prompt_tokens=stats.prompt_tokens, completion_tokens=completion,
+                   total_tokens=stats.prompt_tokens + completion,
+                   prompt_tokens_details=p.PromptTokensDetails(cached_tokens=stats.cached_tokens),
+                   completion_tokens_details=p.CompletionTokensDetails(reasoning_tokens=stats.reasoning_tokens))
+
+
+def _chat_completion(reply: Reply, model_id: str, logprobs: bool, tokenizer: Any) -> p.ChatCompletion:
+    reasoning = "".join(reply.reasoning) or None
+    calls = reply.tool_calls()
+    content = "".join(reply.content)
+    message = p.AssistantMessage(content=content if content or not calls else None, reasoning_content=reasoning,
+                                 reasoning=reasoning, tool_calls=calls)
+    choice = p.ChatChoice(message=message, finish_reason=reply.finish_reason,
+                          logprobs=_chat_logprobs(reply.logprobs, tokenizer) if logprobs else None)
+    return p.ChatCompletion(id=_id("chatcmpl"), model=model_id, choices=[choice],
+                            usage=reply.usage(tokenizer.eos_token_ids))
+
+
+def _completion(reply: Reply, model_id: str, logprobs: bool, tokenizer: Any) -> p.Completion:
+    reasoning = "".join(reply.reasoning) or None
+    choice = p.CompletionChoice(text="".join(reply.content), finish_reason=reply.finish_reason,
+                                logprobs=_legacy_logprobs(reply.logprobs, tokenizer) if logprobs else None,
+                                reasoning_content=reasoning, reasoning=reasoning)
+    return p.Completion(id=_id("cmpl"), model=model_id, choices=[choice], usage=reply.usage(tokenizer.eos_token_ids))
+
+
+# ---------------------------------------------------------------- streams
+
+
+async def _chat_events(chunks: AsyncIterator[Chunk], model_id: str, include_usage: bool, logprobs: bool,
+                       parallel_tool_calls: bool, tokenizer: Any) -> AsyncIterator[p.ChatCompletionChunk]:
+    cid, created, reply = _id("chatcmpl"), int(time.time()), Reply(parallel_tool_calls)
+
+    def event(delta: p.Delta, finish: str | None = None, lp: list[TokenLogprob] | None = None,
+              ) -> p.ChatCompletionChunk:
+        choice = p.ChunkChoice(delta=delta, finish_reason=finish,
+                               logprobs=_chat_logprobs(lp, tokenizer) if logprobs and lp else None)
+        return p.ChatCompletionChunk(id=cid, created=created, model=model_id, choices=[choice])
+
+    yield event(p.Delta(role="assistant", content=""))
+    async for chunk in chunks:
+        call = reply.add(chunk)
+        if call is not None:
+            yield event(p.Delta(tool_calls=[_tool_call_delta(call)]))
+        elif chunk.text and chunk.kind == "reasoning":
+            yield event(p.Delta(reasoning_content=chunk.text, reasoning=chunk.text))
+        elif chunk.text and chunk.kind == "answer":
+            yield event(p.Delta(content=chunk.text), lp=list(chunk.logprobs))
+    yield event(p.Delta(), reply.finish_reason)
+    if include_usage:
+        yield p.ChatCompletionChunk(id=cid, created=created, model=model_id, choices=[],
+                                    usage=reply.usage(tokenizer.eos_token_ids))
+
+
+def _tool_call_delta(call: dict) -> p.ToolCallDelta:
+    return p.ToolCallDelta(index=call["index"], id=call["id"], type="function" if call["id"] else None,
+                           function=p.FunctionCallDelta(name=call["name"], arguments=call["arguments"] or ""))
+
+
+async def _completion_events(chunks: AsyncIterator[Chunk], model_id: str, include_usage: bool, logprobs: bool,
+                             tokenizer: Any) -> AsyncIterator[p.Completion]:
+    cid, created, reply = _id("cmpl"), int(time.time()), Reply()
+
+    def event(text: str, finish: str | None = None, lp: list[TokenLogprob] | None = None,
+              reasoning: str | None = None) -> p.Completion:
+        choice = p.CompletionChoice(text=text, finish_reason=finish, reasoning_content=reasoning, reasoning=reasoning,
+                                    logprobs=_legacy_logprobs(lp, tokenizer) if logprobs and lp else None)
+        return p.Completion(id=cid, created=created, model=model_id, choices=[choice])
+
+    async for chunk in chunks:
+        reply.add(chunk)
+        if chunk.text and chunk.kind == "reasoning":
+            yield event("", reasoning=chunk.text)
+        elif chunk.text and chunk.kind == "answer":
+            yield event(chunk.text, lp=list(chunk.logprobs))
+    yield event("", reply.finish_reason)
+    if include_usage:
+        yield p.Completion(id=cid, created=created, model=model_id, choices=[],
+                           usage=reply.usage(tokenizer.eos_token_ids))
+
+
+def _sse(events: AsyncIterator[Any]) -> StreamingResponse:
+    """Server-sent events: `data: <json>` each, then `data: [DONE]`; a failure mid-stream is an error event."""
+
+    async def lines() -> AsyncIterator[str]:
+        try:
+            async for event in events:
+                yield f"data: {event.model_dump_json(exclude_none=True)}\n\n"
+        except Qwen3Error as e:
+            yield f"data: {_error_body(500, str(e), type='server_error')}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(lines(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _json(body: p.BaseModel) -> Response:
+    return Response(body.model_dump_json(exclude_none=True), media_type="application/json")
+
+
+# ---------------------------------------------------------------- log-probabilities
+
+
+def _token_text(tokenizer: Any, token: int) -> str:
+    return tokenizer.decode([token])
+
+
+def _chat_logprobs(logprobs: list[TokenLogprob], tokenizer: Any) -> p.ChoiceLogprobs:
+    def top(token: int, logprob: float) -> p.TopLogprob:
+        text = _token_text(tokenizer, token)
+        return p.TopLogprob(token=text, logprob=logprob, bytes=list(text.encode("utf-8")))
+
+    return p.ChoiceLogprobs(content=[
+        p.TokenLogprob(**top(lp.token, lp.logprob).model_dump(), top_logprobs=[top(t, v) for t, v in lp.top])
+        for lp in logprobs])
+
+
+def _legacy_logprobs(logprobs: list[TokenLogprob], tokenizer: Any) -> p.LegacyLogprobs:
+    tokens = [_token_text(tokenizer, lp.token) for lp in logprobs]
+    offsets, at = [], 0
+    for text in tokens:
+        offsets.append(at)
+        at += len(text)
+    return p.LegacyLogprobs(tokens=tokens, token_logprobs=[lp.logprob for lp in logprobs],
+                            top_logprobs=[{_token_text(tokenizer, t): v for t, v in lp.top} for lp in logprobs],
+                            text_offset=offsets)
+
+
+def _id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+# ---------------------------------------------------------------- errors
+
+
+def _error_body(status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
+                code: str | None = None) -> str:
+    return p.ErrorResponse(error=p.ErrorDetail(message=message, type=type, param=param, code=code)).model_dump_json()
+
+
+def _error(status: int, message: str, **kwargs: Any) -> Response:
+    return Response(_error_body(status, message, **kwargs), status_code=status, media_type="application/json")
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    """The first problem, as `param: what is wrong`."""
+    error = exc.errors()[0] if exc.errors() else {"msg": "invalid request", "loc": ()}
+    loc = [str(part) for part in error.get("loc", ()) if part != "body"]
+    if error.get("type") == "json_invalid":
+        detail = (error.get("ctx") or {}).get("error", "")
+        return f"the body is not valid JSON{f' ({detail})' if detail else ''}", None
+    param = ".".join(loc) or None
+    if not loc:
+        return "the body must be a JSON object", None
+    return f"{param or 'body'}: {error.get('msg', 'invalid')}", param
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> Response:
+        return _error(exc.status, exc.message, type=exc.type, param=exc.param, code=exc.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> Response:
+        message, param = _validation_message(exc)
+        return _error(400, message, param=param)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        if exc.status_code == 404:
+            return _error(404, f"no route {request.method} {request.url.path}; see /docs", code="not_found")
+        return _error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(EngineFull)
+    async def full(request: Request, exc: EngineFull) -> Response:
+        return _error(429, str(exc), type="rate_limit_error", code="queue_full")
+
+    @app.exception_handler(EngineClosed)
+    async def closed(request: Request, exc: EngineClosed) -> Response:
+        return _error(503, str(exc), type="server_error", code="shutting_down")
+
+    @app.exception_handler(Qwen3Error)
+    async def bad_request(request: Request, exc: Qwen3Error) -> Response:
+        return _error(400, str(exc))
+
+    @app.exception_handler(RecursionError)
+    async def too_deep(request: Request, exc: RecursionError) -> Response:
+        return _error(400, "the body is nested too deeply")
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, exc: Exception) -> Response:
+        log.exception("internal error on %s %s", request.method, request.url.path)
+        return _error(500, "internal server error (logged on the server)", type="server_error")
+
+
+# ---------------------------------------------------------------- the API key and the body's size
+
+
+class Guard:
+    """ASGI middleware: a missing or wrong API key on /v1/* is a 401 (compared in constant time); a body
+    over `max_body_bytes` is a 413, checked before the app reads it."""
+
+    def __init__(self, app: Any, api_key: str | None, max_body_bytes: int) -> None:
+        self.app, self.max_body_bytes = app, max_body_bytes
+        self.key = api_key.encode() if api_key else None
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        guarded = self.key is not None and scope["path"].startswith("/v1/") and scope["method"] != "OPTIONS"
+        if guarded and not self._authorized(scope):
+            return await self._refuse(send, 401, "invalid or missing API key: send Authorization: Bearer <key>",
+                                      code="invalid_api_key")
+        headers = dict(scope["headers"])
+        length = headers.get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_body_bytes:
+            return await self._refuse(send, 413, self._too_large())
+        body, more = [], True
+        size = 0
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return await self.app(scope, _replay([message], receive), send)
+            body.append(message)
+            size += len(message.get("body", b""))
+            more = message.get("more_body", False)
+            if size > self.max_body_bytes:
+                return await self._refuse(send, 413, self._too_large())
+        await self.app(scope, _replay(body, receive), send)
+
+    def _authorized(self, scope: dict) -> bool:
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, token = given.partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key)
+
+    def _too_large(self) -> str:
+        return f"the request body is over {self.max_body_bytes} bytes"
+
+    @staticmethod
+    async def _refuse(send: Any, status: int, message: str, code: str | None = None) -> None:
+        body = _error_body(status, message, type="invalid_request_error", code=code).encode()
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+def _replay(messages: list[dict], receive: Any) -> Any:
+    """A receive() that gives `messages` first, then the client's (its disconnect)."""
+    pending = list(messages)
+
+    async def replay() -> dict:
+        return pending.pop(0) if pending else await receive()
+
+    return replay
+

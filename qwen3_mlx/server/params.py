@@ -1,0 +1,172 @@
+"""A request's parameters made into what the engine takes: the prompt, GenerationOptions and tools.
+
+Every refusal is an ApiError naming the parameter: a value the server cannot honour is never
+silently dropped. Unknown parameter names never get here (protocol.py ignores them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..options import GenerationOptions
+from .protocol import (
+    REASONING_EFFORT_BUDGETS,
+    ChatCompletionRequest,
+    CompletionRequest,
+    SamplingParameters,
+)
+
+
+class ApiError(Exception):
+    """An error answered with OpenAI's body: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 type: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+
+
+def unsupported(param: str, message: str) -> ApiError:
+    return ApiError(400, f"{param}: {message}", param=param, code="unsupported_parameter")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the server imposes on every request."""
+
+    model_id: str
+    max_tokens_cap: int = 4096  # the most a request may generate; also the default
+    default_thinking_budget: int | None = None
+
+
+@dataclass(frozen=True)
+class Submission:
+    """What goes to engine.submit."""
+
+    prompt: Any  # messages, text or token ids
+    options: GenerationOptions
+    raw: bool = False
+    tools: list[dict] | None = None
+
+
+def check_model(body: SamplingParameters, settings: Settings) -> None:
+    if body.model and body.model != settings.model_id:
+        raise ApiError(404, f"the model {body.model!r} does not exist; this server serves {settings.model_id!r} "
+                            "(GET /v1/models)", param="model", code="model_not_found")
+
+
+def chat_submission(body: ChatCompletionRequest, settings: Settings) -> Submission:
+    check_model(body, settings)
+    _check_common(body)
+    if body.response_format is not None and body.response_format.type != "text":
+        raise unsupported("response_format", f"{body.response_format.type!r} needs structured output, "
+                                             "not supported yet; leave it unset or 'text'")
+    choice = body.tool_choice
+    if choice is not None and choice not in ("auto", "none"):
+        named = choice if isinstance(choice, str) else f"a named function ({choice.function.name!r})"
+        raise unsupported("tool_choice", f"{named} needs structured output (a grammar), not supported yet; "
+                                         "use 'auto' or 'none'")
+    if body.top_logprobs is not None and not body.logprobs:
+        raise ApiError(400, "top_logprobs: needs logprobs=true", param="top_logprobs")
+    think = (body.chat_template_kwargs or {}).get("enable_thinking", True)
+    if not isinstance(think, bool):
+        raise ApiError(400, f"chat_template_kwargs.enable_thinking: must be true or false, got {think!r}",
+                       param="chat_template_kwargs.enable_thinking")
+    tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools and choice != "none" else None
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    asked = body.max_completion_tokens or body.max_tokens
+    options = generation_options(body, settings, asked, think=think, logprobs=logprobs)
+    return Submission(chat_messages(body), options, tools=tools)
+
+
+def completion_submission(body: CompletionRequest, settings: Settings) -> Submission:
+    check_model(body, settings)
+    _check_common(body)
+    if body.echo:
+        raise unsupported("echo", "echoing the prompt is not supported; leave it false")
+    if body.suffix:
+        raise unsupported("suffix", "Qwen3 has no fill-in-the-middle mode here; leave it unset")
+    if body.best_of is not None and body.best_of > 1:
+        raise unsupported("best_of", f"{body.best_of} asked; this server gives one completion per request")
+    prompt = body.prompt
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        if len(prompt) > 1:
+            raise unsupported("prompt", f"{len(prompt)} prompts: send one per request (they are batched)")
+        prompt = prompt[0]
+    if not prompt:
+        raise ApiError(400, "prompt: the prompt is empty; give some text", param="prompt")
+    # Text completion uses the non-thinking sampling defaults; a prompt that ends inside <think> is
+    # still read as reasoning, and the thinking budget applies to it.
+    options = generation_options(body, settings, body.max_tokens, think=False, logprobs=body.logprobs)
+    return Submission(prompt, options, raw=isinstance(prompt, str))
+
+
+def chat_messages(body: ChatCompletionRequest) -> list[dict]:
+    """The messages as the chat template reads them (OpenAI's "developer" is a system message)."""
+    messages = []
+    for m in body.messages:
+        message = m.model_dump(exclude_none=True)
+        if message["role"] == "developer":
+            message["role"] = "system"
+        messages.append(message)
+    return messages
+
+
+def _check_common(body: SamplingParameters) -> None:
+    if body.n > 1:
+        raise unsupported("n", f"{body.n} choices asked; this server gives one per request: send {body.n} requests "
+                               "(they are batched)")
+    if body.frequency_penalty:
+        raise unsupported("frequency_penalty", "not implemented; use presence_penalty or repetition_penalty")
+
+
+def thinking_budget(body: SamplingParameters, default: int | None) -> int | None:
+    """The request's budget under any of its names; reasoning_effort when none is given; else the server's."""
+    named = {name: getattr(body, name) for name in ("thinking_budget", "thinking_budget_tokens",
+                                                    "thinking_token_budget") if getattr(body, name) is not None}
+    if len(set(named.values())) > 1:
+        given = ", ".join(f"{k}={v}" for k, v in named.items())
+        raise ApiError(400, f"thinking_budget: {given} disagree; give one", param="thinking_budget")
+    if named:
+        return next(iter(named.values()))
+    if body.reasoning_effort is not None:
+        return REASONING_EFFORT_BUDGETS[body.reasoning_effort]
+    return default
+
+
+def generation_options(body: SamplingParameters, settings: Settings, asked: int | None, *, think: bool,
+                       logprobs: int | None) -> GenerationOptions:
+    """The options of a request. `asked` (max_tokens) caps every generated token, reasoning and forced
+    text included, as OpenAI's does; it is lowered to the server's cap."""
+    most = min(asked or settings.max_tokens_cap, settings.max_tokens_cap)
+    budget = thinking_budget(body, settings.default_thinking_budget)
+    stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+    return GenerationOptions(
+        think=think,
+        thinking_budget=None if budget is None else min(budget, most),
+        max_tokens=most,
+        max_total_tokens=most,
+        temp=body.temperature,
+        top_p=body.top_p,
+        top_k=0 if body.top_k == -1 else body.top_k,
+        min_p=body.min_p,
+        presence_penalty=body.presence_penalty,
+        repetition_penalty=body.repetition_penalty,
+        logit_bias=logit_bias(body.logit_bias),
+        stop=stop,
+        seed=body.seed,
+        logprobs=logprobs,
+    )
+
+
+def logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
+    """OpenAI's {"token id": bias}; the ids are checked against the vocabulary by the library."""
+    if not bias:
+        return None
+    out = {}
+    for key, value in bias.items():
+        if not (key.isascii() and key.isdecimal()):
+            raise ApiError(400, f"logit_bias: key {key!r} is not a token id (a decimal integer)", param="logit_bias")
+        out[int(key)] = value
+    return out

@@ -1,0 +1,299 @@
+"""The OpenAI-compatible API's request and response bodies, as pydantic models (the serving logic is app.py's).
+
+Requests ignore parameter names they do not know (clients send many); a known parameter whose value
+the server cannot honour is refused by app.py with a 400 that names it. Bounds that JSON alone can
+break (NaN, a negative token count) are checked here, so that /openapi.json states them.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# reasoning_effort, for clients that know only OpenAI's name, as thinking budgets (None: no limit).
+REASONING_EFFORT_BUDGETS: dict[str, int | None] = {"none": 0, "minimal": 256, "low": 1024, "medium": 4096, "high": None}
+
+Count = Annotated[int, Field(ge=1)]
+Probability = Annotated[float, Field(ge=0, le=1)]
+Seed = Annotated[int, Field(ge=0, lt=1 << 64)]  # MLX's random key takes an unsigned 64-bit seed
+Budget = Annotated[int, Field(ge=0)]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(allow_inf_nan=False)
+
+
+# ---------------------------------------------------------------- requests
+
+
+class StreamOptions(_Request):
+    include_usage: bool = False
+
+
+class FunctionDefinition(_Request):
+    name: str = Field(min_length=1)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class Tool(_Request):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class NamedFunction(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+
+class ContentPart(_Request):
+    type: str
+    text: str | None = None
+
+
+class ToolCallFunction(_Request):
+    name: str
+    arguments: str | dict[str, Any] = ""
+
+
+class MessageToolCall(_Request):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
+class ChatMessage(_Request):
+    """A message sent in: system, user, assistant (maybe with tool_calls) or tool (a tool's result)."""
+
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)  # the template may read more (e.g. name)
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[MessageToolCall] | None = None
+    tool_call_id: str | None = None
+    name: str | None = None
+
+
+class ResponseFormat(_Request):
+    type: str = "text"
+
+
+class SamplingParameters(_Request):
+    """What chat and text completions share."""
+
+    model: str | None = None
+    max_tokens: Count | None = Field(None, description="The most tokens generated, reasoning and forced text "
+                                                       "included; capped by the server's --max-tokens.")
+    temperature: Annotated[float, Field(ge=0)] | None = None
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    top_k: Annotated[int, Field(ge=-1)] | None = Field(None, description="0 or -1: no top-k filter.")
+    min_p: Probability | None = None
+    presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = Field(
+        None, description="Not implemented: only 0 is accepted; use presence_penalty or repetition_penalty.")
+    repetition_penalty: Annotated[float, Field(gt=0)] | None = None
+    seed: Seed | None = None
+    stop: str | list[str] | None = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: Count = 1
+    thinking_budget: Budget | None = Field(None, description="The most reasoning tokens (0: no reasoning).")
+    thinking_budget_tokens: Budget | None = Field(None, description="llama.cpp's name for thinking_budget.")
+    thinking_token_budget: Budget | None = Field(None, description="vLLM's name for thinking_budget.")
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = Field(
+        None, description="A thinking budget by name: none 0, minimal 256, low 1024, medium 4096, high no limit.")
+
+
+class ChatCompletionRequest(SamplingParameters):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: Count | None = Field(None, description="OpenAI's newer name for max_tokens (wins).")
+    logprobs: bool = False
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+    response_format: ResponseFormat | None = None
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        None, description='Template variables; Qwen3\'s reads enable_thinking: {"enable_thinking": false}.')
+
+
+class CompletionRequest(SamplingParameters):
+    prompt: str | list[Annotated[int, Field(ge=0)]] | list[str] | list[list[Annotated[int, Field(ge=0)]]]
+    logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    echo: bool = False
+    suffix: str | None = None
+    best_of: Count | None = None
+
+
+# ---------------------------------------------------------------- responses
+
+
+class PromptTokensDetails(_Body):
+    cached_tokens: int = 0
+
+
+class CompletionTokensDetails(_Body):
+    reasoning_tokens: int = 0
+
+
+class Usage(_Body):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
+    completion_tokens_details: CompletionTokensDetails
+
+
+class TopLogprob(_Body):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(_Body):
+    content: list[TokenLogprob]
+
+
+class FunctionCall(_Body):
+    name: str
+    arguments: str
+
+
+class ToolCall(_Body):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class AssistantMessage(_Body):
+    role: Literal["assistant"] = "assistant"
+    content: str | None
+    reasoning_content: str | None = None
+    reasoning: str | None = None  # the same text, under the name other servers use
+    tool_calls: list[ToolCall] | None = None
+
+
+class ChatChoice(_Body):
+    index: int = 0
+    message: AssistantMessage
+    finish_reason: str | None
+    logprobs: ChoiceLogprobs | None = None
+
+
+def _now() -> int:
+    return int(time.time())
+
+
+class ChatCompletion(_Body):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class FunctionCallDelta(_Body):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(_Body):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta
+
+
+class Delta(_Body):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    reasoning_content: str | None = None
+    reasoning: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
+
+
+class ChunkChoice(_Body):
+    index: int = 0
+    delta: Delta
+    finish_reason: str | None = None
+    logprobs: ChoiceLogprobs | None = None
+
+
+class ChatCompletionChunk(_Body):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+
+
+class LegacyLogprobs(_Body):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+class CompletionChoice(_Body):
+    index: int = 0
+    text: str
+    finish_reason: str | None
+    logprobs: LegacyLogprobs | None = None
+    reasoning_content: str | None = None
+    reasoning: str | None = None
+
+
+class Completion(_Body):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(_Body):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "qwen3-mlx"
+
+
+class ModelList(_Body):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class Health(_Body):
+    status: Literal["ok"] = "ok"
+    model: str
+    rows: int
+
+
+class ErrorDetail(_Body):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(_Body):
+    error: ErrorDetail

@@ -1,0 +1,62 @@
+"""A scripted stub model that batches: each row's next token is `script(that row's response so far)`.
+
+The model keeps no state of its own: it writes each token's id into its cache as the key, and reads
+a row's history back from the cache (a plain KVCache, or a row of the engine's BatchKVCache), so rows
+join, leave and reuse cached prefixes exactly as they do with a real model.
+"""
+
+from types import SimpleNamespace
+
+import mlx.core as mx
+
+from qwen3_mlx.cache import KVCache
+
+VOCAB = 151936
+
+
+class BatchScriptedModel:
+    def __init__(self, script, header):
+        self.script = script
+        self.header = list(header)  # a row's response is what follows the last occurrence of these ids
+        self.args = SimpleNamespace(vocab_size=VOCAB, max_position_embeddings=4096, num_hidden_layers=1,
+                                    num_key_value_heads=1, head_dim=1)
+        self.layers = [None]
+        self.model = SimpleNamespace(norm=SimpleNamespace(weight=mx.zeros((1,), mx.float32)))
+
+    def make_cache(self, max_kv_size=None, keep=0):
+        return [KVCache()]
+
+    def response(self, history: list[int]) -> list[int]:
+        h = len(self.header)
+        starts = [i + h for i in range(len(history) - h + 1) if history[i : i + h] == self.header]
+        return history[max(starts, default=len(history)) :]
+
+    def __call__(self, ids, cache):
+        B, L = ids.shape
+        c = cache[0]
+        keys, _ = c.update_and_fetch(*(ids.astype(mx.float32).reshape(B, 1, L, 1),) * 2)
+        lengths = getattr(c, "lengths", None) or [c.offset]
+        rows = []
+        for i, length in enumerate(lengths):
+            history = [int(t) for t in keys[i, 0, keys.shape[2] - length :, 0].tolist()]
+            rows.append(mx.where(mx.arange(VOCAB) == self.script(self.response(history)), 50.0, 0.0))
+        return mx.broadcast_to(mx.stack(rows)[:, None, :], (B, L, VOCAB))
+
+    def decode(self, ids, cache):
+        return self(ids, cache)[:, -1, :]
+
+
+def replies(tok, reasoning: str | None, answer: str):
+    """A script: <think>reasoning</think>\\n\\n (when reasoning is not None) then `answer`, then <|im_end|>."""
+    ids = (tok.encode(f"<think>\n{reasoning}\n</think>\n\n") if reasoning is not None else []) + tok.encode(answer)
+    ids.append(tok.token_to_id("<|im_end|>"))
+
+    def script(response):
+        # After a forced cut the response holds other tokens: go on with the answer from there.
+        if tok.think_end_id in response and tok.think_end_id in ids:
+            after = len(response) - 1 - response.index(tok.think_end_id)
+            rest = ids[ids.index(tok.think_end_id) + 1 :]
+            return rest[min(after, len(rest) - 1)]
+        return ids[min(len(response), len(ids) - 1)]
+
+    return script
