@@ -172,6 +172,10 @@ class Limits:
             return stats.sampled_tokens >= self.max_tokens
         return part == "answer" and stats.answer_tokens >= self.max_tokens
 
+    @property
+    def allow_nothing(self) -> bool:
+        return 0 in (self.max_tokens, self.max_total, self.room)
+
     def fit(self, stats: GenerationStats, ids: list[int]) -> list[int]:
         """The first of `ids` that fit in the context, and under max_total, after the response so far."""
         for cap in (self.room, self.max_total):
@@ -187,6 +191,10 @@ class Clock:
         self.stats = stats
         self.start = self.last = time.perf_counter()
         self.after_pass = True  # the next token comes out of a multi-token pass: the prefill, first
+
+    def restart(self) -> None:
+        """Count from now (the work on the request begins)."""
+        self.start = self.last = time.perf_counter()
 
     def drawn(self) -> None:
         """A token has been drawn."""
