@@ -1,4 +1,4 @@
-"""A scripted stub model that batches: each row's next token is `script(that row's response so far)`.
+"""A scripted stub model that batches: each row's next token is `script(its prompt, its response so far)`.
 
 The model keeps no state of its own: it writes each token's id into its cache as the key, and reads
 a row's history back from the cache (a plain KVCache, or a row of the engine's BatchKVCache), so rows
@@ -26,10 +26,12 @@ class BatchScriptedModel:
     def make_cache(self, max_kv_size=None, keep=0):
         return [KVCache()]
 
-    def response(self, history: list[int]) -> list[int]:
+    def split(self, history: list[int]) -> tuple[list[int], list[int]]:
+        """(prompt, response): the response is what follows the last header."""
         h = len(self.header)
         starts = [i + h for i in range(len(history) - h + 1) if history[i : i + h] == self.header]
-        return history[max(starts, default=len(history)) :]
+        at = max(starts, default=len(history))
+        return history[:at], history[at:]
 
     def __call__(self, ids, cache):
         B, L = ids.shape
@@ -39,24 +41,39 @@ class BatchScriptedModel:
         rows = []
         for i, length in enumerate(lengths):
             history = [int(t) for t in keys[i, 0, keys.shape[2] - length :, 0].tolist()]
-            rows.append(mx.where(mx.arange(VOCAB) == self.script(self.response(history)), 50.0, 0.0))
+            rows.append(mx.where(mx.arange(VOCAB) == self.script(*self.split(history)), 50.0, 0.0))
         return mx.broadcast_to(mx.stack(rows)[:, None, :], (B, L, VOCAB))
 
     def decode(self, ids, cache):
         return self(ids, cache)[:, -1, :]
 
 
-def replies(tok, reasoning: str | None, answer: str):
-    """A script: <think>reasoning</think>\\n\\n (when reasoning is not None) then `answer`, then <|im_end|>."""
-    ids = (tok.encode(f"<think>\n{reasoning}\n</think>\n\n") if reasoning is not None else []) + tok.encode(answer)
-    ids.append(tok.token_to_id("<|im_end|>"))
+def replies(tok, reasoning: str, answer: str):
+    """A script: <think>reasoning</think>\\n\\n then `answer`, then <|im_end|>; without the reasoning
+    when the prompt closed it already (enable_thinking false)."""
+    closed = tok.encode("</think>\n\n")
+    ids = tok.encode(f"<think>\n{reasoning}\n</think>\n\n{answer}") + [tok.token_to_id("<|im_end|>")]
+    direct = tok.encode(answer) + [tok.token_to_id("<|im_end|>")]
 
-    def script(response):
+    def script(prompt, response):
+        if prompt[-len(closed) :] == closed:
+            return direct[min(len(response), len(direct) - 1)]
         # After a forced cut the response holds other tokens: go on with the answer from there.
         if tok.think_end_id in response and tok.think_end_id in ids:
             after = len(response) - 1 - response.index(tok.think_end_id)
             rest = ids[ids.index(tok.think_end_id) + 1 :]
             return rest[min(after, len(rest) - 1)]
         return ids[min(len(response), len(ids) - 1)]
+
+    return script
+
+
+def by_prompt(tok, scripts: dict[str, object], default):
+    """A script that runs scripts[marker] for prompts whose text holds marker, else `default`."""
+
+    def script(prompt, response):
+        text = tok.decode(prompt)
+        chosen = next((s for marker, s in scripts.items() if marker in text), default)
+        return chosen(prompt, response)
 
     return script

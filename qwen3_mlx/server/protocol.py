@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 # reasoning_effort, for clients that know only OpenAI's name, as thinking budgets (None: no limit).
 REASONING_EFFORT_BUDGETS: dict[str, int | None] = {"none": 0, "minimal": 256, "low": 1024, "medium": 4096, "high": None}
@@ -229,7 +229,17 @@ class Delta(_Body):
     tool_calls: list[ToolCallDelta] | None = None
 
 
-class ChunkChoice(_Body):
+class _FinishReasonAlways(_Body):
+    """finish_reason is sent as null until the last chunk, as OpenAI does (also when None is left out)."""
+
+    @model_serializer(mode="wrap")
+    def _with_finish_reason(self, handler: Any) -> dict:
+        data = handler(self)
+        data.setdefault("finish_reason", None)
+        return data
+
+
+class ChunkChoice(_FinishReasonAlways):
     index: int = 0
     delta: Delta
     finish_reason: str | None = None
@@ -252,7 +262,7 @@ class LegacyLogprobs(_Body):
     text_offset: list[int]
 
 
-class CompletionChoice(_Body):
+class CompletionChoice(_FinishReasonAlways):
     index: int = 0
     text: str
     finish_reason: str | None
