@@ -40,6 +40,7 @@ from .response import (
     TokenLogprob,
 )
 from .sampling import Sampler, default_params, make_logits_processor, make_sampler
+from .structured import GrammarState, constraint_state
 from .tokenizer import Tokenizer
 
 __all__ = [
@@ -92,21 +93,30 @@ class Sampling:
     first draw, in the thread that runs the model (an engine prepares requests in its callers' threads)."""
 
     def __init__(self, sampler: Sampler, processor: Processor | None = None, seed: int | None = None,
-                 logprobs: int | None = None, vocab_limit: int | None = None) -> None:
+                 logprobs: int | None = None, vocab_limit: int | None = None,
+                 grammar: GrammarState | None = None) -> None:
         self.sampler, self.processor, self.seed = sampler, processor, seed
         self.logprobs, self.vocab_limit = logprobs, vocab_limit
+        # Structured output: the mask needs the tokens so far on the host, so a constrained request
+        # reads each token before the next step is built (no step ahead; see benchmarks for its cost).
+        self.grammar = grammar
         self.key: mx.array | None = None
         self.history: mx.array | None = None  # every token fed after the prompt, for the penalties
 
     def remember(self, ids: mx.array) -> None:
         if self.processor is not None:
             self.history = ids if self.history is None else mx.concatenate([self.history, ids])
+        if self.grammar is not None:
+            for token in ids.tolist():
+                self.grammar.advance(token)
 
     def draw(self, logits: mx.array) -> Draw:
         """The next token of logits (1, V), queued, not waited for."""
         if self.processor is not None:
             history = self.history if self.history is not None else mx.zeros((0,), mx.int32)
             logits = self.processor(logits, history)
+        if self.grammar is not None:  # after every other processor
+            logits = self.grammar.mask(logits)
         key = None
         if self.seed is not None:
             self.key, key = mx.random.split(self.key if self.key is not None else mx.random.key(self.seed))
@@ -334,8 +344,13 @@ def prepare(model: Model, tokenizer: Tokenizer, prompt: str | Messages | Sequenc
     check_prompt_ids(prompt_ids, model.args.vocab_size)
     limits = Limits(opts.max_tokens, budget is not None, _context_room(model, prompt_ids, rotating), opts.max_total_tokens)
     sampling = make_sampling(tokenizer, model, opts, thinking and (budget is None or budget.tokens > 0))
+    in_reasoning = starts_in_reasoning(tokenizer, prompt_ids)
+    if any(c is not None for c in (opts.json_schema, opts.regex, opts.grammar)):
+        sampling.grammar = constraint_state(tokenizer, model.args.vocab_size, json_schema=opts.json_schema,
+                                            regex=opts.regex, grammar=opts.grammar, thinking=thinking,
+                                            in_reasoning=in_reasoning)
     stats = GenerationStats(prompt_tokens=len(prompt_ids))
-    response = Response(tokenizer, budget, limits, opts.stop, stats, starts_in_reasoning(tokenizer, prompt_ids))
+    response = Response(tokenizer, budget, limits, opts.stop, stats, in_reasoning)
     return Job(list(prompt_ids), opts, response, sampling)
 
 

@@ -29,6 +29,9 @@ class GenerationOptions:
     seed: makes sampling repeatable, whatever else the process does.
     max_kv_size: a rotating cache of this many tokens (keeps the system turn).
     prefill_step_size: prompt tokens per prefill chunk.
+    json_schema, regex, grammar: what the answer must match (structured.py), one at a time: a JSON
+        schema (a dict, or a pydantic model class), a regular expression, or a Lark or GBNF grammar.
+        The reasoning stays free text; the constraint starts after it.
     logprobs: None, or k >= 0: each drawn token's log-probability (of the distribution after the
         penalties and the logit bias, before temperature and filters) and the k most likely tokens'.
     """
@@ -49,6 +52,9 @@ class GenerationOptions:
     max_kv_size: int | None = None
     prefill_step_size: int = 2048
     logprobs: int | None = None
+    json_schema: Mapping[str, Any] | type | None = field(default=None, compare=False)
+    regex: str | None = None
+    grammar: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -67,6 +73,9 @@ class GenerationOptions:
             _check_int("max_kv_size", self.max_kv_size, 1)
         if self.seed is not None:
             _check_int("seed", self.seed, None)
+        constraints = [n for n in ("json_schema", "regex", "grammar") if getattr(self, n) is not None]
+        if len(constraints) > 1:
+            raise OptionError(f"structured output: give one of json_schema, regex or grammar, got {' and '.join(constraints)}")
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise OptionError(f"stop={s!r}: a stop string must be non-empty text")

@@ -144,6 +144,12 @@ class GenerationResult:
     logprobs: list[TokenLogprob] = field(default_factory=list)  # every drawn token's, when asked for
 
     @property
+    def incomplete(self) -> bool:
+        """The response was cut before it ended (by a limit, a cancel or an interrupt): an answer
+        constrained to a grammar may then not match it."""
+        return self.stats.finish_reason in ("length", "cancelled", "interrupted")
+
+    @property
     def text(self) -> str:
         """The whole response as the model wrote it, reasoning in <think> tags."""
         if not self.reasoning and not self.stats.reasoning_tokens:

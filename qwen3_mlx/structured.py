@@ -14,7 +14,8 @@ import numpy as np
 import tokenizers
 from llguidance.gbnf_to_lark import gbnf_to_lark
 
-from qwen3_mlx.errors import OptionError, Qwen3Error
+from .errors import OptionError, Qwen3Error
+from .tokenizer import Tokenizer
 
 # JSON whitespace between items, bounded per gap: llguidance's default ([ \t\n\r]+) lets a model loop on
 # whitespace forever. 32 characters still fit a newline and the indentation of nesting ten levels deep.
@@ -266,3 +267,30 @@ class GrammarState:
     def done(self) -> bool:
         """Nothing but an end-of-turn token can follow (or one was consumed): the answer is complete."""
         return self._matcher.is_stopped()
+
+
+# ---------------------------------------------------------------- for the generation loop
+
+
+def constraint_state(tokenizer: Tokenizer, vocab_size: int, *, json_schema: Mapping[str, Any] | type | None,
+                     regex: str | None, grammar: str | None, thinking: bool, in_reasoning: bool) -> GrammarState:
+    """A request's matcher at the start of its response.
+
+    Args:
+        tokenizer: the checkpoint's Tokenizer; its GrammarVocabulary for `vocab_size` is built at the
+            first request (about 1.5 s) and kept on it.
+        thinking: the model may reason before the answer (the prompt did not close the block).
+        in_reasoning: the prompt ends inside the reasoning block (it opened it with <think>).
+
+    Raises:
+        OptionError: as compile_constraint.
+    """
+    vocabulary = tokenizer.grammar_vocabularies.get(vocab_size)
+    if vocabulary is None:
+        vocabulary = GrammarVocabulary(tokenizer.backend, vocab_size, tokenizer.eos_token_ids)
+        tokenizer.grammar_vocabularies[vocab_size] = vocabulary
+    state = compile_constraint(vocabulary, json_schema=json_schema, regex=regex, grammar=grammar,
+                               thinking=thinking or in_reasoning).state()
+    if in_reasoning:
+        state.advance(tokenizer.think_start_id)
+    return state

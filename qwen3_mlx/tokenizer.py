@@ -62,6 +62,8 @@ class Tokenizer:
         self._template_source = template_source
         self._special_tokens = dict(special_tokens or {})
         self._compiled: jinja2.Template | None = None
+        # structured.GrammarVocabulary by the model's vocabulary size: built once (about 1.5 s), when asked for
+        self.grammar_vocabularies: dict[int, Any] = {}
         self.think_start_id = tokenizer.token_to_id("<think>")
         self.think_end_id = tokenizer.token_to_id("</think>")
         # Added tokens may sit above a gap in the ids, so take the largest id rather than a count.
@@ -115,6 +117,11 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         """The id of one token string, or None if the vocabulary lacks it."""
         return self._tokenizer.token_to_id(token)
+
+    @property
+    def backend(self) -> tokenizers.Tokenizer:
+        """The parsed tokenizer.json (what a grammar engine builds its vocabulary from)."""
+        return self._tokenizer
 
     def detokenizer(self) -> StreamDetokenizer:
         """A fresh StreamDetokenizer for one generated sequence."""
