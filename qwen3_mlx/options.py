@@ -72,7 +72,9 @@ class GenerationOptions:
         if self.max_kv_size is not None:
             _check_int("max_kv_size", self.max_kv_size, 1)
         if self.seed is not None:
-            _check_int("seed", self.seed, None)
+            _check_int("seed", self.seed, 0)
+            if self.seed >= 2**64:
+                raise OptionError(f"seed must be below 2**64, got {self.seed}")
         constraints = [n for n in ("json_schema", "regex", "grammar") if getattr(self, n) is not None]
         if len(constraints) > 1:
             raise OptionError(f"structured output: give one of json_schema, regex or grammar, got {' and '.join(constraints)}")

@@ -246,3 +246,13 @@ def test_prefix_reuse_gives_the_same_tokens_and_computes_only_the_rest(tiny):
     now = encode_prompt(tok, conversation, think=False)[0]
     common = next(i for i, (a, b) in enumerate(zip(before, now)) if a != b)
     assert again.stats.cached_tokens == common > len(before) - len(answer.token_ids)
+
+
+def test_a_seed_mlx_cannot_take_is_refused_when_the_options_are_made():
+    with pytest.raises(OptionError) as e:
+        GenerationOptions(seed=-1)
+    assert str(e.value) == "seed must be >= 0, got -1"
+    with pytest.raises(OptionError) as e:
+        GenerationOptions(seed=2**64)
+    assert str(e.value) == f"seed must be below 2**64, got {2**64}"
+    assert GenerationOptions(seed=2**64 - 1).seed == 2**64 - 1
