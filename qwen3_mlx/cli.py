@@ -280,10 +280,100 @@ def check_writable(path: Path | None) -> None:
         raise Qwen3Error(f"{path}: the folder {path.parent} does not exist; create it or choose another path")
 
 
+def check_one_source(prompt: str | None, prompts_file: Path | None, output: Path | None,
+                     prompt_cache: Path | None, prefill_response: str | None, options: GenerationOptions) -> None:
+    """One prompt (-p) or a file of them, and only the options that apply to it."""
+    if prompt is not None and prompts_file is not None:
+        raise click.UsageError("-p/--prompt and --prompts-file exclude each other; give one")
+    if prompt is None and prompts_file is None:
+        raise click.UsageError("give a prompt: -p/--prompt TEXT, or --prompts-file FILE")
+    ctx = click.get_current_context()
+    if prompts_file is None:
+        from click.core import ParameterSource
+
+        given = [name for name, value in (("--output", output is not None),
+                 ("--max-batch", ctx.get_parameter_source("max_batch") == ParameterSource.COMMANDLINE)) if value]
+        if given:
+            raise click.UsageError(f"{given[0]} applies only with --prompts-file")
+        return
+    refused = [(name, why) for name, value, why in (
+        ("--prompt-cache", prompt_cache, "a cache file holds one prompt"),
+        ("--max-kv-size", options.max_kv_size, "a batch has no rotating cache"),
+        ("--prefill-response", prefill_response, "it is for one prompt")) if value is not None]
+    if refused:
+        raise click.UsageError(f"{refused[0][0]} does not go with --prompts-file: {refused[0][1]}")
+
+
+def generate_batch(model: str, path: Path, output: Path | None, max_batch: int, system: str | None, raw: bool,
+                   options: GenerationOptions, display: Display) -> None:
+    """--prompts-file: every request checked before any is generated, then all of them batched, the
+    results written in input order."""
+    import time
+    import warnings
+
+    from .batch import batch_generate
+    from .batch_files import read_batch_file, result_record, write_jsonl
+    from .loader import load
+
+    batch = read_batch_file(path, options, system)
+    if raw and batch.format != "text":
+        raise click.UsageError(f"--raw takes a text file of prompts; {path} holds {batch.format} JSON lines, "
+                               "whose messages need the chat template")
+    check_writable(output)
+    loaded, tokenizer = load(model)
+    check_batch_requests(loaded, tokenizer, batch.requests, path, raw)
+    warnings.showwarning = _show_warning
+    start = time.perf_counter()
+    with click.progressbar(length=len(batch.requests), label="generating", file=sys.stderr, show_pos=True) as bar:
+        results = batch_generate(loaded, tokenizer, [r.prompt for r in batch.requests],
+                                 [r.options for r in batch.requests], max_batch=max_batch,
+                                 prefill_step_size=options.prefill_step_size, raw=raw,
+                                 progress=lambda done, total: bar.update(done - bar.pos))
+    seconds = time.perf_counter() - start
+    records = [result_record(batch.format, i, request, result, model=model,
+                             token_text=lambda t: tokenizer.decode([t]), hide_reasoning=display.hide_thinking)
+               for i, (request, result) in enumerate(zip(batch.requests, results))]
+    write_jsonl(records, output, lambda text: click.echo(text, nl=False))
+    if display.verbose:
+        print_batch_stats(results, seconds)
+
+
+def check_batch_requests(model: Any, tokenizer: Any, requests: list, path: Path, raw: bool) -> None:
+    """Prepare every request as batch_generate will (its prompt encoded and fitted to the context, its
+    sampling checked), so that a bad one is named by its line before anything runs."""
+    import warnings
+
+    from .generation import prepare
+
+    with warnings.catch_warnings():  # batch_generate gives them, once
+        warnings.simplefilter("ignore")
+        for request in requests:
+            try:
+                prepare(model, tokenizer, request.prompt, request.options, raw=raw)
+            except Qwen3Error as e:
+                raise Qwen3Error(f"{path}:{request.line}: {e}") from None
+
+
+def print_batch_stats(results: list, seconds: float) -> None:
+    prompt = sum(r.stats.prompt_tokens for r in results)
+    cached = sum(r.stats.cached_tokens for r in results)
+    generated = sum(len(r.token_ids) for r in results)
+    click.echo(f"{len(results)} responses in {seconds:.1f} s; prompts: {prompt} tokens ({cached} cached); "
+               f"generated: {generated} tokens, {generated / seconds if seconds else 0:.1f} tok/s in all", err=True)
+
+
 @main.command(context_settings=CONTEXT)
 @click.option("--model", default=DEFAULT_MODEL, show_default=True, help=MODEL_HELP)
-@click.option("--prompt", "-p", required=True, help='The prompt; "-" reads standard input. Must not be empty.')
-@click.option("--system", "--system-prompt", "-s", help="System prompt (not with --raw).")
+@click.option("--prompt", "-p", help='The prompt; "-" reads standard input. Must not be empty. Not with --prompts-file.')
+@click.option("--prompts-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), metavar="FILE",
+              help="Run many prompts, batched: a text file (one prompt a line), JSON lines of chat messages with "
+                   "per-line options, or OpenAI batch JSON lines. Writes one JSON result a line, in input order.")
+@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+              help="With --prompts-file: write the results to FILE (complete or not at all), not standard output.")
+@click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True,
+              help="With --prompts-file: most prompts decoded together.")
+@click.option("--system", "--system-prompt", "-s",
+              help="System prompt (not with --raw); with --prompts-file, of every prompt without one of its own.")
 @click.option("--raw", "--ignore-chat-template", is_flag=True,
               help="Complete the prompt as is, without the chat template.")
 @click.option("--prefill-response", metavar="TEXT",
@@ -293,20 +383,42 @@ def check_writable(path: Path | None) -> None:
 @user_errors
 @generation_options
 @version
-def generate(model: str, prompt: str, system: str | None, raw: bool, prefill_response: str | None,
-             prompt_cache: Path | None, options: GenerationOptions, display: Display) -> None:
-    """Generate a response to one prompt.
+def generate(model: str, prompt: str | None, prompts_file: Path | None, output: Path | None, max_batch: int,
+             system: str | None, raw: bool, prefill_response: str | None, prompt_cache: Path | None,
+             options: GenerationOptions, display: Display) -> None:
+    """Generate a response to one prompt, or to each of a file's (--prompts-file).
 
     On a terminal the reasoning is dimmed; piped, it comes first inside <think> ... </think>.
+
+    \b
+    --prompts-file FILE: its first non-empty line sets the file's format:
+    - {"messages": [...], ...}: chat JSON lines; a line may carry
+      "custom_id" and generation options by their field names
+      ("max_tokens", "temp", "thinking_budget", ...), which override
+      the command line's
+    - {"custom_id": ..., "body": {...}}: OpenAI's batch input, as vLLM's
+      run_batch reads it; the results are OpenAI's batch output lines
+    - anything else: a text file, each non-empty line a prompt
+    \b
+    A bad line stops the run before anything is generated (exit 1):
+      error: FILE:LINE: the problem
+    Results, one JSON object a line, in input order (text and chat):
+      {"index", "custom_id" (if given), "reasoning", "content",
+       "finish_reason", "budget_exhausted", "usage": {...}}
+    A progress bar goes to standard error.
     """
     import warnings
 
-    from .prompt_cache import open_prompt_cache, save_prompt_cache
     from .generation import stream_generate
-    from .prompt import encode_prompt
     from .loader import load
+    from .prompt import encode_prompt
+    from .prompt_cache import open_prompt_cache, save_prompt_cache
 
     check_raw(raw, system, prefill_response)
+    check_one_source(prompt, prompts_file, output, prompt_cache, prefill_response, options)
+    if prompts_file is not None:
+        generate_batch(model, prompts_file, output, max_batch, system, raw, options, display)
+        return
     text = read_prompt(prompt)
     check_writable(prompt_cache)
     loaded, tokenizer = load(model)
