@@ -183,7 +183,7 @@ class Scheduler:
         ticket = self.waiting.popleft()
         job = ticket.job
         if job.response.limits.allow_nothing:
-            self._finish(ticket, job.response.last_chunk())
+            self._finish(ticket)
             return
         cache, cached = self.model.make_cache(), 0
         if self.prefixes is not None:
@@ -254,21 +254,24 @@ class Scheduler:
         ticket = self.tickets.pop(row)
         if reason:
             row.job.response.stats.finish_reason = reason
-        self._finish(ticket, row.job.response.last_chunk())
+        self._finish(ticket)
 
-    def _finish(self, ticket: Ticket, last: Chunk) -> None:
+    def _finish(self, ticket: Ticket) -> None:
         ticket.job.response.clock.stop()
+        *chunks, last = ticket.job.response.last_chunks()
+        for chunk in chunks:
+            ticket.sink(chunk, False)
         ticket.sink(last, True)
 
     def _drop_cancelled(self) -> None:
         for ticket in [t for t in self.waiting if t.cancelled.is_set()]:
             self.waiting.remove(ticket)
             ticket.job.response.stats.finish_reason = "cancelled"
-            self._finish(ticket, ticket.job.response.last_chunk())
+            self._finish(ticket)
         if self.prefilling is not None and self.prefilling.ticket.cancelled.is_set():
             ticket, self.prefilling = self.prefilling.ticket, None
             ticket.job.response.stats.finish_reason = "cancelled"
-            self._finish(ticket, ticket.job.response.last_chunk())
+            self._finish(ticket)
         for row in [row for row in self.gen.rows if self.tickets[row].cancelled.is_set()]:
             self._leave(row, "cancelled")
 

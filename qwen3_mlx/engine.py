@@ -49,6 +49,9 @@ class Request:
         self._engine, self._loop = engine, loop
         self._items: queue.SimpleQueue | asyncio.Queue = asyncio.Queue() if loop else queue.SimpleQueue()
         self._cancelled = threading.Event()
+        self._seen: list[Chunk] = []  # the chunks read so far
+        self._ended = False
+        self._error: BaseException | None = None
 
     def cancel(self) -> None:
         """Stop the request: its row leaves the batch at the next step (its last chunk then says
@@ -57,23 +60,42 @@ class Request:
         self._engine._wake()
 
     def __iter__(self) -> Iterator[Chunk]:
+        """Its chunks from the first: those read before, then the rest as they come."""
         if self._loop is not None:
             raise Qwen3Error("this request was submitted from an event loop: read it with `async for`")
-        while (item := self._items.get()) is not _END:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+        yield from list(self._seen)
+        if self._error is not None:
+            raise self._error
+        while not self._ended:
+            item = self._items.get()
+            if self._keep(item):
+                yield item
 
     async def __aiter__(self) -> AsyncIterator[Chunk]:
         if self._loop is None:
             raise Qwen3Error("this request was not submitted from an event loop: read it with `for`")
-        while (item := await self._items.get()) is not _END:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+        for chunk in list(self._seen):
+            yield chunk
+        if self._error is not None:
+            raise self._error
+        while not self._ended:
+            item = await self._items.get()
+            if self._keep(item):
+                yield item
+
+    def _keep(self, item: Any) -> bool:
+        """Whether `item`, from the queue, is a chunk (kept, for a later reading); raises an error."""
+        if item is _END:
+            self._ended = True
+            return False
+        if isinstance(item, BaseException):
+            self._ended, self._error = True, item
+            raise item
+        self._seen.append(item)
+        return True
 
     def result(self) -> GenerationResult:
-        """The whole response (waits for it)."""
+        """The whole response (waits for it; the chunks already read count too)."""
         return collect(iter(self))
 
     def _put(self, item: Any) -> None:

@@ -42,6 +42,7 @@ from .response import (
 from .sampling import Sampler, default_params, make_logits_processor, make_sampler
 from .structured import GrammarState, constraint_state
 from .tokenizer import Tokenizer
+from .tools import ToolCall
 
 __all__ = [
     "EARLY_STOP_TEXT",
@@ -310,7 +311,7 @@ def stream_generate(
     finally:
         response.clock.stop()
         stats.peak_memory_gb = mx.get_peak_memory() / 1e9
-    yield response.last_chunk()
+    yield from response.last_chunks()
 
 
 @dataclass
@@ -350,7 +351,7 @@ def prepare(model: Model, tokenizer: Tokenizer, prompt: str | Messages | Sequenc
                                             regex=opts.regex, grammar=opts.grammar, thinking=thinking,
                                             in_reasoning=in_reasoning)
     stats = GenerationStats(prompt_tokens=len(prompt_ids))
-    response = Response(tokenizer, budget, limits, opts.stop, stats, in_reasoning)
+    response = Response(tokenizer, budget, limits, opts.stop, stats, in_reasoning, tools=bool(tools))
     return Job(list(prompt_ids), opts, response, sampling)
 
 
@@ -385,9 +386,16 @@ def collect(chunks: Iterator[Chunk]) -> GenerationResult:
     reasoning: list[str] = []
     content: list[str] = []
     logprobs: list[TokenLogprob] = []
+    calls: dict[int, list[str]] = {}  # index: id, name, arguments
     stats = GenerationStats()
     for chunk in chunks:
-        (reasoning if chunk.kind == "reasoning" else content).append(chunk.text)
+        if chunk.tool_call is not None:
+            delta = chunk.tool_call
+            call = calls.setdefault(delta.index, [delta.id or "", delta.name or "", ""])
+            call[2] += delta.arguments
+        else:
+            (reasoning if chunk.kind == "reasoning" else content).append(chunk.text)
         logprobs.extend(chunk.logprobs)
         stats = chunk.stats
-    return GenerationResult("".join(reasoning), "".join(content), stats.token_ids, stats, logprobs)
+    tool_calls = [ToolCall(*calls[i]) for i in sorted(calls)]
+    return GenerationResult("".join(reasoning), "".join(content), stats.token_ids, stats, logprobs, tool_calls)

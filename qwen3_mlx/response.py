@@ -19,6 +19,7 @@ from typing import Literal
 from .errors import OptionError
 from .prompt import EMPTY_THINKING_TEXT
 from .tokenizer import Tokenizer
+from .tools import ToolCall, ToolCallDelta, ToolCallParser
 
 # Qwen3 technical report, section 4.3: the text that ends reasoning early when the budget runs out.
 EARLY_STOP_TEXT = (
@@ -27,7 +28,7 @@ EARLY_STOP_TEXT = (
 )
 _THOUGHT_ENDS = ("\n", ".", "!", "?", "。", "！", "？", "…")
 
-Kind = Literal["reasoning", "answer"]
+Kind = Literal["reasoning", "answer", "tool_call"]
 
 
 @dataclass(frozen=True)
@@ -124,13 +125,15 @@ class TokenLogprob:
 @dataclass
 class Chunk:
     """A piece of streamed text. `stats` is the run's live statistics object; `logprobs`, when asked
-    for, those of the drawn tokens whose text this chunk releases."""
+    for, those of the drawn tokens whose text this chunk releases. Kind "tool_call" (when tools were
+    given): a piece of a call, `tool_call`, whose argument fragment is also `text`."""
 
     text: str
     kind: Kind
     token: int | None
     stats: GenerationStats = field(repr=False)
     logprobs: tuple[TokenLogprob, ...] = ()
+    tool_call: ToolCallDelta | None = None
 
 
 @dataclass
@@ -142,6 +145,7 @@ class GenerationResult:
     token_ids: list[int]
     stats: GenerationStats
     logprobs: list[TokenLogprob] = field(default_factory=list)  # every drawn token's, when asked for
+    tool_calls: list[ToolCall] = field(default_factory=list)  # parsed out of the answer, when tools were given
 
     @property
     def incomplete(self) -> bool:
@@ -300,12 +304,13 @@ class Response:
     """
 
     def __init__(self, tokenizer: Tokenizer, budget: ThinkingBudget | None, limits: Limits,
-                 stop: Sequence[str], stats: GenerationStats, reasoning: bool) -> None:
+                 stop: Sequence[str], stats: GenerationStats, reasoning: bool, tools: bool = False) -> None:
         self.tokenizer, self.budget, self.limits, self.stats = tokenizer, budget, limits, stats
         self.part: Kind = "reasoning" if reasoning else "answer"
         self.text = PartText(tokenizer, self.part)
         self.stops = StopStrings(stop)
         self.clock = Clock(stats)
+        self.calls = ToolCallParser() if tools else None  # the answer's tool calls
         self.ended = False  # the end of turn or a stop string came
         self._forced: list[int] = []  # ids to feed, not yet taken by the loop
         self._logprobs: list[TokenLogprob] = []  # drawn tokens' whose text no chunk has released yet
@@ -336,14 +341,33 @@ class Response:
             self.stats.finish_reason, self.ended = "stop_string", True
         return chunks
 
-    def last_chunk(self) -> Chunk:
-        """Always one (maybe empty), so that a caller sees the final stats even for an empty response."""
-        if self.stops.found:
-            return self._chunk("", None)
-        text = self.text.flush()
-        if self.part == "answer":
-            text = self.stops.finish(text)
-        return self._chunk(text, None)
+    def last_chunks(self) -> list[Chunk]:
+        """What is left, and always a last chunk (token None, maybe empty), so that a caller sees the
+        final stats even for an empty response."""
+        text = "" if self.stops.found else self.text.flush()
+        if self.part == "reasoning":
+            return [self._chunk(text, None)]
+        chunks = list(self._answer(self.stops.finish(text) if not self.stops.found else "", None))
+        if self.calls is not None:
+            chunks += self._events(self.calls.finish(), None)
+            if self.calls.calls and self.stats.finish_reason == "stop":
+                self.stats.finish_reason = "tool_calls"
+        return chunks + [self._chunk("", None)]
+
+    def _answer(self, text: str, token: int | None) -> Iterator[Chunk]:
+        if self.calls is None:
+            if text:
+                yield self._chunk(text, token)
+            return
+        yield from self._events(self.calls.push(text), token)
+
+    def _events(self, events: list[str | ToolCallDelta], token: int | None) -> Iterator[Chunk]:
+        for event in events:
+            if isinstance(event, str):
+                yield self._chunk(event, token)
+            else:
+                logprobs, self._logprobs = tuple(self._logprobs), []
+                yield Chunk(event.arguments, "tool_call", token, self.stats, logprobs, event)
 
     def _chunk(self, text: str, token: int | None) -> Chunk:
         logprobs, self._logprobs = tuple(self._logprobs), []
@@ -366,8 +390,8 @@ class Response:
                 self.stats.answer_tokens += 1
         text = self.text.add(token)
         if self.part == "answer":
-            text = self.stops.push(text)
-        if text:
+            yield from self._answer(self.stops.push(text), token)
+        elif text:
             yield self._chunk(text, token)
         if self.part == "reasoning" and not forced:
             self._consult_budget()

@@ -241,11 +241,13 @@ def test_prefix_reuse_gives_the_same_tokens_and_computes_only_the_rest(tiny):
         again = engine.submit(conversation, max_tokens=12, **GREEDY).result()
     fresh = generate(model, tok, conversation, max_tokens=12, **GREEDY)
     assert again.token_ids == fresh.token_ids
-    # Computed before: the first prompt and the answer, as far as the conversation's tokens agree with them.
+    # Computed before: the first prompt and the answer, as far as the conversation's tokens agree with
+    # them: to the second assistant header, as the template drops the (empty) reasoning block of past turns.
     before = encode_prompt(tok, first, think=False)[0] + answer.token_ids
     now = encode_prompt(tok, conversation, think=False)[0]
     common = next(i for i, (a, b) in enumerate(zip(before, now)) if a != b)
-    assert again.stats.cached_tokens == common > len(before) - len(answer.token_ids)
+    assert tok.decode(now[:common]).endswith("<|im_start|>assistant\n")
+    assert again.stats.cached_tokens == common and again.stats.prompt_tokens == len(now)
 
 
 def test_a_seed_mlx_cannot_take_is_refused_when_the_options_are_made():

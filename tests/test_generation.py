@@ -167,9 +167,9 @@ def test_an_unknown_keyword_is_an_option_error_that_lists_the_options(tok):
     with pytest.raises(OptionError) as e:
         generate(stub(tok, lambda r: 0), tok, "q", max_token=5)
     assert str(e.value) == (
-        "unknown generation option 'max_token'; expected one of logit_bias, logprobs, max_kv_size, max_tokens, "
-        "max_total_tokens, min_p, prefill_step_size, presence_penalty, repetition_penalty, seed, stop, temp, think, "
-        "thinking_budget, top_k, top_p")
+        "unknown generation option 'max_token'; expected one of grammar, json_schema, logit_bias, logprobs, "
+        "max_kv_size, max_tokens, max_total_tokens, min_p, prefill_step_size, presence_penalty, regex, "
+        "repetition_penalty, seed, stop, temp, think, thinking_budget, top_k, top_p")
 
 
 def test_prefill_progress_is_reported_once_per_chunk(tok):
