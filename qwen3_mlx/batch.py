@@ -119,7 +119,7 @@ class Scheduler:
     """
 
     def __init__(self, model: Model, tokenizer: Tokenizer, *, max_batch: int = 8, kv_memory: int | None = None,
-                 prefix_store: PrefixStore | None = None, prefill_step_size: int = 512) -> None:
+                 prefix_store: PrefixStore | None = None, prefill_step_size: int = 256) -> None:
         if max_batch < 1:
             raise OptionError(f"max_batch must be >= 1, got {max_batch}")
         self.model, self.tokenizer = model, tokenizer
@@ -314,7 +314,7 @@ def batch_generate(
     *,
     max_batch: int = 8,
     kv_memory: int | None = None,
-    prefill_step_size: int = 512,
+    prefill_step_size: int = 256,
     system: str | None = None,
     raw: bool = False,
     tools: list[dict] | None = None,

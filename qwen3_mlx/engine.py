@@ -131,7 +131,7 @@ class Engine:
     """
 
     def __init__(self, model: Model, tokenizer: Tokenizer, *, max_batch: int = 8, kv_memory: int | None = None,
-                 prompt_cache_bytes: int = 1 << 30, prefill_step_size: int = 512, max_queue: int = 256) -> None:
+                 prompt_cache_bytes: int = 1 << 30, prefill_step_size: int = 256, max_queue: int = 256) -> None:
         self.model, self.tokenizer, self.max_queue = model, tokenizer, max_queue
         prefixes = PrefixStore(prompt_cache_bytes) if prompt_cache_bytes > 0 else None
         self._scheduler = Scheduler(model, tokenizer, max_batch=max_batch, kv_memory=kv_memory,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 import os
 from typing import Callable, Sequence
 
@@ -87,14 +88,19 @@ class FusedMLP(nn.Module):
 
 class RowSplit(nn.Module):
     """`layer` (a linear layer, or an embedding used as the output head) computed in blocks of its
-    output rows, one block per thread, all at once. The blocks are slices of the weights, not copies."""
+    output rows, one block per thread, all at once, for inputs of at least `min_rows` rows (tokens:
+    a matmul costs more with more of them, so a small layer pays to split for a batch, not for one
+    token). The blocks are slices of the weights, not copies."""
 
-    def __init__(self, layer: nn.Module, streams: Sequence[mx.ThreadLocalStream]) -> None:
+    def __init__(self, layer: nn.Module, streams: Sequence[mx.ThreadLocalStream], min_rows: int = 1) -> None:
         super().__init__()
         self.layer = layer
         self._streams = tuple(streams)  # "_": not a parameter
+        self._min_rows = min_rows
 
     def __call__(self, x: mx.array) -> mx.array:
+        if x.size // x.shape[-1] < self._min_rows:
+            return self.layer(x)
         return self.rows(x, 0, self.layer["weight"].shape[0])
 
     def rows(self, x: mx.array, start: int, stop: int) -> mx.array:
@@ -111,6 +117,8 @@ class RowSplitEmbedding(RowSplit):
         return self.layer(ids)
 
     def as_linear(self, x: mx.array) -> mx.array:
+        if x.size // x.shape[-1] < self._min_rows:
+            return self.layer.as_linear(x)
         return self.rows(x, 0, self.layer["weight"].shape[0])
 
 
@@ -228,9 +236,10 @@ def speed_up(model: Model, threads: int | None = None, split_min_cost: int = SPL
         return threads > 1 and cost >= split_min_cost
 
     def split(layer: nn.Module) -> nn.Module:
-        if isinstance(layer, (nn.Linear, nn.QuantizedLinear)) and worth_splitting(_cost(layer, quantized_cost)):
-            return RowSplit(layer, streams)
-        return layer
+        if not isinstance(layer, (nn.Linear, nn.QuantizedLinear)) or threads == 1:
+            return layer
+        rows = _rows_worth_splitting(_cost(layer, quantized_cost), split_min_cost)
+        return RowSplit(layer, streams, rows) if rows is not None else layer
 
     for layer in model.layers:
         layer.self_attn = _fast_attention(layer.self_attn, on_cpu, split)
@@ -243,8 +252,9 @@ def speed_up(model: Model, threads: int | None = None, split_min_cost: int = SPL
         mx.eval(layer.mlp.parameters())
     if model.args.tie_word_embeddings:
         embed = model.model.embed_tokens
-        if worth_splitting(_cost(embed, quantized_cost)):
-            model.model.embed_tokens = RowSplitEmbedding(embed, streams)
+        rows = _rows_worth_splitting(_cost(embed, quantized_cost), split_min_cost)
+        if threads > 1 and rows is not None:
+            model.model.embed_tokens = RowSplitEmbedding(embed, streams, rows)
     else:
         model.lm_head = split(model.lm_head)
     model.decode = CompiledDecode(model)  # in place of the method, on this model only
@@ -337,6 +347,19 @@ def _linear_rows(layer: nn.Module, x: mx.array, start: int, stop: int) -> mx.arr
     else:
         y = x @ w.T
     return y + layer["bias"][start:stop] if "bias" in layer else y
+
+
+# On the 2-core test machine a bf16 matmul of 8 rows costs about 4 times one row's (the CPU is
+# compute-bound): a matmul of M rows counts for 1 + (M - 1) * 3 / 7 of one row's cost.
+_MAX_ROWS = 64  # a layer that would not pay to split at this many rows is never split
+
+
+def _rows_worth_splitting(cost: int, min_cost: int) -> int | None:
+    """The fewest input rows from which a matmul of `cost` pays to split; None if not up to _MAX_ROWS."""
+    if cost >= min_cost:
+        return 1
+    rows = math.ceil(1 + (min_cost / cost - 1) * 7 / 3)
+    return rows if rows <= _MAX_ROWS else None
 
 
 def _cost(layer: nn.Module, quantized_cost: int) -> int:
