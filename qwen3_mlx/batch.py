@@ -74,12 +74,30 @@ class BatchGenerator:
         before = [(row, row.draw) for row in self.rows]
         with generation_stream():
             logits = self.model.decode(mx.concatenate(inputs)[:, None], self.cache)  # (B, V)
+            groups: dict[tuple, list[int]] = {}
             for i, (row, ids) in enumerate(zip(self.rows, inputs)):
                 del row.forced[:1]
                 row.job.sampling.remember(ids)
-                row.draw = row.job.sampling.draw(logits[i : i + 1])
+                key = row.job.sampling.shared_key()
+                if key is None:
+                    row.draw = row.job.sampling.draw(logits[i : i + 1])
+                else:
+                    groups.setdefault(key, []).append(i)
+            for rows in groups.values():
+                self._draw_together(logits, rows)
         mx.async_eval([a for row in self.rows for a in row.draw.arrays()])
         return before
+
+    def _draw_together(self, logits: mx.array, rows: list[int]) -> None:
+        """One draw for rows whose Samplings share a key (Sampling.shared_key): the same function of
+        each row's logits, made once for all of them."""
+        sampling = self.rows[rows[0]].job.sampling
+        part = logits if len(rows) == len(self.rows) else logits[mx.array(rows)]
+        if sampling.processor is not None:
+            part = sampling.processor(part, mx.zeros((0,), mx.int32))  # no penalties: the bias alone
+        tokens = sampling.sampler(part, None)  # (G,)
+        for j, i in enumerate(rows):
+            self.rows[i].draw = Draw(tokens[j : j + 1])
 
     @property
     def nbytes(self) -> int:

@@ -39,7 +39,13 @@ from .response import (
     ThinkingBudget,
     TokenLogprob,
 )
-from .sampling import Sampler, default_params, make_logits_processor, make_sampler
+from .sampling import (
+    Sampler,
+    SamplingParams,
+    default_params,
+    make_logits_processor,
+    make_sampler,
+)
 from .structured import GrammarState, constraint_state
 from .tokenizer import Tokenizer
 from .tools import ToolCall
@@ -101,8 +107,21 @@ class Sampling:
         # Structured output: the mask needs the tokens so far on the host, so a constrained request
         # reads each token before the next step is built (no step ahead; see benchmarks for its cost).
         self.grammar = grammar
+        self.params: SamplingParams | None = None  # what sampler and processor were made from, if known
         self.key: mx.array | None = None
         self.history: mx.array | None = None  # every token fed after the prompt, for the penalties
+
+    def shared_key(self) -> tuple | None:
+        """Rows of a batch whose draws are the same function of their own logits alone may draw
+        together, in one operation: the same parameters, no penalties over their own tokens, no key
+        of their own (or greedy), no grammar, no log-probabilities. Their key; None for the others."""
+        p = self.params
+        if p is None or self.grammar is not None or self.logprobs is not None:
+            return None
+        if p.presence_penalty != 0.0 or p.repetition_penalty != 1.0 or (self.seed is not None and p.temperature != 0):
+            return None
+        bias = tuple(sorted((p.logit_bias or {}).items()))
+        return (p.temperature, p.top_p, p.top_k, p.min_p, bias, self.vocab_limit)
 
     def remember(self, ids: mx.array) -> None:
         if self.processor is not None:
@@ -364,8 +383,11 @@ def make_sampling(tokenizer: Tokenizer, model: Model, opts: GenerationOptions, t
     if params.temperature == 0 and thinking:
         warnings.warn("greedy decoding (temp 0) in thinking mode can repeat endlessly; "
                       "Qwen recommends temp 0.6, top-p 0.95, top-k 20", stacklevel=3)
-    return Sampling(make_sampler(params, tokenizer.vocab_size), make_logits_processor(params, model.args.vocab_size),
-                    opts.seed, opts.logprobs, tokenizer.vocab_size)
+    sampling = Sampling(make_sampler(params, tokenizer.vocab_size),
+                        make_logits_processor(params, model.args.vocab_size), opts.seed, opts.logprobs,
+                        tokenizer.vocab_size)
+    sampling.params = params
+    return sampling
 
 
 def generate(model: Model, tokenizer: Tokenizer, prompt: str | Messages | Sequence[int],
