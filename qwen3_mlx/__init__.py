@@ -7,10 +7,12 @@
     result = generate(model, tokenizer, "And at sunset?", GenerationOptions(think=False, seed=0))
 """
 
+from .batch import batch_generate
+from .engine import Engine
 from .errors import ConfigError, OptionError, Qwen3Error
 from .generation import GenerationResult, GenerationStats, generate, stream_generate
 from .loader import load
 from .options import GenerationOptions
 
-__all__ = ["load", "generate", "stream_generate", "GenerationOptions", "GenerationResult", "GenerationStats",
-           "Qwen3Error", "ConfigError", "OptionError"]
+__all__ = ["load", "generate", "stream_generate", "batch_generate", "Engine", "GenerationOptions",
+           "GenerationResult", "GenerationStats", "Qwen3Error", "ConfigError", "OptionError"]
