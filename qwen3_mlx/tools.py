@@ -6,9 +6,12 @@ Qwen3's template asks for each call as a block in the answer:
     {"name": <function-name>, "arguments": <args-json-object>}
     </tool_call>
 
-There can be several, with text around them. A JSON library parses a complete block; what none does
-is say, while a block streams in, how far the arguments object goes (partial-JSON parsers complete
-a prefix instead), so a small scanner of strings and braces streams the arguments as they come.
+There can be several, with text around them. `json` parses a complete block. What no library does
+for us is stream the arguments so that the fragments add up to exactly `json.dumps(arguments)`:
+partial-JSON parsers (partial-json-parser, which vLLM uses) complete a prefix into a value, and
+re-serialising that value each step gives text that can change behind what was already sent (a
+number still being written, a string's escape). So a small writer reads the arguments token by
+token and writes each one, once complete, as `json.dumps(..., ensure_ascii=False)` would.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ _HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\
 
 @dataclass(frozen=True)
 class ToolCall:
-    """A complete call: `arguments` is the JSON text of its arguments object."""
+    """A complete call: `arguments` is the JSON text of its arguments object, as
+    `json.dumps(arguments, ensure_ascii=False)` writes it (what OpenAI's API carries)."""
 
     id: str
     name: str
@@ -36,7 +40,8 @@ class ToolCall:
 @dataclass(frozen=True)
 class ToolCallDelta:
     """A piece of call number `index` (0-based in the answer), as OpenAI's streaming API sends it:
-    the first carries the call's id and name, the next ones fragments of its arguments."""
+    the first carries the call's id and name (and maybe arguments), the next ones fragments of its
+    arguments only (id and name None)."""
 
     index: int
     id: str | None
@@ -48,147 +53,272 @@ Event = str | ToolCallDelta  # text to show, or a piece of a call
 
 
 def new_call_id() -> str:
+    """A fresh id as OpenAI writes them: "call_" and 24 hex digits."""
     return "call_" + uuid.uuid4().hex[:24]
+
+
+# ---------------------------------------------------------------- the parser
 
 
 class ToolCallParser:
     """The answer's text in, plain text and tool-call deltas out, in order.
 
-    Text that may be the start of `<tool_call>` is held until it is known not to be, and the
-    whitespace the template puts around blocks is dropped. Inside a block, the call is announced
-    (id and name) once `{"name": "...", "arguments": {` has arrived, and its arguments then stream
-    as they come, up to the brace that closes them. A block that turns out not to be a call (its
-    JSON does not parse, or has no name or no arguments object) is released whole as text and is
-    not in `calls`; if it had been announced, the deltas already sent cannot be taken back, and a
-    client sees a call whose arguments do not parse (the whole-answer API, parse_tool_calls, never
-    reports one). Arguments given as a JSON string holding an object come whole, at the block's end.
+    Text: what may be the start of `<tool_call>` is held until it is known not to be. Whitespace
+    is released only between two pieces of text, so that the whitespace the template puts around
+    blocks (and at the answer's ends) never shows: the text events of a stream join into exactly
+    the content `parse_tool_calls` gives for the whole answer.
+
+    Streaming rule: a block's call is announced (a delta with its id and name) once
+    `{"name": "...", "arguments": {` has arrived; its arguments then stream, each JSON token once it
+    is complete and valid, written as `json.dumps` writes it. At `</tool_call>` the whole block is
+    parsed; if it is a call whose arguments begin with what streamed, the rest is sent and the call
+    joins `calls`. Arguments given as a JSON string holding an object come whole at the block's
+    end, in one delta with the id and name.
+
+    A block that is not a call (its JSON does not parse, it has no string name or no arguments
+    object, or it repeats a key so that the streamed text is not what `json.dumps` writes), and a
+    block still open at `finish()`, is released whole as text, tags included, and is not in
+    `calls`. If it had been announced, its deltas cannot be taken back: its index is put in
+    `abandoned`, and the next call takes the next index. A server should then treat `calls` as the
+    truth: finish with "tool_calls" only when `calls` is not empty, and drop from a whole reply any
+    call whose index is in `abandoned`; a streaming client has seen the abandoned call's pieces
+    and then the block as content.
     """
 
     def __init__(self, id_factory: Callable[[], str] = new_call_id) -> None:
+        """Args:
+        id_factory: makes each call's id (tests pass a counter).
+        """
         self.calls: list[ToolCall] = []
+        self.abandoned: list[int] = []  # indices announced whose block was not a call
         self._new_id = id_factory
-        self._pending = ""  # text outside blocks, not yet released
+        self._pending = ""  # text outside blocks, maybe the start of <tool_call>
+        self._space = ""  # whitespace held until text follows it
+        self._texted = False  # some text was released
         self._block: str | None = None  # inside a block: its text so far
-        self._after_block = False  # whitespace after a block is dropped
         self._index = 0  # of the next call announced
-        self._call: _Streaming | None = None
+        self._call: _Call | None = None  # the block's call, once announced
 
     def push(self, text: str) -> list[Event]:
+        """The next piece of the answer: the text and deltas it completes."""
         out: list[Event] = []
-        if self._block is not None:
-            self._block += text
-        else:
+        if self._block is None:
             self._pending += text
+        else:
+            self._block += text
         while True:
-            if self._block is not None:
-                end = self._block.find(CLOSE)
-                if end < 0:
-                    self._stream(out)
+            if self._block is None:
+                start = self._pending.find(OPEN)
+                if start < 0:
+                    held = _tag_prefix(self._pending, OPEN)
+                    self._text(self._pending[: len(self._pending) - held], out)
+                    self._pending = self._pending[len(self._pending) - held :]
                     return out
-                body, rest = self._block[:end], self._block[end + len(CLOSE):]
-                self._end_block(body, out)
-                self._pending, self._after_block = rest, True
-                continue
-            if self._after_block:
-                self._pending = self._pending.lstrip()
-                if not self._pending:
-                    return out
-                self._after_block = False
-            start = self._pending.find(OPEN)
-            if start < 0:
-                safe = self._pending[: len(self._pending) - _tag_prefix(self._pending, OPEN)]
-                shown = safe.rstrip()  # trailing whitespace waits: a block may follow it
-                if shown:
-                    out.append(shown)
-                self._pending = self._pending[len(shown):]
+                self._text(self._pending[:start], out)
+                self._block, self._pending = self._pending[start + len(OPEN) :], ""
+            end = self._block.find(CLOSE)
+            if end < 0:
+                # Not the end of the text, which may be the start of </tool_call>.
+                self._stream(self._block, len(self._block) - _tag_prefix(self._block, CLOSE), out)
                 return out
-            before = self._pending[:start].rstrip()
-            if before:
-                out.append(before)
-            self._block, self._pending = self._pending[start + len(OPEN):], ""
+            body, self._pending, self._block = self._block[:end], self._block[end + len(CLOSE) :], None
+            self._stream(body, len(body), out)
+            self._end_block(body, out)
 
     def finish(self) -> list[Event]:
         """The end of the answer: what was held is released (an unterminated block as text)."""
         out: list[Event] = []
         if self._block is not None:
-            out.append(OPEN + self._block)
-            self._block = self._call = None
-        elif self._pending and not self._after_block:
-            out.append(self._pending)
-        self._pending = ""
+            self._abandon()
+            self._text(OPEN + self._block, out)
+            self._block = None
+        else:
+            self._text(self._pending, out)
+        self._pending = self._space = ""  # whitespace at the end is dropped
         return out
 
-    def _stream(self, out: list[Event]) -> None:
-        """Announce the block's call once its name is known, then send its arguments so far."""
-        block = self._block
+    def _text(self, text: str, out: list[Event]) -> None:
+        """Release text outside calls, holding its trailing whitespace until more text follows."""
+        core = text.strip()
+        if not core:
+            self._space += text
+            return
+        lead = text[: len(text) - len(text.lstrip())]
+        out.append((self._space + lead if self._texted else "") + core)
+        self._space = text[len(text.rstrip()) :]
+        self._texted = True
+
+    def _stream(self, block: str, limit: int, out: list[Event]) -> None:
+        """Announce the block's call once its name is known, then send its arguments up to `limit`."""
         if self._call is None:
-            head = _HEAD.match(block)
+            head = _HEAD.match(block, 0, limit)
             if head is None:
                 return
-            name = json.loads(f'"{head.group(1)}"')
-            self._call = _Streaming(self._index, self._new_id(), name, head.end())
+            try:
+                name = json.loads(f'"{head.group(1)}"')
+            except ValueError:  # a bad escape in the name: not a call, as the block's end will find
+                return
+            self._call = _Call(self._index, self._new_id(), name, _ArgumentWriter(head.end()))
             self._index += 1
             out.append(ToolCallDelta(self._call.index, self._call.id, name, ""))
-        # Not the end of the text, which may be the start of </tool_call>.
-        fragment = self._call.scan(block, len(block) - _tag_prefix(block, CLOSE))
+        fragment = self._call.arguments.read(block, limit)
         if fragment:
             out.append(ToolCallDelta(self._call.index, None, None, fragment))
 
     def _end_block(self, body: str, out: list[Event]) -> None:
-        call, self._call, self._block = self._call, None, None
+        call = self._call
         parsed = _parse_call(body)
-        if parsed is None:
-            out.append(OPEN + body + CLOSE)
+        if parsed is None or (call is not None and (parsed[0] != call.name or
+                                                    not parsed[1].startswith(call.arguments.sent))):
+            self._abandon()
+            self._text(OPEN + body + CLOSE, out)
             return
         name, arguments = parsed
-        if call is not None and call.name == name:
-            raw = body[call.start : json.JSONDecoder().raw_decode(body, call.start)[1]]
-            if raw.startswith(call.sent):  # the rest of what streamed
-                if raw != call.sent:
-                    out.append(ToolCallDelta(call.index, None, None, raw[len(call.sent):]))
-                self.calls.append(ToolCall(call.id, name, raw))
-                return
-        index, call_id = (call.index, call.id) if call is not None else (self._index, self._new_id())
+        self._call = None
         if call is None:
+            call_id = self._new_id()
+            out.append(ToolCallDelta(self._index, call_id, name, arguments))
             self._index += 1
-        out.append(ToolCallDelta(index, call_id, name if call is None else None, arguments))
+        else:
+            call_id, rest = call.id, arguments[len(call.arguments.sent) :]
+            if rest:
+                out.append(ToolCallDelta(call.index, None, None, rest))
         self.calls.append(ToolCall(call_id, name, arguments))
+        self._space = ""  # whitespace before and after a call is the template's
+
+    def _abandon(self) -> None:
+        if self._call is not None:
+            self.abandoned.append(self._call.index)
+        self._call = None
 
 
 @dataclass
-class _Streaming:
-    """A call being streamed: its arguments object begins at `start` in the block's text; `sent` of
-    it has gone out. A scanner of strings and braces finds where it ends."""
+class _Call:
+    """The call of the block being read, once announced."""
 
     index: int
     id: str
     name: str
-    start: int
-    sent: str = ""
-    depth: int = 0
-    in_string: bool = False
-    escaped: bool = False
-    closed: bool = False
+    arguments: _ArgumentWriter
 
-    def scan(self, block: str, limit: int) -> str:
-        """The arguments' text from what was sent up to `limit`, or to their closing brace."""
-        at = self.start + len(self.sent)
-        end = at
-        while end < limit and not self.closed:
-            ch = block[end]
-            end += 1
-            if self.in_string:
-                self.escaped, self.in_string = (False, True) if self.escaped else (ch == "\\", ch != '"')
-            elif ch == '"':
-                self.in_string = True
-            elif ch in "{[":
-                self.depth += 1
-            elif ch in "}]":
-                self.depth -= 1
-                self.closed = self.depth == 0
-        fragment = block[at:end]
-        self.sent += fragment
-        return fragment
+
+# ---------------------------------------------------------------- arguments, token by token
+
+_NUMBER = re.compile(r"-?(?:0|[1-9]\d*)(?:\.\d+)?(?:[eE][+-]?\d+)?")
+_NUMBER_CHARS = frozenset("0123456789+-.eE")
+_PLAIN = re.compile(r'[^"\\\x00-\x1f]+')  # string characters json.dumps(ensure_ascii=False) writes as they are
+_ESCAPE = re.compile(r'\\(?:(["\\/bfnrt])|u([0-9a-fA-F]{4}))')
+_LOW_SURROGATE = re.compile(r"\\u([dD][c-fC-F][0-9a-fA-F]{2})")
+_SIMPLE = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
+
+
+class _ArgumentWriter:
+    """Reads an arguments object from `start` in a block's text, as it grows, and writes each
+    complete token as json.dumps(..., ensure_ascii=False) does (", " and ": " between, strings
+    re-escaped, numbers as Python reads and writes them). It stops at the object's closing brace,
+    and for good at anything it does not take for valid JSON (NaN, a trailing comma): the block's
+    end then decides. `sent` is what it has written."""
+
+    def __init__(self, start: int) -> None:
+        self.at = start  # where reading resumes in the block's text
+        self.sent = ""
+        self.stopped = False
+        self._stack: list[str] = []  # the open "{" and "["
+        self._state = "value"  # value, value_or_end, key, key_or_end, colon, after, string
+        self._key = False  # the string being read is a key
+
+    def read(self, block: str, limit: int) -> str:
+        """Read `block` up to `limit`: the text written for what was completed."""
+        before = len(self.sent)
+        while not self.stopped and self.at < limit and self._step(block, limit):
+            if self._state == "after" and not self._stack:
+                self.stopped = True  # the arguments' closing brace
+        return self.sent[before:]
+
+    def _step(self, block: str, limit: int) -> bool:
+        """Read one token; False when it needs more text or is not valid."""
+        if self._state == "string":
+            return self._string(block, limit)
+        ch = block[self.at]
+        if ch in " \t\n\r":
+            return self._write("", 1)
+        state = self._state
+        if (state == "value_or_end" and ch == "]") or (state == "key_or_end" and ch == "}") or \
+                (state == "after" and self._stack and ch == "]}"[self._stack[-1] == "{"]):
+            self._stack.pop()
+            return self._write(ch, 1, "after")
+        if state in ("value", "value_or_end"):
+            return self._value(block, limit, ch)
+        if state in ("key", "key_or_end") and ch == '"':
+            self._key = True
+            return self._write('"', 1, "string")
+        if state == "colon" and ch == ":":
+            return self._write(": ", 1, "value")
+        if state == "after" and ch == ",":
+            return self._write(", ", 1, "key" if self._stack[-1] == "{" else "value")
+        return self._stop()
+
+    def _value(self, block: str, limit: int, ch: str) -> bool:
+        if ch in "{[":
+            self._stack.append(ch)
+            return self._write(ch, 1, "key_or_end" if ch == "{" else "value_or_end")
+        if ch == '"':
+            self._key = False
+            return self._write('"', 1, "string")
+        if ch == "-" or ch.isdigit():
+            end = self.at
+            while end < limit and block[end] in _NUMBER_CHARS:
+                end += 1
+            if end == limit:
+                return False  # the number may go on
+            if not _NUMBER.fullmatch(block, self.at, end):
+                return self._stop()
+            return self._write(json.dumps(json.loads(block[self.at : end])), end - self.at, "after")
+        available = block[self.at : limit]
+        for literal in ("true", "false", "null"):
+            if available.startswith(literal):
+                return self._write(literal, len(literal), "after")
+            if literal.startswith(available):
+                return False
+        return self._stop()
+
+    def _string(self, block: str, limit: int) -> bool:
+        plain = _PLAIN.match(block, self.at, limit)
+        if plain:
+            return self._write(plain.group(), plain.end() - self.at)
+        ch = block[self.at]
+        if ch == '"':
+            return self._write('"', 1, "colon" if self._key else "after")
+        if ch != "\\":
+            return self._stop()  # a control character, which JSON does not allow raw
+        escape = _ESCAPE.match(block, self.at, limit)
+        if escape is None:
+            return False if limit - self.at < 6 else self._stop()
+        if escape.group(1):
+            return self._write(json.dumps(_SIMPLE[escape.group(1)])[1:-1], 2)
+        code, size = int(escape.group(2), 16), 6
+        if 0xD800 <= code <= 0xDBFF:  # json pairs a high surrogate with a low one right after it
+            following = block[escape.end() : min(limit, escape.end() + 6)]
+            if len(following) < 6 and "\\u".startswith(following[:2]):
+                return False
+            low = _LOW_SURROGATE.match(block, escape.end(), limit)
+            if low:
+                code, size = 0x10000 + ((code - 0xD800) << 10) + (int(low.group(1), 16) - 0xDC00), 12
+        return self._write(json.dumps(chr(code), ensure_ascii=False)[1:-1], size)
+
+    def _write(self, text: str, consumed: int, state: str | None = None) -> bool:
+        self.sent += text
+        self.at += consumed
+        if state is not None:
+            self._state = state
+        return True
+
+    def _stop(self) -> bool:
+        self.stopped = True
+        return False
+
+
+# ---------------------------------------------------------------- helpers
 
 
 def _parse_call(body: str) -> tuple[str, str] | None:
@@ -219,10 +349,18 @@ def _tag_prefix(text: str, tag: str) -> int:
 
 
 def parse_tool_calls(text: str, id_factory: Callable[[], str] = new_call_id) -> tuple[str, list[ToolCall]]:
-    """(the answer's text outside its calls, the calls) of a whole answer, by the same rules as a stream."""
+    """Split a whole answer into its text and its tool calls, by the same rules as a stream.
+
+    Args:
+        text: the answer (after any reasoning).
+        id_factory: makes each call's id.
+
+    Returns:
+        (the text outside the calls, without the whitespace around blocks and at the ends; the calls).
+    """
     parser = ToolCallParser(id_factory)
     events = parser.push(text) + parser.finish()
-    return "".join(e for e in events if isinstance(e, str)).strip(), parser.calls
+    return "".join(e for e in events if isinstance(e, str)), parser.calls
 
 
 def tool_call_openai(call: ToolCall) -> dict:
