@@ -48,7 +48,6 @@ from .sampling import (
 )
 from .structured import GrammarState, constraint_state
 from .tokenizer import Tokenizer
-from .tools import ToolCall
 
 __all__ = [
     "EARLY_STOP_TEXT",
@@ -408,16 +407,11 @@ def collect(chunks: Iterator[Chunk]) -> GenerationResult:
     reasoning: list[str] = []
     content: list[str] = []
     logprobs: list[TokenLogprob] = []
-    calls: dict[int, list[str]] = {}  # index: id, name, arguments
     stats = GenerationStats()
     for chunk in chunks:
-        if chunk.tool_call is not None:
-            delta = chunk.tool_call
-            call = calls.setdefault(delta.index, [delta.id or "", delta.name or "", ""])
-            call[2] += delta.arguments
-        else:
+        if chunk.kind != "tool_call":
             (reasoning if chunk.kind == "reasoning" else content).append(chunk.text)
         logprobs.extend(chunk.logprobs)
         stats = chunk.stats
-    tool_calls = [ToolCall(*calls[i]) for i in sorted(calls)]
-    return GenerationResult("".join(reasoning), "".join(content), stats.token_ids, stats, logprobs, tool_calls)
+    return GenerationResult("".join(reasoning), "".join(content), stats.token_ids, stats, logprobs,
+                            list(stats.tool_calls))

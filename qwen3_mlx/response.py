@@ -93,6 +93,7 @@ class GenerationStats:
     budget_exhausted: bool = False  # the thinking budget ended the reasoning
     peak_memory_gb: float = 0.0
     token_ids: list[int] = field(default_factory=list)  # the response as run through the model, forced tokens too
+    tool_calls: list[ToolCall] = field(default_factory=list)  # the answer's complete calls, when tools were given
 
     @property
     def generated_tokens(self) -> int:
@@ -350,6 +351,7 @@ class Response:
         chunks = list(self._answer(self.stops.finish(text) if not self.stops.found else "", None))
         if self.calls is not None:
             chunks += self._events(self.calls.finish(), None)
+            self.stats.tool_calls = list(self.calls.calls)  # not those announced, then found malformed
             if self.calls.calls and self.stats.finish_reason == "stop":
                 self.stats.finish_reason = "tool_calls"
         return chunks + [self._chunk("", None)]
