@@ -100,13 +100,13 @@ class Sampling:
 
     def __init__(self, sampler: Sampler, processor: Processor | None = None, seed: int | None = None,
                  logprobs: int | None = None, vocab_limit: int | None = None,
-                 grammar: GrammarState | None = None) -> None:
+                 grammar: GrammarState | None = None, params: SamplingParams | None = None) -> None:
         self.sampler, self.processor, self.seed = sampler, processor, seed
         self.logprobs, self.vocab_limit = logprobs, vocab_limit
         # Structured output: the mask needs the tokens so far on the host, so a constrained request
         # reads each token before the next step is built (no step ahead; see benchmarks for its cost).
         self.grammar = grammar
-        self.params: SamplingParams | None = None  # what sampler and processor were made from, if known
+        self.params = params  # what sampler and processor were made from, if known
         self.key: mx.array | None = None
         self.history: mx.array | None = None  # every token fed after the prompt, for the penalties
 
@@ -382,11 +382,8 @@ def make_sampling(tokenizer: Tokenizer, model: Model, opts: GenerationOptions, t
     if params.temperature == 0 and thinking:
         warnings.warn("greedy decoding (temp 0) in thinking mode can repeat endlessly; "
                       "Qwen recommends temp 0.6, top-p 0.95, top-k 20", stacklevel=3)
-    sampling = Sampling(make_sampler(params, tokenizer.vocab_size),
-                        make_logits_processor(params, model.args.vocab_size), opts.seed, opts.logprobs,
-                        tokenizer.vocab_size)
-    sampling.params = params
-    return sampling
+    return Sampling(make_sampler(params, tokenizer.vocab_size), make_logits_processor(params, model.args.vocab_size),
+                    opts.seed, opts.logprobs, tokenizer.vocab_size, params=params)
 
 
 def generate(model: Model, tokenizer: Tokenizer, prompt: str | Messages | Sequence[int],

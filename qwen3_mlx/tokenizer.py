@@ -266,10 +266,6 @@ class StreamDetokenizer:
         """How many ids are held back because their character is not complete yet."""
         return len(self._ids) - self._read
 
-    def drop_held(self) -> None:
-        """Forget the held-back ids (the generation loop took those tokens back)."""
-        del self._ids[self._read :]
-
     def flush(self) -> str:
         """Release whatever is held back (as U+FFFD), at the end of a sequence."""
         prefix = self._tokenizer.decode(self._ids[: self._read], skip_special_tokens=False)

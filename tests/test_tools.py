@@ -234,3 +234,16 @@ def test_generate_parses_the_calls_and_streams_them_as_chunks(tok):
     # Without tools, the same answer is text.
     plain = generate(model(), tok, "weather?", think=False)
     assert (plain.content, plain.tool_calls, plain.stats.finish_reason) == (ANSWER, [], "stop")
+
+
+def test_a_call_announced_then_found_malformed_is_not_in_the_result(tok):
+    answer = '<tool_call>\n{"name": "f", "arguments": {"a": 1}, }\n</tool_call>'  # a trailing comma, after streaming
+    script_ids = tok.encode(answer) + [tok.token_to_id("<|im_end|>")]
+    header = tok.encode("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    model = ScriptedModel(lambda response: script_ids[min(len(response), len(script_ids) - 1)], header=header)
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    chunks = list(stream_generate(model, tok, "q", think=False, tools=tools))
+    assert [c.tool_call.name for c in chunks if c.tool_call and c.tool_call.id] == ["f"]  # it was announced
+    stats = chunks[-1].stats
+    assert (stats.tool_calls, stats.finish_reason) == ([], "stop")
+    assert "".join(c.text for c in chunks if c.kind == "answer") == answer

@@ -163,7 +163,6 @@ class Reply:
     parallel_tool_calls: bool = True
     reasoning: list[str] = field(default_factory=list)
     content: list[str] = field(default_factory=list)
-    calls: dict[int, dict] = field(default_factory=dict)  # index -> {"id", "name", "arguments"}
     logprobs: list[TokenLogprob] = field(default_factory=list)
     stats: GenerationStats = field(default_factory=GenerationStats)
 
@@ -176,34 +175,26 @@ class Reply:
         elif chunk.kind == "reasoning":
             self.reasoning.append(chunk.text)
         else:
-            return self._tool_call(chunk)
+            delta = chunk.tool_call
+            if delta is None or (delta.index > 0 and not self.parallel_tool_calls):
+                return None
+            return {"index": delta.index, "id": delta.id, "name": delta.name, "arguments": delta.arguments}
         return None
-
-    def _tool_call(self, chunk: Chunk) -> dict | None:
-        delta = chunk.tool_call  # type: ignore[attr-defined]
-        if delta is None or (delta.index > 0 and not self.parallel_tool_calls):
-            return None
-        call = self.calls.setdefault(delta.index, {"id": None, "name": "", "arguments": ""})
-        if delta.id:
-            call["id"] = delta.id
-        if delta.name:
-            call["name"] += delta.name
-        call["arguments"] += delta.arguments or ""
-        return {"index": delta.index, "id": delta.id, "name": delta.name, "arguments": delta.arguments}
 
     @property
     def finish_reason(self) -> str:
-        if self.calls:
+        if self.tool_calls():
             return "tool_calls"
         reason = self.stats.finish_reason or "stop"
         return _FINISH.get(reason, reason)
 
     def tool_calls(self) -> list[p.ToolCall] | None:
-        if not self.calls:
+        """The answer's complete calls, as the library parsed them (a call announced while streaming,
+        then found malformed, is not one); the first alone without parallel_tool_calls."""
+        calls = self.stats.tool_calls[: None if self.parallel_tool_calls else 1]
+        if not calls:
             return None
-        return [p.ToolCall(id=call["id"] or _id("call"), function=p.FunctionCall(name=call["name"],
-                                                                                 arguments=call["arguments"]))
-                for _, call in sorted(self.calls.items())]
+        return [p.ToolCall(id=c.id, function=p.FunctionCall(name=c.name, arguments=c.arguments)) for c in calls]
 
     def usage(self, eos_ids: frozenset[int]) -> p.Usage:
         return usage(self.stats, eos_ids)
