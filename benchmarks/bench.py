@@ -64,6 +64,9 @@ import numpy as np
 SHAPES = {
     "tiny": dict(hidden_size=256, num_hidden_layers=4, intermediate_size=768, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=64, vocab_size=1024),
+    # The tiny layers with Qwen3's vocabulary: structured output needs every id of the tokenizer.
+    "tiny-vocab": dict(hidden_size=256, num_hidden_layers=4, intermediate_size=768, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=64, vocab_size=151936),
     # Other shapes, to check that the CPU split thresholds hold beyond the two above.
     "small": dict(hidden_size=512, num_hidden_layers=8, intermediate_size=1536, num_attention_heads=8,
                   num_key_value_heads=4, head_dim=64, vocab_size=4096),

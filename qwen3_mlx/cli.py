@@ -87,6 +87,31 @@ def parse_template_config(ctx: click.Context, param: click.Parameter, value: str
     return config
 
 
+def read_json_schema(ctx: click.Context, param: click.Parameter, value: Path | None) -> dict | None:
+    """--json-schema FILE: the file's JSON object (what it means is checked by llguidance, later)."""
+    if value is None:
+        return None
+    try:
+        schema = json.loads(value.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise click.BadParameter(f"{value}: {e.strerror if isinstance(e, OSError) else e}") from None
+    except json.JSONDecodeError as e:
+        raise click.BadParameter(f"{value}: not JSON: {e}") from None
+    if not isinstance(schema, dict):
+        raise click.BadParameter(f"{value}: a JSON schema is an object ({{...}}), got {type(schema).__name__}")
+    return schema
+
+
+def read_grammar(ctx: click.Context, param: click.Parameter, value: Path | None) -> str | None:
+    """--grammar FILE: the file's text, a Lark or GBNF grammar."""
+    if value is None:
+        return None
+    try:
+        return value.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise click.BadParameter(f"{value}: {e.strerror if isinstance(e, OSError) else e}") from None
+
+
 DEFAULTS = GenerationOptions()  # the defaults shown in --help are the library's
 
 GENERATION_OPTIONS = [
@@ -115,6 +140,13 @@ GENERATION_OPTIONS = [
                  help="mlx_lm's name: another end of the answer, taken as --stop TEXT (repeatable)."),
     click.option("--chat-template-config", callback=parse_template_config, metavar="JSON",
                  help='mlx_lm\'s template variables, e.g. {"enable_thinking": false} (the same as --no-think).'),
+    click.option("--json-schema", type=click.Path(exists=True, dir_okay=False, path_type=Path), metavar="FILE",
+                 callback=read_json_schema,
+                 help="The answer is JSON valid against the schema in FILE (after any reasoning)."),
+    click.option("--regex", metavar="TEXT", help="The answer matches this regular expression (Rust syntax)."),
+    click.option("--grammar", type=click.Path(exists=True, dir_okay=False, path_type=Path), metavar="FILE",
+                 callback=read_grammar,
+                 help="The answer matches the grammar in FILE: Lark (rule start) or llama.cpp's GBNF (rule root)."),
     click.option("--max-kv-size", type=click.IntRange(min=1), metavar="N",
                  help="A rotating cache of N tokens that keeps the system prompt; memory stays bounded."),
     click.option("--prefill-step-size", type=click.IntRange(min=1), default=DEFAULTS.prefill_step_size,

@@ -140,6 +140,41 @@ def test_raw_refuses_what_only_the_template_can_apply(ckpt, extra):
     assert result.exit_code == 2 and "needs the chat template, which --raw skips" in result.stderr
 
 
+def test_json_schema_regex_and_grammar_files_constrain_the_answer(ckpt, tmp_path):
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}},
+              "required": ["n"], "additionalProperties": False}
+    (tmp_path / "s.json").write_text(json.dumps(schema))
+    (tmp_path / "g.lark").write_text('start: "It is " ("yes" | "no") "."')
+    (tmp_path / "g.gbnf").write_text('root ::= "It is " ("yes" | "no") "."')
+    base = ["-p", "hi", "-m", "200", "--seed", "0", "--no-think"]
+    answer = generate_cli(ckpt, *base, "--json-schema", str(tmp_path / "s.json"))
+    assert answer.exit_code == 0, answer.output
+    assert json.loads(answer.stdout)["n"] in range(10)
+    assert re.fullmatch(r"[0-9]{3}-[a-z]{2}\n", generate_cli(ckpt, *base, "--regex", "[0-9]{3}-[a-z]{2}").stdout)
+    for grammar in ("g.lark", "g.gbnf"):
+        assert generate_cli(ckpt, *base, "--grammar", str(tmp_path / grammar)).stdout in ("It is yes.\n",
+                                                                                         "It is no.\n")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("{", "s.json: not JSON: Expecting property name enclosed in double quotes: line 1 column 2 (char 1)"),
+    ("[1]", "s.json: a JSON schema is an object ({...}), got list"),
+    ('{"type": "foo"}', "json_schema: Invalid type: foo"),
+])
+def test_a_bad_json_schema_file_is_one_line_before_the_run(ckpt, tmp_path, text, message):
+    (tmp_path / "s.json").write_text(text)
+    result = generate_cli(ckpt, "-p", "hi", "--json-schema", str(tmp_path / "s.json"))
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.stderr.rstrip().splitlines()[-1].endswith(message)
+
+
+def test_two_constraints_at_once_are_refused(ckpt, tmp_path):
+    result = generate_cli(ckpt, "-p", "hi", "--regex", "a", "--grammar", __file__)
+    assert result.exit_code == 2
+    assert result.stderr.rstrip().endswith("structured output: give one of json_schema, regex or grammar, "
+                                          "got regex and grammar")
+
+
 def test_a_prompt_cache_in_a_missing_folder_is_one_line_before_the_run(ckpt, tmp_path):
     path = tmp_path / "no" / "such" / "x.safetensors"
     result = generate_cli(ckpt, "-p", "hi", "-m", "3", "--prompt-cache", str(path))

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import httpx
+import jsonschema
 import openai
 import pytest
 import schemathesis
@@ -27,6 +28,8 @@ from qwen3_mlx import GenerationOptions, generate
 from qwen3_mlx.engine import Engine
 from qwen3_mlx.response import EARLY_STOP_TEXT
 from qwen3_mlx.server import create_app
+from qwen3_mlx.server.params import constraint
+from qwen3_mlx.server.protocol import ChatCompletionRequest
 
 CAP = 32  # the tiny server's --max-tokens
 HI = [{"role": "user", "content": "Hello there"}]
@@ -166,13 +169,18 @@ REFUSALS = [
     ({**MESSAGES, "n": 2}, "n: 2 choices asked; this server gives one per request: send 2 requests (they are batched)"),
     ({**MESSAGES, "frequency_penalty": 0.5},
      "frequency_penalty: not implemented; use presence_penalty or repetition_penalty"),
-    ({**MESSAGES, "response_format": {"type": "json_object"}},
-     "response_format: 'json_object' needs structured output, not supported yet; leave it unset or 'text'"),
-    ({**MESSAGES, "tools": WEATHER, "tool_choice": "required"},
-     "tool_choice: required needs structured output (a grammar), not supported yet; use 'auto' or 'none'"),
-    ({**MESSAGES, "tools": WEATHER, "tool_choice": {"type": "function", "function": {"name": "get_weather"}}},
-     ("tool_choice: a named function ('get_weather') needs structured output (a grammar), not supported yet; "
-      "use 'auto' or 'none'")),
+    ({**MESSAGES, "response_format": {"type": "json_schema"}},
+     "response_format: type 'json_schema' needs json_schema: {\"name\": ..., \"schema\": {...}}"),
+    ({**MESSAGES, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "foo"}}}},
+     "json_schema: Invalid type: foo"),
+    ({**MESSAGES, "response_format": {"type": "yaml"}}, "response_format.type: Input should be 'text', 'json_object'"),
+    ({**MESSAGES, "tools": WEATHER, "tool_choice": {"type": "function", "function": {"name": "get_time"}}},
+     "tool_choice: no tool is named 'get_time'; the tools are 'get_weather'"),
+    ({**MESSAGES, "tools": WEATHER, "tool_choice": "required", "response_format": {"type": "json_object"}},
+     "tool_choice: 'required' forces a tool call, which leaves no room for a JSON answer (response_format); use 'auto'"),
+    ({**MESSAGES, "tool_choice": "required",
+      "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "minProperties": "2"}}}]},
+     "tools[0] ('f'): parameters: "),
     ({**MESSAGES, "temperature": -1}, "temperature: Input should be greater than or equal to 0"),
     ({**MESSAGES, "max_tokens": 0}, "max_tokens: Input should be greater than or equal to 1"),
     ({**MESSAGES, "seed": -1}, "seed: Input should be greater than or equal to 0"),
@@ -318,6 +326,16 @@ def test_tool_calls_whole_and_streamed_as_argument_fragments(stub):
     assert all(c["fragments"] > 1 for c in streamed.values())
 
 
+def test_calls_that_fit_the_forced_grammar_pass_through_it_unchanged(stub):
+    # Two parallel calls after reasoning, each valid against STRICT_WEATHER: "required" keeps them as they are.
+    reply = stub.chat.completions.create(model="stub", messages=WEATHER_Q, tools=STRICT_WEATHER,
+                                         tool_choice="required")
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.reasoning_content == "I should call the tools."
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in choice.message.tool_calls] == [
+        ("get_weather", {"city": "Paris", "unit": "C"}), ("get_time", {"zone": "CET"})]
+
+
 def test_a_tool_result_sent_back_is_answered(stub):
     messages = WEATHER_Q + [
         {"role": "assistant", "content": None, "tool_calls": [
@@ -326,6 +344,79 @@ def test_a_tool_result_sent_back_is_answered(stub):
         {"role": "user", "content": "Thanks, and 2+2?"}]
     reply = stub.chat.completions.create(model="stub", messages=messages, tools=WEATHER, tool_choice="none")
     assert reply.choices[0].finish_reason in ("stop", "tool_calls")
+
+
+# ---------------------------------------------------------------- structured output (the tiny checkpoint)
+
+DIGIT = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9},
+                                          "unit": {"enum": ["C", "F"]}},
+         "required": ["n", "unit"], "additionalProperties": False}
+CITY = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
+                                         "unit": {"enum": ["C", "F"]}},
+        "required": ["city", "unit"], "additionalProperties": False}
+STRICT_WEATHER = [{"type": "function", "function": {"name": "get_weather", "parameters": CITY, "strict": True}},
+                  {"type": "function", "function": {"name": "get_time", "parameters": {
+                      "type": "object", "properties": {"zone": {"enum": ["CET", "UTC"]}}, "required": ["zone"],
+                      "additionalProperties": False}}}]
+
+
+@pytest.fixture(scope="module")
+def roomy(engine):
+    """The tiny checkpoint with room for a random model's JSON (--max-tokens 400)."""
+    with LiveServer(create_app(engine, model_id="tiny", max_tokens_cap=400)) as server:
+        yield openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def test_response_format_json_schema_and_json_object_always_parse(roomy):
+    fmt = {"type": "json_schema", "json_schema": {"name": "digit", "schema": DIGIT, "strict": True}}
+    for seed in range(4):
+        reply = roomy.chat.completions.create(model="tiny", messages=HI, seed=seed, response_format=fmt,
+                                              extra_body=NO_THINK)
+        assert reply.choices[0].finish_reason == "stop"
+        jsonschema.validate(json.loads(reply.choices[0].message.content), DIGIT)
+    # Any object: a random model's keys may run to the cap, so the mapping is checked, not an answer.
+    body = ChatCompletionRequest(messages=HI, response_format={"type": "json_object"})
+    assert constraint(body, None) == {"json_schema": {"type": "object"}}
+
+
+def test_with_thinking_the_reasoning_is_apart_and_the_answer_valid(roomy, tiny):
+    fmt = {"type": "json_schema", "json_schema": {"name": "digit", "schema": DIGIT}}
+    think = {str(tiny[1].think_start_id): 100}  # the random model opens the reasoning (the grammar allows it once)
+    stream = roomy.chat.completions.create(model="tiny", messages=HI, seed=1, response_format=fmt, stream=True,
+                                           logit_bias=think, extra_body={"thinking_budget": 8})
+    content = reasoning = ""
+    for event in stream:
+        delta = event.choices[0].delta
+        content += delta.content or ""
+        reasoning += getattr(delta, "reasoning_content", None) or ""
+    assert reasoning and EARLY_STOP_TEXT.split("</think>")[0].strip() in reasoning
+    jsonschema.validate(json.loads(content), DIGIT)
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
+def test_a_forced_tool_call_validates_against_the_tool(roomy, choice):
+    # One call: after a call, a random model would rather open another than end its turn.
+    for seed in range(3):
+        reply = roomy.chat.completions.create(model="tiny", messages=WEATHER_Q, tools=STRICT_WEATHER, seed=seed,
+                                              tool_choice=choice, parallel_tool_calls=False, extra_body=NO_THINK)
+        choice_ = reply.choices[0]
+        assert choice_.finish_reason == "tool_calls" and not choice_.message.content
+        for call in choice_.message.tool_calls:
+            tool = next(t["function"] for t in STRICT_WEATHER if t["function"]["name"] == call.function.name)
+            jsonschema.validate(json.loads(call.function.arguments), tool["parameters"])
+        if isinstance(choice, dict):
+            assert [c.function.name for c in choice_.message.tool_calls] == ["get_weather"]
+
+
+def test_a_strict_tool_in_auto_mode_is_valid_whenever_the_model_calls_it(roomy, tiny):
+    # The tiny model is pushed to open a call at once; the lazy grammar then makes the call valid.
+    bias = {str(tiny[1].backend.token_to_id("<tool_call>")): 100}
+    tools = STRICT_WEATHER[:1]
+    reply = roomy.chat.completions.create(model="tiny", messages=WEATHER_Q, tools=tools, seed=0, logit_bias=bias,
+                                          parallel_tool_calls=False, extra_body=NO_THINK)
+    (call,) = reply.choices[0].message.tool_calls
+    assert reply.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather"
+    jsonschema.validate(json.loads(call.function.arguments), CITY)
 
 
 # ---------------------------------------------------------------- fuzzing from the schema

@@ -12,7 +12,12 @@ import tokenizers
 from checkpoints import QWEN_VOCAB, tokenizer_dir
 
 from qwen3_mlx.errors import OptionError, Qwen3Error
-from qwen3_mlx.structured import GrammarState, GrammarVocabulary, compile_constraint
+from qwen3_mlx.structured import (
+    GrammarState,
+    GrammarVocabulary,
+    compile_constraint,
+    tool_call_grammar,
+)
 
 IM_END, END_OF_TEXT, THINK, END_THINK = 151645, 151643, 151667, 151668  # <|im_end|> <|endoftext|> <think> </think>
 EARLY_STOP = ("\n\nConsidering the limited time by the user, I have to give the solution based on the thinking "
@@ -279,3 +284,94 @@ def test_tiny_model_greedy_answer_through_the_mask_validates(tiny, backend):
             break
     assert ids[-1] in tokenizer.eos_token_ids
     jsonschema.validate(json.loads(tokenizer.decode(ids[:-1])), schema)
+
+
+# ---------------------------------------------------------------- tool-call grammars
+
+TOOL_CALL, END_TOOL_CALL = 151657, 151658  # <tool_call> </tool_call>
+GET = {"type": "function", "function": {"name": "get", "strict": True, "parameters": {
+    "type": "object", "properties": {"x": {"$ref": "#/$defs/Small"}}, "required": ["x"],
+    "additionalProperties": False, "$defs": {"Small": {"type": "integer", "minimum": 0, "maximum": 9}}}}}
+PUT = {"type": "function", "function": {"name": "put", "parameters": {
+    "type": "object", "properties": {"y": {"type": "string"}}, "required": ["y"]}}}
+
+
+def call_text(name: str, arguments: dict) -> str:
+    return f'<tool_call>\n{json.dumps({"name": name, "arguments": arguments})}\n</tool_call>'
+
+
+def takes(backend, vocabulary, grammar: str, text: str, thinking: bool = False) -> bool:
+    """The grammar takes the text's tokens and may end there."""
+    state = compile_constraint(vocabulary, grammar=grammar, thinking=thinking).state()
+    try:
+        for token in backend.encode(text, add_special_tokens=False).ids:
+            state.advance(token)
+    except Qwen3Error:
+        return False
+    return state.accepting
+
+
+@pytest.mark.parametrize("choice, parallel, text, expected", [
+    ("required", True, call_text("get", {"x": 5}), True),
+    ("required", True, call_text("get", {"x": 10}), False),  # the $ref'd maximum
+    ("required", True, call_text("put", {"y": "a"}) + "\n" + call_text("get", {"x": 1}), True),
+    ("required", False, call_text("put", {"y": "a"}) + "\n" + call_text("get", {"x": 1}), False),
+    ("required", True, call_text("put", {"z": 1}), False),  # required is strict for every tool
+    ("required", True, call_text("other", {}), False),
+    ("required", True, "Sure: " + call_text("get", {"x": 5}), False),
+    ("get", True, call_text("get", {"x": 5}), True),
+    ("get", True, call_text("put", {"y": "a"}), False),
+    ("get", True, call_text("get", {"x": 5}) + "\n" + call_text("get", {"x": 5}), False),  # a name: one call
+    ("auto", True, "No call needed.", True),
+    ("auto", True, "Let me look.\n\n" + call_text("get", {"x": 5}), True),
+    ("auto", True, "Let me look.\n\n" + call_text("get", {"x": "five"}), False),  # get is strict
+    ("auto", True, call_text("put", {"z": 1}), True),  # put is not: any object
+    ("auto", False, call_text("put", {"y": "a"}) + "\n" + call_text("get", {"x": 1}), False),
+])
+def test_tool_call_grammar_takes_exactly_the_valid_calls(backend, vocabulary, choice, parallel, text, expected):
+    grammar = tool_call_grammar([GET, PUT], choice=choice, parallel=parallel)
+    assert takes(backend, vocabulary, grammar, text) is expected
+
+
+def test_free_text_cannot_spell_a_call_tag_with_ordinary_tokens(backend, vocabulary):
+    grammar = tool_call_grammar([GET], choice="auto")
+    state = compile_constraint(vocabulary, grammar=grammar, thinking=False).state()
+    assert TOOL_CALL in allowed(state)  # the real token opens a call
+    for token in [backend.token_to_id(p) for p in ("<", "tool", "_call")]:
+        state.advance(token)
+    assert backend.token_to_id(">") not in allowed(state) and backend.token_to_id(">Ċ") not in allowed(state)
+    assert backend.token_to_id(">,") not in allowed(state) and backend.token_to_id("s") in allowed(state)
+
+
+def test_with_a_schema_auto_answers_json_or_calls(backend, vocabulary):
+    grammar = tool_call_grammar([GET], choice="auto", answer_schema={"type": "object", "required": ["a"],
+                                                                     "properties": {"a": {"type": "integer"}}})
+    assert takes(backend, vocabulary, grammar, '{"a": 3}')
+    assert takes(backend, vocabulary, grammar, call_text("get", {"x": 3}))
+    assert not takes(backend, vocabulary, grammar, "Hello")
+
+
+def test_reasoning_comes_before_forced_calls(backend, vocabulary):
+    grammar = tool_call_grammar([GET], choice="required")
+    assert takes(backend, vocabulary, grammar, "<think>\nwhich tool?\n</think>\n\n" + call_text("get", {"x": 2}),
+                 thinking=True)
+    assert TOOL_CALL in allowed(compile_constraint(vocabulary, grammar=grammar, thinking=False).state())
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"tools": []}, "tools: a tool-call grammar needs at least one tool, and none were given"),
+    ({"tools": [GET], "choice": "put"}, "tool_choice: no tool is named 'put'; the tools are 'get'"),
+    ({"tools": [{"type": "function", "function": {"description": "x"}}]},
+     ('tools[0]: a tool is {"type": "function", "function": {"name": ..., "parameters": {...}}}, and this one '
+      "has no name")),
+    ({"tools": [GET, {"function": {"name": "bad", "parameters": {"type": "foo"}}}]},
+     "tools[1] ('bad'): parameters: Invalid type: foo"),
+    ({"tools": [GET], "answer_schema": {"type": "object"}},
+     ("tool_choice: 'required' forces a tool call, which leaves no room for a JSON answer (response_format); "
+      "use 'auto'")),
+    ({"tools": [GET], "choice": "auto", "answer_schema": {"type": "foo"}}, "response_format: Invalid type: foo"),
+])
+def test_bad_tools_are_one_line_option_errors(kwargs, message):
+    with pytest.raises(OptionError) as e:
+        tool_call_grammar(**kwargs)
+    assert str(e.value) == message

@@ -6,14 +6,18 @@ silently dropped. Unknown parameter names never get here (protocol.py ignores th
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import OptionError
 from ..options import GenerationOptions
+from ..structured import tool_call_grammar
 from .protocol import (
     REASONING_EFFORT_BUDGETS,
     ChatCompletionRequest,
     CompletionRequest,
+    ResponseFormat,
     SamplingParameters,
 )
 
@@ -59,14 +63,7 @@ def check_model(body: SamplingParameters, settings: Settings) -> None:
 def chat_submission(body: ChatCompletionRequest, settings: Settings) -> Submission:
     check_model(body, settings)
     _check_common(body)
-    if body.response_format is not None and body.response_format.type != "text":
-        raise unsupported("response_format", f"{body.response_format.type!r} needs structured output, "
-                                             "not supported yet; leave it unset or 'text'")
     choice = body.tool_choice
-    if choice is not None and choice not in ("auto", "none"):
-        named = choice if isinstance(choice, str) else f"a named function ({choice.function.name!r})"
-        raise unsupported("tool_choice", f"{named} needs structured output (a grammar), not supported yet; "
-                                         "use 'auto' or 'none'")
     if body.top_logprobs is not None and not body.logprobs:
         raise ApiError(400, "top_logprobs: needs logprobs=true", param="top_logprobs")
     think = (body.chat_template_kwargs or {}).get("enable_thinking", True)
@@ -77,7 +74,39 @@ def chat_submission(body: ChatCompletionRequest, settings: Settings) -> Submissi
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     asked = body.max_completion_tokens or body.max_tokens
     options = generation_options(body, settings, asked, think=think, logprobs=logprobs)
+    options = dataclasses.replace(options, **constraint(body, tools))
     return Submission(chat_messages(body), options, tools=tools)
+
+
+def constraint(body: ChatCompletionRequest, tools: list[dict] | None) -> dict[str, Any]:
+    """What the answer must match, as GenerationOptions fields: a JSON schema (response_format), or a
+    tool-call grammar (tool_choice "required" or a name; "auto" with strict tools or a response_format)."""
+    schema = response_schema(body.response_format)
+    choice = body.tool_choice or "auto"
+    if not tools:
+        return {} if schema is None else {"json_schema": schema}
+    name = choice if isinstance(choice, str) else choice.function.name
+    if name == "auto" and schema is None and not any(t["function"].get("strict") for t in tools):
+        return {}  # free text and calls, parsed but not constrained
+    try:
+        grammar = tool_call_grammar(tools, choice=name, parallel=body.parallel_tool_calls, answer_schema=schema)
+    except OptionError as e:
+        message = str(e)
+        param = next((p for p in ("tool_choice", "response_format") if message.startswith(p)), "tools")
+        raise ApiError(400, message, param=param) from None
+    return {"grammar": grammar}
+
+
+def response_schema(fmt: ResponseFormat | None) -> dict[str, Any] | None:
+    """response_format as a JSON schema; None for text."""
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return {"type": "object"}
+    if fmt.json_schema is None:
+        raise ApiError(400, "response_format: type 'json_schema' needs json_schema: {\"name\": ..., \"schema\": {...}}",
+                       param="response_format")
+    return fmt.json_schema.schema_ if fmt.json_schema.schema_ is not None else {"type": "object"}
 
 
 def completion_submission(body: CompletionRequest, settings: Settings) -> Submission:

@@ -40,6 +40,8 @@ class FunctionDefinition(_Request):
     name: str = Field(min_length=1)
     description: str | None = None
     parameters: dict[str, Any] | None = None
+    strict: bool | None = Field(None, description="With tool_choice 'auto': a call of this tool is constrained "
+                                                  "to its parameters schema (calls are with 'required' or a name).")
 
 
 class Tool(_Request):
@@ -85,8 +87,19 @@ class ChatMessage(_Request):
     name: str | None = None
 
 
+class JsonSchemaFormat(_Request):
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, populate_by_name=True)
+
+    name: str = Field(min_length=1)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema", description="The JSON schema the answer is valid "
+                                                                           "against; unset: any JSON object.")
+    strict: bool | None = Field(None, description="Ignored: the answer always follows the schema.")
+
+
 class ResponseFormat(_Request):
-    type: str = "text"
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: JsonSchemaFormat | None = None
 
 
 class SamplingParameters(_Request):
