@@ -74,6 +74,8 @@ class BatchGenerator:
         before = [(row, row.draw) for row in self.rows]
         with generation_stream():
             logits = self.model.decode(mx.concatenate(inputs)[:, None], self.cache)  # (B, V)
+            if any(row.job.sampling.grammar is not None for row in self.rows):
+                mx.async_eval(logits)  # computing while the masks wait for their rows' tokens (see step())
             groups: dict[tuple, list[int]] = {}
             for i, (row, ids) in enumerate(zip(self.rows, inputs)):
                 del row.forced[:1]

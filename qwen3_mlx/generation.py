@@ -179,6 +179,10 @@ def step(model: Model, cache: list[KVCache], sampling: Sampling, ids: mx.array, 
     """The draw after ids (L,), which the cache takes in; queued, not waited for."""
     with generation_stream():
         logits = model.decode(ids[None], cache)  # (1, V)
+        if sampling.grammar is not None:
+            # The mask needs the token before on the host: start the model now, so that it computes
+            # while remember() waits for that token and the mask is filled.
+            mx.async_eval(logits)
         if remember:
             sampling.remember(ids)
         draw = sampling.draw(logits)
