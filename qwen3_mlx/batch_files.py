@@ -246,6 +246,9 @@ def _openai_request(n: int, obj: dict, base: GenerationOptions, system: str | No
     think = (body.get("chat_template_kwargs") or {}).get("enable_thinking")
     if think is not None:
         options["think"] = _option("think", think)
+    schema = _response_schema(body.get("response_format"))
+    if schema is not None:
+        options["json_schema"] = schema
     try:
         opts = base.replace(**options)
     except OptionError as e:
@@ -266,10 +269,22 @@ def _refuse_unsupported(body: dict) -> None:
         raise LineError("body.tools: tool calling is not run from a batch file; use the server")
     if body.get("tool_choice") not in (None, "none", "auto"):
         raise LineError("body.tool_choice: tool calling is not run from a batch file; use the server")
-    response_format = body.get("response_format")
-    if isinstance(response_format, dict) and response_format.get("type", "text") != "text":
-        raise LineError(f"body.response_format: {response_format.get('type')!r} is not supported here; "
-                        "leave it unset or 'text'")
+
+
+def _response_schema(response_format: Any) -> dict | None:
+    """OpenAI's response_format as a JSON schema (None: text), as the server reads it."""
+    if response_format is None:
+        return None
+    kind = response_format.get("type", "text") if isinstance(response_format, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "object"}
+    spec = response_format.get("json_schema") if kind == "json_schema" else None
+    if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+        raise LineError("body.response_format: give {\"type\": \"text\"}, {\"type\": \"json_object\"} or "
+                        "{\"type\": \"json_schema\", \"json_schema\": {\"name\": ..., \"schema\": {...}}}")
+    return spec.get("schema", {"type": "object"})
 
 
 # ---------------------------------------------------------------- writing

@@ -107,6 +107,22 @@ def test_an_openai_batch_file_gets_openai_batch_output(tiny_checkpoint, tiny, tm
                                    "completion_tokens_details": {"reasoning_tokens": 0}}
 
 
+def test_an_openai_batch_line_with_a_response_format_answers_valid_json(tiny_checkpoint, tiny, tmp_path):
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}},
+              "required": ["n"], "additionalProperties": False}
+    body = {"messages": [{"role": "user", "content": "A digit?"}], "seed": 1, "max_tokens": 300,
+            "chat_template_kwargs": {"enable_thinking": False},
+            "response_format": {"type": "json_schema", "json_schema": {"name": "digit", "schema": schema}}}
+    path = write(tmp_path / "batch.jsonl", *({"custom_id": f"r{i}", "body": {**body, "seed": i}} for i in range(3)))
+    result = run_file(tiny_checkpoint, path)
+    assert result.exit_code == 0, result.output
+    for line, i in zip(lines(result.stdout), range(3)):
+        message = line["response"]["body"]["choices"][0]["message"]["content"]
+        assert message == generate(*tiny, body["messages"], json_schema=schema, seed=i, think=False,
+                                   max_tokens=300, max_total_tokens=300).content
+        assert json.loads(message)["n"] in range(10)
+
+
 # ---------------------------------------------------------------- bad lines: one error, nothing run
 
 
@@ -128,6 +144,14 @@ def test_an_openai_batch_file_gets_openai_batch_output(tiny_checkpoint, tiny, tm
      "1: url='/v1/embeddings': only /v1/chat/completions requests are run here"),
     (['{"messages": [{"role": "user", "content": "a"}], "temp": -1}'], "1: temperature must be >= 0, got -1"),
     (['{"messages": [{"role": "user", "content": "a"}], "max_tokens": -1}'], "1: max_tokens must be >= 0, got -1"),
+    (['{"custom_id": "x", "body": {"messages": [{"role": "user", "content": "a"}]}}',
+      '{"custom_id": "y", "body": {"messages": [{"role": "user", "content": "a"}], "response_format": '
+      '{"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "foo"}}}}}'],
+     "2: json_schema: Invalid type: foo"),
+    (['{"custom_id": "x", "body": {"messages": [{"role": "user", "content": "a"}], "response_format": '
+      '{"type": "json_schema"}}}'],
+     ('1: body.response_format: give {"type": "text"}, {"type": "json_object"} or {"type": "json_schema", '
+      '"json_schema": {"name": ..., "schema": {...}}}')),
 ])
 def test_a_bad_line_is_one_error_naming_the_file_and_line(tiny_checkpoint, tmp_path, rows, message):
     path = write(tmp_path / "bad.jsonl", *rows)
