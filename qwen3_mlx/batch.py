@@ -128,9 +128,9 @@ def kv_bytes_per_token(model: Model) -> int:
 
 
 class Scheduler:
-    """Requests in, chunks out. Each `run_once()`: admit waiting requests that fit, compute one
-    chunk of a newcomer's prompt (the row joins the batch when its prompt is done), run one decode
-    step, read the draws of the step before.
+    """Requests in, chunks out. Each `run_once()`: admit waiting requests that fit and compute up to
+    `prefill_step_size` tokens of newcomers' prompts (a row joins the batch when its prompt is done;
+    several short prompts fit in one round), run one decode step, read the draws of the step before.
 
     Admission: at most `max_batch` rows, and a request is admitted only when the batch's worst case
     fits in `kv_memory` bytes: rows are left-padded to the longest, so the bound is rows x (the
@@ -179,9 +179,12 @@ class Scheduler:
 
     def run_once(self) -> None:
         self._drop_cancelled()
-        self._admit()
-        if self.prefilling is not None:
-            self._prefill_chunk()
+        budget = self.prefill_step_size
+        while budget > 0:
+            self._admit()
+            if self.prefilling is None:
+                break
+            budget -= self._prefill_chunk(budget)
         if self.gen.rows:
             self._read(self.gen.step())
 
@@ -212,15 +215,16 @@ class Scheduler:
         job.response.clock.restart()
         self.prefilling = _Prefill(ticket, cache, cached)
 
-    def _prefill_chunk(self) -> None:
-        """One chunk of the newcomer's prompt; with the last one, its first draw, and it joins the batch."""
+    def _prefill_chunk(self, most: int) -> int:
+        """At most `most` (>= 1) tokens of the newcomer's prompt; with the last one, its first draw, and it
+        joins the batch. Returns the tokens computed."""
         p = self.prefilling
         ids = p.ticket.job.prompt_ids
-        end = min(p.done + self.prefill_step_size, len(ids) - 1)
+        end = min(p.done + most, len(ids) - 1)
         if p.done < end:
             extend_cache(self.model, p.cache, ids[p.done : end], self.prefill_step_size)
-            p.done = end
-            return
+            computed, p.done = end - p.done, end
+            return computed
         job = p.ticket.job
         draw = step(self.model, p.cache, job.sampling, mx.array(ids[-1:], mx.int32), remember=False)
         if self.prefixes is not None:
@@ -230,6 +234,7 @@ class Scheduler:
         self.tickets[row] = p.ticket
         self.prefilling = None
         self._take_forced(row)  # a budget of 0 closes the block before the first draw
+        return 1
 
     # -- chunks out
 
