@@ -168,8 +168,12 @@ class Engine:
 
     def submit(self, prompt: str | Messages | Sequence[int], options: GenerationOptions | None = None, *,
                system: str | None = None, raw: bool = False, tools: list[dict] | None = None,
-               prefill_response: str | None = None, **kwargs: Any) -> Request:
+               prefill_response: str | None = None, loop: asyncio.AbstractEventLoop | None = None,
+               **kwargs: Any) -> Request:
         """Queue a request; takes the arguments of `generate`. Checked here, in the caller's thread.
+
+        `loop`: the event loop that reads the request (`async for`); by default the running loop of
+        the calling thread, if any (give it when submitting from a worker thread for a loop).
 
         Raises:
             OptionError, Qwen3Error: as `generate`; a request larger than the KV budget alone.
@@ -179,10 +183,11 @@ class Engine:
         job = prepare(self.model, self.tokenizer, prompt, GenerationOptions.of(options, **kwargs), system=system,
                       raw=raw, tools=tools, prefill_response=prefill_response)
         most = self._scheduler.check(job)
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            loop = None
+        if loop is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                pass
         request = Request(self, len(job.prompt_ids), loop)
         ticket = Ticket(job, request._sink, request._cancelled, most, request._fail)
         with self._lock:

@@ -164,16 +164,24 @@ def test_engine_streams_to_asyncio_tasks(tiny):
     single = [generate(model, tok, p, max_tokens=8, **GREEDY) for p in PROMPTS[:4]]
 
     async def main(engine):
-        async def one(prompt):
+        async def one(i, prompt):
+            if i % 2:  # submitted from a worker thread, for this loop (as the server does)
+                loop = asyncio.get_running_loop()
+                request = await asyncio.to_thread(engine.submit, prompt, max_tokens=8, loop=loop, **GREEDY)
+            else:
+                request = engine.submit(prompt, max_tokens=8, **GREEDY)
             text = []
-            async for chunk in engine.submit(prompt, max_tokens=8, **GREEDY):
+            async for chunk in request:
                 text.append(chunk.text)
             return "".join(text), chunk.stats.token_ids
 
-        return await asyncio.gather(*(one(p) for p in PROMPTS[:4]))
+        return await asyncio.gather(*(one(i, p) for i, p in enumerate(PROMPTS[:4])))
 
     with Engine(model, tok) as engine:
         results = asyncio.run(main(engine))
+        with pytest.raises(Qwen3Error) as e:  # a worker thread's request without the loop is for `for`
+            asyncio.run(anext(aiter(engine.submit(PROMPTS[0], max_tokens=1, **GREEDY))))
+        assert str(e.value) == "this request was not submitted from an event loop: read it with `for`"
     assert results == [(r.content, r.token_ids) for r in single]
 
 

@@ -14,7 +14,7 @@ import hmac
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,8 +83,7 @@ def _routes() -> Any:
     @router.post("/v1/chat/completions", response_model=p.ChatCompletion, responses=_ERROR_DOCS)
     async def chat_completions(body: p.ChatCompletionRequest, request: Request) -> Response:
         settings = request.app.state.settings
-        submission = chat_submission(body, settings)
-        handle = _submit(request.app.state.engine, submission)
+        handle = await _submit(request.app.state.engine, chat_submission, body, settings)
         chunks = _chunks(handle, request)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -97,7 +96,7 @@ def _routes() -> Any:
     @router.post("/v1/completions", response_model=p.Completion, responses=_ERROR_DOCS)
     async def completions(body: p.CompletionRequest, request: Request) -> Response:
         settings = request.app.state.settings
-        handle = _submit(request.app.state.engine, completion_submission(body, settings))
+        handle = await _submit(request.app.state.engine, completion_submission, body, settings)
         chunks = _chunks(handle, request)
         tokenizer = request.app.state.engine.tokenizer
         if body.stream:
@@ -128,9 +127,18 @@ def _model_card(request: Request) -> p.ModelCard:
     return p.ModelCard(id=request.app.state.settings.model_id, created=request.app.state.created)
 
 
-def _submit(engine: Any, s: Submission) -> Any:
-    """engine.submit, from the event loop (the request then streams to it)."""
-    return engine.submit(s.prompt, s.options, raw=s.raw, tools=s.tools)
+async def _submit(engine: Any, submission: Callable[[Any, Settings], Submission], body: Any,
+                  settings: Settings) -> Any:
+    """The request made into a submission and given to the engine in a worker thread: rendering the
+    template, tokenizing and compiling a grammar (the first one builds the tokenizer's grammar
+    vocabulary, about a second) would otherwise hold up every other stream. It streams to this loop."""
+    loop = asyncio.get_running_loop()
+
+    def submit() -> Any:
+        s = submission(body, settings)
+        return engine.submit(s.prompt, s.options, raw=s.raw, tools=s.tools, loop=loop)
+
+    return await asyncio.to_thread(submit)
 
 
 async def _chunks(handle: Any, request: Request) -> AsyncIterator[Chunk]:

@@ -40,8 +40,8 @@ class FunctionDefinition(_Request):
     name: str = Field(min_length=1)
     description: str | None = None
     parameters: dict[str, Any] | None = None
-    strict: bool | None = Field(None, description="With tool_choice 'auto': a call of this tool is constrained "
-                                                  "to its parameters schema (calls are with 'required' or a name).")
+    strict: bool | None = Field(None, description="With tool_choice 'auto', calls of this tool are constrained to "
+                                                  "its parameters schema (with 'required' or a name, every call is).")
 
 
 class Tool(_Request):
