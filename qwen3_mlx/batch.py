@@ -42,9 +42,10 @@ class Row:
     """One request's place in a batch."""
 
     job: Job
-    draw: Draw  # its latest draw, not read yet
+    draw: Draw  # its latest draw
     forced: list[int] = field(default_factory=list)  # ids to feed, one a step, in place of draws
     discard: int = 0  # how many of its coming draws come before its forced ids were taken in: not read
+    read: bool = False  # its latest draw was read already (a newcomer's first, read as it joined)
 
 
 class BatchGenerator:
@@ -234,6 +235,15 @@ class Scheduler:
         self.tickets[row] = p.ticket
         self.prefilling = None
         self._take_forced(row)  # a budget of 0 closes the block before the first draw
+        if not row.forced:
+            # Its first token goes out now, not after the next decode step (other newcomers may be
+            # prefilled first in this round): the time to first token is its own prefill's.
+            row.read = True
+            token = self._read_draw(row, draw)
+            if row.forced:  # text forced after it: the token goes to the model first
+                row.forced.insert(0, token)
+            elif not job.response.may_draw():
+                self._leave(row, "")
         return 1
 
     # -- chunks out
@@ -241,19 +251,27 @@ class Scheduler:
     def _read(self, draws: list[tuple[Row, Draw]]) -> None:
         done: set[Row] = set()
         for row, draw in draws:
+            if row.read:
+                row.read = False
+                continue
             if row.discard:
                 row.discard -= 1
                 continue
-            response, ticket = row.job.response, self.tickets[row]
-            token, logprob = draw.read()
-            response.clock.drawn()
-            for chunk in response.read(token, logprob=logprob):
-                ticket.sink(chunk, False)
-            self._take_forced(row)
-            if not row.forced and not response.may_draw():
+            self._read_draw(row, draw)
+            if not row.forced and not row.job.response.may_draw():
                 done.add(row)
         for row in done:
             self._leave(row, "")
+
+    def _read_draw(self, row: Row, draw: Draw) -> int:
+        """A row's draw into its response, and what the response forces after it; the token."""
+        response, ticket = row.job.response, self.tickets[row]
+        token, logprob = draw.read()
+        response.clock.drawn()
+        for chunk in response.read(token, logprob=logprob):
+            ticket.sink(chunk, False)
+        self._take_forced(row)
+        return token
 
     def _take_forced(self, row: Row) -> None:
         """Ids the response forces in: it reads them now; they go to the model one a step from the

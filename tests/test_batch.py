@@ -93,16 +93,25 @@ def test_a_stop_string_ends_its_row_only(tiny):
 @pytest.mark.filterwarnings("ignore:greedy decoding")
 def test_rows_with_a_thinking_budget_are_cut_as_alone_while_the_others_sample(tiny):
     model, tok = tiny
-    budgets = [None, 0, 5, 12, 3]
+    budgets = [None, 0, 5, 12, 3, 1]  # 1: the cut follows a newcomer's first token, read as it joins
     options = [GenerationOptions(temp=0, thinking_budget=b, max_tokens=8) for b in budgets]
     prompts = PROMPTS[: len(budgets)]
     kwargs = dict(prefill_response="<think>\n")  # the reasoning is open: the random model need not open it
     single = [generate(model, tok, p, o, **kwargs) for p, o in zip(prompts, options)]
     batched = batch_generate(model, tok, prompts, options, **kwargs)
     assert [r.token_ids for r in batched] == [r.token_ids for r in single]
-    assert [r.stats.budget_exhausted for r in batched] == [False, True, True, True, True]
-    assert [r.stats.forced_tokens > 0 for r in batched] == [False, True, True, True, True]
+    assert [r.stats.budget_exhausted for r in batched] == [False, True, True, True, True, True]
+    assert [r.stats.forced_tokens > 0 for r in batched] == [False, True, True, True, True, True]
     assert [r.reasoning for r in batched] == [r.reasoning for r in single]
+
+
+def test_rows_that_end_at_their_first_token_leave_as_they_join(tiny):
+    model, tok = tiny
+    options = [GenerationOptions(max_tokens=1 if i % 2 else 6, **GREEDY) for i in range(6)]
+    single = alone(model, tok, PROMPTS[:6], options)
+    batched = batch_generate(model, tok, PROMPTS[:6], options, max_batch=2)
+    assert [r.token_ids for r in batched] == [r.token_ids for r in single]
+    assert [len(r.token_ids) for r in batched[1::2]] == [1, 1, 1]
 
 
 def test_a_seeded_row_draws_the_same_text_alone_and_among_seven_others(tiny):
