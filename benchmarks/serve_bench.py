@@ -259,6 +259,11 @@ def cmd_clients(a: argparse.Namespace) -> None:
         met = o["tok_s"] >= 1.2 * m["tok_s"] and o["ttft_p95"] < m["ttft_p95"]
         lines += ["", (f"goal at 8 clients (>= 1.2x aggregate tok/s, lower p95 TTFT): {o['tok_s'] / m['tok_s']:.2f}x, "
                        f"p95 {o['ttft_p95']:.3f} vs {m['ttft_p95']:.3f} s: {'met' if met else 'NOT met'}")]
+    report(a, med, runs, lines)
+
+
+def report(a: argparse.Namespace, med: dict, runs: dict, lines: list[str]) -> None:
+    """The table on stdout; with --out, it and every figure as JSON."""
     print("\n".join(lines))
     if a.out:
         a.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(a).items() if k != "func"},
@@ -315,11 +320,7 @@ def cmd_turns(a: argparse.Namespace) -> None:
                      f"{m['turn3_cached']} / {m['fresh_cached']} |")
     lines += ["", (f"goal (ours' turn 3 >= 5x faster than a fresh request of its length): "
                    f"{med['ours']['speedup']:.1f}x: {'met' if med['ours']['speedup'] >= 5 else 'NOT met'}")]
-    print("\n".join(lines))
-    if a.out:
-        a.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(a).items() if k != "func"},
-                                     "shape": shape(a.checkpoint), "versions": versions(), "medians": med,
-                                     "runs": runs, "table": "\n".join(lines)}, indent=1))
+    report(a, med, runs, lines)
 
 
 def main() -> None:
