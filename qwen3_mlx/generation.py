@@ -104,7 +104,8 @@ class Sampling:
         self.sampler, self.processor, self.seed = sampler, processor, seed
         self.logprobs, self.vocab_limit = logprobs, vocab_limit
         # Structured output: the mask needs the tokens so far on the host, so a constrained request
-        # reads each token before the next step is built (no step ahead; see benchmarks for its cost).
+        # reads each token before its next draw is built; step() starts the model's step first, so the
+        # mask is filled while it computes (benchmarks/structured_bench.py measures what is left).
         self.grammar = grammar
         self.params = params  # what sampler and processor were made from, if known
         self.key: mx.array | None = None
