@@ -28,6 +28,7 @@ from .errors import OptionError, Qwen3Error
 from .options import GenerationOptions
 from .prompt import Messages
 from .response import GenerationResult
+from .structured import response_format_schema
 from .tokenizer import checked_messages
 
 FORMATS = ("text", "chat", "openai")
@@ -246,7 +247,10 @@ def _openai_request(n: int, obj: dict, base: GenerationOptions, system: str | No
     think = (body.get("chat_template_kwargs") or {}).get("enable_thinking")
     if think is not None:
         options["think"] = _option("think", think)
-    schema = _response_schema(body.get("response_format"))
+    try:
+        schema = response_format_schema(body.get("response_format"))
+    except OptionError as e:
+        raise LineError(f"body.{e}") from None
     if schema is not None:
         options["json_schema"] = schema
     try:
@@ -269,22 +273,6 @@ def _refuse_unsupported(body: dict) -> None:
         raise LineError("body.tools: tool calling is not run from a batch file; use the server")
     if body.get("tool_choice") not in (None, "none", "auto"):
         raise LineError("body.tool_choice: tool calling is not run from a batch file; use the server")
-
-
-def _response_schema(response_format: Any) -> dict | None:
-    """OpenAI's response_format as a JSON schema (None: text), as the server reads it."""
-    if response_format is None:
-        return None
-    kind = response_format.get("type", "text") if isinstance(response_format, dict) else None
-    if kind == "text":
-        return None
-    if kind == "json_object":
-        return {"type": "object"}
-    spec = response_format.get("json_schema") if kind == "json_schema" else None
-    if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
-        raise LineError("body.response_format: give {\"type\": \"text\"}, {\"type\": \"json_object\"} or "
-                        "{\"type\": \"json_schema\", \"json_schema\": {\"name\": ..., \"schema\": {...}}}")
-    return spec.get("schema", {"type": "object"})
 
 
 # ---------------------------------------------------------------- writing

@@ -87,29 +87,28 @@ def parse_template_config(ctx: click.Context, param: click.Parameter, value: str
     return config
 
 
-def read_json_schema(ctx: click.Context, param: click.Parameter, value: Path | None) -> dict | None:
-    """--json-schema FILE: the file's JSON object (what it means is checked by llguidance, later)."""
-    if value is None:
-        return None
-    try:
-        schema = json.loads(value.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as e:
-        raise click.BadParameter(f"{value}: {e.strerror if isinstance(e, OSError) else e}") from None
-    except json.JSONDecodeError as e:
-        raise click.BadParameter(f"{value}: not JSON: {e}") from None
-    if not isinstance(schema, dict):
-        raise click.BadParameter(f"{value}: a JSON schema is an object ({{...}}), got {type(schema).__name__}")
-    return schema
-
-
-def read_grammar(ctx: click.Context, param: click.Parameter, value: Path | None) -> str | None:
-    """--grammar FILE: the file's text, a Lark or GBNF grammar."""
+def read_text_file(ctx: click.Context, param: click.Parameter, value: Path | None) -> str | None:
+    """A FILE option's text (--grammar: a Lark or GBNF grammar)."""
     if value is None:
         return None
     try:
         return value.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise click.BadParameter(f"{value}: {e.strerror if isinstance(e, OSError) else e}") from None
+
+
+def read_json_schema(ctx: click.Context, param: click.Parameter, value: Path | None) -> dict | None:
+    """--json-schema FILE: the file's JSON object (what it means is checked by llguidance, later)."""
+    text = read_text_file(ctx, param, value)
+    if text is None:
+        return None
+    try:
+        schema = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise click.BadParameter(f"{value}: not JSON: {e}") from None
+    if not isinstance(schema, dict):
+        raise click.BadParameter(f"{value}: a JSON schema is an object ({{...}}), got {type(schema).__name__}")
+    return schema
 
 
 DEFAULTS = GenerationOptions()  # the defaults shown in --help are the library's
@@ -145,7 +144,7 @@ GENERATION_OPTIONS = [
                  help="The answer is JSON valid against the schema in FILE (after any reasoning)."),
     click.option("--regex", metavar="TEXT", help="The answer matches this regular expression (Rust syntax)."),
     click.option("--grammar", type=click.Path(exists=True, dir_okay=False, path_type=Path), metavar="FILE",
-                 callback=read_grammar,
+                 callback=read_text_file,
                  help="The answer matches the grammar in FILE: Lark (rule start) or llama.cpp's GBNF (rule root)."),
     click.option("--max-kv-size", type=click.IntRange(min=1), metavar="N",
                  help="A rotating cache of N tokens that keeps the system prompt; memory stays bounded."),

@@ -212,6 +212,26 @@ def _first_line(message: str) -> str:
     return first
 
 
+def response_format_schema(response_format: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
+    """OpenAI's `response_format` as the JSON schema the answer must match; None for text.
+    {"type": "json_object"} is any object; {"type": "json_schema", "json_schema": {"name", "schema"}}
+    its schema (any object when it has none).
+
+    Raises:
+        OptionError: not one of the three forms (the schema itself is checked when compiled).
+    """
+    kind = response_format.get("type", "text") if isinstance(response_format, Mapping) else None
+    if response_format is None or kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "object"}
+    spec = response_format.get("json_schema") if kind == "json_schema" else None
+    if not isinstance(spec, Mapping) or not isinstance(spec.get("schema", {}), Mapping):
+        raise OptionError('response_format: give {"type": "text"}, {"type": "json_object"} or '
+                          '{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}')
+    return spec.get("schema", {"type": "object"})
+
+
 # ---------------------------------------------------------------- tool calls
 
 # Free text in which the model may not spell <tool_call> with ordinary tokens: a call starts only with the

@@ -170,7 +170,8 @@ REFUSALS = [
     ({**MESSAGES, "frequency_penalty": 0.5},
      "frequency_penalty: not implemented; use presence_penalty or repetition_penalty"),
     ({**MESSAGES, "response_format": {"type": "json_schema"}},
-     "response_format: type 'json_schema' needs json_schema: {\"name\": ..., \"schema\": {...}}"),
+     ('response_format: give {"type": "text"}, {"type": "json_object"} or {"type": "json_schema", "json_schema": '
+      '{"name": ..., "schema": {...}}}')),
     ({**MESSAGES, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "foo"}}}},
      "json_schema: Invalid type: foo"),
     ({**MESSAGES, "response_format": {"type": "yaml"}}, "response_format.type: Input should be 'text', 'json_object'"),

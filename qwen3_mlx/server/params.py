@@ -12,12 +12,11 @@ from typing import Any
 
 from ..errors import OptionError
 from ..options import GenerationOptions
-from ..structured import tool_call_grammar
+from ..structured import response_format_schema, tool_call_grammar
 from .protocol import (
     REASONING_EFFORT_BUDGETS,
     ChatCompletionRequest,
     CompletionRequest,
-    ResponseFormat,
     SamplingParameters,
 )
 
@@ -81,7 +80,11 @@ def chat_submission(body: ChatCompletionRequest, settings: Settings) -> Submissi
 def constraint(body: ChatCompletionRequest, tools: list[dict] | None) -> dict[str, Any]:
     """What the answer must match, as GenerationOptions fields: a JSON schema (response_format), or a
     tool-call grammar (tool_choice "required" or a name; "auto" with strict tools or a response_format)."""
-    schema = response_schema(body.response_format)
+    fmt = body.response_format
+    try:
+        schema = response_format_schema(None if fmt is None else fmt.model_dump(by_alias=True, exclude_none=True))
+    except OptionError as e:
+        raise ApiError(400, str(e), param="response_format") from None
     choice = body.tool_choice or "auto"
     if not tools:
         return {} if schema is None else {"json_schema": schema}
@@ -95,18 +98,6 @@ def constraint(body: ChatCompletionRequest, tools: list[dict] | None) -> dict[st
         param = next((p for p in ("tool_choice", "response_format") if message.startswith(p)), "tools")
         raise ApiError(400, message, param=param) from None
     return {"grammar": grammar}
-
-
-def response_schema(fmt: ResponseFormat | None) -> dict[str, Any] | None:
-    """response_format as a JSON schema; None for text."""
-    if fmt is None or fmt.type == "text":
-        return None
-    if fmt.type == "json_object":
-        return {"type": "object"}
-    if fmt.json_schema is None:
-        raise ApiError(400, "response_format: type 'json_schema' needs json_schema: {\"name\": ..., \"schema\": {...}}",
-                       param="response_format")
-    return fmt.json_schema.schema_ if fmt.json_schema.schema_ is not None else {"type": "object"}
 
 
 def completion_submission(body: CompletionRequest, settings: Settings) -> Submission:
