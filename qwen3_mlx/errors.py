@@ -12,3 +12,11 @@ class ConfigError(Qwen3Error, ValueError):
 class OptionError(Qwen3Error, ValueError):
     """A value the caller gave (an option, a dtype, a message) is invalid; the CLI reports it as a usage error
     (exit 2)."""
+
+
+class ContextLengthError(Qwen3Error):
+    """The prompt (or the prompt and the least response asked for) does not fit in the model's context."""
+
+
+class MemoryLimitError(Qwen3Error):
+    """A request that could never fit in the memory it may use (the KV budget), even alone."""
