@@ -237,7 +237,7 @@ def cmd_ttft(a: argparse.Namespace) -> None:
     short = prompts_of(rng, vocab, a.running, 32)
     trials: dict[str, list] = {"alone": [], "loaded": []}
     with Engine(model, tokenizer, max_batch=a.running + 1, prompt_cache_bytes=0,
-                prefill_step_size=a.prefill_step_size) as engine:
+                prefill_budget=a.prefill_step_size) as engine:
         ttft_loaded(engine, prompts_of(rng, vocab, 1, a.prompt_tokens)[0], short, bias)  # warm-up
         first_chunk(engine, prompts_of(rng, vocab, 1, a.prompt_tokens)[0], bias)
         for t in range(a.trials):

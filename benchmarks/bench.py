@@ -266,8 +266,9 @@ def run_ours(path: Path, prompt: list[int], n: int, split_min_cost: int | None =
 
     from qwen3_mlx import load
     from qwen3_mlx.fast import speed_up
-    from qwen3_mlx.generation import Sampling, TokenGenerator
+    from qwen3_mlx.generation import TokenGenerator
     from qwen3_mlx.loader import load_model
+    from qwen3_mlx.request import DrawState
     from qwen3_mlx.sampling import SamplingParams, make_logits_processor, make_sampler
     from qwen3_mlx.tokenizer import Tokenizer
 
@@ -283,8 +284,8 @@ def run_ours(path: Path, prompt: list[int], n: int, split_min_cost: int | None =
     vocab = model.args.vocab_size
     params = SamplingParams(temperature=0.0, top_p=1.0, top_k=0, min_p=0.0,
                             logit_bias={t: float("-inf") for t in EOS_IDS if t < vocab})
-    sampling = Sampling(make_sampler(params, tokenizer.vocab_size), make_logits_processor(params, vocab))
-    gen = TokenGenerator(model, model.make_cache(), sampling)
+    draws = DrawState(make_sampler(params, tokenizer.vocab_size), make_logits_processor(params, vocab))
+    gen = TokenGenerator(model, model.make_cache(), draws)
     t0 = time.perf_counter()
     gen.prefill(prompt)
     tokens = [gen.next_token()[0]]

@@ -70,14 +70,13 @@ def main() -> None:
     import mlx.core as mx
 
     from qwen3_mlx import GenerationOptions, generate, load
-    from qwen3_mlx.structured import GrammarVocabulary, compile_constraint
+    from qwen3_mlx.structured import compile_constraint, grammar_vocabulary
 
     model, tokenizer = load(a.checkpoint)
     vocab = model.args.vocab_size
     t = time.perf_counter()
-    vocabulary = GrammarVocabulary(tokenizer.backend, vocab, tokenizer.eos_token_ids)
+    vocabulary = grammar_vocabulary(tokenizer, vocab)  # what the first constrained request builds
     build = time.perf_counter() - t
-    tokenizer.grammar_vocabularies[vocab] = vocabulary  # what the first constrained request would build
 
     compile_ms = {}
     for name, schema in SCHEMAS.items():

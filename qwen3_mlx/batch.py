@@ -2,12 +2,13 @@
 
 - BatchGenerator: token ids for many rows. A decode step runs every row's next token through the
   model as one batch (B, 1) over a BatchKVCache; each row draws from its own logits with its own
-  Sampling (processors over its own tokens, its own key), so its tokens never depend on its
+  DrawState (processors over its own tokens, its own key), so its tokens never depend on its
   neighbours. The thinking budget's forced text goes into its row one token a step, while the other
   rows keep sampling.
 - Scheduler: requests in, chunks out, between decode steps: admission (a row limit and a KV-memory
-  budget, first come first served), a newcomer's prompt computed alone in chunks interleaved with
-  decode steps (then merged into the batch), prefix reuse across requests, cancellation.
+  budget, first come first served), newcomers' prompts computed alone, at most `prefill_budget`
+  tokens between two decode steps (then merged into the batch), prefix reuse across requests,
+  cancellation.
   `batch_generate` runs one in the caller's thread; engine.Engine runs one in a thread of its own.
 """
 
@@ -22,12 +23,13 @@ import mlx.core as mx
 
 from .cache import BatchKVCache, KVCache
 from .device import generation_stream
-from .errors import OptionError, Qwen3Error
-from .generation import Draw, Job, collect, extend_cache, prepare, step
+from .errors import MemoryLimitError, OptionError
+from .files import human_size
 from .model import Model
-from .options import GenerationOptions
-from .prompt import Messages
+from .options import DEFAULT_MAX_BATCH, DEFAULT_PREFILL_BUDGET, GenerationOptions
+from .prompt import Messages, Prompt
 from .prompt_cache import PrefixStore
+from .request import Draw, Job, collect, extend_cache, prepare, step
 from .response import Chunk, GenerationResult
 from .tokenizer import Tokenizer
 
@@ -75,15 +77,15 @@ class BatchGenerator:
         before = [(row, row.draw) for row in self.rows]
         with generation_stream():
             logits = self.model.decode(mx.concatenate(inputs)[:, None], self.cache)  # (B, V)
-            if any(row.job.sampling.grammar is not None for row in self.rows):
+            if any(row.job.draws.grammar is not None for row in self.rows):
                 mx.async_eval(logits)  # computing while the masks wait for their rows' tokens (see step())
             groups: dict[tuple, list[int]] = {}
             for i, (row, ids) in enumerate(zip(self.rows, inputs)):
                 del row.forced[:1]
-                row.job.sampling.remember(ids)
-                key = row.job.sampling.shared_key()
+                row.job.draws.remember(ids)
+                key = row.job.draws.shared_key()
                 if key is None:
-                    row.draw = row.job.sampling.draw(logits[i : i + 1])
+                    row.draw = row.job.draws.draw(logits[i : i + 1])
                 else:
                     groups.setdefault(key, []).append(i)
             for rows in groups.values():
@@ -92,13 +94,13 @@ class BatchGenerator:
         return before
 
     def _draw_together(self, logits: mx.array, rows: list[int]) -> None:
-        """One draw for rows whose Samplings share a key (Sampling.shared_key): the same function of
+        """One draw for rows whose DrawStates share a key (DrawState.shared_key): the same function of
         each row's logits, made once for all of them."""
-        sampling = self.rows[rows[0]].job.sampling
+        draws = self.rows[rows[0]].job.draws
         part = logits if len(rows) == len(self.rows) else logits[mx.array(rows)]
-        if sampling.processor is not None:
-            part = sampling.processor(part, mx.zeros((0,), mx.int32))  # no penalties: the bias alone
-        tokens = sampling.sampler(part, None)  # (G,)
+        if draws.processor is not None:
+            part = draws.processor(part, mx.zeros((0,), mx.int32))  # no penalties: the bias alone
+        tokens = draws.sampler(part, None)  # (G,)
         for j, i in enumerate(rows):
             self.rows[i].draw = Draw(tokens[j : j + 1])
 
@@ -121,16 +123,9 @@ class Ticket:
     fail: Callable[[BaseException], None] | None = None  # told when the loop fails
 
 
-def kv_bytes_per_token(model: Model) -> int:
-    """Bytes of keys and values one token takes in every layer's cache."""
-    args = model.args
-    dtype = model.model.norm.weight.dtype  # the activations' dtype, quantized or not
-    return 2 * args.num_hidden_layers * args.num_key_value_heads * args.head_dim * dtype.size
-
-
 class Scheduler:
     """Requests in, chunks out. Each `run_once()`: admit waiting requests that fit and compute up to
-    `prefill_step_size` tokens of newcomers' prompts (a row joins the batch when its prompt is done;
+    `prefill_budget` tokens of newcomers' prompts (a row joins the batch when its prompt is done;
     several short prompts fit in one round), run one decode step, read the draws of the step before.
 
     Admission: at most `max_batch` rows, and a request is admitted only when the batch's worst case
@@ -139,14 +134,17 @@ class Scheduler:
     could never fit is refused at submit.
     """
 
-    def __init__(self, model: Model, tokenizer: Tokenizer, *, max_batch: int = 8, kv_memory: int | None = None,
-                 prefix_store: PrefixStore | None = None, prefill_step_size: int = 256) -> None:
+    def __init__(self, model: Model, tokenizer: Tokenizer, *, max_batch: int = DEFAULT_MAX_BATCH,
+                 kv_memory: int | None = None, prefix_store: PrefixStore | None = None,
+                 prefill_budget: int = DEFAULT_PREFILL_BUDGET) -> None:
         if max_batch < 1:
             raise OptionError(f"max_batch must be >= 1, got {max_batch}")
+        if prefill_budget < 1:
+            raise OptionError(f"prefill_budget must be >= 1, got {prefill_budget}")
         self.model, self.tokenizer = model, tokenizer
-        self.max_batch, self.kv_memory, self.prefill_step_size = max_batch, kv_memory, prefill_step_size
+        self.max_batch, self.kv_memory, self.prefill_budget = max_batch, kv_memory, prefill_budget
         self.prefixes = prefix_store
-        self.per_token = kv_bytes_per_token(model)
+        self.per_token = model.kv_bytes_per_token()
         self.gen = BatchGenerator(model)
         self.waiting: deque[Ticket] = deque()
         self.prefilling: _Prefill | None = None
@@ -163,13 +161,15 @@ class Scheduler:
         most = job.most_tokens()
         need = self._bytes(1, most)
         if self.kv_memory is not None and need > self.kv_memory:
-            raise Qwen3Error(
-                f"the request needs up to {most} tokens of KV cache ({_size(need)}) but the KV budget is "
-                f"{_size(self.kv_memory)}; lower max_tokens (or the thinking budget), or raise the KV budget")
+            raise MemoryLimitError(
+                f"the request needs up to {most} tokens of KV cache ({human_size(need)}) but the KV budget is "
+                f"{human_size(self.kv_memory)}; lower max_tokens (or the thinking budget), or raise kv_memory")
         return most
 
-    def submit(self, ticket: Ticket) -> None:
-        ticket.most_tokens = self.check(ticket.job)
+    def submit(self, ticket: Ticket, checked: bool = False) -> None:
+        """Queue a request (`checked`: check() has given its most_tokens already)."""
+        if not checked:
+            ticket.most_tokens = self.check(ticket.job)
         self.waiting.append(ticket)
 
     @property
@@ -180,7 +180,7 @@ class Scheduler:
 
     def run_once(self) -> None:
         self._drop_cancelled()
-        budget = self.prefill_step_size
+        budget = self.prefill_budget
         while budget > 0:
             self._admit()
             if self.prefilling is None:
@@ -223,11 +223,11 @@ class Scheduler:
         ids = p.ticket.job.prompt_ids
         end = min(p.done + most, len(ids) - 1)
         if p.done < end:
-            extend_cache(self.model, p.cache, ids[p.done : end], self.prefill_step_size)
+            extend_cache(self.model, p.cache, ids[p.done : end], p.ticket.job.options.prefill_step_size)
             computed, p.done = end - p.done, end
             return computed
         job = p.ticket.job
-        draw = step(self.model, p.cache, job.sampling, mx.array(ids[-1:], mx.int32), remember=False)
+        draw = step(self.model, p.cache, job.draws, mx.array(ids[-1:], mx.int32), remember=False)
         if self.prefixes is not None:
             self.prefixes.store(ids, p.cache)
         row = Row(job, draw)
@@ -253,12 +253,13 @@ class Scheduler:
         for row, draw in draws:
             if row.read:
                 row.read = False
-                continue
-            if row.discard:
-                row.discard -= 1
-                continue
-            self._read_draw(row, draw)
-            if not row.forced and not row.job.response.may_draw():
+            elif row.discard:
+                row.discard -= 1  # a draw made before the forced ids were all in
+            else:
+                self._read_draw(row, draw)
+            # With the last forced id in, the limits are asked before its draw is read, as the
+            # single-stream loop asks them after feeding: forced text that reaches a cap ends the row.
+            if not row.forced and not row.discard and not row.job.response.may_draw():
                 done.add(row)
         for row in done:
             self._leave(row, "")
@@ -335,10 +336,6 @@ class Scheduler:
         return tickets
 
 
-def _size(n: int) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
-
-
 @dataclass
 class _Prefill:
     ticket: Ticket
@@ -352,12 +349,12 @@ class _Prefill:
 def batch_generate(
     model: Model,
     tokenizer: Tokenizer,
-    prompts: Sequence[str | Messages | Sequence[int]],
+    prompts: Sequence[Prompt | str | Messages | Sequence[int]],
     options: GenerationOptions | Sequence[GenerationOptions] | None = None,
     *,
-    max_batch: int = 8,
+    max_batch: int = DEFAULT_MAX_BATCH,
     kv_memory: int | None = None,
-    prefill_step_size: int = 256,
+    prefill_budget: int = DEFAULT_PREFILL_BUDGET,
     system: str | None = None,
     raw: bool = False,
     tools: list[dict] | None = None,
@@ -367,15 +364,18 @@ def batch_generate(
 ) -> list[GenerationResult]:
     """Generate a response to each prompt, decoding them together; each row's tokens are those the
     same request gives through `generate` (seeds, penalties, stop strings, limits and the thinking
-    budget are per row).
+    budget are per row). Token for token on the CPU in float32; on a GPU, batched matrix products
+    may differ from one row's in the last bits, so rows agree wherever the top two tokens are not
+    within those bits of each other.
 
     Args:
-        prompts: user messages, lists of chat messages, or token ids, as `generate` takes them.
+        prompts: Prompts, or their contents (user messages, lists of chat messages, or token ids).
         options: GenerationOptions for all prompts, or a list with one per prompt.
         max_batch: the most rows decoded at once; the others wait their turn.
         kv_memory: bytes the batch's KV cache may take (None: no limit).
-        prefill_step_size: prompt tokens computed between two decode steps.
-        system, raw, tools, prefill_response: as in `generate`, for every prompt.
+        prefill_budget: prompt tokens computed between two decode steps (each prompt in chunks of
+            its options' prefill_step_size).
+        system, raw, tools, prefill_response: Prompt parts for every prompt given as its content.
         progress: called with (responses done, total) as each one ends.
         **kwargs: GenerationOptions fields, overriding those of `options` for every prompt.
 
@@ -383,15 +383,14 @@ def batch_generate(
         one GenerationResult per prompt, in order.
 
     Raises:
-        OptionError, Qwen3Error: as `generate`; also a request larger than `kv_memory` alone, or a
-        rotating cache (max_kv_size), which a batch does not do.
+        OptionError, Qwen3Error: as `generate`; MemoryLimitError: a request larger than `kv_memory`
+        alone; OptionError: a rotating cache (max_kv_size), which a batch does not do.
     """
     if options is None or isinstance(options, GenerationOptions):
         options = [options] * len(prompts)
     if len(options) != len(prompts):
         raise OptionError(f"options: {len(options)} given for {len(prompts)} prompts; give one, or one per prompt")
-    scheduler = Scheduler(model, tokenizer, max_batch=max_batch, kv_memory=kv_memory,
-                          prefill_step_size=prefill_step_size)
+    scheduler = Scheduler(model, tokenizer, max_batch=max_batch, kv_memory=kv_memory, prefill_budget=prefill_budget)
     chunks: list[list[Chunk]] = [[] for _ in prompts]
     ended = [0]
 
@@ -404,8 +403,9 @@ def batch_generate(
                     progress(ended[0], len(prompts))
         return sink
 
-    jobs = [prepare(model, tokenizer, prompt, GenerationOptions.of(opts, **kwargs), system=system, raw=raw,
-                    tools=tools, prefill_response=prefill_response) for prompt, opts in zip(prompts, options)]
+    parts = {"system": system, "raw": raw, "tools": tools, "prefill_response": prefill_response}
+    jobs = [prepare(model, tokenizer, Prompt.of(prompt, **parts), GenerationOptions.of(opts, **kwargs))
+            for prompt, opts in zip(prompts, options)]
     for i, job in enumerate(jobs):
         scheduler.submit(Ticket(job, sink_of(i)))
     while scheduler.busy:

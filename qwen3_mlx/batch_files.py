@@ -3,7 +3,7 @@ written as JSON lines.
 
 - text: every non-empty line is a prompt (the user message).
 - chat: JSON lines {"messages": [...], "custom_id"?: "...", <option>: value, ...}, where an option is a
-  GenerationOptions field (max_kv_size and prefill_step_size apart, which belong to the whole run).
+  GenerationOptions field (LINE_OPTIONS: every field but the RUN_OPTIONS, which belong to the run).
 - openai: OpenAI's Batch API input, which vLLM's run_batch reads: {"custom_id": "...", "method":
   "POST", "url": "/v1/chat/completions", "body": {"messages": [...], "max_tokens": ..., ...}}.
 
@@ -16,23 +16,22 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import time
-import uuid
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from .errors import OptionError, Qwen3Error
+from .files import written_atomically
 from .options import GenerationOptions
-from .prompt import Messages
+from .prompt import Messages, Prompt
 from .response import GenerationResult
-from .structured import response_format_schema
 from .tokenizer import checked_messages
 
 FORMATS = ("text", "chat", "openai")
-# Options of the whole run, not of one line: a batch has no rotating cache, and prefills in steps of its own.
+# The rule: an option is a line's unless it is a property of the batch or of its shared cache (the
+# cache's kind and size, how prompts are computed into it); those are RUN_OPTIONS, set on the command
+# line for every line. A new GenerationOptions field is a line option unless it is added here.
 RUN_OPTIONS = ("max_kv_size", "prefill_step_size")
 LINE_OPTIONS = tuple(f.name for f in fields(GenerationOptions) if f.name not in RUN_OPTIONS)
 _FLOATS = ("temp", "top_p", "min_p", "presence_penalty", "repetition_penalty")
@@ -45,10 +44,11 @@ class BatchRequest:
     """One prompt of a batch file, with the options it runs with."""
 
     line: int  # where it is in the file, from 1
-    prompt: str | Messages
+    prompt: Prompt
     options: GenerationOptions
     custom_id: str | None = None
     model: str | None = None  # an OpenAI body's, echoed in its response
+    body: dict | None = field(default=None, compare=False)  # an OpenAI line's body, for its response's shape
 
 
 @dataclass(frozen=True)
@@ -64,8 +64,10 @@ class LineError(Exception):
 # ---------------------------------------------------------------- reading
 
 
-def read_batch_file(path: Path, base: GenerationOptions, system: str | None = None) -> BatchFile:
-    """The requests of a batch file; `base` (the command line's options) is what a line leaves unset.
+def read_batch_file(path: Path, base: GenerationOptions, system: str | None = None, *, raw: bool = False,
+                    model: str = "") -> BatchFile:
+    """The requests of a batch file; `base` (the command line's options) is what a line leaves unset,
+    `raw`: a text file's lines are completed as they are; `model`: the model OpenAI lines may name.
 
     Raises:
         Qwen3Error: "FILE:LINE: problem" for the first bad line, a file that is not UTF-8, or one with no prompt.
@@ -77,11 +79,11 @@ def read_batch_file(path: Path, base: GenerationOptions, system: str | None = No
     except UnicodeDecodeError as e:
         line = data[: e.start].count(b"\n") + 1
         raise Qwen3Error(f"{path}:{line}: not valid UTF-8 (byte {data[e.start]:#04x}); save the file as UTF-8") from None
-    return read_batch_lines(text.splitlines(), base, str(path), system)
+    return read_batch_lines(text.splitlines(), base, str(path), system, raw=raw, model=model)
 
 
 def read_batch_lines(lines: Iterable[str], base: GenerationOptions, name: str = "<prompts>",
-                     system: str | None = None) -> BatchFile:
+                     system: str | None = None, *, raw: bool = False, model: str = "") -> BatchFile:
     """As read_batch_file, from the file's lines; `name` is the file's name in errors. `system` is the
     system message of every prompt that has none of its own."""
     numbered = [(n, line) for n, line in enumerate(lines, 1) if line.strip()]
@@ -95,9 +97,10 @@ def read_batch_lines(lines: Iterable[str], base: GenerationOptions, name: str = 
         except LineError as e:
             raise Qwen3Error(f"{name}:{first_line}: {e}") from None
     requests = []
+    context = _Context(base, system, raw, model)
     for n, line in numbered:
         try:
-            requests.append(_request(fmt, n, line, base, system))
+            requests.append(_request(fmt, n, line, context))
         except (LineError, OptionError) as e:
             raise Qwen3Error(f"{name}:{n}: {e}") from None
     ids = [r.custom_id for r in requests if r.custom_id is not None]
@@ -127,16 +130,28 @@ def _json_format(obj: dict) -> str:
                     "(an OpenAI batch request)")
 
 
-def _request(fmt: str, n: int, line: str, base: GenerationOptions, system: str | None) -> BatchRequest:
+@dataclass(frozen=True)
+class _Context:
+    """What the command line gives every line."""
+
+    base: GenerationOptions
+    system: str | None
+    raw: bool
+    model: str
+
+
+def _request(fmt: str, n: int, line: str, context: _Context) -> BatchRequest:
     if fmt == "text":
-        return BatchRequest(n, _with_system(line, system), base)
+        if context.raw:
+            return BatchRequest(n, Prompt(line, raw=True), context.base)
+        return BatchRequest(n, Prompt(_with_system(line, context.system)), context.base)
     obj = _json_object(line)
     if _json_format(obj) != fmt:
         one, many = _NAMES[_json_format(obj)][0], _NAMES[fmt][1]
         raise LineError(f"{one} in a file of {many} (as its first line is); use one format a file")
     if fmt == "chat":
-        return _chat_request(n, obj, base, system)
-    return _openai_request(n, obj, base, system)
+        return _chat_request(n, obj, context.base, context.system)
+    return _openai_request(n, obj, context)
 
 
 def _with_system(prompt: str | Messages, system: str | None) -> str | Messages:
@@ -165,9 +180,16 @@ def _chat_request(n: int, obj: dict, base: GenerationOptions, system: str | None
         hint = " (a rotating cache is not for a batch)" if unknown[0] == "max_kv_size" else ""
         raise LineError(f"unknown key {unknown[0]!r}{hint}; a chat line takes messages, custom_id and the options "
                         f"{', '.join(LINE_OPTIONS)}")
-    messages = checked_messages(obj["messages"])
+    messages = checked_messages(_developer_as_system(obj["messages"]))
     options = {k: _option(k, v) for k, v in obj.items() if k in LINE_OPTIONS}
-    return BatchRequest(n, _with_system(messages, system), base.replace(**options), _custom_id(obj))
+    return BatchRequest(n, Prompt(_with_system(messages, system)), base.replace(**options), _custom_id(obj))
+
+
+def _developer_as_system(messages: Any) -> Any:
+    """OpenAI's "developer" role is a system message, as the server reads it."""
+    if not isinstance(messages, list):
+        return messages
+    return [{**m, "role": "system"} if isinstance(m, dict) and m.get("role") == "developer" else m for m in messages]
 
 
 def _option(name: str, value: Any) -> Any:
@@ -208,13 +230,13 @@ def _logit_bias(value: Any) -> dict[int, float] | None:
 
 # ---------------------------------------------------------------- OpenAI batch lines
 
-# body key -> GenerationOptions field, for the keys that map one to one
-_OPENAI_NAMES = {"temperature": "temp", "top_p": "top_p", "min_p": "min_p", "presence_penalty": "presence_penalty",
-                 "repetition_penalty": "repetition_penalty", "seed": "seed", "stop": "stop",
-                 "logit_bias": "logit_bias", "thinking_budget": "thinking_budget"}
 
+def _openai_request(n: int, obj: dict, context: _Context) -> BatchRequest:
+    """The envelope checked here; the body read as the server reads the same body sent to CHAT_URL
+    (server.params: its budgets, caps, defaults and refusals), with the command line's options as the
+    defaults and its --max-tokens as the cap."""
+    from .server.params import ApiError, Settings, chat_body_submission  # pydantic only, no FastAPI
 
-def _openai_request(n: int, obj: dict, base: GenerationOptions, system: str | None) -> BatchRequest:
     custom_id = _custom_id(obj)
     if not custom_id:
         raise LineError("custom_id: give each request a non-empty string, to find its response by")
@@ -226,69 +248,37 @@ def _openai_request(n: int, obj: dict, base: GenerationOptions, system: str | No
     body = obj["body"]
     if not isinstance(body, dict):
         raise LineError(f"body is a {type(body).__name__}; give a chat completion request object")
-    _refuse_unsupported(body)
-    if not isinstance(body.get("messages"), list) or not body["messages"]:
-        raise LineError("body.messages: give a non-empty list of messages")
-    messages = [{**m, "role": "system"} if isinstance(m, dict) and m.get("role") == "developer" else m
-                for m in body["messages"]]
-    try:
-        messages = checked_messages(messages)
-    except OptionError as e:
-        raise LineError(f"body.{e}") from None
-    options = {field: _option(field, body[key]) for key, field in _OPENAI_NAMES.items() if key in body}
-    top_k = body.get("top_k")
-    if top_k is not None:
-        options["top_k"] = 0 if top_k == -1 else top_k  # vLLM's -1: no top-k filter
-    most = body.get("max_completion_tokens", body.get("max_tokens"))
-    if most is not None:  # OpenAI's count: every generated token, reasoning and forced text included
-        options["max_tokens"] = options["max_total_tokens"] = most
-    if body.get("logprobs"):
-        options["logprobs"] = body.get("top_logprobs") or 0
-    think = (body.get("chat_template_kwargs") or {}).get("enable_thinking")
-    if think is not None:
-        options["think"] = _option("think", think)
-    try:
-        schema = response_format_schema(body.get("response_format"))
-    except OptionError as e:
-        raise LineError(f"body.{e}") from None
-    if schema is not None:
-        options["json_schema"] = schema
-    try:
-        opts = base.replace(**options)
-    except OptionError as e:
-        raise LineError(f"body: {e}") from None
-    model = body.get("model")
-    return BatchRequest(n, _with_system(messages, system), opts, custom_id, model if isinstance(model, str) else None)
-
-
-def _refuse_unsupported(body: dict) -> None:
-    """A body value that would change the response but cannot be honoured here is refused, not dropped."""
     if body.get("stream"):
         raise LineError("body.stream: a batch response is not streamed; leave it false")
-    if body.get("n", 1) != 1:
-        raise LineError(f"body.n={body['n']}: one choice per request; write {body['n']} requests")
-    if body.get("frequency_penalty"):
-        raise LineError("body.frequency_penalty: not implemented; use presence_penalty or repetition_penalty")
-    if body.get("tools") or body.get("functions"):
-        raise LineError("body.tools: tool calling is not run from a batch file; use the server")
-    if body.get("tool_choice") not in (None, "none", "auto"):
-        raise LineError("body.tool_choice: tool calling is not run from a batch file; use the server")
+    model = body.get("model") if isinstance(body.get("model"), str) and body.get("model") else context.model
+    base = context.base
+    settings = Settings(model, base.max_tokens, base.thinking_budget, defaults=base)
+    try:
+        submission = chat_body_submission(body, settings)
+    except ApiError as e:
+        raise LineError(f"body.{e.message}") from None
+    prompt = submission.prompt
+    prompt = Prompt(_with_system(prompt.content, context.system), tools=prompt.tools)  # type: ignore[arg-type]
+    return BatchRequest(n, prompt, submission.options, custom_id, model, body)
 
 
 # ---------------------------------------------------------------- writing
 
 
-def result_record(fmt: str, index: int, request: BatchRequest, result: GenerationResult, *, model: str,
-                  token_text: Callable[[int], str], hide_reasoning: bool = False) -> dict:
+def result_record(fmt: str, index: int, request: BatchRequest, result: GenerationResult, tokenizer: Any, *,
+                  hide_reasoning: bool = False) -> dict:
     """One output line: OpenAI's batch output shape for an openai file, else ours (see plain_record)."""
     if fmt == "openai":
-        return openai_record(request, result, model=request.model or model, token_text=token_text,
-                             hide_reasoning=hide_reasoning)
-    return plain_record(index, request, result, hide_reasoning)
+        return openai_record(request, result, tokenizer, hide_reasoning=hide_reasoning)
+    return plain_record(index, request, result, tokenizer, hide_reasoning)
 
 
-def plain_record(index: int, request: BatchRequest, result: GenerationResult, hide_reasoning: bool = False) -> dict:
-    """{"index", "custom_id"?, "reasoning", "content", "finish_reason", "budget_exhausted", "usage", "logprobs"?}."""
+def plain_record(index: int, request: BatchRequest, result: GenerationResult, tokenizer: Any,
+                 hide_reasoning: bool = False) -> dict:
+    """{"index", "custom_id"?, "reasoning", "content", "finish_reason", "budget_exhausted", "usage", "logprobs"?};
+    usage as the server counts it (server.replies.usage), with our per-part counts beside."""
+    from .server.replies import usage
+
     s = result.stats
     record: dict[str, Any] = {"index": index}
     if request.custom_id is not None:
@@ -298,56 +288,36 @@ def plain_record(index: int, request: BatchRequest, result: GenerationResult, hi
     record.update(content=result.content, finish_reason=s.finish_reason, budget_exhausted=s.budget_exhausted,
                   usage={"prompt_tokens": s.prompt_tokens, "cached_tokens": s.cached_tokens,
                          "reasoning_tokens": s.reasoning_tokens, "answer_tokens": s.answer_tokens,
-                         "forced_tokens": s.forced_tokens, "completion_tokens": len(result.token_ids)})
+                         "forced_tokens": s.forced_tokens, "completion_tokens": usage(s).completion_tokens})
     if request.options.logprobs is not None:
         record["logprobs"] = [{"token": p.token, "logprob": p.logprob, "top": [list(t) for t in p.top]}
                               for p in result.logprobs]
     return record
 
 
-def openai_record(request: BatchRequest, result: GenerationResult, *, model: str,
-                  token_text: Callable[[int], str], hide_reasoning: bool = False) -> dict:
+def openai_record(request: BatchRequest, result: GenerationResult, tokenizer: Any, *,
+                  hide_reasoning: bool = False) -> dict:
     """OpenAI's batch output line: {"id", "custom_id", "response": {"status_code": 200, "request_id",
-    "body": a chat.completion}, "error": null}."""
-    s = result.stats
-    message: dict[str, Any] = {"role": "assistant", "content": result.content}
-    if result.reasoning and not hide_reasoning:
-        message["reasoning_content"] = result.reasoning
-    logprobs = None
-    if request.options.logprobs is not None:
-        logprobs = {"content": [{**_token(p.token, p.logprob, token_text),
-                                 "top_logprobs": [_token(t, lp, token_text) for t, lp in p.top]}
-                                for p in result.logprobs]}
-    finish = "length" if s.finish_reason == "length" else "stop"
-    completion = len(result.token_ids)
-    request_id = uuid.uuid4().hex
-    body = {"id": f"chatcmpl-{request_id}", "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish}],
-            "usage": {"prompt_tokens": s.prompt_tokens, "completion_tokens": completion,
-                      "total_tokens": s.prompt_tokens + completion,
-                      "prompt_tokens_details": {"cached_tokens": s.cached_tokens},
-                      "completion_tokens_details": {"reasoning_tokens": s.reasoning_tokens}}}
+    "body": the chat.completion the server would answer}, "error": null}."""
+    from .server.replies import Reply, chat_completion, dump_json
+
+    body = request.body or {}
+    reply = Reply.of(result, parallel_tool_calls=body.get("parallel_tool_calls") is not False)
+    if hide_reasoning:
+        reply.reasoning = []
+    completion = chat_completion(reply, request.model or "", bool(body.get("logprobs")), tokenizer)
+    request_id = completion.id.removeprefix("chatcmpl-")
     return {"id": f"batch_req_{request_id}", "custom_id": request.custom_id,
-            "response": {"status_code": 200, "request_id": request_id, "body": body}, "error": None}
-
-
-def _token(token: int, logprob: float, token_text: Callable[[int], str]) -> dict:
-    text = token_text(token)
-    return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+            "response": {"status_code": 200, "request_id": request_id,
+                         "body": json.loads(dump_json(completion))}, "error": None}
 
 
 def write_jsonl(records: Sequence[dict], path: Path | None, write: Callable[[str], Any]) -> None:
-    """The records as JSON lines, to `path` atomically (a temporary file beside it, renamed when
-    complete: never a half-written file) or, with no path, through `write`."""
+    """The records as JSON lines, to `path` whole or not at all (files.written_atomically) or, with no
+    path, through `write`."""
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     if path is None:
         write(text)
         return
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "x", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with written_atomically(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")

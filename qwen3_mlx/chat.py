@@ -13,11 +13,13 @@ from typing import Any, Iterator
 
 from .cache import KVCache
 from .errors import OptionError, Qwen3Error
-from .generation import Chunk, GenerationStats, extend_cache, stream_generate
+from .generation import stream_generate
 from .model import Model
 from .options import GenerationOptions
-from .prompt import make_prompt_cache, thinking_requested
+from .prompt import Prompt, make_prompt_cache, thinking_requested
 from .prompt_cache import SavedCache, load_cache, reuse, save_cache
+from .request import extend_cache
+from .response import Chunk, GenerationStats
 from .tokenizer import Tokenizer
 
 
@@ -133,8 +135,8 @@ class ChatSession:
         stats: GenerationStats | None = None
         ended = interrupted = False
         try:
-            for chunk in stream_generate(self.model, self.tokenizer, prompt, self.options.replace(think=self.thinking),
-                                         cache=self.cache):
+            for chunk in stream_generate(self.model, self.tokenizer, Prompt(prompt, tools=self.tools),
+                                         self.options.replace(think=self.thinking), cache=self.cache):
                 stats = chunk.stats
                 if chunk.kind == "answer":
                     answer.append(chunk.text)
@@ -174,7 +176,7 @@ class ChatSession:
         # Render with a placeholder next message and keep what comes before that message's turn.
         ids = self.render(self.messages + [{"role": "user", "content": "."}], add_generation_prompt=False)
         ids = ids[: len(ids) - 1 - ids[::-1].index(start)]
-        kept = reuse(self.cache, self.cached, ids)
+        kept = reuse(self.cache, self.cached, ids, prompt=False)
         if kept < 0 or kept == len(ids):
             return
         extend_cache(self.model, self.cache, ids[kept:], self.options.prefill_step_size)

@@ -1,6 +1,7 @@
 """`qwen3-mlx` command line: thin click front ends over the library.
 
-Exit codes: 0 success, 1 runtime error (one line on stderr), 2 usage error, 130 interrupted.
+Exit codes: 0 success, 1 runtime error (one line on stderr), 2 usage error, 4 a structured answer
+(--json-schema, --regex, --grammar) cut by a limit before it was complete, 130 interrupted.
 Short options follow mlx_lm.generate's: -p prompt, -m max tokens; --model has no short form.
 """
 
@@ -18,7 +19,8 @@ from typing import Any, Callable, Iterator
 import click
 
 from .errors import OptionError, Qwen3Error
-from .options import GenerationOptions
+from .files import human_size
+from .options import DEFAULT_MAX_BATCH, GenerationOptions
 
 DEFAULT_MODEL = "mlx-community/Qwen3-1.7B-4bit"
 CONTEXT = {"help_option_names": ["-h", "--help"]}
@@ -346,41 +348,41 @@ def generate_batch(model: str, path: Path, output: Path | None, max_batch: int, 
     from .batch_files import read_batch_file, result_record, write_jsonl
     from .loader import load
 
-    batch = read_batch_file(path, options, system)
+    batch = read_batch_file(path, options, system, raw=raw, model=model)
     if raw and batch.format != "text":
         raise click.UsageError(f"--raw takes a text file of prompts; {path} holds {batch.format} JSON lines, "
                                "whose messages need the chat template")
     check_writable(output)
     loaded, tokenizer = load(model)
-    check_batch_requests(loaded, tokenizer, batch.requests, path, raw)
+    check_batch_requests(loaded, tokenizer, batch.requests, path)
     warnings.showwarning = _show_warning
     start = time.perf_counter()
     with click.progressbar(length=len(batch.requests), label="generating", file=sys.stderr, show_pos=True) as bar:
+        # Prompts go in chunks of --prefill-step-size (their options'), 256 tokens between two decode
+        # steps (the scheduler's default prefill_budget), as the server computes them.
         results = batch_generate(loaded, tokenizer, [r.prompt for r in batch.requests],
                                  [r.options for r in batch.requests], max_batch=max_batch,
-                                 prefill_step_size=options.prefill_step_size, raw=raw,
                                  progress=lambda done, total: bar.update(done - bar.pos))
     seconds = time.perf_counter() - start
-    records = [result_record(batch.format, i, request, result, model=model,
-                             token_text=lambda t: tokenizer.decode([t]), hide_reasoning=display.hide_thinking)
+    records = [result_record(batch.format, i, request, result, tokenizer, hide_reasoning=display.hide_thinking)
                for i, (request, result) in enumerate(zip(batch.requests, results))]
     write_jsonl(records, output, lambda text: click.echo(text, nl=False))
     if display.verbose:
         print_batch_stats(results, seconds)
 
 
-def check_batch_requests(model: Any, tokenizer: Any, requests: list, path: Path, raw: bool) -> None:
+def check_batch_requests(model: Any, tokenizer: Any, requests: list, path: Path) -> None:
     """Prepare every request as batch_generate will (its prompt encoded and fitted to the context, its
     sampling checked), so that a bad one is named by its line before anything runs."""
     import warnings
 
-    from .generation import prepare
+    from .request import prepare
 
     with warnings.catch_warnings():  # batch_generate gives them, once
         warnings.simplefilter("ignore")
         for request in requests:
             try:
-                prepare(model, tokenizer, request.prompt, request.options, raw=raw)
+                prepare(model, tokenizer, request.prompt, request.options)
             except Qwen3Error as e:
                 raise Qwen3Error(f"{path}:{request.line}: {e}") from None
 
@@ -401,7 +403,7 @@ def print_batch_stats(results: list, seconds: float) -> None:
                    "per-line options, or OpenAI batch JSON lines. Writes one JSON result a line, in input order.")
 @click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
               help="With --prompts-file: write the results to FILE (complete or not at all), not standard output.")
-@click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True,
+@click.option("--max-batch", type=click.IntRange(min=1), default=DEFAULT_MAX_BATCH, show_default=True,
               help="With --prompts-file: most prompts decoded together.")
 @click.option("--system", "--system-prompt", "-s",
               help="System prompt (not with --raw); with --prompts-file, of every prompt without one of its own.")
@@ -442,7 +444,7 @@ def generate(model: str, prompt: str | None, prompts_file: Path | None, output: 
 
     from .generation import stream_generate
     from .loader import load
-    from .prompt import encode_prompt
+    from .prompt import Prompt, encode_prompt
     from .prompt_cache import open_prompt_cache, save_prompt_cache
 
     check_raw(raw, system, prefill_response)
@@ -454,17 +456,28 @@ def generate(model: str, prompt: str | None, prompts_file: Path | None, output: 
     check_writable(prompt_cache)
     loaded, tokenizer = load(model)
     # The ids are what the prompt cache is matched against; the prefill is part of them.
-    ids, thinking = encode_prompt(tokenizer, text, system=system, think=options.think, raw=raw,
-                                  prefill_response=prefill_response)
+    ids, thinking = encode_prompt(tokenizer, Prompt(text, system=system, raw=raw, prefill_response=prefill_response),
+                                  think=options.think)
     cache = None
     if prompt_cache is not None:
         cache = open_prompt_cache(prompt_cache, loaded, tokenizer, ids, system, options.max_kv_size)
-    chunks = stream_generate(loaded, tokenizer, ids, options.replace(think=thinking), system=system, cache=cache,
-                             progress=prefill_progress(options.prefill_step_size))
+    chunks = stream_generate(loaded, tokenizer, Prompt(ids, system=system), options.replace(think=thinking),
+                             cache=cache, progress=prefill_progress(options.prefill_step_size))
     warnings.showwarning = _show_warning
-    print_response(chunks, display)
+    stats = print_response(chunks, display)
     if cache is not None and not save_prompt_cache(prompt_cache, cache, ids, loaded):
         click.echo(f"warning: {prompt_cache} not saved: the rotating cache has moved past the prompt", err=True)
+    check_complete(stats, options)
+
+
+def check_complete(stats: Any, options: GenerationOptions) -> None:
+    """A structured answer cut by a limit may not match its schema: say so, and exit 4."""
+    constrained = next((f"--{name.replace('_', '-')}" for name in ("json_schema", "regex", "grammar")
+                        if getattr(options, name) is not None), None)
+    if constrained and stats is not None and stats.finish_reason == "length":
+        click.echo(f"error: the answer was cut at {len(stats.token_ids)} tokens before it was complete, so it may "
+                   f"not match {constrained}; raise --max-tokens (-m)", err=True)
+        sys.exit(4)
 
 
 # ---------------------------------------------------------------- chat
@@ -612,10 +625,6 @@ def one_of(argument: Any, option: Any, names: str) -> Any:
     if argument is None and option is None:
         raise click.UsageError(f"{names}: one of them is required")
     return argument if argument is not None else option
-
-
-def human_size(n: int) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
 
 BITS = click.Choice(["2", "3", "4", "5", "6", "8"])

@@ -12,8 +12,6 @@ import errno
 import functools
 import json
 import math
-import os
-import secrets
 import shutil
 import struct
 import time
@@ -28,6 +26,7 @@ from mlx.utils import tree_flatten
 
 from .config import QUANT_DEFAULTS, QUANT_MODES, ModelArgs
 from .errors import OptionError, Qwen3Error
+from .files import human_size, written_atomically
 from .loader import DTYPES, check_safetensors, dtype_name, load_config, resolve, weight_files
 from .model import Model
 
@@ -201,19 +200,17 @@ def _write_folder(src: Path, out: Path, given: str | Path, config: dict, jobs: l
     created = [p for p in out.parents if not p.exists()]  # innermost first
     free = shutil.disk_usage(next(p for p in out.parents if p.exists())).free
     if free < total:
-        raise Qwen3Error(f"{given}: no space left: it needs {total / 1e9:.2f} GB, {free / 1e9:.2f} GB are free")
-    tmp = out.parent / f".{out.name}.tmp-{secrets.token_hex(4)}"
+        raise Qwen3Error(f"{given}: no space left: it needs {human_size(total)}, {human_size(free)} are free")
     try:
-        tmp.mkdir(parents=True)
-        _write(src, tmp, config, jobs, shard_bytes, block_bytes, progress)
-        _replace(tmp, out)
+        with written_atomically(out) as tmp:
+            tmp.mkdir(parents=True)
+            _write(src, tmp, config, jobs, shard_bytes, block_bytes, progress)
     except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
         for folder in created:
             with contextlib.suppress(OSError):
                 folder.rmdir()
         if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-            raise Qwen3Error(f"{given}: no space left on the device after part of its {total / 1e9:.2f} GB; "
+            raise Qwen3Error(f"{given}: no space left on the device after part of its {human_size(total)}; "
                              f"free some space and convert again") from None
         raise
 
@@ -381,21 +378,3 @@ def _write_shard(file: Path, jobs: list[_Job], block_bytes: int, tick: Callable[
                     f.seek(data + offsets[name] + first * math.prod(shape[1:]) * dtype.size)
                     f.write(memoryview(block))
             tick()
-
-
-def _replace(tmp: Path, out: Path) -> None:
-    """Rename the finished folder into place; an old output is moved aside first and deleted last."""
-    old = None
-    if out.exists() or out.is_symlink():
-        old = out.parent / f".{out.name}.old-{secrets.token_hex(4)}"
-        os.rename(out, old)
-    try:
-        os.rename(tmp, out)
-    except BaseException:
-        if old is not None:
-            os.rename(old, out)
-        raise
-    if old is not None and old.is_dir() and not old.is_symlink():
-        shutil.rmtree(old)
-    elif old is not None:
-        old.unlink()

@@ -20,11 +20,11 @@ import mlx.core as mx
 
 from .batch import Scheduler, Ticket
 from .errors import Qwen3Error
-from .generation import collect, prepare
 from .model import Model
-from .options import GenerationOptions
-from .prompt import Messages
+from .options import DEFAULT_MAX_BATCH, DEFAULT_PREFILL_BUDGET, DEFAULT_PREFIX_STORE_BYTES, GenerationOptions
+from .prompt import Messages, Prompt
 from .prompt_cache import PrefixStore
+from .request import collect, prepare
 from .response import Chunk, GenerationResult
 from .tokenizer import Tokenizer
 
@@ -121,21 +121,27 @@ class Request:
 class Engine:
     """One thread that owns the model and decodes every admitted request together.
 
+    Leaving `with Engine(...)` normally waits for every request, read or not: one nobody reads runs to
+    its limits (max_tokens, 4096 by default, and any thinking budget). Cancel what you no longer want
+    (`request.cancel()`), or call `close(cancel=True)`; leaving on an exception cancels them all.
+
     Args:
         max_batch: the most rows decoded at once.
         kv_memory: bytes the batch's KV cache may take (None: no limit); a request is admitted when
             its worst case fits (batch.Scheduler), and refused at submit if it never could.
         prompt_cache_bytes: bytes of caches kept for prefix reuse across requests (0: none).
-        prefill_step_size: prompt tokens computed between two decode steps.
+        prefill_budget: prompt tokens computed between two decode steps (bounds how long the running
+            rows wait for a newcomer's prompt).
         max_queue: the most requests waiting for a row; more is EngineFull.
     """
 
-    def __init__(self, model: Model, tokenizer: Tokenizer, *, max_batch: int = 8, kv_memory: int | None = None,
-                 prompt_cache_bytes: int = 1 << 30, prefill_step_size: int = 256, max_queue: int = 256) -> None:
+    def __init__(self, model: Model, tokenizer: Tokenizer, *, max_batch: int = DEFAULT_MAX_BATCH,
+                 kv_memory: int | None = None, prompt_cache_bytes: int = DEFAULT_PREFIX_STORE_BYTES,
+                 prefill_budget: int = DEFAULT_PREFILL_BUDGET, max_queue: int = 256) -> None:
         self.model, self.tokenizer, self.max_queue = model, tokenizer, max_queue
         prefixes = PrefixStore(prompt_cache_bytes) if prompt_cache_bytes > 0 else None
         self._scheduler = Scheduler(model, tokenizer, max_batch=max_batch, kv_memory=kv_memory,
-                                    prefix_store=prefixes, prefill_step_size=prefill_step_size)
+                                    prefix_store=prefixes, prefill_budget=prefill_budget)
         self._inbox: list[Ticket] = []  # submitted, not yet seen by the engine's thread
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -166,22 +172,24 @@ class Engine:
 
     # -- requests
 
-    def submit(self, prompt: str | Messages | Sequence[int], options: GenerationOptions | None = None, *,
+    def submit(self, prompt: Prompt | str | Messages | Sequence[int], options: GenerationOptions | None = None, *,
                system: str | None = None, raw: bool = False, tools: list[dict] | None = None,
                prefill_response: str | None = None, loop: asyncio.AbstractEventLoop | None = None,
                **kwargs: Any) -> Request:
-        """Queue a request; takes the arguments of `generate`. Checked here, in the caller's thread.
+        """Queue a request (a Prompt and GenerationOptions; takes the arguments of `generate`).
+        Checked here, in the caller's thread.
 
         `loop`: the event loop that reads the request (`async for`); by default the running loop of
         the calling thread, if any (give it when submitting from a worker thread for a loop).
 
         Raises:
-            OptionError, Qwen3Error: as `generate`; a request larger than the KV budget alone.
+            OptionError, Qwen3Error: as `generate`; MemoryLimitError: a request larger than the KV
+                budget alone.
             EngineFull: `max_queue` requests are waiting already.
             EngineClosed: the engine is not running.
         """
-        job = prepare(self.model, self.tokenizer, prompt, GenerationOptions.of(options, **kwargs), system=system,
-                      raw=raw, tools=tools, prefill_response=prefill_response)
+        request_prompt = Prompt.of(prompt, system=system, raw=raw, tools=tools, prefill_response=prefill_response)
+        job = prepare(self.model, self.tokenizer, request_prompt, GenerationOptions.of(options, **kwargs))
         most = self._scheduler.check(job)
         if loop is None:
             try:
@@ -223,7 +231,7 @@ class Engine:
                     while not (self._inbox or scheduler.busy or self._closing):
                         self._lock.wait()
                     for ticket in self._inbox:
-                        scheduler.waiting.append(ticket)
+                        scheduler.submit(ticket, checked=True)
                     self._inbox.clear()
                     if self._cancel_all:
                         for ticket in scheduler.tickets_all():

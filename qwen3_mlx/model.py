@@ -8,7 +8,7 @@ replace these modules whole; nothing here asks which modules it has.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Protocol, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -175,3 +175,33 @@ class Model(nn.Module):
     @property
     def layers(self) -> list[DecoderLayer]:
         return self.model.layers
+
+    @property
+    def dtype(self) -> mx.Dtype:
+        """The activations' dtype (and so the KV cache's), quantized weights or not: the norms'."""
+        return self.model.norm.weight.dtype
+
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of keys and values one token takes in the caches of all of this model's layers."""
+        a = self.args
+        return 2 * len(self.layers) * a.num_key_value_heads * a.head_dim * self.dtype.size
+
+
+class LanguageModel(Protocol):
+    """What the generation loops need of a model; Model is one, and so is a test's stub."""
+
+    args: ModelArgs
+
+    def __call__(self, inputs: mx.array, cache: Sequence[KVCache] | None = None) -> mx.array: ...
+
+    def decode(self, ids: mx.array, cache: Sequence[KVCache]) -> mx.array: ...
+
+    def make_cache(self, max_kv_size: int | None = None, keep: int = 0) -> list[KVCache]: ...
+
+    @property
+    def layers(self) -> Sequence[nn.Module]: ...
+
+    @property
+    def dtype(self) -> mx.Dtype: ...
+
+    def kv_bytes_per_token(self) -> int: ...

@@ -8,7 +8,18 @@ from typing import Any, Mapping
 
 from .errors import OptionError
 
-DEFAULT_MAX_TOKENS = 4096
+# The defaults, written once: every entry point and its --help read them here.
+DEFAULT_MAX_TOKENS = 4096  # tokens a response may draw
+DEFAULT_PREFILL_STEP = 2048  # prompt tokens a prefill chunk computes: bounds a pass's activations
+DEFAULT_PREFILL_BUDGET = 256  # prompt tokens a batch computes between two decode steps: bounds the others' wait
+DEFAULT_MAX_BATCH = 8  # rows decoded together
+DEFAULT_PREFIX_STORE_BYTES = 10**9  # caches of recent prompts kept for prefix reuse (1 GB, as --prompt-cache-gb)
+
+# Reasoning effort by name, as thinking budgets (None: no limit): OpenAI's reasoning_effort (none to
+# xhigh), Anthropic's output_config.effort (low to max). The one table every API reads.
+REASONING_EFFORTS: dict[str, int | None] = {
+    "none": 0, "minimal": 256, "low": 1024, "medium": 4096, "high": 16384, "xhigh": 32768, "max": None,
+}
 
 
 @dataclass(frozen=True)
@@ -28,7 +39,7 @@ class GenerationOptions:
     stop: strings that end the answer (not included in it).
     seed: makes sampling repeatable, whatever else the process does.
     max_kv_size: a rotating cache of this many tokens (keeps the system turn).
-    prefill_step_size: prompt tokens per prefill chunk.
+    prefill_step_size: prompt tokens per prefill chunk (bounds the memory of a pass).
     json_schema, regex, grammar: what the answer must match (structured.py), one at a time: a JSON
         schema (a dict, or a pydantic model class), a regular expression, or a Lark or GBNF grammar.
         The reasoning stays free text; the constraint starts after it.
@@ -50,7 +61,7 @@ class GenerationOptions:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     max_kv_size: int | None = None
-    prefill_step_size: int = 2048
+    prefill_step_size: int = DEFAULT_PREFILL_STEP
     logprobs: int | None = None
     json_schema: Mapping[str, Any] | type | None = field(default=None, compare=False)
     regex: str | None = None

@@ -1,9 +1,12 @@
-"""The prompt: chat messages or text made into token ids, Qwen3's thinking mode read from them, the
-ids checked, and the cache they start (plain, or rotating with the system turn kept)."""
+"""The prompt: a `Prompt` value (what a request asks the model to continue), made into token ids,
+Qwen3's thinking mode read from it, the ids checked, and the cache they start (plain, or rotating with
+the system turn kept)."""
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
 
 from .cache import KVCache
 from .errors import OptionError, Qwen3Error
@@ -14,6 +17,36 @@ from .tokenizer import Tokenizer, checked_messages
 EMPTY_THINKING_TEXT = "\n\n</think>\n\n"
 
 Messages = Sequence[Mapping[str, object]]
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """What a request asks the model to continue; with GenerationOptions, a whole request.
+
+    content: a user message, a list of chat messages, or token ids (used as they are).
+    system: a system prompt (replaces any system message in `content`).
+    raw: `content` is the exact text to complete; no chat template.
+    tools: tool definitions (OpenAI's function format) given to the chat template.
+    prefill_response: the start of the response, which the model continues (not yielded). It is
+        reasoning when it starts with <think> or the template has opened the block; otherwise it is
+        the answer, after an empty reasoning block (the template's, or one put in), so the model
+        answers without reasoning. After raw text or token ids it is appended as it is.
+    """
+
+    content: str | Messages | Sequence[int]
+    system: str | None = None
+    raw: bool = False
+    tools: Sequence[Mapping[str, Any]] | None = None
+    prefill_response: str | None = None
+
+    @classmethod
+    def of(cls, prompt: Prompt | str | Messages | Sequence[int], **parts: Any) -> Prompt:
+        """`prompt` as a Prompt, with the parts given (the keyword API: system=, raw=, tools=,
+        prefill_response=); a part left None or False keeps the Prompt's own."""
+        given = {k: v for k, v in parts.items() if v is not None and v is not False}
+        if isinstance(prompt, Prompt):
+            return dataclasses.replace(prompt, **given) if given else prompt
+        return cls(prompt, **given)
 
 
 def build_prompt(tokenizer: Tokenizer, prompt: str | Messages, *, system: str | None = None,
@@ -29,11 +62,11 @@ def build_prompt(tokenizer: Tokenizer, prompt: str | Messages, *, system: str | 
     return tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, enable_thinking=think)
 
 
-def encode_prompt(tokenizer: Tokenizer, prompt: str | Messages | Sequence[int], *, system: str | None = None,
-                  think: bool = True, raw: bool = False, tools: list[dict] | None = None,
-                  prefill_response: str | None = None) -> tuple[list[int], bool]:
+def encode_prompt(tokenizer: Tokenizer, request: Prompt, think: bool = True) -> tuple[list[int], bool]:
     """(prompt token ids, whether the model is asked to think). Token ids pass through as they are;
-    `prefill_response` follows the prompt (see stream_generate for the rule)."""
+    `prefill_response` follows the prompt (see Prompt for the rule)."""
+    prompt, system, raw, prefill_response = request.content, request.system, request.raw, request.prefill_response
+    tools = list(request.tools) if request.tools else None
     if isinstance(prompt, str) and not prompt.strip():  # one rule, with or without the template (the CLI's too)
         raise Qwen3Error("the prompt is empty; give some text")
     if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(t, int) for t in prompt):

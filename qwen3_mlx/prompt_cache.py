@@ -5,17 +5,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import mlx.core as mx
 
 from .cache import KVCache, restore
 from .errors import Qwen3Error
+from .files import written_atomically
 from .model import Model
 from .prompt import make_prompt_cache
 from .tokenizer import Tokenizer
@@ -32,13 +31,21 @@ class SavedCache:
     held: int
 
 
-def common_prefix(a: list[int], b: list[int]) -> int:
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     n = 0
     for x, y in zip(a, b):
         if x != y:
             break
         n += 1
     return n
+
+
+def reusable(held: Sequence[int], ids: Sequence[int], *, prompt: bool = True) -> int:
+    """The one rule of cache reuse: how many of `ids` a cache holding the tokens `held` can keep. It is
+    their longest common prefix; for a prompt, never all of it: its last token must run again to give
+    the first draw's logits."""
+    n = common_prefix(held, ids)
+    return min(n, len(ids) - 1) if prompt else n
 
 
 def model_fingerprint(model: Model) -> str:
@@ -76,18 +83,10 @@ def save_cache(path: Path, cache: list[KVCache], tokens: list[int], model: Model
     if not folder.is_dir():
         raise Qwen3Error(f"{path}: the folder {folder} does not exist; create it or choose another path")
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".safetensors", dir=folder)
+        with written_atomically(path, suffix=".safetensors") as tmp:  # MLX adds it to a name without it
+            mx.save_safetensors(str(tmp), arrays, metadata=meta)
     except OSError as e:
         raise Qwen3Error(f"{path}: could not write the cache file ({e.strerror or e}); choose another path") from None
-    os.close(fd)
-    try:
-        mx.save_safetensors(tmp, arrays, metadata=meta)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise Qwen3Error(f"{path}: could not write the cache file ({e.strerror or e}); choose another path") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return SavedCache(tokens=len(tokens), held=held)
 
 
@@ -121,13 +120,14 @@ def load_cache(path: Path, model: Model) -> tuple[list[KVCache], list[int], dict
     return cache, tokens, json.loads(meta.get("extra") or "{}")
 
 
-def reuse(cache: list[KVCache], cached: list[int], prompt: list[int]) -> int:
-    """Trim `cache` (holding `cached`) back to its longest common prefix with `prompt`.
+def reuse(cache: list[KVCache], cached: list[int], ids: list[int], *, prompt: bool = True) -> int:
+    """Trim `cache` (holding `cached`) back to what `ids` can reuse of it (reusable(); `prompt`: the
+    ids are a prompt, whose last token must run again).
 
-    Returns how many prompt tokens the cache still holds, or -1 when it cannot be trimmed
+    Returns how many of `ids` the cache still holds, or -1 when it cannot be trimmed
     (a rotating cache past its window) and must be rebuilt.
     """
-    keep = common_prefix(cached, prompt)
+    keep = reusable(cached, ids, prompt=prompt)
     if keep == len(cached):
         return keep
     if not all(c.is_trimmable() for c in cache):
@@ -183,7 +183,7 @@ class PrefixStore:
         last token must run to give the first draw's logits); returns it and how many tokens it holds."""
         best, n = None, 0
         for key in self._entries:
-            common = min(common_prefix(list(key), ids), len(ids) - 1)
+            common = reusable(key, ids)
             if common > n:
                 best, n = key, common
         if best is None:

@@ -36,30 +36,25 @@ class ThinkingBudget:
     """When to end the reasoning early.
 
     `tokens` counts the tokens the model writes after <think> (the <think> token itself and the
-    forced early-stop text are not counted). From `tokens - grace` on, the reasoning is cut as soon
-    as its text ends a line or a sentence; at `tokens` it is cut in any case. A cut never falls
-    inside a multi-byte character: past `tokens`, the reasoning goes on until its character is
-    complete, which takes at most `overrun` more tokens (a character has at most 4 bytes). So the
-    reasoning holds at most `tokens + overrun` model tokens (`tokens` but for such a character),
-    then EARLY_STOP_TEXT (which closes it with </think>), then the model writes the answer. The rule
-    never takes a token back, so a row of a batch is cut exactly as the same request alone. tokens=0
-    means no reasoning: the block is closed at once with EMPTY_THINKING_TEXT, as Qwen3's template
-    does for enable_thinking=False.
+    forced early-stop text are not counted): the reasoning never holds more. From `tokens - grace`
+    on, it is cut as soon as its text ends a line or a sentence; at `tokens` it is cut in any case,
+    then EARLY_STOP_TEXT (which closes it with </think>) is fed, and the model writes the answer. A
+    cut inside a multi-byte character drops that character's bytes from the reasoning's text (its
+    tokens stay in the response's ids and in the cache): the text never shows U+FFFD for it. The
+    rule never takes a token back, so a row of a batch is cut exactly as the same request alone.
+    tokens=0 means no reasoning: the block is closed at once with EMPTY_THINKING_TEXT, as Qwen3's
+    template does for enable_thinking=False.
     """
 
     tokens: int
     grace: int = 32
-    overrun: int = 3
 
     def __post_init__(self) -> None:
         if self.tokens < 0:
             raise OptionError(f"thinking_budget must be >= 0, got {self.tokens}")
 
-    def should_stop(self, count: int, text: str, holding: bool = False) -> bool:
-        """Whether to stop after `count` reasoning tokens whose text is `text`; `holding`: the last
-        tokens are the start of a character not yet complete."""
-        if holding:
-            return count >= self.tokens + self.overrun
+    def should_stop(self, count: int, text: str) -> bool:
+        """Whether to stop after `count` reasoning tokens whose text is `text`."""
         if count >= self.tokens:
             return True
         return count >= self.tokens - min(self.grace, self.tokens // 4) and text.rstrip(" ").endswith(_THOUGHT_ENDS)
@@ -147,6 +142,7 @@ class GenerationResult:
     stats: GenerationStats
     logprobs: list[TokenLogprob] = field(default_factory=list)  # every drawn token's, when asked for
     tool_calls: list[ToolCall] = field(default_factory=list)  # parsed out of the answer, when tools were given
+    content_logprobs: list[TokenLogprob] = field(default_factory=list)  # those of the answer's text (as APIs report)
 
     @property
     def incomplete(self) -> bool:
@@ -350,7 +346,8 @@ class Response:
             return [self._chunk(text, None)]
         chunks = list(self._answer(self.stops.finish(text) if not self.stops.found else "", None))
         if self.calls is not None:
-            chunks += self._events(self.calls.finish(), None)
+            cut = self.stats.finish_reason in ("length", "cancelled", "interrupted")
+            chunks += self._events(self.calls.finish(cut), None)
             self.stats.tool_calls = list(self.calls.calls)  # not those announced, then found malformed
             if self.calls.calls and self.stats.finish_reason == "stop":
                 self.stats.finish_reason = "tool_calls"
@@ -407,8 +404,9 @@ class Response:
 
     def _consult_budget(self) -> None:
         detok = self.text.detok
-        if self.budget is None or not self.budget.should_stop(self.stats.reasoning_tokens, detok.text, detok.holding > 0):
+        if self.budget is None or not self.budget.should_stop(self.stats.reasoning_tokens, detok.text):
             return
+        detok.drop_held()  # the bytes of a character the cut leaves incomplete are not shown
         self.stats.budget_exhausted = True
         self._forced = self.limits.fit(self.stats, self.tokenizer.encode(self.budget.close_text()))
         # No forced ids: the context is full, and the limits end the response.

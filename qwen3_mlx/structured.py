@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import threading
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -385,6 +387,20 @@ class GrammarState:
 
 # ---------------------------------------------------------------- for the generation loop
 
+# One GrammarVocabulary per tokenizer and vocabulary size, for the life of the tokenizer; requests are
+# prepared in many threads (the server's workers), so the first build is made once, under the lock.
+_VOCABULARIES: weakref.WeakKeyDictionary[Tokenizer, dict[int, GrammarVocabulary]] = weakref.WeakKeyDictionary()
+_VOCABULARIES_LOCK = threading.Lock()
+
+
+def grammar_vocabulary(tokenizer: Tokenizer, vocab_size: int) -> GrammarVocabulary:
+    """The tokenizer's GrammarVocabulary for a model of `vocab_size` logits, built at the first call."""
+    with _VOCABULARIES_LOCK:
+        sizes = _VOCABULARIES.setdefault(tokenizer, {})
+        if vocab_size not in sizes:
+            sizes[vocab_size] = GrammarVocabulary(tokenizer.backend, vocab_size, tokenizer.eos_token_ids)
+        return sizes[vocab_size]
+
 
 def constraint_state(tokenizer: Tokenizer, vocab_size: int, *, json_schema: Mapping[str, Any] | type | None,
                      regex: str | None, grammar: str | None, thinking: bool, in_reasoning: bool) -> GrammarState:
@@ -392,17 +408,14 @@ def constraint_state(tokenizer: Tokenizer, vocab_size: int, *, json_schema: Mapp
 
     Args:
         tokenizer: the checkpoint's Tokenizer; its GrammarVocabulary for `vocab_size` is built at the
-            first request (about 1.5 s) and kept on it.
+            first request (about 1.5 s) and kept (grammar_vocabulary).
         thinking: the model may reason before the answer (the prompt did not close the block).
         in_reasoning: the prompt ends inside the reasoning block (it opened it with <think>).
 
     Raises:
         OptionError: as compile_constraint.
     """
-    vocabulary = tokenizer.grammar_vocabularies.get(vocab_size)
-    if vocabulary is None:
-        vocabulary = GrammarVocabulary(tokenizer.backend, vocab_size, tokenizer.eos_token_ids)
-        tokenizer.grammar_vocabularies[vocab_size] = vocabulary
+    vocabulary = grammar_vocabulary(tokenizer, vocab_size)
     state = compile_constraint(vocabulary, json_schema=json_schema, regex=regex, grammar=grammar,
                                thinking=thinking or in_reasoning).state()
     if in_reasoning:

@@ -62,8 +62,6 @@ class Tokenizer:
         self._template_source = template_source
         self._special_tokens = dict(special_tokens or {})
         self._compiled: jinja2.Template | None = None
-        # structured.GrammarVocabulary by the model's vocabulary size: built once (about 1.5 s), when asked for
-        self.grammar_vocabularies: dict[int, Any] = {}
         self.think_start_id = tokenizer.token_to_id("<think>")
         self.think_end_id = tokenizer.token_to_id("</think>")
         # Added tokens may sit above a gap in the ids, so take the largest id rather than a count.
@@ -265,6 +263,10 @@ class StreamDetokenizer:
     def holding(self) -> int:
         """How many ids are held back because their character is not complete yet."""
         return len(self._ids) - self._read
+
+    def drop_held(self) -> None:
+        """Forget the ids held back (a character not complete yet): their text is never released."""
+        self._ids = self._ids[: self._read]
 
     def flush(self) -> str:
         """Release whatever is held back (as U+FFFD), at the end of a sequence."""

@@ -125,12 +125,15 @@ class ToolCallParser:
             self._stream(body, len(body), out)
             self._end_block(body, out)
 
-    def finish(self) -> list[Event]:
-        """The end of the answer: what was held is released (an unterminated block as text)."""
+    def finish(self, cut: bool = False) -> list[Event]:
+        """The end of the answer: what was held is released. An unterminated block is text when the
+        model ended the answer there; when a limit `cut` it, it is dropped: the markup of a call that
+        never completed is neither a call nor the answer's text."""
         out: list[Event] = []
         if self._block is not None:
             self._abandon()
-            self._text(OPEN + self._block, out)
+            if not cut:
+                self._text(OPEN + self._block, out)
             self._block = None
         else:
             self._text(self._pending, out)

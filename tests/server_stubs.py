@@ -21,7 +21,10 @@ class BatchScriptedModel:
         self.args = SimpleNamespace(vocab_size=VOCAB, max_position_embeddings=4096, num_hidden_layers=1,
                                     num_key_value_heads=1, head_dim=1)
         self.layers = [None]
-        self.model = SimpleNamespace(norm=SimpleNamespace(weight=mx.zeros((1,), mx.float32)))
+        self.dtype = mx.float32
+
+    def kv_bytes_per_token(self):  # qwen3_mlx.model.LanguageModel: the engine's admission reads it
+        return 2 * 4
 
     def make_cache(self, max_kv_size=None, keep=0):
         return [KVCache()]

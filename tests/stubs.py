@@ -44,6 +44,12 @@ class ScriptedModel:
     def decode(self, ids, cache):
         return self(ids, cache)[:, -1, :]
 
+    layers = [None]
+    dtype = mx.float32
+
+    def kv_bytes_per_token(self):  # qwen3_mlx.model.LanguageModel
+        return 2 * 2 * 4
+
 
 def thinker(tok, reasoning, answer, reasoning_len=None):
     """<think>, `reasoning` ids cycled (reasoning_len of them, or forever), </think>, "\n\n", `answer`, <|im_end|>."""

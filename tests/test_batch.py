@@ -6,11 +6,11 @@ import mlx.core as mx
 import pytest
 
 from qwen3_mlx import GenerationOptions, generate
-from qwen3_mlx.batch import batch_generate, kv_bytes_per_token
+from qwen3_mlx.batch import batch_generate
 from qwen3_mlx.cache import BatchKVCache, KVCache
 from qwen3_mlx.engine import Engine, EngineClosed, EngineFull
 from qwen3_mlx.errors import OptionError, Qwen3Error
-from qwen3_mlx.prompt import encode_prompt
+from qwen3_mlx.prompt import Prompt, encode_prompt
 
 PROMPTS = ["Hello", "Tell me a long story about a dragon and a knight who meet at dawn", "Why?", "1 2 3",
            "a b c d e f", "What is 2+2?", "Name three colours.", "ok"]
@@ -136,7 +136,7 @@ def test_log_probabilities_of_a_row_are_those_of_the_request_alone(tiny):
         assert a.logprob == pytest.approx(b.logprob, abs=1e-4)
         assert [t for t, _ in a.top] == [t for t, _ in b.top] and a.top[0][0] == a.token  # greedy: the most likely
     # The first token's, from the model's own logits.
-    ids, _ = encode_prompt(tok, PROMPTS[0], think=False)
+    ids, _ = encode_prompt(tok, Prompt(PROMPTS[0]), think=False)
     logits = model(mx.array([ids]))[0, -1, : tok.vocab_size]
     expected = (logits - mx.logsumexp(logits))[single.token_ids[0]].item()
     assert single.logprobs[0].logprob == pytest.approx(expected, abs=1e-5)
@@ -211,13 +211,13 @@ def test_cancelling_frees_the_row_and_its_memory_and_admits_the_next(tiny):
 
 def test_a_request_larger_than_the_kv_budget_alone_is_refused_at_once(tiny):
     model, tok = tiny
-    assert kv_bytes_per_token(model) == 256  # 2 layers of 1 KV head of 16 dims, keys and values, float32
+    assert model.kv_bytes_per_token() == 256  # 2 layers of 1 KV head of 16 dims, keys and values, float32
     with Engine(model, tok, kv_memory=1_000_000) as engine:
         with pytest.raises(Qwen3Error) as e:
             engine.submit("Hello", max_tokens=4000, **GREEDY)
         # 13 prompt tokens and 4000 more, and a growth step of 256: 4269 x 256 bytes
         assert str(e.value) == ("the request needs up to 4013 tokens of KV cache (1.1 MB) but the KV budget is "
-                                "1.0 MB; lower max_tokens (or the thinking budget), or raise the KV budget")
+                                "1.0 MB; lower max_tokens (or the thinking budget), or raise kv_memory")
         assert engine.submit("Hello", max_tokens=3, **GREEDY).result().stats.finish_reason in ("stop", "length")
 
 
@@ -225,8 +225,8 @@ def test_the_kv_budget_queues_requests_until_their_worst_case_fits(tiny):
     model, tok = tiny
     options = [GenerationOptions(max_tokens=40, **GREEDY)] * 4
     single = alone(model, tok, PROMPTS[:4], options)
-    longest = max(len(encode_prompt(tok, p, think=False)[0]) for p in PROMPTS[:4]) + 40
-    two_rows = 2 * (longest + 256) * kv_bytes_per_token(model)
+    longest = max(len(encode_prompt(tok, Prompt(p), think=False)[0]) for p in PROMPTS[:4]) + 40
+    two_rows = 2 * (longest + 256) * model.kv_bytes_per_token()
     with Engine(model, tok, kv_memory=two_rows, prompt_cache_bytes=0) as engine:
         requests = [engine.submit(p, o) for p, o in zip(PROMPTS[:4], options)]
         seen = set()
@@ -260,8 +260,8 @@ def test_prefix_reuse_gives_the_same_tokens_and_computes_only_the_rest(tiny):
     assert again.token_ids == fresh.token_ids
     # Computed before: the first prompt and the answer, as far as the conversation's tokens agree with
     # them: to the second assistant header, as the template drops the (empty) reasoning block of past turns.
-    before = encode_prompt(tok, first, think=False)[0] + answer.token_ids
-    now = encode_prompt(tok, conversation, think=False)[0]
+    before = encode_prompt(tok, Prompt(first), think=False)[0] + answer.token_ids
+    now = encode_prompt(tok, Prompt(conversation), think=False)[0]
     common = next(i for i, (a, b) in enumerate(zip(before, now)) if a != b)
     assert tok.decode(now[:common]).endswith("<|im_start|>assistant\n")
     assert again.stats.cached_tokens == common and again.stats.prompt_tokens == len(now)

@@ -8,6 +8,7 @@ from click.testing import CliRunner
 
 from qwen3_mlx import GenerationOptions, Qwen3Error, cli, generate
 from qwen3_mlx.batch_files import LINE_OPTIONS, read_batch_lines
+from qwen3_mlx.prompt import Prompt
 
 GREEDY = ["--temp", "0", "--no-think", "-m", "5"]
 
@@ -73,9 +74,9 @@ def test_the_system_option_applies_to_prompts_without_a_system_message():
     batch = read_batch_lines([json.dumps({"messages": [{"role": "user", "content": "b"}]}), json.dumps(own)],
                              base, system="shared")
     assert batch.format == "chat"
-    assert [r.prompt[0]["content"] for r in batch.requests] == ["shared", "mine"]
-    assert read_batch_lines(["b"], base, system="shared").requests[0].prompt == [
-        {"role": "system", "content": "shared"}, {"role": "user", "content": "b"}]
+    assert [r.prompt.content[0]["content"] for r in batch.requests] == ["shared", "mine"]
+    assert read_batch_lines(["b"], base, system="shared").requests[0].prompt == Prompt([
+        {"role": "system", "content": "shared"}, {"role": "user", "content": "b"}])
 
 
 def test_an_openai_batch_file_gets_openai_batch_output(tiny_checkpoint, tiny, tmp_path):
@@ -139,7 +140,11 @@ def test_an_openai_batch_line_with_a_response_format_answers_valid_json(tiny_che
     (['{"messages": [{"role": "user", "content": "a"}]}', '{"custom_id": "x", "body": {}}'],
      "2: an OpenAI batch request in a file of chat requests (as its first line is); use one format a file"),
     (['{"custom_id": "x", "body": {"messages": [{"role": "user", "content": "a"}], "n": 2}}'],
-     "1: body.n=2: one choice per request; write 2 requests"),
+     "1: body.n: 2 choices asked; this server gives one per request: send 2 requests (they are batched)"),
+    (['{"custom_id": "x", "body": {"messages": [{"role": "user", "content": "a"}], "stream": true}}'],
+     "1: body.stream: a batch response is not streamed; leave it false"),
+    (['{"messages": [{"role": "developer", "content": "a"}, {"role": "user", "content": "b"}], "temp": "x"}'],
+     "1: temp='x' must be a number"),
     (['{"custom_id": "x", "url": "/v1/embeddings", "body": {}}'],
      "1: url='/v1/embeddings': only /v1/chat/completions requests are run here"),
     (['{"messages": [{"role": "user", "content": "a"}], "temp": -1}'], "1: temperature must be >= 0, got -1"),
@@ -215,7 +220,7 @@ def test_hide_thinking_leaves_the_reasoning_out(tiny_checkpoint, tmp_path):
 
 
 def test_output_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
-    from qwen3_mlx import batch_files
+    from qwen3_mlx import batch_files, files
 
     out = tmp_path / "results.jsonl"
     out.write_text("the last run's\n")
@@ -223,7 +228,7 @@ def test_output_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
     def fail(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(batch_files.os, "replace", fail)
+    monkeypatch.setattr(files.os, "replace", fail)
     with pytest.raises(KeyboardInterrupt):
         batch_files.write_jsonl([{"index": 0}], out, print)
     assert list(tmp_path.iterdir()) == [out] and out.read_text() == "the last run's\n"

@@ -12,7 +12,7 @@ from qwen3_mlx.cli import main
 from qwen3_mlx.errors import Qwen3Error
 from qwen3_mlx.generation import generate
 from qwen3_mlx.loader import load
-from qwen3_mlx.prompt import encode_prompt
+from qwen3_mlx.prompt import Prompt, encode_prompt
 from qwen3_mlx.prompt_cache import common_prefix, load_cache, save_cache
 
 
@@ -181,7 +181,7 @@ def test_generate_prompt_cache_reuses_the_shared_prefix(ckpt, tmp_path):
     assert "(0 cached)" in runs[0].stderr
     cached_second = int(runs[1].stderr.split("tokens (")[1].split(" cached")[0])
     _, tok = load(ckpt)
-    first, second = (encode_prompt(tok, q, system=system, think=False)[0] for q in ("first question", "second question"))
+    first, second = (encode_prompt(tok, Prompt(q, system=system), think=False)[0] for q in ("first question", "second question"))
     assert cached_second == common_prefix(first, second) > 140  # the whole system turn came from the file
     assert runs[1].stdout == runs[2].stdout
     plain = CliRunner().invoke(main, ["generate", "--model", str(ckpt), "--system", system, "--prompt",

@@ -264,10 +264,10 @@ def test_a_malformed_message_with_a_system_prompt_is_one_option_error(tok):
 
 
 def test_the_soft_switch_is_read_from_text_parts(tok):
-    from qwen3_mlx.prompt import encode_prompt
+    from qwen3_mlx.prompt import Prompt, encode_prompt
 
     parts = [{"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "text", "text": "/no_think"}]}]
-    ids, thinking = encode_prompt(tok, parts)
+    ids, thinking = encode_prompt(tok, Prompt(parts))
     assert thinking is False
     assert tok.decode(ids).endswith("hi\n/no_think<|im_end|>\n<|im_start|>assistant\n")
 

@@ -79,9 +79,8 @@ def post(live, body, path="/v1/chat/completions", **kwargs):
 
 
 def completion_tokens(result, tok):
-    """The server's rule: every token of the response but the end of turn."""
-    ids = result.stats.token_ids
-    return len(ids) - (1 if ids and ids[-1] in tok.eos_token_ids else 0)
+    """The one rule (server.replies.usage): every token of the response, the end of turn included."""
+    return len(result.stats.token_ids)
 
 
 # ---------------------------------------------------------------- the tiny checkpoint: equal to the library

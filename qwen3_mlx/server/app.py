@@ -13,9 +13,7 @@ import asyncio
 import hmac
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -26,10 +24,12 @@ from starlette.exceptions import HTTPException
 
 from ..engine import EngineClosed, EngineFull
 from ..errors import Qwen3Error
-from ..response import Chunk, GenerationStats, TokenLogprob
+from ..response import Chunk, TokenLogprob
 from . import protocol as p
+from .replies import Reply, chat_completion, chat_logprobs, completion, dump_json, legacy_logprobs, new_id
 from .params import (
     ApiError,
+    validation_problem,
     Settings,
     Submission,
     chat_submission,
@@ -39,7 +39,6 @@ from .params import (
 log = logging.getLogger("qwen3_mlx.server")
 
 DEFAULT_MAX_BODY_BYTES = 8 << 20
-_FINISH = {"stop": "stop", "stop_string": "stop", "length": "length", "tool_calls": "tool_calls"}
 _ERRORS = {400: p.ErrorResponse, 401: p.ErrorResponse, 404: p.ErrorResponse, 413: p.ErrorResponse,
            429: p.ErrorResponse, 503: p.ErrorResponse}
 _ERROR_DOCS = {status: {"model": model} for status, model in _ERRORS.items()}
@@ -91,7 +90,7 @@ def _routes() -> Any:
                                   request.app.state.engine.tokenizer)
             return _sse(events)
         reply = await _collect(chunks, body.parallel_tool_calls)
-        return _json(_chat_completion(reply, settings.model_id, body.logprobs, request.app.state.engine.tokenizer))
+        return _json(chat_completion(reply, settings.model_id, body.logprobs, request.app.state.engine.tokenizer))
 
     @router.post("/v1/completions", response_model=p.Completion, responses=_ERROR_DOCS)
     async def completions(body: p.CompletionRequest, request: Request) -> Response:
@@ -104,7 +103,7 @@ def _routes() -> Any:
             return _sse(_completion_events(chunks, settings.model_id, include_usage, body.logprobs is not None,
                                            tokenizer))
         reply = await _collect(chunks, True)
-        return _json(_completion(reply, settings.model_id, body.logprobs is not None, tokenizer))
+        return _json(completion(reply, settings.model_id, body.logprobs is not None, tokenizer))
 
     @router.get("/v1/models", response_model=p.ModelList, responses=_ERROR_DOCS)
     async def models(request: Request) -> p.ModelList:
@@ -136,7 +135,7 @@ async def _submit(engine: Any, submission: Callable[[Any, Settings], Submission]
 
     def submit() -> Any:
         s = submission(body, settings)
-        return engine.submit(s.prompt, s.options, raw=s.raw, tools=s.tools, loop=loop)
+        return engine.submit(s.prompt, s.options, loop=loop)
 
     return await asyncio.to_thread(submit)
 
@@ -161,52 +160,6 @@ async def _chunks(handle: Any, request: Request) -> AsyncIterator[Chunk]:
             handle.cancel()
 
 
-# ---------------------------------------------------------------- one response, gathered
-
-
-@dataclass
-class Reply:
-    """A response as its chunks arrive: the text of each part, the tool calls, the log-probabilities."""
-
-    parallel_tool_calls: bool = True
-    reasoning: list[str] = field(default_factory=list)
-    content: list[str] = field(default_factory=list)
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    stats: GenerationStats = field(default_factory=GenerationStats)
-
-    def add(self, chunk: Chunk) -> dict | None:
-        """Take in a chunk; returns its tool-call delta ({"index", "id", "name", "arguments"}), if any."""
-        self.stats = chunk.stats
-        if chunk.kind == "answer":
-            self.logprobs.extend(chunk.logprobs)
-            self.content.append(chunk.text)
-        elif chunk.kind == "reasoning":
-            self.reasoning.append(chunk.text)
-        else:
-            delta = chunk.tool_call
-            if delta is None or (delta.index > 0 and not self.parallel_tool_calls):
-                return None
-            return {"index": delta.index, "id": delta.id, "name": delta.name, "arguments": delta.arguments}
-        return None
-
-    @property
-    def finish_reason(self) -> str:
-        if self.tool_calls():
-            return "tool_calls"
-        reason = self.stats.finish_reason or "stop"
-        return _FINISH.get(reason, reason)
-
-    def tool_calls(self) -> list[p.ToolCall] | None:
-        """The answer's complete calls, as the library parsed them (a call announced while streaming,
-        then found malformed, is not one); the first alone without parallel_tool_calls."""
-        calls = self.stats.tool_calls[: None if self.parallel_tool_calls else 1]
-        if not calls:
-            return None
-        return [p.ToolCall(id=c.id, function=p.FunctionCall(name=c.name, arguments=c.arguments)) for c in calls]
-
-    def usage(self, eos_ids: frozenset[int]) -> p.Usage:
-        return usage(self.stats, eos_ids)
-
 
 async def _collect(chunks: AsyncIterator[Chunk], parallel_tool_calls: bool) -> Reply:
     reply = Reply(parallel_tool_calls)
@@ -218,48 +171,17 @@ async def _collect(chunks: AsyncIterator[Chunk], parallel_tool_calls: bool) -> R
     return reply
 
 
-def usage(stats: GenerationStats, eos_ids: frozenset[int]) -> p.Usage:
-    """completion_tokens: every token of the response, reasoning, <think> tags and forced text included,
-    but not the end-of-turn token; reasoning_tokens: those the model wrote inside the reasoning."""
-    ids = stats.token_ids
-    completion = len(ids) - (1 if ids and ids[-1] in eos_ids else 0)
-    return p.Usage(prompt_tokens=stats.prompt_tokens, completion_tokens=completion,
-                   total_tokens=stats.prompt_tokens + completion,
-                   prompt_tokens_details=p.PromptTokensDetails(cached_tokens=stats.cached_tokens),
-                   completion_tokens_details=p.CompletionTokensDetails(reasoning_tokens=stats.reasoning_tokens))
-
-
-def _chat_completion(reply: Reply, model_id: str, logprobs: bool, tokenizer: Any) -> p.ChatCompletion:
-    reasoning = "".join(reply.reasoning) or None
-    calls = reply.tool_calls()
-    content = "".join(reply.content)
-    message = p.AssistantMessage(content=content if content or not calls else None, reasoning_content=reasoning,
-                                 reasoning=reasoning, tool_calls=calls)
-    choice = p.ChatChoice(message=message, finish_reason=reply.finish_reason,
-                          logprobs=_chat_logprobs(reply.logprobs, tokenizer) if logprobs else None)
-    return p.ChatCompletion(id=_id("chatcmpl"), model=model_id, choices=[choice],
-                            usage=reply.usage(tokenizer.eos_token_ids))
-
-
-def _completion(reply: Reply, model_id: str, logprobs: bool, tokenizer: Any) -> p.Completion:
-    reasoning = "".join(reply.reasoning) or None
-    choice = p.CompletionChoice(text="".join(reply.content), finish_reason=reply.finish_reason,
-                                logprobs=_legacy_logprobs(reply.logprobs, tokenizer) if logprobs else None,
-                                reasoning_content=reasoning, reasoning=reasoning)
-    return p.Completion(id=_id("cmpl"), model=model_id, choices=[choice], usage=reply.usage(tokenizer.eos_token_ids))
-
-
 # ---------------------------------------------------------------- streams
 
 
 async def _chat_events(chunks: AsyncIterator[Chunk], model_id: str, include_usage: bool, logprobs: bool,
                        parallel_tool_calls: bool, tokenizer: Any) -> AsyncIterator[p.ChatCompletionChunk]:
-    cid, created, reply = _id("chatcmpl"), int(time.time()), Reply(parallel_tool_calls)
+    cid, created, reply = new_id("chatcmpl"), int(time.time()), Reply(parallel_tool_calls)
 
     def event(delta: p.Delta, finish: str | None = None, lp: list[TokenLogprob] | None = None,
               ) -> p.ChatCompletionChunk:
         choice = p.ChunkChoice(delta=delta, finish_reason=finish,
-                               logprobs=_chat_logprobs(lp, tokenizer) if logprobs and lp else None)
+                               logprobs=chat_logprobs(lp, tokenizer) if logprobs and lp else None)
         return p.ChatCompletionChunk(id=cid, created=created, model=model_id, choices=[choice])
 
     yield event(p.Delta(role="assistant", content=""))
@@ -274,7 +196,7 @@ async def _chat_events(chunks: AsyncIterator[Chunk], model_id: str, include_usag
     yield event(p.Delta(), reply.finish_reason)
     if include_usage:
         yield p.ChatCompletionChunk(id=cid, created=created, model=model_id, choices=[],
-                                    usage=reply.usage(tokenizer.eos_token_ids))
+                                    usage=reply.usage())
 
 
 def _tool_call_delta(call: dict) -> p.ToolCallDelta:
@@ -284,12 +206,12 @@ def _tool_call_delta(call: dict) -> p.ToolCallDelta:
 
 async def _completion_events(chunks: AsyncIterator[Chunk], model_id: str, include_usage: bool, logprobs: bool,
                              tokenizer: Any) -> AsyncIterator[p.Completion]:
-    cid, created, reply = _id("cmpl"), int(time.time()), Reply()
+    cid, created, reply = new_id("cmpl"), int(time.time()), Reply()
 
     def event(text: str, finish: str | None = None, lp: list[TokenLogprob] | None = None,
               reasoning: str | None = None) -> p.Completion:
         choice = p.CompletionChoice(text=text, finish_reason=finish, reasoning_content=reasoning, reasoning=reasoning,
-                                    logprobs=_legacy_logprobs(lp, tokenizer) if logprobs and lp else None)
+                                    logprobs=legacy_logprobs(lp, tokenizer) if logprobs and lp else None)
         return p.Completion(id=cid, created=created, model=model_id, choices=[choice])
 
     async for chunk in chunks:
@@ -301,7 +223,7 @@ async def _completion_events(chunks: AsyncIterator[Chunk], model_id: str, includ
     yield event("", reply.finish_reason)
     if include_usage:
         yield p.Completion(id=cid, created=created, model=model_id, choices=[],
-                           usage=reply.usage(tokenizer.eos_token_ids))
+                           usage=reply.usage())
 
 
 def _sse(events: AsyncIterator[Any]) -> StreamingResponse:
@@ -310,7 +232,7 @@ def _sse(events: AsyncIterator[Any]) -> StreamingResponse:
     async def lines() -> AsyncIterator[str]:
         try:
             async for event in events:
-                yield f"data: {event.model_dump_json(exclude_none=True)}\n\n"
+                yield f"data: {dump_json(event)}\n\n"
         except Qwen3Error as e:
             yield f"data: {_error_body(500, str(e), type='server_error')}\n\n"
         yield "data: [DONE]\n\n"
@@ -320,39 +242,7 @@ def _sse(events: AsyncIterator[Any]) -> StreamingResponse:
 
 
 def _json(body: p.BaseModel) -> Response:
-    return Response(body.model_dump_json(exclude_none=True), media_type="application/json")
-
-
-# ---------------------------------------------------------------- log-probabilities
-
-
-def _token_text(tokenizer: Any, token: int) -> str:
-    return tokenizer.decode([token])
-
-
-def _chat_logprobs(logprobs: list[TokenLogprob], tokenizer: Any) -> p.ChoiceLogprobs:
-    def top(token: int, logprob: float) -> p.TopLogprob:
-        text = _token_text(tokenizer, token)
-        return p.TopLogprob(token=text, logprob=logprob, bytes=list(text.encode("utf-8")))
-
-    return p.ChoiceLogprobs(content=[
-        p.TokenLogprob(**top(lp.token, lp.logprob).model_dump(), top_logprobs=[top(t, v) for t, v in lp.top])
-        for lp in logprobs])
-
-
-def _legacy_logprobs(logprobs: list[TokenLogprob], tokenizer: Any) -> p.LegacyLogprobs:
-    tokens = [_token_text(tokenizer, lp.token) for lp in logprobs]
-    offsets, at = [], 0
-    for text in tokens:
-        offsets.append(at)
-        at += len(text)
-    return p.LegacyLogprobs(tokens=tokens, token_logprobs=[lp.logprob for lp in logprobs],
-                            top_logprobs=[{_token_text(tokenizer, t): v for t, v in lp.top} for lp in logprobs],
-                            text_offset=offsets)
-
-
-def _id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
+    return Response(dump_json(body), media_type="application/json")
 
 
 # ---------------------------------------------------------------- errors
@@ -368,16 +258,8 @@ def _error(status: int, message: str, **kwargs: Any) -> Response:
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    """The first problem, as `param: what is wrong`."""
-    error = exc.errors()[0] if exc.errors() else {"msg": "invalid request", "loc": ()}
-    loc = [str(part) for part in error.get("loc", ()) if part != "body"]
-    if error.get("type") == "json_invalid":
-        detail = (error.get("ctx") or {}).get("error", "")
-        return f"the body is not valid JSON{f' ({detail})' if detail else ''}", None
-    param = ".".join(loc) or None
-    if not loc:
-        return "the body must be a JSON object", None
-    return f"{param or 'body'}: {error.get('msg', 'invalid')}", param
+    """The first problem, as `param: what is wrong` (params.validation_problem)."""
+    return validation_problem(exc.errors())
 
 
 def _add_error_handlers(app: FastAPI) -> None:

@@ -1,4 +1,6 @@
-"""A request's parameters made into what the engine takes: the prompt, GenerationOptions and tools.
+"""The one reading of an API's request body: it becomes what the engine takes, a Prompt and
+GenerationOptions. Budgets, caps, effort names, defaults and refusals live here, for the server's
+routes and for `generate --prompts-file`'s OpenAI batch lines alike.
 
 Every refusal is an ApiError naming the parameter: a value the server cannot honour is never
 silently dropped. Unknown parameter names never get here (protocol.py ignores them).
@@ -8,13 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
+
+from pydantic import ValidationError
 
 from ..errors import OptionError
-from ..options import GenerationOptions
+from ..options import REASONING_EFFORTS, GenerationOptions
+from ..prompt import Prompt
 from ..structured import response_format_schema, tool_call_grammar
 from .protocol import (
-    REASONING_EFFORT_BUDGETS,
     ChatCompletionRequest,
     CompletionRequest,
     SamplingParameters,
@@ -41,16 +45,15 @@ class Settings:
     model_id: str
     max_tokens_cap: int = 4096  # the most a request may generate; also the default
     default_thinking_budget: int | None = None
+    defaults: GenerationOptions = GenerationOptions()  # what a body leaves unset (the CLI's options, for a batch)
 
 
 @dataclass(frozen=True)
 class Submission:
-    """What goes to engine.submit."""
+    """What goes to engine.submit: a whole request."""
 
-    prompt: Any  # messages, text or token ids
+    prompt: Prompt
     options: GenerationOptions
-    raw: bool = False
-    tools: list[dict] | None = None
 
 
 def check_model(body: SamplingParameters, settings: Settings) -> None:
@@ -59,13 +62,40 @@ def check_model(body: SamplingParameters, settings: Settings) -> None:
                             "(GET /v1/models)", param="model", code="model_not_found")
 
 
+def validation_problem(errors: Sequence[Any]) -> tuple[str, str | None]:
+    """The first of pydantic's errors about a body, as (`param: what is wrong`, param)."""
+    error = errors[0] if errors else {"msg": "invalid request", "loc": ()}
+    loc = [str(part) for part in error.get("loc", ()) if part != "body"]
+    if error.get("type") == "json_invalid":
+        detail = (error.get("ctx") or {}).get("error", "")
+        return f"the body is not valid JSON{f' ({detail})' if detail else ''}", None
+    if not loc:
+        return "the body must be a JSON object", None
+    param = ".".join(loc)
+    return f"{param}: {error.get('msg', 'invalid')}", param
+
+
+def chat_body_submission(body: dict, settings: Settings) -> Submission:
+    """A chat completion body as JSON reads it (an OpenAI batch line's), read as the route reads it.
+
+    Raises:
+        ApiError: what the route would answer with a 400 (or 404).
+    """
+    try:
+        request = ChatCompletionRequest.model_validate(body)
+    except ValidationError as e:
+        message, param = validation_problem(e.errors())
+        raise ApiError(400, message, param=param) from None
+    return chat_submission(request, settings)
+
+
 def chat_submission(body: ChatCompletionRequest, settings: Settings) -> Submission:
     check_model(body, settings)
     _check_common(body)
     choice = body.tool_choice
     if body.top_logprobs is not None and not body.logprobs:
         raise ApiError(400, "top_logprobs: needs logprobs=true", param="top_logprobs")
-    think = (body.chat_template_kwargs or {}).get("enable_thinking", True)
+    think = (body.chat_template_kwargs or {}).get("enable_thinking", settings.defaults.think)
     if not isinstance(think, bool):
         raise ApiError(400, f"chat_template_kwargs.enable_thinking: must be true or false, got {think!r}",
                        param="chat_template_kwargs.enable_thinking")
@@ -74,7 +104,7 @@ def chat_submission(body: ChatCompletionRequest, settings: Settings) -> Submissi
     asked = body.max_completion_tokens or body.max_tokens
     options = generation_options(body, settings, asked, think=think, logprobs=logprobs)
     options = dataclasses.replace(options, **constraint(body, tools))
-    return Submission(chat_messages(body), options, tools=tools)
+    return Submission(Prompt(chat_messages(body), tools=tools), options)
 
 
 def constraint(body: ChatCompletionRequest, tools: list[dict] | None) -> dict[str, Any]:
@@ -119,7 +149,7 @@ def completion_submission(body: CompletionRequest, settings: Settings) -> Submis
     # Text completion uses the non-thinking sampling defaults; a prompt that ends inside <think> is
     # still read as reasoning, and the thinking budget applies to it.
     options = generation_options(body, settings, body.max_tokens, think=False, logprobs=body.logprobs)
-    return Submission(prompt, options, raw=isinstance(prompt, str))
+    return Submission(Prompt(prompt, raw=isinstance(prompt, str)), options)
 
 
 def chat_messages(body: ChatCompletionRequest) -> list[dict]:
@@ -151,7 +181,7 @@ def thinking_budget(body: SamplingParameters, default: int | None) -> int | None
     if named:
         return next(iter(named.values()))
     if body.reasoning_effort is not None:
-        return REASONING_EFFORT_BUDGETS[body.reasoning_effort]
+        return REASONING_EFFORTS[body.reasoning_effort]
     return default
 
 
@@ -162,7 +192,7 @@ def generation_options(body: SamplingParameters, settings: Settings, asked: int 
     most = min(asked or settings.max_tokens_cap, settings.max_tokens_cap)
     budget = thinking_budget(body, settings.default_thinking_budget)
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
-    return GenerationOptions(
+    given = dict(
         think=think,
         thinking_budget=None if budget is None else min(budget, most),
         max_tokens=most,
@@ -178,6 +208,8 @@ def generation_options(body: SamplingParameters, settings: Settings, asked: int 
         seed=body.seed,
         logprobs=logprobs,
     )
+    always = ("think", "thinking_budget", "max_tokens", "max_total_tokens", "logprobs")  # the body's, given or not
+    return settings.defaults.replace(**{k: v for k, v in given.items() if k in always or v not in (None, ())})
 
 
 def logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:

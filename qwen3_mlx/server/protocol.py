@@ -12,8 +12,6 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
-# reasoning_effort, for clients that know only OpenAI's name, as thinking budgets (None: no limit).
-REASONING_EFFORT_BUDGETS: dict[str, int | None] = {"none": 0, "minimal": 256, "low": 1024, "medium": 4096, "high": None}
 
 Count = Annotated[int, Field(ge=1)]
 Probability = Annotated[float, Field(ge=0, le=1)]
@@ -125,8 +123,9 @@ class SamplingParameters(_Request):
     thinking_budget: Budget | None = Field(None, description="The most reasoning tokens (0: no reasoning).")
     thinking_budget_tokens: Budget | None = Field(None, description="llama.cpp's name for thinking_budget.")
     thinking_token_budget: Budget | None = Field(None, description="vLLM's name for thinking_budget.")
-    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = Field(
-        None, description="A thinking budget by name: none 0, minimal 256, low 1024, medium 4096, high no limit.")
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = Field(
+        None, description="A thinking budget by name (options.REASONING_EFFORTS): none 0, minimal 256, low 1024, "
+                          "medium 4096, high 16384, xhigh 32768, max no limit.")
 
 
 class ChatCompletionRequest(SamplingParameters):
