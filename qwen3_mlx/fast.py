@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import math
 import os
 from typing import Callable, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
+
+from mlx.nn.layers.distributed import AllToShardedLinear, QuantizedAllToShardedLinear
 
 from .cache import BatchKVCache, BatchSlots, KVCache, Slots
 from .model import MLP, Attention, Mask, Model
@@ -35,6 +38,10 @@ from .model import MLP, Attention, Mask, Model
 # matter either way, and in 4 bits every matmul pays).
 SPLIT_MIN_COST = 1 << 18
 QUANTIZED_COST = 8
+# Layers whose output rows are computed apart from each other, so that they can be fused side by side
+# and split by rows: plain ones, and the all-to-sharded ones of parallel.py (a rank's whole heads,
+# computed locally). The sharded-to-all ones end in an all_sum and are neither.
+LOCAL_LINEARS = (nn.Linear, nn.QuantizedLinear, AllToShardedLinear, QuantizedAllToShardedLinear)
 
 
 # ---------------------------------------------------------------- fused projections
@@ -155,9 +162,25 @@ def _extra_cpu_streams(n: int) -> tuple[mx.ThreadLocalStream, ...]:
 
 
 def cpu_threads() -> int:
-    """How many threads the CPU matmuls get: the cores this process may use, at most 4."""
+    """How many threads the CPU matmuls get: the cores this process may use, shared with the other
+    ranks of a launched job on this host (local_ranks), at most 4."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return min(cores, 4)
+    return max(1, min(cores // local_ranks(), 4))
+
+
+def local_ranks() -> int:
+    """How many ranks of a job started by mlx.launch run on this host: those its ring hostfile
+    (MLX_HOSTFILE, a JSON list of each rank's "ip:port" list; MLX_RANK is this rank) lists under an IP
+    of this rank's. 1 outside such a job, and under JACCL or MPI (a rank per machine)."""
+    path, rank = os.environ.get("MLX_HOSTFILE"), os.environ.get("MLX_RANK")
+    if not path or rank is None:
+        return 1
+    try:
+        with open(path, encoding="utf-8") as f:
+            hosts = [{address.rsplit(":", 1)[0] for address in rank_addresses} for rank_addresses in json.load(f)]
+        return sum(1 for ips in hosts if ips & hosts[int(rank)])
+    except (OSError, ValueError, TypeError, AttributeError, IndexError):
+        return 1
 
 
 # ---------------------------------------------------------------- compiled decode
@@ -236,7 +259,7 @@ def speed_up(model: Model, threads: int | None = None, split_min_cost: int = SPL
         return threads > 1 and cost >= split_min_cost
 
     def split(layer: nn.Module) -> nn.Module:
-        if not isinstance(layer, (nn.Linear, nn.QuantizedLinear)) or threads == 1:
+        if not isinstance(layer, LOCAL_LINEARS) or threads == 1:
             return layer
         rows = _rows_worth_splitting(_cost(layer, quantized_cost), split_min_cost)
         return RowSplit(layer, streams, rows) if rows is not None else layer
@@ -245,14 +268,18 @@ def speed_up(model: Model, threads: int | None = None, split_min_cost: int = SPL
         layer.self_attn = _fast_attention(layer.self_attn, on_cpu, split)
         mx.eval(layer.self_attn.parameters())  # one block at a time: the old arrays go as the new ones come
         mlp = layer.mlp
-        if worth_splitting(2 * _cost(mlp.gate_proj, quantized_cost)) and _concatenable([mlp.gate_proj, mlp.up_proj]):
+        local = isinstance(mlp.down_proj, (nn.Linear, nn.QuantizedLinear))  # a sharded MLP's blocks would each all_sum
+        if (local and worth_splitting(2 * _cost(mlp.gate_proj, quantized_cost))
+                and _concatenable([mlp.gate_proj, mlp.up_proj])):
             layer.mlp = _split_mlp(mlp, threads, streams)
         else:
             layer.mlp = _fast_mlp(mlp, split)
         mx.eval(layer.mlp.parameters())
     if model.args.tie_word_embeddings:
-        embed = model.model.embed_tokens
-        rows = _rows_worth_splitting(_cost(embed, quantized_cost), split_min_cost)
+        embed = model.model.get("embed_tokens")  # a pipeline stage's may be none, or not an embedding (parallel.py)
+        rows = None
+        if isinstance(embed, (nn.Embedding, nn.QuantizedEmbedding)):
+            rows = _rows_worth_splitting(_cost(embed, quantized_cost), split_min_cost)
         if threads > 1 and rows is not None:
             model.model.embed_tokens = RowSplitEmbedding(embed, streams, rows)
     else:
@@ -323,7 +350,7 @@ def _concatenable(layers: list[nn.Module]) -> bool:
         return (type(m), getattr(m, "group_size", None), getattr(m, "bits", None), getattr(m, "mode", None),
                 sorted(m.keys()))
 
-    return type(layers[0]) in (nn.Linear, nn.QuantizedLinear) and all(kind(m) == kind(layers[0]) for m in layers)
+    return type(layers[0]) in LOCAL_LINEARS and all(kind(m) == kind(layers[0]) for m in layers)
 
 
 def _outputs(layer: nn.Module, x: mx.array, ends: list[int]) -> list[mx.array]:

@@ -8,7 +8,7 @@ import os
 import re
 import struct
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -19,6 +19,7 @@ from .errors import ConfigError, OptionError, Qwen3Error
 from .device import WIRED_LIMIT
 from .fast import speed_up
 from .model import Model
+from .parallel import MODES, join, shard, sync_random_state
 from .sampling import default_params, validate
 from .tokenizer import Tokenizer
 
@@ -257,7 +258,9 @@ def _check_weights(path: Path, args: ModelArgs, expected: dict[str, mx.array], w
                              f"{str(param.dtype).removeprefix('mlx.core.')} ({kind})")
 
 
-def load(path_or_repo: str | Path, dtype: str | mx.Dtype | None = None) -> tuple[Model, Tokenizer]:
+def load(path_or_repo: str | Path, dtype: str | mx.Dtype | None = None, parallel: str | None = None,
+         group: mx.distributed.Group | None = None,
+         layers_per_rank: Sequence[float] | None = None) -> tuple[Model, Tokenizer]:
     """Load a Qwen3 model and its tokenizer.
 
     Args:
@@ -265,17 +268,40 @@ def load(path_or_repo: str | Path, dtype: str | mx.Dtype | None = None) -> tuple
             or by `mlx_lm convert`), or a Hugging Face Hub repo id.
         dtype: cast floating weights to float16, bfloat16 or float32, given by name or as an mlx.core dtype
             (default: as stored).
+        parallel: in a process started by mlx.launch, "tensor" or "pipeline": this rank loads, and reads,
+            only its part of the model (parallel.shard), and seeds its random state as rank 0's
+            (parallel.sync_random_state). Every rank of the group must call load alike.
+        group: the ranks to shard over (default: parallel.join(), all of the job's).
+        layers_per_rank: pipeline only: each rank's share of the layers (parallel.layer_split).
 
     Returns:
         (model, tokenizer)
 
     Raises:
-        OptionError: dtype is none of the three.
-        Qwen3Error: the folder, a file, a key or a tensor is missing or wrong; the message says which.
+        OptionError: dtype is none of the three; a bad parallel option, or one the model cannot take.
+        Qwen3Error: the folder, a file, a key or a tensor is missing or wrong; the message says which;
+            the distributed backend could not start.
     """
     dtype_name(dtype)  # a bad option fails before a Hub download
+    if parallel not in (None, *MODES):
+        raise OptionError(f"parallel={parallel!r} must be None, 'tensor' or 'pipeline'")
+    if parallel is None and (group is not None or layers_per_rank is not None):
+        raise OptionError("group and layers_per_rank need parallel='tensor' or 'pipeline'")
+    if parallel is not None:
+        group = group or join()
+        if group.size() == 1:
+            raise OptionError(f"parallel={parallel!r} needs 2 or more ranks, and this process is alone; start "
+                              f"every rank with mlx.launch (e.g. mlx.launch -n 2 -- CMD)")
     path = resolve(path_or_repo)
-    model = load_model(path, dtype, swap=speed_up)
+
+    def swap(model: Model) -> None:
+        if parallel is not None:  # first: the fusion then joins each rank's own heads
+            shard(model, group, parallel, layers_per_rank)
+        speed_up(model)
+
+    model = load_model(path, dtype, swap=swap)
+    if parallel is not None:
+        sync_random_state(group)
     WIRED_LIMIT.hold(model)
     tokenizer = Tokenizer.from_dir(path)
     if tokenizer.generation_config is not None:

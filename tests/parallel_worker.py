@@ -1,0 +1,124 @@
+"""One rank of test_parallel.py's distributed runs.
+
+    MLX_HOSTFILE=hosts.json MLX_RANK=R python tests/parallel_worker.py SPEC.json OUT_DIR
+
+Runs the jobs of SPEC.json in order, each loading a checkpoint sharded (qwen3_mlx.load(parallel=...))
+and computing what the test compares with one process, and writes OUT_DIR/rankR.json: the results,
+and how the rank ended ("status": "ok" or "error" with the error line). A rank may end without
+writing it (killed, stopped, or by the watchdog's os._exit): the test reads its exit status and stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+
+from qwen3_mlx.batch import batch_generate
+from qwen3_mlx.errors import Qwen3Error
+from qwen3_mlx.fast import cpu_threads, speed_up
+from qwen3_mlx.generation import generate
+from qwen3_mlx.loader import load, load_model
+from qwen3_mlx.model import Model
+from qwen3_mlx.options import GenerationOptions
+from qwen3_mlx.parallel import Watchdog, join, shard, sync_random_state
+from qwen3_mlx.tokenizer import Tokenizer
+
+PROMPT = [1, 5, 9, 200, 33, 7, 11]
+BATCH = [[3 + i, 40 + 7 * i, 100 + i] for i in range(8)]  # 8 rows of 3 tokens
+TOKENS = 10
+
+
+def options(**kw) -> GenerationOptions:
+    return GenerationOptions(think=False, max_tokens=TOKENS, **kw)
+
+
+def load_sharded(job: dict, group: mx.distributed.Group) -> tuple[Model, Tokenizer | None]:
+    """With a tokenizer, through load(parallel=...); without (faster), as load does it: shard, then speed_up."""
+    if "generate" in job.get("checks", ()):
+        return load(job["path"], job.get("dtype"), parallel=job["parallel"], group=group,
+                    layers_per_rank=job.get("layers_per_rank"))
+
+    def swap(model: Model) -> None:
+        speed_up(shard(model, group, job["parallel"], job.get("layers_per_rank")))
+
+    return load_model(Path(job["path"]), job.get("dtype"), swap=swap), None
+
+
+def run_job(job: dict, group: mx.distributed.Group, watchdog: Watchdog) -> dict:
+    """What one checkpoint, loaded sharded, computes: every evaluation under the watchdog."""
+    with watchdog:
+        model, tok = load_sharded(job, group)
+    attn = model.layers[0].self_attn
+    out = {"layers": len(model.layers), "caches": len(model.make_cache()), "kv_heads": attn.n_kv_heads,
+           "args_kv_heads": model.args.num_key_value_heads, "fused": "qkv_proj" in attn,
+           "decode": type(model.decode).__name__, "sharding": [model.sharding.mode, list(model.sharding.layers)],
+           "cpu_threads": cpu_threads()}
+    ids = mx.array([PROMPT])
+    with watchdog:
+        out["logits"] = model(ids)[0].astype(mx.float32).tolist()  # (L, V)
+        cache = model.make_cache()
+        model(ids[:, :-1], cache)
+        mx.eval([c.keys for c in cache])  # as a prefill does: no logits evaluated
+        steps = [model.decode(ids[:, -1:], cache), model.decode(mx.array([[4]]), cache)]
+        out["steps"] = mx.concatenate(steps).astype(mx.float32).tolist()  # (2, V), through the compiled step
+    if "generate" in job.get("checks", ()):
+        with watchdog:
+            out["greedy"] = generate(model, tok, PROMPT, options(temp=0.0)).token_ids
+            out["seeded"] = generate(model, tok, PROMPT, options(temp=1.0, seed=7)).token_ids
+            sync_random_state(group, 1234)
+            out["synced"] = generate(model, tok, PROMPT, options(temp=1.0)).token_ids
+            out["unseeded"] = generate(model, tok, PROMPT, options(temp=1.0)).token_ids
+    if "batch" in job.get("checks", ()):  # with "generate"
+        with watchdog:
+            out["batch"] = [r.token_ids for r in batch_generate(model, tok, BATCH, options(temp=0.0))]
+    return out
+
+
+def run_fault(job: dict, group: mx.distributed.Group, watchdog: Watchdog, out_dir: Path) -> None:
+    """Decode steps until the last rank stops (SIGSTOP) or kills (SIGKILL) itself after job["after"];
+    the others must end within job["watchdog"] seconds. The last rank writes when it did so. Loading and
+    the first step (compiling) wait on the slowest rank under the run's longer watchdog."""
+    with watchdog:
+        model, _ = load_sharded(job, group)
+        cache = model.make_cache()
+        mx.eval(model.decode(mx.array([[0]]), cache))
+    last, short = group.rank() == group.size() - 1, Watchdog(group.rank(), job["watchdog"])
+    for step in range(1, 1000):
+        if last and step == job["after"]:
+            (out_dir / "fault.json").write_text(json.dumps({"time": time.time()}))
+            os.kill(os.getpid(), signal.SIGSTOP if job["fault"] == "stop" else signal.SIGKILL)
+        with short:
+            mx.eval(model.decode(mx.array([[step % 64]]), cache))
+
+
+def main(spec_file: str, out_dir: str) -> int:
+    spec = json.loads(Path(spec_file).read_text())
+    rank, out = int(os.environ["MLX_RANK"]), Path(out_dir)
+    result: dict = {"rank": rank, "jobs": {}, "status": "started"}
+    code = 0
+    try:
+        group = join("ring", spec.get("join_seconds", 30))
+        watchdog = Watchdog(group.rank(), spec.get("watchdog", 30))
+        for job in spec["jobs"]:
+            if "fault" in job:
+                run_fault(job, group, watchdog, out)
+            else:
+                result["jobs"][job["name"]] = run_job(job, group, watchdog)
+        result["status"] = "ok"
+    except Qwen3Error as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        result.update(status="error", error=str(e))
+        code = 1
+    finally:
+        (out / f"rank{rank}.json").write_text(json.dumps(result))
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main(*sys.argv[1:]))
