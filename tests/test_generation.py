@@ -1,5 +1,8 @@
 """Generation: thinking budget, stop rules, limits and seeds, on a scripted stub and a tiny random model."""
 
+import time
+from types import SimpleNamespace
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -179,18 +182,33 @@ def test_prefill_progress_is_reported_once_per_chunk(tok):
     assert calls == [(4, 10), (8, 10), (10, 10)]
 
 
-def test_the_decode_rate_counts_drawn_tokens_only_and_not_the_forced_pass(tok):
-    delay = 0.02  # every model call, whatever its length; so a step takes at least this
-    budgeted = ScriptedModel(thinker(tok, tok.encode(" x"), tok.encode(" y" * 30)), stub(tok, None).header, delay)
-    plain = ScriptedModel(thinker(tok, tok.encode(" x"), tok.encode(" y" * 30), reasoning_len=20),
-                          stub(tok, None).header, delay)
+class OneSecondPerCall(ScriptedModel):
+    """A scripted model whose every call, however many tokens it reads, takes one second of `clock`."""
+
+    def __init__(self, script, header, clock):
+        super().__init__(script, header)
+        self.clock = clock
+
+    def __call__(self, ids, cache):
+        self.clock.seconds += 1.0
+        return super().__call__(ids, cache)
+
+
+def test_the_decode_rate_counts_drawn_tokens_only_and_not_the_forced_pass(tok, monkeypatch):
+    # A fake clock that only model calls move: the timings are exact, however busy the machine is.
+    clock = SimpleNamespace(seconds=0.0)
+    monkeypatch.setattr(time, "perf_counter", lambda: clock.seconds)
+    header = tok.encode("<|im_start|>assistant\n")
+    budgeted = OneSecondPerCall(thinker(tok, tok.encode(" x"), tok.encode(" y" * 30)), header, clock)
+    plain = OneSecondPerCall(thinker(tok, tok.encode(" x"), tok.encode(" y" * 30), reasoning_len=20), header, clock)
     cut = generate(budgeted, tok, "q", thinking_budget=20).stats
     whole = generate(plain, tok, "q").stats
     assert cut.forced_tokens == len(tok.encode(EARLY_STOP_TEXT)) and whole.forced_tokens == 0
     # Not decode steps: the first token (out of the prefill), and the first after the forced pass.
     assert (cut.decode_tokens, whole.decode_tokens) == (cut.sampled_tokens - 2, whole.sampled_tokens - 1)
-    assert cut.generation_tps < 1 / delay and whole.generation_tps < 1 / delay
-    assert 0.75 < cut.generation_tps / whole.generation_tps < 1.33
+    # One call, one second, for each of them; the prefill's and the forced pass's seconds are not counted.
+    assert (cut.decode_seconds, whole.decode_seconds) == (cut.decode_tokens, whole.decode_tokens)
+    assert cut.generation_tps == whole.generation_tps == 1.0
 
 
 def test_empty_prompt_is_refused_in_raw_mode(tok):
