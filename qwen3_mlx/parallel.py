@@ -4,8 +4,9 @@
 
 - "tensor": in every layer q/k/v and gate/up become mlx.nn's all-to-sharded layers and o_proj and
   down_proj sharded-to-all ones (an all_sum each), so a rank keeps n_heads/N query heads,
-  n_kv_heads/N KV heads and intermediate_size/N of the MLP; embedding and head are replicated.
-  Two all_sums of (B, L, hidden) a layer.
+  n_kv_heads/N KV heads and intermediate_size/N of the MLP: two all_sums of (B, L, hidden) a layer.
+  The embedding and the head are cut by vocabulary (when N divides it; else replicated): an all_sum
+  of (B, L, hidden) after the lookup and an all_gather of (B, L, V/N) logits a step.
 - "pipeline": rank r keeps a run of consecutive layers (`PipelineStage`); the first stage embeds the
   tokens, the others receive the activations (B, L, hidden) from the rank before, and the last
   applies the final norm and the head, whose logits reach every rank through one all_sum (zeros
@@ -22,9 +23,11 @@ of a rank, which are whole heads. `Watchdog` bounds how long a rank waits on the
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import secrets
+import subprocess
 import sys
 import threading
 import time
@@ -115,8 +118,57 @@ def _shard_tensor(model: Model, group: mx.distributed.Group) -> None:
             mlp[name] = shard_linear(mlp[name], "all-to-sharded", group=group)
         mlp.down_proj = shard_linear(mlp.down_proj, "sharded-to-all", group=group)
     args = model.args
+    if args.vocab_size % n == 0:  # else replicated
+        inner = model.model
+        inner.embed_tokens = ShardedEmbedding(inner.embed_tokens, group)
+        if not args.tie_word_embeddings:
+            model.lm_head = GatheredHead(shard_linear(model.lm_head, "all-to-sharded", group=group), group)
     model.args = dataclasses.replace(args, num_attention_heads=args.num_attention_heads // n,
                                      num_key_value_heads=args.num_key_value_heads // n)
+
+
+class ShardedEmbedding(nn.Module):
+    """An embedding cut by vocabulary: rank r holds rows [r V/N, (r+1) V/N). A lookup takes each id's
+    row on the rank that holds it, zeros elsewhere, and an all_sum gives every rank the rows; as the
+    tied head, each rank's logits of its rows are all_gathered."""
+
+    def __init__(self, embedding: nn.Module, group: mx.distributed.Group) -> None:
+        super().__init__()
+        rows = embedding.weight.shape[0] // group.size()
+        self._start, self._rows, self._group = group.rank() * rows, rows, group
+        part = copy.copy(embedding)
+        for name, value in embedding.items():  # weight; scales and biases when quantized: all (V, ...)
+            part[name] = mx.contiguous(value[self._start : self._start + rows])
+        # Evaluated now, one table at a time, while the layers are still unread: the whole table is
+        # read to cut it, and would otherwise be read when every layer is in memory.
+        mx.eval(part.parameters())
+        self.embedding = part
+
+    def __call__(self, ids: mx.array) -> mx.array:
+        local = ids - self._start
+        held = (local >= 0) & (local < self._rows)
+        h = self.embedding(mx.where(held, local, 0))  # (B, L, hidden)
+        return mx.distributed.all_sum(mx.where(held[..., None], h, 0), group=self._group)
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        return _gather_vocab(self.embedding.as_linear(x), self._group)
+
+
+class GatheredHead(nn.Module):
+    """An untied head whose rows (the vocabulary) are sharded: each rank's logits, all_gathered."""
+
+    def __init__(self, head: nn.Module, group: mx.distributed.Group) -> None:
+        super().__init__()
+        self.head, self._group = head, group
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return _gather_vocab(self.head(x), self._group)
+
+
+def _gather_vocab(logits: mx.array, group: mx.distributed.Group) -> mx.array:
+    """(B, L, V/N) on each rank -> (B, L, V), rank 0's part first."""
+    parts = mx.distributed.all_gather(logits, group=group)  # (N * B, L, V/N)
+    return parts.reshape(group.size(), *logits.shape).moveaxis(0, -2).reshape(*logits.shape[:-1], -1)
 
 
 def _check_tensor(model: Model, n: int) -> None:
@@ -313,20 +365,33 @@ class Watchdog:
 
 def join(backend: str = "any", seconds: float = WATCHDOG_SECONDS) -> mx.distributed.Group:
     """This process's group in a job started by mlx.launch (or mpirun): mx.distributed.init, with a
-    backend that cannot start, or peers that do not connect within `seconds`, reported in one line.
-    A process that no launcher started is a group of one."""
+    backend that cannot start reported in one line, and peers that do not connect within `seconds`
+    ending the process (SIGKILL) after one line. A process that no launcher started is a group of one."""
     if not any(key in os.environ for key in ("MLX_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")):
         return mx.distributed.init(backend=backend)
     rank = os.environ.get("MLX_RANK", "")
     rank = int(rank) if rank.isdigit() else 0
     message = (f"error: rank {rank}: the other ranks did not connect within {seconds:g} s; check that every "
                f"rank started and that the hostfile's addresses are this machine's and reachable")
-    with Watchdog(rank, seconds, message=message):
-        try:
-            return mx.distributed.init(strict=True, backend=backend)
-        except RuntimeError as e:
-            raise Qwen3Error(f"rank {rank}: mx.distributed backend {backend!r} could not start ({e}); run under "
-                             f"mlx.launch (e.g. mlx.launch -n 2 -- CMD) with a valid hostfile") from None
+    # init holds the GIL while it waits for its peers, so no thread of this process could end the wait.
+    guard = subprocess.Popen([sys.executable, "-c", _GUARD, str(os.getpid()), str(seconds), message],
+                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    try:
+        return mx.distributed.init(strict=True, backend=backend)
+    except RuntimeError as e:
+        raise Qwen3Error(f"rank {rank}: mx.distributed backend {backend!r} could not start ({e}); run under "
+                         f"mlx.launch (e.g. mlx.launch -n 2 -- CMD) with a valid hostfile") from None
+    finally:
+        guard.kill()
+        guard.wait()
+
+
+_GUARD = """import os, signal, sys, time
+pid, seconds, message = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
+time.sleep(seconds)
+print(message, file=sys.stderr, flush=True)
+os.kill(pid, signal.SIGKILL)
+"""
 
 
 def _peer_lost(message: str) -> bool:

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 
 from qwen3_mlx.batch import batch_generate
 from qwen3_mlx.errors import Qwen3Error
@@ -50,6 +51,13 @@ def load_sharded(job: dict, group: mx.distributed.Group) -> tuple[Model, Tokeniz
     return load_model(Path(job["path"]), job.get("dtype"), swap=swap), None
 
 
+def embedding_rows(model: Model) -> int | None:
+    """Rows of the embedding table this rank holds (sharded by vocabulary, or whole); None if none."""
+    params = dict(tree_flatten(model.model.parameters()))
+    tables = [v for k, v in params.items() if k.startswith("embed_tokens") and k.endswith("weight")]
+    return tables[0].shape[0] if tables else None
+
+
 def run_job(job: dict, group: mx.distributed.Group, watchdog: Watchdog) -> dict:
     """What one checkpoint, loaded sharded, computes: every evaluation under the watchdog."""
     with watchdog:
@@ -58,7 +66,7 @@ def run_job(job: dict, group: mx.distributed.Group, watchdog: Watchdog) -> dict:
     out = {"layers": len(model.layers), "caches": len(model.make_cache()), "kv_heads": attn.n_kv_heads,
            "args_kv_heads": model.args.num_key_value_heads, "fused": "qkv_proj" in attn,
            "decode": type(model.decode).__name__, "sharding": [model.sharding.mode, list(model.sharding.layers)],
-           "cpu_threads": cpu_threads()}
+           "cpu_threads": cpu_threads(), "embedding_rows": embedding_rows(model)}
     ids = mx.array([PROMPT])
     with watchdog:
         out["logits"] = model(ids)[0].astype(mx.float32).tolist()  # (L, V)

@@ -208,6 +208,13 @@ def test_each_rank_holds_its_heads_or_its_layers_and_caches_for_them(two, four):
     assert [(r["odd-pipeline"]["layers"], r["odd-pipeline"]["caches"]) for r in two] == [(2, 2), (1, 1)]
 
 
+def test_tensor_ranks_hold_their_share_of_the_vocabulary_and_pipeline_ranks_what_they_use(two, four):
+    assert [r["odd-tensor"]["embedding_rows"] for r in two] == [256, 256]
+    assert [r["tied-tensor"]["embedding_rows"] for r in four] == [128] * 4
+    assert [r["odd-pipeline"]["embedding_rows"] for r in two] == [512, None]  # untied: the head on rank 1
+    assert [r["tied-pipeline"]["embedding_rows"] for r in two] == [512, 512]  # looked up on 0, the head on 1
+
+
 def test_sharded_layers_are_fused_per_rank_and_decode_compiled(two):
     for rank in two:
         for name in ("odd-tensor", "odd-pipeline", "q4-tensor"):
@@ -361,3 +368,27 @@ def test_sync_random_state_seeds_every_rank_with_rank_0s_seed():
     mx.random.seed(99)
     assert drawn == mx.random.uniform(shape=(3,)).tolist()
     assert 0 <= sync_random_state(group) < 2**31
+
+
+def join_alone(tmp_path: Path, hostfile: str) -> subprocess.CompletedProcess:
+    """Rank 0 of a 2-rank ring hostfile joining with nobody else started, with a 1 s bound."""
+    (tmp_path / "hosts.json").write_text(hostfile)
+    env = {**os.environ, "MLX_HOSTFILE": str(tmp_path / "hosts.json"), "MLX_RANK": "0"}
+    code = "from qwen3_mlx.parallel import join; join('ring', 1)"
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=30)
+
+
+def test_ranks_that_never_connect_end_the_join_in_one_line(tmp_path):
+    done = join_alone(tmp_path, json.dumps([[f"127.0.0.1:{port}"] for port in free_ports(2)]))
+    assert done.returncode == -9  # killed by join's guard: init holds the GIL, no thread could end it
+    assert done.stderr == ("error: rank 0: the other ranks did not connect within 1 s; check that every rank started "
+                           "and that the hostfile's addresses are this machine's and reachable\n")
+
+
+def test_a_hostfile_the_backend_cannot_read_is_one_line(tmp_path):
+    done = join_alone(tmp_path, "[not json")
+    assert done.returncode == 1
+    assert done.stderr.splitlines()[-1].startswith("qwen3_mlx.errors.Qwen3Error: rank 0: mx.distributed backend "
+                                                   "'ring' could not start ([json.exception.parse_error.101]")
+    assert done.stderr.splitlines()[-1].endswith("; run under mlx.launch (e.g. mlx.launch -n 2 -- CMD) with a valid "
+                                                 "hostfile")
