@@ -37,6 +37,7 @@ from typing import Callable, Sequence
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.nn.layers.distributed import shard_linear
+from mlx.utils import tree_map
 
 from .cache import KVCache
 from .config import ModelArgs
@@ -241,9 +242,10 @@ class PipelineStage(nn.Module):
             return self.norm(h)
         h = mx.distributed.send(h.astype(self._dtype), rank + 1, group=self._group)
         if cache:
-            # A prefill evaluates the caches, not the logits (generation.extend_cache): the send must
-            # happen then too, or the next rank waits for it forever.
-            cache[-1].keys = mx.depends(cache[-1].keys, h)
+            # A prefill evaluates the caches, not the logits (request.extend_cache): the send must
+            # happen then too, or the next rank waits for it forever. Keys: an array, or a quantized
+            # cache's tuple of them.
+            cache[-1].keys = tree_map(lambda a: mx.depends(a, h) if isinstance(a, mx.array) else a, cache[-1].keys)
         return h
 
 
