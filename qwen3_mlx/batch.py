@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 from collections import deque
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from .cache import BatchKVCache, KVCache
 from .device import generation_stream
 from .errors import MemoryLimitError, OptionError
 from .files import human_size
+from .kv_quant import KVQuantization
 from .model import Model
 from .options import DEFAULT_MAX_BATCH, DEFAULT_PREFILL_BUDGET, GenerationOptions
 from .prompt import Messages, Prompt
@@ -54,9 +56,9 @@ class BatchGenerator:
     """Token ids for many rows, one step ahead: `step()` queues the next decode step of every row and
     hands back the draws of the step before, for the caller to read while the device works."""
 
-    def __init__(self, model: Model) -> None:
+    def __init__(self, model: Model, quantization: KVQuantization | None = None) -> None:
         self.model = model
-        self.cache = [BatchKVCache() for _ in model.layers]
+        self.cache = [BatchKVCache(quantization) for _ in model.layers]
         self.rows: list[Row] = []
 
     def add(self, row: Row, cache: list[KVCache]) -> None:
@@ -132,11 +134,13 @@ class Scheduler:
     fits in `kv_memory` bytes: rows are left-padded to the longest, so the bound is rows x (the
     longest worst case, prompt + response, plus a growth step) x bytes per token. A request that
     could never fit is refused at submit.
+
+    The cache's kind is the run's (`quantization`): every request's keys and values are stored alike.
     """
 
     def __init__(self, model: Model, tokenizer: Tokenizer, *, max_batch: int = DEFAULT_MAX_BATCH,
                  kv_memory: int | None = None, prefix_store: PrefixStore | None = None,
-                 prefill_budget: int = DEFAULT_PREFILL_BUDGET) -> None:
+                 prefill_budget: int = DEFAULT_PREFILL_BUDGET, quantization: KVQuantization | None = None) -> None:
         if max_batch < 1:
             raise OptionError(f"max_batch must be >= 1, got {max_batch}")
         if prefill_budget < 1:
@@ -144,8 +148,11 @@ class Scheduler:
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.kv_memory, self.prefill_budget = max_batch, kv_memory, prefill_budget
         self.prefixes = prefix_store
+        self.quantization = quantization
+        if quantization is not None:
+            quantization.check(model.args.head_dim)
         self.per_token = model.kv_bytes_per_token()
-        self.gen = BatchGenerator(model)
+        self.gen = BatchGenerator(model, quantization)
         self.waiting: deque[Ticket] = deque()
         self.prefilling: _Prefill | None = None
         self.tickets: dict[Row, Ticket] = {}
@@ -158,6 +165,10 @@ class Scheduler:
         if job.options.max_kv_size is not None:
             raise OptionError("max_kv_size (a rotating cache) is not supported in a batch; "
                               "leave it unset, or generate this request alone")
+        asked = job.options.kv_quantization
+        if asked is not None and asked != self.quantization:
+            raise OptionError(f"{asked} is not this batch's cache, {KVQuantization.describe(self.quantization)}: "
+                              f"set it for the whole batch or engine, or leave it unset")
         most = job.most_tokens()
         need = self._bytes(1, most)
         if self.kv_memory is not None and need > self.kv_memory:
@@ -190,7 +201,12 @@ class Scheduler:
             self._read(self.gen.step())
 
     def _bytes(self, rows: int, most_tokens: int) -> int:
-        return rows * (most_tokens + BatchKVCache.step) * self.per_token
+        """The worst case of `rows` rows of at most `most_tokens` tokens (plus a growth step each)."""
+        q, tokens = self.quantization, most_tokens + BatchKVCache.step
+        if q is None:
+            return rows * tokens * self.per_token
+        packed = q.bytes_per_token(self.per_token, self.model.dtype.size)
+        return rows * math.ceil(tokens * packed + min(q.start, most_tokens) * self.per_token)
 
     def _fits(self, ticket: Ticket) -> bool:
         rows = len(self.gen.rows) + 1
@@ -209,7 +225,7 @@ class Scheduler:
         if job.response.limits.allow_nothing:
             self._finish(ticket)
             return
-        cache, cached = self.model.make_cache(), 0
+        cache, cached = self.model.make_cache(quantization=self.quantization), 0
         if self.prefixes is not None:
             cache, cached = self.prefixes.lookup(job.prompt_ids, cache)
         job.response.stats.cached_tokens = cached
@@ -332,7 +348,7 @@ class Scheduler:
         self.waiting.clear()
         self.tickets.clear()
         self.prefilling = None
-        self.gen = BatchGenerator(self.model)
+        self.gen = BatchGenerator(self.model, self.quantization)
         return tickets
 
 
@@ -390,7 +406,12 @@ def batch_generate(
         options = [options] * len(prompts)
     if len(options) != len(prompts):
         raise OptionError(f"options: {len(options)} given for {len(prompts)} prompts; give one, or one per prompt")
-    scheduler = Scheduler(model, tokenizer, max_batch=max_batch, kv_memory=kv_memory, prefill_budget=prefill_budget)
+    parts = {"system": system, "raw": raw, "tools": tools, "prefill_response": prefill_response}
+    requests = [(Prompt.of(prompt, **parts), GenerationOptions.of(opts, **kwargs)) for prompt, opts in zip(prompts, options)]
+    quantization = run_option([opts.kv_quantization for _, opts in requests],
+                              "kv_bits, kv_group_size, quantized_kv_start", KVQuantization.describe)
+    scheduler = Scheduler(model, tokenizer, max_batch=max_batch, kv_memory=kv_memory, prefill_budget=prefill_budget,
+                          quantization=quantization)
     chunks: list[list[Chunk]] = [[] for _ in prompts]
     ended = [0]
 
@@ -403,11 +424,22 @@ def batch_generate(
                     progress(ended[0], len(prompts))
         return sink
 
-    parts = {"system": system, "raw": raw, "tools": tools, "prefill_response": prefill_response}
-    jobs = [prepare(model, tokenizer, Prompt.of(prompt, **parts), GenerationOptions.of(opts, **kwargs))
-            for prompt, opts in zip(prompts, options)]
+    jobs = [prepare(model, tokenizer, prompt, opts) for prompt, opts in requests]
     for i, job in enumerate(jobs):
         scheduler.submit(Ticket(job, sink_of(i)))
     while scheduler.busy:
         scheduler.run_once()
     return [collect(iter(c)) for c in chunks]
+
+
+def run_option(values: Sequence[Any], name: str, text: Callable[[Any], str] = str) -> Any:
+    """A whole-run option's value (a property of the batch's cache): the one every request gives.
+
+    Raises:
+        OptionError: requests that give different values.
+    """
+    distinct = list(dict.fromkeys(values))
+    if len(distinct) > 1:
+        raise OptionError(f"{name}: the batch's, not a request's; give every prompt the same, "
+                          f"got {text(distinct[0])} and {text(distinct[1])}")
+    return distinct[0] if distinct else None

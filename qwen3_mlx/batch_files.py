@@ -32,7 +32,7 @@ FORMATS = ("text", "chat", "openai")
 # The rule: an option is a line's unless it is a property of the batch or of its shared cache (the
 # cache's kind and size, how prompts are computed into it); those are RUN_OPTIONS, set on the command
 # line for every line. A new GenerationOptions field is a line option unless it is added here.
-RUN_OPTIONS = ("max_kv_size", "prefill_step_size")
+RUN_OPTIONS = ("max_kv_size", "prefill_step_size", "kv_bits", "kv_group_size", "quantized_kv_start")
 LINE_OPTIONS = tuple(f.name for f in fields(GenerationOptions) if f.name not in RUN_OPTIONS)
 _FLOATS = ("temp", "top_p", "min_p", "presence_penalty", "repetition_penalty")
 CHAT_URL = "/v1/chat/completions"

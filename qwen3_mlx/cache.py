@@ -1,15 +1,42 @@
-"""Key/value caches. One protocol for both kinds; a cache is a value passed to the model, one per layer.
+"""Key/value caches. One protocol for every kind; a cache is a value passed to the model, one per layer.
 
 Protocol:
     offset                  tokens seen so far (the position of the next token)
     make_mask(L)            the attention mask for the next L tokens: None, "causal" or a bool (L, S) array
     update_and_fetch(k, v)  store the new (B, H_kv, L, D) keys/values; return the keys/values to attend to
     trim(n)                 forget the last n tokens (when is_trimmable()); returns how many were dropped
+
+Quantization is a property of any of them (KVQuantization, kv_quant.py): given one, a cache stores
+what it is given packed, and hands back Packed keys and values with their full-precision head; its
+masks are then pairs (the head's, the packed part's), each None or a bool array.
 """
 
 from __future__ import annotations
 
 import mlx.core as mx
+
+from .kv_quant import KVQuantization, Packed, Stored, nbytes, stored_map, write
+
+Mask = str | mx.array | tuple | None
+
+
+def _time(x: Stored) -> int:
+    return (x.data if isinstance(x, Packed) else x).shape[2]
+
+
+def _cols(x: Stored, start: int, stop: int | None = None) -> Stored:
+    return stored_map(lambda a: a[..., start:stop, :], x)
+
+
+def _cat(xs: list[Stored], axis: int = 2) -> Stored:
+    return stored_map(lambda *parts: mx.concatenate(parts, axis=axis), *xs)
+
+
+def _explicit(mask: Mask, n: int, S: int) -> mx.array | None:
+    """A mask as None or a bool array: "causal" for the last n of S keys made (n, S)."""
+    if isinstance(mask, str):
+        return mx.arange(S)[None] <= (S - n + mx.arange(n))[:, None]
+    return mask
 
 
 class KVCache:
@@ -17,37 +44,83 @@ class KVCache:
 
     step = 256
 
-    def __init__(self) -> None:
-        self.keys: mx.array | None = None  # (B, H_kv, capacity, D)
-        self.values: mx.array | None = None
+    def __init__(self, quantization: KVQuantization | None = None) -> None:
+        self.keys: Stored | None = None  # (B, H_kv, capacity, D), or packed
+        self.values: Stored | None = None
         self.offset = 0
+        self.quantization = quantization
+        # A quantized cache's first head_size positions in full precision: (B, H_kv, <= head_size, D) each.
+        self.head: tuple[mx.array, mx.array] | None = None
 
-    def make_mask(self, n: int) -> str | None:
+    @property
+    def head_size(self) -> int:
+        return self.quantization.start if self.quantization is not None else 0
+
+    def make_mask(self, n: int) -> Mask:
         # MLX's "causal" mask is aligned to the last query, so it is right with cached keys in front.
-        return "causal" if n > 1 else None
+        return self._split(n, "causal" if n > 1 else None, self.offset + n)
 
-    def reserve(self, n: int, keys: mx.array, values: mx.array, capacity_limit: int | None = None) -> None:
+    def _split(self, n: int, mask: Mask, S: int) -> Mask:
+        """A quantized cache's masks (the head's, the packed part's) from the mask of its S stored
+        columns after the update: the head holds positions [0, h), so their columns are masked out,
+        and the rest is read from the packed part. A column below h is position p in every layout."""
+        if self.quantization is None:
+            return mask
+        h = self.head_size
+        body = _explicit(mask, n, S)
+        if h:
+            body = (mx.arange(S) >= h)[None] if body is None else body & (mx.arange(S) >= h)
+        held = min(self.offset + n, h)
+        head = None if n == 1 or not held else mx.arange(held)[None] <= (self.offset + mx.arange(n))[:, None]
+        return head, body
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[Stored, Stored]:
+        q = self.quantization
+        if q is None:
+            return self._store(keys, values)
+        self._hold_head(keys, values)
+        k, v = self._store(q.pack(keys), q.pack(values))
+        return self._with_head(k, v)
+
+    def _hold_head(self, keys: mx.array, values: mx.array) -> None:
+        """Keep the full-precision copy of the new tokens at positions below head_size."""
+        take = min(self.offset + keys.shape[2], self.head_size) - self.offset
+        if take <= 0:
+            return
+        new = keys[..., :take, :], values[..., :take, :]
+        if self.head is not None:
+            new = tuple(mx.concatenate([old[..., : self.offset, :], x], axis=2) for old, x in zip(self.head, new))
+        self.head = new
+
+    def _with_head(self, k: Stored, v: Stored) -> tuple[Stored, Stored]:
+        if self.head is None:
+            return k, v
+        return k._replace(head=self.head[0]), v._replace(head=self.head[1])
+
+    def reserve(self, n: int, keys: Stored, values: Stored, capacity_limit: int | None = None) -> None:
         """Room for n more tokens; `keys` and `values` give the batch, head and dtype sizes."""
         needed = self.offset + n
-        if self.keys is not None and needed <= self.keys.shape[2]:
+        if self.keys is not None and needed <= _time(self.keys):
             return
-        B, H, _, D = keys.shape
         capacity = -(-needed // self.step) * self.step
         if capacity_limit is not None:
             capacity = min(capacity, capacity_limit)
-        new_k = mx.zeros((B, H, capacity, D), keys.dtype)
-        new_v = mx.zeros((B, H, capacity, values.shape[3]), values.dtype)
+
+        def zeros(a: mx.array) -> mx.array:
+            return mx.zeros((a.shape[0], a.shape[1], capacity, a.shape[3]), a.dtype)
+
+        new_k, new_v = stored_map(zeros, keys), stored_map(zeros, values)
         if self.keys is not None:
-            new_k[..., : self.offset, :] = self.keys[..., : self.offset, :]
-            new_v[..., : self.offset, :] = self.values[..., : self.offset, :]
+            write(new_k, _cols(self.keys, 0, self.offset), 0)
+            write(new_v, _cols(self.values, 0, self.offset), 0)
         self.keys, self.values = new_k, new_v
 
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        self.reserve(keys.shape[2], keys, values)
-        start, self.offset = self.offset, self.offset + keys.shape[2]
-        self.keys[..., start : self.offset, :] = keys
-        self.values[..., start : self.offset, :] = values
-        return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
+    def _store(self, keys: Stored, values: Stored) -> tuple[Stored, Stored]:
+        self.reserve(_time(keys), keys, values)
+        start, self.offset = self.offset, self.offset + _time(keys)
+        write(self.keys, keys, start)
+        write(self.values, values, start)
+        return _cols(self.keys, 0, self.offset), _cols(self.values, 0, self.offset)
 
     def buffers(self, n: int = 1) -> tuple[mx.array, mx.array]:
         """The whole preallocated key and value buffers (B, H_kv, capacity, D), with room for n more
@@ -66,15 +139,19 @@ class KVCache:
     def trim(self, n: int) -> int:
         n = min(self.offset, n)
         self.offset -= n
+        if self.head is not None:
+            held = min(self.offset, self.head_size)
+            self.head = tuple(x[..., :held, :] for x in self.head) if held else None
         return n
 
-    def stored(self) -> tuple[mx.array, mx.array, mx.array]:
-        """(keys, values, positions) of the tokens held, in temporal order."""
-        return self.keys[..., : self.offset, :], self.values[..., : self.offset, :], mx.arange(self.offset)
+    def stored(self) -> tuple[Stored, Stored, mx.array]:
+        """(keys, values, positions) of the tokens held, in temporal order (packed ones with their head)."""
+        k, v = self._with_head(_cols(self.keys, 0, self.offset), _cols(self.values, 0, self.offset))
+        return k, v, mx.arange(self.offset)
 
     @property
     def nbytes(self) -> int:
-        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+        return nbytes(self.keys) + nbytes(self.values) + sum(x.nbytes for x in self.head or ())
 
 
 class Slots:
@@ -104,11 +181,16 @@ class RotatingKVCache(KVCache):
     tokens, and position p >= keep lives in ring slot keep + (p - keep) % window once the ring is full.
     """
 
-    def __init__(self, max_size: int, keep: int = 0) -> None:
+    def __init__(self, max_size: int, keep: int = 0, quantization: KVQuantization | None = None) -> None:
         if not 0 <= keep < max_size:
             raise ValueError(f"max_kv_size={max_size} must be larger than the kept prefix ({keep} tokens)")
-        super().__init__()
+        super().__init__(quantization)
         self.max_size, self.keep, self.window = max_size, keep, max_size - keep
+
+    @property
+    def head_size(self) -> int:
+        """Only kept tokens stay in full precision too: those that rotate out are packed alone."""
+        return min(super().head_size, self.keep)
 
     def _positions(self) -> mx.array:
         """Positions held, in temporal order."""
@@ -116,7 +198,7 @@ class RotatingKVCache(KVCache):
             return mx.arange(self.offset)
         return mx.concatenate([mx.arange(self.keep), mx.arange(self.offset - self.window, self.offset)])
 
-    def stored(self) -> tuple[mx.array, mx.array, mx.array]:
+    def stored(self) -> tuple[Stored, Stored, mx.array]:
         if self.offset <= self.max_size:
             return super().stored()
         # The oldest ring entry sits right after the slot the next token will be written to.
@@ -125,54 +207,73 @@ class RotatingKVCache(KVCache):
             mx.arange(self.keep),
             self.keep + (shift + mx.arange(self.window)) % self.window,
         ])
-        return self.keys[..., order, :], self.values[..., order, :], self._positions()
+        k, v = self._with_head(*(stored_map(lambda a: a[..., order, :], x) for x in (self.keys, self.values)))
+        return k, v, self._positions()
 
-    def make_mask(self, n: int) -> str | mx.array | None:
+    def make_mask(self, n: int) -> Mask:
         if self.offset + n <= self.max_size:
             return super().make_mask(n)
+        held = min(self.offset, self.max_size)
         if n == 1:
-            return None  # the buffer holds exactly the kept tokens and the window
+            # the buffer holds exactly the kept tokens and the window
+            return self._split(n, None, self.max_size)
         key_pos = mx.concatenate([self._positions(), mx.arange(self.offset, self.offset + n)])[None]
         query_pos = mx.arange(self.offset, self.offset + n)[:, None]
-        return (key_pos <= query_pos) & ((key_pos < self.keep) | (query_pos - key_pos < self.window))
+        mask = (key_pos <= query_pos) & ((key_pos < self.keep) | (query_pos - key_pos < self.window))
+        return self._split(n, mask, held + n)
 
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        n = keys.shape[2]
+    def _store(self, keys: Stored, values: Stored) -> tuple[Stored, Stored]:
+        n = _time(keys)
         if self.offset + n <= self.max_size:
             self.reserve(n, keys, values, capacity_limit=self.max_size)
-            return super().update_and_fetch(keys, values)
+            return super()._store(keys, values)
         if n == 1 and self.offset >= self.max_size:
             slot = self.keep + (self.offset - self.keep) % self.window
-            self.keys[..., slot : slot + 1, :] = keys
-            self.values[..., slot : slot + 1, :] = values
+            write(self.keys, keys, slot)
+            write(self.values, values, slot)
             self.offset += 1
             return self.keys, self.values
         # A chunk that crosses the window: attend over everything held plus the chunk (the mask
         # limits each query to its own window), then keep the prefix and the last `window` tokens.
         all_k, all_v = keys, values
         if self.keys is not None:
-            old_k, old_v, _ = self.stored()
-            all_k, all_v = mx.concatenate([old_k, keys], axis=2), mx.concatenate([old_v, values], axis=2)
+            old_k, old_v = self._temporal()
+            all_k, all_v = _cat([old_k, keys]), _cat([old_v, values])
         self.offset += n
-        shift = (self.offset - self.window - self.keep) % self.window
-        self.keys = mx.concatenate(
-            [all_k[..., : self.keep, :], mx.roll(all_k[..., -self.window :, :], shift, axis=2)], axis=2)
-        self.values = mx.concatenate(
-            [all_v[..., : self.keep, :], mx.roll(all_v[..., -self.window :, :], shift, axis=2)], axis=2)
+        self.keys, self.values = (_ring(x, self.keep, self.window, self.offset) for x in (all_k, all_v))
         return all_k, all_v
+
+    def _temporal(self) -> tuple[Stored, Stored]:
+        """The stored keys and values in temporal order (without the head)."""
+        k, v, _ = self.stored()
+        return (k._replace(head=None), v._replace(head=None)) if isinstance(k, Packed) else (k, v)
 
     def is_trimmable(self) -> bool:
         return self.offset <= self.max_size
 
 
-def restore(cache: KVCache, keys: mx.array, values: mx.array, offset: int) -> None:
-    """Fill an empty cache from keys/values in temporal order (as `stored()` gives them)."""
+def _ring(x: Stored, keep: int, window: int, offset: int) -> Stored:
+    """The kept prefix and the last `window` of x (temporal order, `offset` tokens seen), the window
+    rolled so that position p >= keep sits in slot keep + (p - keep) % window."""
+    shift = (offset - window - keep) % window
+    return _cat([_cols(x, 0, keep), stored_map(lambda a: mx.roll(a, shift, axis=2), _cols(x, _time(x) - window))])
+
+
+def restore(cache: KVCache, keys: Stored, values: Stored, offset: int) -> None:
+    """Fill an empty cache from keys/values in temporal order (as `stored()` gives them, packed ones
+    for a quantized cache)."""
+    if (cache.quantization is not None) != isinstance(keys, Packed):
+        raise ValueError("internal: packed keys go to a quantized cache, and only there")
     cache.offset = offset
+    if isinstance(keys, Packed):
+        held = min(offset, cache.head_size)
+        if held and (keys.head is None or keys.head.shape[2] < held):
+            raise ValueError(f"internal: a quantized cache keeps {held} positions in full precision; "
+                             f"these keys have {0 if keys.head is None else keys.head.shape[2]}")
+        cache.head = (keys.head[..., :held, :], values.head[..., :held, :]) if held else None
+        keys, values = keys._replace(head=None), values._replace(head=None)
     if isinstance(cache, RotatingKVCache) and offset > cache.max_size:
-        shift = (offset - cache.window - cache.keep) % cache.window
-        k, v = keys[..., cache.keep :, :], values[..., cache.keep :, :]
-        keys = mx.concatenate([keys[..., : cache.keep, :], mx.roll(k, shift, axis=2)], axis=2)
-        values = mx.concatenate([values[..., : cache.keep, :], mx.roll(v, shift, axis=2)], axis=2)
+        keys, values = (_ring(x, cache.keep, cache.window, offset) for x in (keys, values))
     cache.keys, cache.values = keys, values
 
 
@@ -185,39 +286,79 @@ class BatchKVCache:
     (as in mlx-lm's BatchKVCache); per-row write positions would need a scatter per step instead.
     Rows join (`add`, a single-row cache computed on its own) and leave (`keep`) between steps;
     leaving drops the columns no remaining row uses, and the memory with them.
+
+    Quantized, it also holds each row's first `start` positions in full precision, in a head whose
+    column p is position p of every row (written by a masked select while a row is that short).
     """
 
     step = 256
 
-    def __init__(self) -> None:
-        self.keys: mx.array | None = None  # (B, H_kv, capacity, D)
-        self.values: mx.array | None = None
+    def __init__(self, quantization: KVQuantization | None = None) -> None:
+        self.keys: Stored | None = None  # (B, H_kv, capacity, D), or packed
+        self.values: Stored | None = None
         self.end = 0  # columns in use
         self.lengths: list[int] = []  # tokens per row
+        self.quantization = quantization
+        self.head: tuple[mx.array, mx.array] | None = None  # (B, H_kv, head_size, D) each
+
+    @property
+    def head_size(self) -> int:
+        return self.quantization.start if self.quantization is not None else 0
 
     @property
     def offset(self) -> mx.array:
         """(B,) each row's position of its next token: what RoPE reads."""
         return mx.array(self.lengths, mx.int32)
 
-    def make_mask(self, n: int) -> mx.array:
+    def make_mask(self, n: int) -> Mask:
         """(B, 1, n, end + n): a row sees its own columns, and causally the n new ones."""
         cols = mx.arange(self.end + n)
         starts = mx.array([self.end - length for length in self.lengths])[:, None, None, None]
         mask = cols >= starts
         if n > 1:
             mask = mask & (cols <= self.end + mx.arange(n)[:, None])
-        return mask
+        return self._split(n, mask, starts)
 
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        n = keys.shape[2]
-        if self.end + n > self.keys.shape[2]:
+    def _split(self, n: int, mask: mx.array, starts: mx.array) -> Mask:
+        """A quantized batch's masks (the head's, the packed part's): a row's first h positions are read
+        from the head, so its columns for them are masked out of the packed part."""
+        h = self.head_size
+        if self.quantization is None:
+            return mask
+        if not h:
+            return None, mask
+        query_pos = mx.array(self.lengths)[:, None, None, None] + mx.arange(n)[:, None]  # (B, 1, n, 1)
+        return mx.arange(h) <= query_pos, mask & (mx.arange(mask.shape[-1]) >= starts + h)
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[Stored, Stored]:
+        q = self.quantization
+        if q is not None:
+            self._hold_head(keys, values)
+            keys, values = q.pack(keys), q.pack(values)
+        n = _time(keys)
+        if self.end + n > _time(self.keys):
             self._grow(n)
-        self.keys[..., self.end : self.end + n, :] = keys
-        self.values[..., self.end : self.end + n, :] = values
+        write(self.keys, keys, self.end)
+        write(self.values, values, self.end)
         self.end += n
         self.lengths = [length + n for length in self.lengths]
-        return self.keys[..., : self.end, :], self.values[..., : self.end, :]
+        k, v = _cols(self.keys, 0, self.end), _cols(self.values, 0, self.end)
+        if self.head is not None:
+            k, v = k._replace(head=self.head[0]), v._replace(head=self.head[1])
+        return k, v
+
+    def _hold_head(self, keys: mx.array, values: mx.array) -> None:
+        """Row i's new tokens at positions lengths[i] + j below head_size go into its head."""
+        h, n = self.head_size, keys.shape[2]
+        if not h or min(self.lengths) >= h:
+            return
+        lengths = mx.array(self.lengths)[:, None]
+        cols = mx.arange(h)[None]
+        index = mx.clip(cols - lengths, 0, n - 1)[:, None, :, None]  # (B, 1, h, 1): which new token
+        new = ((cols >= lengths) & (cols < lengths + n))[:, None, :, None]
+        self.head = tuple(
+            mx.where(new, mx.take_along_axis(x, mx.broadcast_to(index, (*x.shape[:2], h, x.shape[3])), axis=2), old)
+            for x, old in zip((keys, values), self.head))
 
     def buffers(self, n: int = 1) -> tuple[mx.array, mx.array]:
         """The whole buffers (B, H_kv, capacity, D), with room for n more tokens: what the compiled
@@ -239,48 +380,67 @@ class BatchKVCache:
 
     def _grow(self, n: int) -> None:
         grow = -(-n // self.step) * self.step
-        B, H, _, D = self.keys.shape
-        self.keys = mx.concatenate([self.keys[..., : self.end, :], mx.zeros((B, H, grow, D), self.keys.dtype)], axis=2)
-        self.values = mx.concatenate(
-            [self.values[..., : self.end, :], mx.zeros((B, H, grow, self.values.shape[3]), self.values.dtype)], axis=2)
+
+        def grown(a: mx.array) -> mx.array:
+            return mx.concatenate([a[..., : self.end, :], mx.zeros((*a.shape[:2], grow, a.shape[3]), a.dtype)], axis=2)
+
+        self.keys, self.values = stored_map(grown, self.keys), stored_map(grown, self.values)
 
     def add(self, cache: KVCache) -> None:
         """Take in the row held by a single-row cache, as the batch's last row."""
-        keys, values, _ = cache.stored()  # (1, H_kv, n, D)
+        keys, values, _ = cache.stored()  # (1, H_kv, n, D), or packed with its head
         n = cache.offset
+        if isinstance(keys, Packed):
+            self._add_head(keys.head, values.head, n)
+            keys, values = keys._replace(head=None), values._replace(head=None)
         if self.keys is None:
             self.keys, self.values, self.end, self.lengths = keys, values, n, [n]
             return
-        old_k, old_v = self.keys[..., : self.end, :], self.values[..., : self.end, :]
+        old_k, old_v = _cols(self.keys, 0, self.end), _cols(self.values, 0, self.end)
         if n > self.end:  # the newcomer is longer: pad the rows there are
             old_k, old_v = _pad_left(old_k, n - self.end), _pad_left(old_v, n - self.end)
             self.end = n
         keys, values = _pad_left(keys, self.end - n), _pad_left(values, self.end - n)
-        self.keys = mx.concatenate([old_k, keys], axis=0)
-        self.values = mx.concatenate([old_v, values], axis=0)
+        self.keys, self.values = _cat([old_k, keys], axis=0), _cat([old_v, values], axis=0)
         self.lengths = self.lengths + [n]
+
+    def _add_head(self, keys: mx.array | None, values: mx.array | None, n: int) -> None:
+        h = self.head_size
+        if not h:
+            return
+        if keys is None or keys.shape[2] < min(n, h):
+            raise ValueError("internal: a row joins a quantized batch without its full-precision head")
+        new = [mx.pad(x[..., :h, :], [(0, 0), (0, 0), (0, h - min(n, h)), (0, 0)]) for x in (keys, values)]
+        self.head = tuple(new) if self.head is None else tuple(
+            mx.concatenate([old, x], axis=0) for old, x in zip(self.head, new))
 
     def keep(self, rows: list[int]) -> None:
         """Keep only these rows (indices, in this order)."""
         self.lengths = [self.lengths[i] for i in rows]
         if not rows:
-            self.keys = self.values = None
+            self.keys = self.values = self.head = None
             self.end = 0
             return
         unused = self.end - max(self.lengths)  # leading columns no row uses any more
         index = mx.array(rows)
-        self.keys = self.keys[index, :, unused : self.end, :]
-        self.values = self.values[index, :, unused : self.end, :]
+        self.keys, self.values = (stored_map(lambda a: a[index, :, unused : self.end, :], x)
+                                  for x in (self.keys, self.values))
+        if self.head is not None:
+            self.head = tuple(x[index] for x in self.head)
         self.end -= unused
 
-    def row(self, i: int) -> tuple[mx.array, mx.array]:
-        """Row i's keys and values (1, H_kv, lengths[i], D), in temporal order."""
+    def row(self, i: int) -> tuple[Stored, Stored]:
+        """Row i's keys and values (1, H_kv, lengths[i], D), in temporal order (packed with its head)."""
         start = self.end - self.lengths[i]
-        return self.keys[i : i + 1, :, start : self.end, :], self.values[i : i + 1, :, start : self.end, :]
+        k, v = (stored_map(lambda a: a[i : i + 1, :, start : self.end, :], x) for x in (self.keys, self.values))
+        if self.head is not None:
+            held = min(self.lengths[i], self.head_size)
+            k, v = (x._replace(head=head[i : i + 1, :, :held, :]) for x, head in zip((k, v), self.head))
+        return k, v
 
     @property
     def nbytes(self) -> int:
-        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+        return nbytes(self.keys) + nbytes(self.values) + sum(x.nbytes for x in self.head or ())
 
 
 class BatchSlots:
@@ -302,8 +462,8 @@ class BatchSlots:
         return self.keys, self.values
 
 
-def _pad_left(x: mx.array, n: int) -> mx.array:
+def _pad_left(x: Stored, n: int) -> Stored:
     """x (B, H, S, D) with n zero columns in front."""
     if n == 0:
         return x
-    return mx.concatenate([mx.zeros((*x.shape[:2], n, x.shape[3]), x.dtype), x], axis=2)
+    return stored_map(lambda a: mx.concatenate([mx.zeros((*a.shape[:2], n, a.shape[3]), a.dtype), a], axis=2), x)

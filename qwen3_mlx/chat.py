@@ -89,9 +89,9 @@ class ChatSession:
         """Continue a conversation saved by save() (with the same model).
 
         Raises:
-            Qwen3Error: no such file, or one made with another model.
+            Qwen3Error: no such file, or one made with another model or KV cache quantization.
         """
-        self.cache, self.cached, extra = load_cache(path, self.model)
+        self.cache, self.cached, extra = load_cache(path, self.model, self.options.kv_quantization)
         self.messages, self.system, self.last = extra.get("messages", []), extra.get("system"), None
 
     # -------------------------------------------------------------- turns
@@ -164,7 +164,8 @@ class ChatSession:
             else:
                 self.cached = self.cached[:kept]
         if self.cache is None:
-            self.cache = make_prompt_cache(self.model, self.tokenizer, prompt, self.system, self.options.max_kv_size)
+            self.cache = make_prompt_cache(self.model, self.tokenizer, prompt, self.system, self.options.max_kv_size,
+                                           quantization=self.options.kv_quantization)
 
     def prepare_next_turn(self) -> None:
         """Read the last answer again as the next turn's template will show it (without its reasoning)

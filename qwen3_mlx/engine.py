@@ -133,15 +133,23 @@ class Engine:
         prefill_budget: prompt tokens computed between two decode steps (bounds how long the running
             rows wait for a newcomer's prompt).
         max_queue: the most requests waiting for a row; more is EngineFull.
+        kv_bits, kv_group_size, quantized_kv_start: the cache of every request stored in 8 or 4 bits
+            (GenerationOptions' fields of these names; a request may leave them unset or repeat them).
+
+    Raises:
+        OptionError: kv_group_size does not divide the model's head_dim.
     """
 
     def __init__(self, model: Model, tokenizer: Tokenizer, *, max_batch: int = DEFAULT_MAX_BATCH,
                  kv_memory: int | None = None, prompt_cache_bytes: int = DEFAULT_PREFIX_STORE_BYTES,
-                 prefill_budget: int = DEFAULT_PREFILL_BUDGET, max_queue: int = 256) -> None:
+                 prefill_budget: int = DEFAULT_PREFILL_BUDGET, max_queue: int = 256, kv_bits: int | None = None,
+                 kv_group_size: int = 64, quantized_kv_start: int = 0) -> None:
         self.model, self.tokenizer, self.max_queue = model, tokenizer, max_queue
         prefixes = PrefixStore(prompt_cache_bytes) if prompt_cache_bytes > 0 else None
+        run = GenerationOptions(kv_bits=kv_bits, kv_group_size=kv_group_size, quantized_kv_start=quantized_kv_start)
         self._scheduler = Scheduler(model, tokenizer, max_batch=max_batch, kv_memory=kv_memory,
-                                    prefix_store=prefixes, prefill_budget=prefill_budget)
+                                    prefix_store=prefixes, prefill_budget=prefill_budget,
+                                    quantization=run.kv_quantization)
         self._inbox: list[Ticket] = []  # submitted, not yet seen by the engine's thread
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None

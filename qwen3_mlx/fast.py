@@ -64,7 +64,7 @@ class CPUAttention(Attention):
 
     def attend(self, q: mx.array, k: mx.array, v: mx.array, mask: Mask) -> mx.array:
         B, H, L, D = q.shape
-        if L > 1:
+        if L > 1 or not isinstance(k, mx.array):  # a quantized cache's packed keys have their own path
             return super().attend(q, k, v, mask)
         scores = (q.reshape(B, k.shape[1], -1, D) * self.scale) @ k.swapaxes(-1, -2)  # (B, H_kv, H / H_kv, S)
         if isinstance(mask, mx.array):
@@ -199,9 +199,9 @@ class CompiledDecode:
         self._batch_graph = mx.compile(self._decode_batch)
 
     def __call__(self, ids: mx.array, cache: Sequence[KVCache]) -> mx.array:
-        if ids.shape[1] == 1 and all(type(c) is BatchKVCache and c.keys is not None for c in cache):
+        if ids.shape[1] == 1 and all(_plain(c, BatchKVCache) for c in cache):
             return self._batch(ids, cache)
-        if ids.shape[1] != 1 or not all(type(c) is KVCache and c.keys is not None for c in cache):
+        if ids.shape[1] != 1 or not all(_plain(c, KVCache) for c in cache):
             return Model.decode(self._model, ids, cache)
         buffers = [c.buffers(1) for c in cache]
         logits, written = self._graph(ids, mx.array(cache[0].offset, mx.int32), buffers)
@@ -230,6 +230,12 @@ class CompiledDecode:
         slots = [Slots(keys, values, offset) for keys, values in buffers]
         logits = self._model(ids, slots)[:, -1, :]
         return logits, [(s.keys, s.values) for s in slots]
+
+
+def _plain(cache: object, kind: type) -> bool:
+    """A non-empty cache of exactly this kind, unquantized: what the compiled graphs take (Slots and
+    BatchSlots write plain buffers). A quantized one takes the model's own path."""
+    return type(cache) is kind and cache.keys is not None and cache.quantization is None
 
 
 # ---------------------------------------------------------------- the swaps

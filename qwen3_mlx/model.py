@@ -15,8 +15,9 @@ import mlx.nn as nn
 
 from .cache import KVCache, RotatingKVCache
 from .config import ModelArgs, Yarn
+from .kv_quant import KVQuantization, Packed, quantized_attention
 
-Mask = str | mx.array | None  # None, "causal", or a bool (L, S) array
+Mask = str | mx.array | tuple | None  # None, "causal", a bool (L, S) array; a pair for a quantized cache
 
 
 class RoPE(nn.Module):
@@ -101,8 +102,11 @@ class Attention(nn.Module):
         """Queries, keys and values (B, L, H * D) of x (B, L, hidden)."""
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
-    def attend(self, q: mx.array, k: mx.array, v: mx.array, mask: Mask) -> mx.array:
-        """Queries (B, H, L, D) over keys and values (B, H_kv, S, D); SDPA handles the grouped KV heads."""
+    def attend(self, q: mx.array, k: mx.array | Packed, v: mx.array | Packed, mask: Mask) -> mx.array:
+        """Queries (B, H, L, D) over keys and values (B, H_kv, S, D); SDPA handles the grouped KV heads.
+        A quantized cache's keys and values are packed: kv_quant reads them as they are."""
+        if isinstance(k, Packed):
+            return quantized_attention(q, k, v, self.scale, mask)
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
 
 
@@ -166,11 +170,19 @@ class Model(nn.Module):
         cache takes them in. (fast.speed_up puts a compiled version of this in its place.)"""
         return self(ids, cache)[:, -1, :]
 
-    def make_cache(self, max_kv_size: int | None = None, keep: int = 0) -> list[KVCache]:
-        """One cache per layer: a plain KVCache, or a RotatingKVCache when max_kv_size is given."""
+    def make_cache(self, max_kv_size: int | None = None, keep: int = 0,
+                   quantization: KVQuantization | None = None) -> list[KVCache]:
+        """One cache per layer: a plain KVCache, or a RotatingKVCache when max_kv_size is given; either
+        stores its keys and values packed when given a quantization (kv_quant.py).
+
+        Raises:
+            OptionError: the quantization's group size does not divide head_dim.
+        """
+        if quantization is not None:
+            quantization.check(self.args.head_dim)
         if max_kv_size is None:
-            return [KVCache() for _ in self.model.layers]
-        return [RotatingKVCache(max_kv_size, keep) for _ in self.model.layers]
+            return [KVCache(quantization) for _ in self.model.layers]
+        return [RotatingKVCache(max_kv_size, keep, quantization) for _ in self.model.layers]
 
     @property
     def layers(self) -> list[DecoderLayer]:
@@ -196,7 +208,8 @@ class LanguageModel(Protocol):
 
     def decode(self, ids: mx.array, cache: Sequence[KVCache]) -> mx.array: ...
 
-    def make_cache(self, max_kv_size: int | None = None, keep: int = 0) -> list[KVCache]: ...
+    def make_cache(self, max_kv_size: int | None = None, keep: int = 0,
+                   quantization: KVQuantization | None = None) -> list[KVCache]: ...
 
     @property
     def layers(self) -> Sequence[nn.Module]: ...

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from .errors import OptionError
+from .kv_quant import KV_BITS, KV_GROUP_SIZES, KVQuantization
 
 # The defaults, written once: every entry point and its --help read them here.
 DEFAULT_MAX_TOKENS = 4096  # tokens a response may draw
@@ -45,6 +46,10 @@ class GenerationOptions:
         The reasoning stays free text; the constraint starts after it.
     logprobs: None, or k >= 0: each drawn token's log-probability (of the distribution after the
         penalties and the logit bias, before temperature and filters) and the k most likely tokens'.
+    kv_bits, kv_group_size, quantized_kv_start: the KV cache stored in kv_bits (8 or 4; None: the
+        model's dtype) per element, in groups of kv_group_size (32, 64, 128) along the head dimension,
+        its first quantized_kv_start positions also kept in full precision (kv_quant.py). A property
+        of the cache: in a batch, the same for every request.
     """
 
     think: bool = True
@@ -66,6 +71,9 @@ class GenerationOptions:
     json_schema: Mapping[str, Any] | type | None = field(default=None, compare=False)
     regex: str | None = None
     grammar: str | None = None
+    kv_bits: int | None = None
+    kv_group_size: int = 64
+    quantized_kv_start: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -82,6 +90,14 @@ class GenerationOptions:
             _check_int("logprobs", self.logprobs, 0)
         if self.max_kv_size is not None:
             _check_int("max_kv_size", self.max_kv_size, 1)
+        if self.kv_bits is not None:
+            _check_int("kv_bits", self.kv_bits, None)
+        if self.kv_bits is not None and self.kv_bits not in KV_BITS:
+            raise OptionError(f"kv_bits must be one of {', '.join(map(str, KV_BITS))} (or unset), got {self.kv_bits!r}")
+        if self.kv_group_size not in KV_GROUP_SIZES:
+            raise OptionError(f"kv_group_size must be one of {', '.join(map(str, KV_GROUP_SIZES))}, "
+                              f"got {self.kv_group_size!r}")
+        _check_int("quantized_kv_start", self.quantized_kv_start, 0)
         if self.seed is not None:
             _check_int("seed", self.seed, 0)
             if self.seed >= 2**64:
@@ -92,6 +108,13 @@ class GenerationOptions:
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise OptionError(f"stop={s!r}: a stop string must be non-empty text")
+
+    @property
+    def kv_quantization(self) -> KVQuantization | None:
+        """How the cache stores keys and values (None: in the model's dtype)."""
+        if self.kv_bits is None:
+            return None
+        return KVQuantization(self.kv_bits, self.kv_group_size, self.quantized_kv_start)
 
     def replace(self, **changes: Any) -> GenerationOptions:
         """A copy with `changes`; an unknown name is an OptionError that lists the known ones."""

@@ -10,6 +10,7 @@ from typing import Any, Mapping, Sequence
 
 from .cache import KVCache
 from .errors import OptionError, Qwen3Error
+from .kv_quant import KVQuantization
 from .model import Model
 from .tokenizer import Tokenizer, checked_messages
 
@@ -128,17 +129,19 @@ def system_prefix_length(tokenizer: Tokenizer, prompt_ids: Sequence[int], system
 
 
 def make_prompt_cache(model: Model, tokenizer: Tokenizer, prompt_ids: Sequence[int], system: str | None,
-                      max_kv_size: int | None, keep: int | None = None) -> list[KVCache]:
-    """A plain cache, or a rotating one of max_kv_size tokens that keeps the system turn."""
+                      max_kv_size: int | None, keep: int | None = None,
+                      quantization: KVQuantization | None = None) -> list[KVCache]:
+    """A plain cache, or a rotating one of max_kv_size tokens that keeps the system turn; either one
+    quantized when given a quantization (GenerationOptions.kv_quantization)."""
     if max_kv_size is None:
-        return model.make_cache()
+        return model.make_cache(quantization=quantization)
     if keep is None:
         keep = system_prefix_length(tokenizer, prompt_ids, system)
     if max_kv_size <= keep:
         what = "the system prompt" if system is not None else "the first tokens, kept as attention sinks"
         raise OptionError(f"max_kv_size={max_kv_size} must be larger than the kept prefix ({keep} tokens: {what}); "
                           f"raise it{' or shorten the system prompt' if system is not None else ''}")
-    return model.make_cache(max_kv_size, keep)
+    return model.make_cache(max_kv_size, keep, quantization)
 
 
 def starts_in_reasoning(tokenizer: Tokenizer, ids: Sequence[int]) -> bool:

@@ -15,6 +15,7 @@ import mlx.core as mx
 from .cache import KVCache, restore
 from .errors import Qwen3Error
 from .files import written_atomically
+from .kv_quant import KVQuantization, Packed, Stored, prefix, stored_map
 from .model import Model
 from .prompt import make_prompt_cache
 from .tokenizer import Tokenizer
@@ -71,13 +72,15 @@ def save_cache(path: Path, cache: list[KVCache], tokens: list[int], model: Model
     if cache[0].offset != len(tokens):
         raise Qwen3Error(f"internal: the cache holds {cache[0].offset} tokens, not {len(tokens)}")
     arrays = {"tokens": mx.array(tokens, mx.int32)}
+    held = 0
     for i, c in enumerate(cache):
         if c.offset:
-            arrays[f"layers.{i}.keys"], arrays[f"layers.{i}.values"], _ = c.stored()
-    held = arrays["layers.0.keys"].shape[2] if "layers.0.keys" in arrays else 0
+            keys, values, positions = c.stored()
+            arrays.update(_named(f"layers.{i}.keys", keys) | _named(f"layers.{i}.values", values))
+            held = positions.size
     meta = {"format": CACHE_FORMAT, "model": model_fingerprint(model), "offset": str(cache[0].offset),
             "max_size": str(getattr(cache[0], "max_size", "")), "keep": str(getattr(cache[0], "keep", "")),
-            "extra": json.dumps(extra or {}, ensure_ascii=False)}
+            "kv": str(cache[0].quantization or ""), "extra": json.dumps(extra or {}, ensure_ascii=False)}
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
@@ -90,14 +93,16 @@ def save_cache(path: Path, cache: list[KVCache], tokens: list[int], model: Model
     return SavedCache(tokens=len(tokens), held=held)
 
 
-def load_cache(path: Path, model: Model) -> tuple[list[KVCache], list[int], dict[str, Any]]:
-    """Read a file written by save_cache; refuse one made with another model or quantization.
+def load_cache(path: Path, model: Model, quantization: KVQuantization | None = None,
+               ) -> tuple[list[KVCache], list[int], dict[str, Any]]:
+    """Read a file written by save_cache; refuse one made with another model or quantization, of the
+    weights or of the cache (`quantization`: the cache this run asks for; None: the model's dtype).
 
     Returns:
         (cache, tokens it holds, extra)
 
     Raises:
-        Qwen3Error: no such file, not a cache file, or one made with another model.
+        Qwen3Error: no such file, not a cache file, or one made with another model or KV cache quantization.
     """
     path = Path(path)
     if not path.is_file():
@@ -111,13 +116,30 @@ def load_cache(path: Path, model: Model) -> tuple[list[KVCache], list[int], dict
     if meta.get("model") != model_fingerprint(model):
         raise Qwen3Error(f"{path}: was made with another model or quantization; "
                          f"delete it or pass another file")
+    if meta.get("kv", "") != str(quantization or ""):
+        made = meta.get("kv") or KVQuantization.describe(None)
+        raise Qwen3Error(f"{path}: holds a KV cache of {made}, this run's is {KVQuantization.describe(quantization)}; "
+                         f"give the same --kv-bits, --kv-group-size and --quantized-kv-start, or another file")
     offset, tokens = int(meta["offset"]), arrays["tokens"].tolist()
-    cache = (model.make_cache(int(meta["max_size"]), int(meta["keep"])) if meta["max_size"]
-             else model.make_cache())
+    max_size = int(meta["max_size"]) if meta["max_size"] else None
+    cache = model.make_cache(max_size, int(meta["keep"] or 0), quantization)
     if offset:
         for i, c in enumerate(cache):
-            restore(c, arrays[f"layers.{i}.keys"], arrays[f"layers.{i}.values"], offset)
+            restore(c, _unnamed(arrays, f"layers.{i}.keys"), _unnamed(arrays, f"layers.{i}.values"), offset)
     return cache, tokens, json.loads(meta.get("extra") or "{}")
+
+
+def _named(name: str, x: Stored) -> dict[str, mx.array]:
+    """The arrays of keys or values as a file holds them: `name`, or its packed parts name.data, ..."""
+    if not isinstance(x, Packed):
+        return {name: x}
+    return {f"{name}.{part}": a for part, a in x._asdict().items() if a is not None}
+
+
+def _unnamed(arrays: dict[str, mx.array], name: str) -> Stored:
+    if name in arrays:
+        return arrays[name]
+    return Packed(*(arrays.get(f"{name}.{part}") for part in Packed._fields))
 
 
 def reuse(cache: list[KVCache], cached: list[int], ids: list[int], *, prompt: bool = True) -> int:
@@ -141,13 +163,18 @@ def reuse(cache: list[KVCache], cached: list[int], ids: list[int], *, prompt: bo
 
 
 def open_prompt_cache(path: Path, model: Model, tokenizer: Tokenizer, prompt: list[int],
-                      system: str | None, max_kv_size: int | None) -> list[KVCache]:
-    """A cache for `prompt`: the one saved in `path` trimmed to the shared prefix, or a new one."""
+                      system: str | None, max_kv_size: int | None,
+                      quantization: KVQuantization | None = None) -> list[KVCache]:
+    """A cache for `prompt`: the one saved in `path` trimmed to the shared prefix, or a new one.
+
+    Raises:
+        Qwen3Error: as load_cache.
+    """
     if Path(path).exists():
-        cache, cached, _ = load_cache(path, model)
+        cache, cached, _ = load_cache(path, model, quantization)
         if reuse(cache, cached, prompt) >= 0:
             return cache
-    return make_prompt_cache(model, tokenizer, prompt, system, max_kv_size)
+    return make_prompt_cache(model, tokenizer, prompt, system, max_kv_size, quantization=quantization)
 
 
 def save_prompt_cache(path: Path, cache: list[KVCache], prompt: list[int], model: Model) -> bool:
@@ -167,12 +194,14 @@ def save_prompt_cache(path: Path, cache: list[KVCache], prompt: list[int], model
 class PrefixStore:
     """Keys and values of token sequences computed before, for requests that begin the same way (a
     client re-sending its growing conversation, a system prompt many requests share). Bounded in
-    bytes; the least recently used sequence goes first. The stored arrays are copies, never written
-    to: a cache filled from them grows into buffers of its own."""
+    bytes; the least recently used sequence goes first, and `evict` gives memory back on demand (the
+    engine's memory ceiling). The stored arrays are copies, never written to: a cache filled from them
+    grows into buffers of its own. A quantized cache's entries are stored packed, as it holds them,
+    and counted in packed bytes."""
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
-        self._entries: OrderedDict[tuple[int, ...], list[tuple[mx.array, mx.array]]] = OrderedDict()
+        self._entries: OrderedDict[tuple[int, ...], list[tuple[Stored, Stored]]] = OrderedDict()
         self.nbytes = 0
 
     def __len__(self) -> int:
@@ -190,17 +219,19 @@ class PrefixStore:
             return cache, 0
         self._entries.move_to_end(best)
         for c, (keys, values) in zip(cache, self._entries[best]):
-            restore(c, keys[..., :n, :], values[..., :n, :], n)
+            restore(c, prefix(keys, n), prefix(values, n), n)
         return cache, n
 
     def store(self, ids: list[int], cache: list[KVCache]) -> None:
-        """Keep a copy of what `cache` holds (the first `cache[0].offset` of `ids`)."""
-        self.store_arrays(ids[: cache[0].offset], [c.stored()[:2] for c in cache])
+        """Keep a copy of what `cache` holds (the first `cache[0].offset` of `ids`), unless it has
+        rotated (its tokens are no longer a prefix)."""
+        if cache[0].is_trimmable():
+            self.store_arrays(ids[: cache[0].offset], [c.stored()[:2] for c in cache])
 
-    def store_arrays(self, ids: list[int], keys_values: list[tuple[mx.array, mx.array]]) -> None:
-        """Keep copies of per-layer keys and values (1, H_kv, len(ids), D) of `ids`."""
+    def store_arrays(self, ids: list[int], keys_values: list[tuple[Stored, Stored]]) -> None:
+        """Keep copies of per-layer keys and values (1, H_kv, len(ids), D), or packed ones, of `ids`."""
         key = tuple(ids)
-        copies = [(mx.contiguous(k), mx.contiguous(v)) for k, v in keys_values]
+        copies = [(_copy(k), _copy(v)) for k, v in keys_values]
         size = sum(k.nbytes + v.nbytes for k, v in copies)
         if not key or size > self.max_bytes:
             return
@@ -213,8 +244,21 @@ class PrefixStore:
             self._drop(old)
         self._entries[key] = copies
         self.nbytes += size
-        while self.nbytes > self.max_bytes:
+        self.evict(self.max_bytes)
+
+    def evict(self, max_bytes: int) -> int:
+        """Drop the least recently used entries until at most `max_bytes` are held; returns the bytes freed."""
+        before = self.nbytes
+        while self.nbytes > max_bytes:
             self._drop(next(iter(self._entries)))
+        return before - self.nbytes
 
     def _drop(self, key: tuple[int, ...]) -> None:
         self.nbytes -= sum(k.nbytes + v.nbytes for k, v in self._entries.pop(key))
+
+
+def _copy(x: Stored) -> Stored:
+    copied = stored_map(mx.contiguous, x)
+    if isinstance(x, Packed) and x.head is not None:
+        copied = copied._replace(head=mx.contiguous(x.head))
+    return copied

@@ -26,7 +26,7 @@ class BatchScriptedModel:
     def kv_bytes_per_token(self):  # qwen3_mlx.model.LanguageModel: the engine's admission reads it
         return 2 * 4
 
-    def make_cache(self, max_kv_size=None, keep=0):
+    def make_cache(self, max_kv_size=None, keep=0, quantization=None):
         return [KVCache()]
 
     def split(self, history: list[int]) -> tuple[list[int], list[int]]:

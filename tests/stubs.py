@@ -24,7 +24,7 @@ class ScriptedModel:
         self.fed: list[int] = []
         self.seconds_per_call = seconds_per_call
 
-    def make_cache(self, max_kv_size=None, keep=0):
+    def make_cache(self, max_kv_size=None, keep=0, quantization=None):
         return [KVCache()]
 
     def response(self) -> list[int]:

@@ -27,6 +27,7 @@ FLOORS = [
     ["fast"],
     ["model"],
     ["cache", "config"],
+    ["kv_quant"],
     ["device", "errors", "files"],
 ]
 

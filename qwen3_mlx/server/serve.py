@@ -34,7 +34,7 @@ class _Server(uvicorn.Server):
 def serve(model: str, *, host: str = "127.0.0.1", port: int = 8080, api_key: str | None = None,
           max_batch: int = 8, kv_memory: int | None = None, prompt_cache_bytes: int = 1 << 30,
           thinking_budget: int | None = None, max_tokens: int = 4096, cors_origin: str | None = None,
-          grace: float = 30.0, log_level: str = "info") -> None:
+          grace: float = 30.0, log_level: str = "info", kv_bits: int | None = None) -> None:
     """Serve `model` (a checkpoint folder or Hub repo id) until a signal; see the module's docstring.
 
     Raises:
@@ -43,7 +43,7 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8080, api_key: str
     """
     loaded, tokenizer = load(model)
     engine = Engine(loaded, tokenizer, max_batch=max_batch, kv_memory=kv_memory,
-                    prompt_cache_bytes=prompt_cache_bytes).start()
+                    prompt_cache_bytes=prompt_cache_bytes, kv_bits=kv_bits).start()
     app = create_app(engine, model_id=model, api_key=api_key, max_tokens_cap=max_tokens,
                      default_thinking_budget=thinking_budget, cors_origin=cors_origin)
     config = uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=grace, log_level=log_level)
