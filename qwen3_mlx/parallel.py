@@ -17,8 +17,12 @@ token. Each rank's caches hold only its heads or its layers: model.layers, model
 model.args describe this rank's part (the checkpoint's own config stays in model.sharding.args).
 
 Shard after the weights are loaded lazily and before they are evaluated (loader.load does), then
-apply fast.speed_up: each rank reads only its part, and the fusion joins the sharded q/k/v and gate/up
-of a rank, which are whole heads. `Watchdog` bounds how long a rank waits on the others.
+apply fast.speed_up: each rank reads only its part (a whole tensor at a time, as mx.load reads them:
+the embedding's part is cut and evaluated at once, before any layer is read), and the fusion joins
+the sharded q/k/v and gate/up of a rank, which are whole heads.
+
+Faults: `join` starts the backend (bounded, one line if it cannot), `Watchdog` bounds each step's
+wait on the other ranks.
 """
 
 from __future__ import annotations
@@ -323,16 +327,18 @@ class Watchdog:
     peer is stopped). A peer that died shows as MLX's RuntimeError, raised here as one Qwen3Error line.
 
     A stopped or unreachable rank is so detected within `seconds` (+ ~10 ms); a killed one as soon
-    as the backend sees its connection close (ring: tens of ms).
+    as the backend sees its connection close (ring: tens of ms). One watchdog serves every step of
+    a thread, one `with` at a time (not nested). MLX releases the GIL while it evaluates, so the
+    watchdog's thread runs while the step waits.
     """
 
-    def __init__(self, rank: int, seconds: float = WATCHDOG_SECONDS, on_timeout: Callable[[str], None] | None = None,
-                 message: str | None = None) -> None:
+    def __init__(self, rank: int, seconds: float = WATCHDOG_SECONDS,
+                 on_timeout: Callable[[str], None] | None = None) -> None:
         if not (isinstance(seconds, (int, float)) and seconds > 0):
             raise OptionError(f"watchdog seconds={seconds!r} must be a number > 0")
         self.rank, self.seconds, self._on_timeout = rank, seconds, on_timeout
-        self.message = message or (f"error: rank {rank}: no answer from the other ranks for {seconds:g} s; a rank "
-                                   f"is stopped, asleep or unreachable (or died): ending this one")
+        self.message = (f"error: rank {rank}: no answer from the other ranks for {seconds:g} s; a rank is stopped, "
+                        f"asleep or unreachable (or died): ending this one")
         self._deadline: float | None = None
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
