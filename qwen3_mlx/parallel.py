@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import os
 import secrets
 import subprocess
@@ -314,6 +315,16 @@ def sync_random_state(group: mx.distributed.Group, seed: int | None = None) -> i
     shared = mx.distributed.all_sum(mx.array(mine, mx.uint32), group=group).item()
     mx.random.seed(shared)
     return shared
+
+
+def broadcast(value: object, group: mx.distributed.Group) -> object:
+    """Rank 0's `value` (anything json.dumps takes) on every rank; the others pass None. Two all_sums
+    (the length, then the UTF-8 bytes, zeros elsewhere): how rank 0, which owns input and output,
+    hands each decision to the others as data. A collective: every rank calls it."""
+    data = json.dumps(value).encode() if group.rank() == 0 else b""
+    size = mx.distributed.all_sum(mx.array(len(data), mx.int32), group=group).item()
+    mine = mx.array(list(data), mx.uint8) if data else mx.zeros((size,), mx.uint8)
+    return json.loads(bytes(mx.distributed.all_sum(mine, group=group).tolist()).decode()) if size else None
 
 
 # ---------------------------------------------------------------- faults

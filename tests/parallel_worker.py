@@ -27,12 +27,13 @@ from qwen3_mlx.generation import generate
 from qwen3_mlx.loader import load, load_model
 from qwen3_mlx.model import Model
 from qwen3_mlx.options import GenerationOptions
-from qwen3_mlx.parallel import Watchdog, join, shard, sync_random_state
+from qwen3_mlx.parallel import Watchdog, broadcast, join, shard, sync_random_state
 from qwen3_mlx.tokenizer import Tokenizer
 
 PROMPT = [1, 5, 9, 200, 33, 7, 11]
 BATCH = [[3 + i, 40 + 7 * i, 100 + i] for i in range(8)]  # 8 rows of 3 tokens
 TOKENS = 10
+DECISION = {"request": 7, "prompt": "héllo ✓", "cancel": [3, 5]}  # what rank 0 broadcasts
 
 
 def options(**kw) -> GenerationOptions:
@@ -113,6 +114,8 @@ def main(spec_file: str, out_dir: str) -> int:
     try:
         group = join("ring", spec.get("join_seconds", 30))
         watchdog = Watchdog(group.rank(), spec.get("watchdog", 30))
+        with watchdog:
+            result["jobs"]["broadcast"] = {"value": broadcast(DECISION if group.rank() == 0 else None, group)}
         for job in spec["jobs"]:
             if "fault" in job:
                 run_fault(job, group, watchdog, out)

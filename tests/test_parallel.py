@@ -192,8 +192,14 @@ def test_a_4bit_checkpoint_sharded_gives_its_logits_in_one_process_within_1e_3(t
 
 def test_every_rank_gets_the_same_logits_bit_for_bit(two, four):
     for ranks in (two, four):
-        for name in ranks[0]:
+        for name in (name for name in ranks[0] if "logits" in ranks[0][name]):
             assert all(r[name]["logits"] == ranks[0][name]["logits"] for r in ranks), name
+
+
+def test_rank_0s_decisions_reach_every_rank_as_data(two, four):
+    for ranks in (two, four):
+        expected = {"request": 7, "prompt": "héllo ✓", "cancel": [3, 5]}
+        assert [r["broadcast"]["value"] for r in ranks] == [expected] * len(ranks)
 
 
 # ---------------------------------------------------------------- what each rank holds
