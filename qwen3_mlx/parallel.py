@@ -88,7 +88,8 @@ def shard(model: Model, group: mx.distributed.Group, parallel: str = "tensor",
 
     Raises:
         OptionError: an unknown mode, a group size the heads or the MLP cannot be divided by, shares
-            that are not one positive number per rank or leave a rank without a layer.
+            that are not one positive number per rank or leave a rank without a layer; a model
+            already fused by fast.speed_up, or already sharded.
     """
     if parallel not in MODES:
         raise OptionError(f"parallel={parallel!r} must be 'tensor' or 'pipeline'")
@@ -96,6 +97,9 @@ def shard(model: Model, group: mx.distributed.Group, parallel: str = "tensor",
         raise OptionError("layers_per_rank applies to parallel='pipeline' only; leave it out for 'tensor'")
     if group.size() == 1:
         return model
+    if "q_proj" not in model.layers[0].self_attn or hasattr(model, "sharding"):
+        raise OptionError("shard() takes the plain model once, before fast.speed_up fuses it; use "
+                          "load(path, parallel=...), or loader.load_model(path, swap=...) shard then speed_up")
     args = model.args
     if parallel == "tensor":
         _shard_tensor(model, group)

@@ -333,6 +333,8 @@ def test_bad_modes_and_shares_are_refused(checkpoints):
         shard(model, Group(2), "tensor", layers_per_rank=(1, 1))
     with pytest.raises(OptionError, match=r"needs 2 or more ranks, and this process is alone"):
         load(checkpoints["tied"], parallel="tensor")
+    with pytest.raises(OptionError, match=r"^shard\(\) takes the plain model once, before fast.speed_up fuses it"):
+        shard(speed_up(model), Group(2), "tensor")
 
 
 def test_layers_split_evenly_or_by_shares():
