@@ -1,11 +1,17 @@
-"""A live uvicorn server in a thread, on a free port, for the server tests."""
+"""Live servers for the server tests: an app served by uvicorn in a thread, or `qwen3-mlx serve` in a
+subprocess, each on a free port."""
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 
+import httpx
 import uvicorn
 
 
@@ -32,3 +38,45 @@ class LiveServer:
         self.server.should_exit = True
         self.thread.join(10)
         self.sock.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServeProcess:
+    """`qwen3-mlx serve` in a subprocess on a free port, up once /health answers; killed on exit if still
+    running. `url`, `proc`, and `log()`: what it printed (stdout and stderr), once it has ended."""
+
+    def __init__(self, checkpoint, *args: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.command = [sys.executable, "-m", "qwen3_mlx", "serve", "--model", str(checkpoint),
+                        "--port", str(self.port), *args]
+        self.output = tempfile.TemporaryFile()
+
+    def __enter__(self):
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(self.command, env=env, stdout=self.output, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(self.url + "/health").status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                self.__exit__()
+                raise RuntimeError(f"qwen3-mlx serve did not start:\n{self.log()}")
+            time.sleep(0.1)
+
+    def __exit__(self, *exc) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+    def log(self) -> str:
+        self.output.seek(0)
+        return self.output.read().decode(errors="replace")

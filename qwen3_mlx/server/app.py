@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -23,7 +24,7 @@ from fastapi.responses import Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from ..engine import EngineClosed, EngineFull
-from ..errors import Qwen3Error
+from ..errors import ContextLengthError, MemoryLimitError, Qwen3Error
 from ..response import Chunk, TokenLogprob
 from . import protocol as p
 from .replies import Reply, chat_completion, chat_logprobs, completion, dump_json, legacy_logprobs, new_id
@@ -33,24 +34,30 @@ from .params import (
     Settings,
     Submission,
     chat_submission,
+    check_model,
     completion_submission,
 )
 
 log = logging.getLogger("qwen3_mlx.server")
 
 DEFAULT_MAX_BODY_BYTES = 8 << 20
+RETRY_AFTER_SECONDS = 1  # the Retry-After of a 429 (the queue is full)
 _ERRORS = {400: p.ErrorResponse, 401: p.ErrorResponse, 404: p.ErrorResponse, 413: p.ErrorResponse,
            429: p.ErrorResponse, 503: p.ErrorResponse}
 _ERROR_DOCS = {status: {"model": model} for status, model in _ERRORS.items()}
 
 
-def create_app(engine: Any, *, model_id: str, api_key: str | None = None, max_tokens_cap: int = 4096,
-               default_thinking_budget: int | None = None, cors_origin: str | None = None,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+def create_app(engine: Any, *, model_id: str, aliases: Sequence[str] = (), api_key: str | None = None,
+               max_tokens_cap: int = 4096, default_thinking_budget: int | None = None,
+               cors_origin: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
     """The FastAPI app over a started engine.Engine (the caller starts and closes it).
 
+    Setting `app.state.draining` (serve.py does, on a signal) answers every new request with a 503.
+
     Args:
-        model_id: the name /v1/models lists; a request naming another model gets a 404.
+        model_id: the name /v1/models lists and responses report; a request naming another model gets
+            a 404.
+        aliases: more names a request's `model` may give.
         api_key: when set, /v1/* needs `Authorization: Bearer <api_key>`.
         max_tokens_cap: the most tokens a request may generate (its max_tokens is lowered to it),
             and the default when it asks for no limit.
@@ -58,12 +65,13 @@ def create_app(engine: Any, *, model_id: str, api_key: str | None = None, max_to
         cors_origin: the one origin browsers may call from; None: no CORS headers.
         max_body_bytes: larger request bodies get a 413.
     """
-    settings = Settings(model_id, max_tokens_cap, default_thinking_budget)
+    settings = Settings(model_id, max_tokens_cap, default_thinking_budget, aliases=tuple(aliases))
     app = FastAPI(title="qwen3-mlx", summary="An OpenAI-compatible server for Qwen3 with reasoning, "
                                              "a per-request thinking budget and tool calls")
     app.state.engine, app.state.settings, app.state.created = engine, settings, int(time.time())
+    app.state.draining = False
     _add_error_handlers(app)
-    app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes)
+    app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes, state=app.state)
     if cors_origin:
         app.add_middleware(CORSMiddleware, allow_origins=[cors_origin], allow_methods=["GET", "POST", "OPTIONS"],
                            allow_headers=["*"])
@@ -109,10 +117,9 @@ def _routes() -> Any:
     async def models(request: Request) -> p.ModelList:
         return p.ModelList(data=[_model_card(request)])
 
-    @router.get("/v1/models/{model}", response_model=p.ModelCard, responses=_ERROR_DOCS)
+    @router.get("/v1/models/{model:path}", response_model=p.ModelCard, responses=_ERROR_DOCS)
     async def model(model: str, request: Request) -> p.ModelCard:
-        if model != request.app.state.settings.model_id:
-            raise ApiError(404, f"the model {model!r} does not exist", param="model", code="model_not_found")
+        check_model(model, request.app.state.settings)
         return _model_card(request)
 
     @router.get("/health", response_model=p.Health)
@@ -168,7 +175,16 @@ async def _collect(chunks: AsyncIterator[Chunk], parallel_tool_calls: bool) -> R
             reply.add(chunk)
     except Qwen3Error as e:  # the engine failed (not the request's fault)
         raise ApiError(500, str(e), type="server_error") from None
+    _check_finished(reply)
     return reply
+
+
+def _check_finished(reply: Reply) -> None:
+    """The shutdown's 503 when the engine cancelled the reply (a client that went away cancels its own
+    too, but is no longer there to read it): never OpenAI's finish_reason, "cancelled" is not one."""
+    if reply.stats.finish_reason == "cancelled":
+        raise ApiError(503, "the server shut down before the reply was finished; send the request again once it "
+                            "is back", type="server_error", code="shutting_down")
 
 
 # ---------------------------------------------------------------- streams
@@ -193,6 +209,7 @@ async def _chat_events(chunks: AsyncIterator[Chunk], model_id: str, include_usag
             yield event(p.Delta(reasoning_content=chunk.text, reasoning=chunk.text))
         elif chunk.text and chunk.kind == "answer":
             yield event(p.Delta(content=chunk.text), lp=list(chunk.logprobs))
+    _check_finished(reply)
     yield event(p.Delta(), reply.finish_reason)
     if include_usage:
         yield p.ChatCompletionChunk(id=cid, created=created, model=model_id, choices=[],
@@ -220,6 +237,7 @@ async def _completion_events(chunks: AsyncIterator[Chunk], model_id: str, includ
             yield event("", reasoning=chunk.text)
         elif chunk.text and chunk.kind == "answer":
             yield event(chunk.text, lp=list(chunk.logprobs))
+    _check_finished(reply)
     yield event("", reply.finish_reason)
     if include_usage:
         yield p.Completion(id=cid, created=created, model=model_id, choices=[],
@@ -233,6 +251,8 @@ def _sse(events: AsyncIterator[Any]) -> StreamingResponse:
         try:
             async for event in events:
                 yield f"data: {dump_json(event)}\n\n"
+        except ApiError as e:
+            yield f"data: {_error_body(e.status, e.message, type=e.type, param=e.param, code=e.code)}\n\n"
         except Qwen3Error as e:
             yield f"data: {_error_body(500, str(e), type='server_error')}\n\n"
         yield "data: [DONE]\n\n"
@@ -253,13 +273,36 @@ def _error_body(status: int, message: str, *, type: str = "invalid_request_error
     return p.ErrorResponse(error=p.ErrorDetail(message=message, type=type, param=param, code=code)).model_dump_json()
 
 
-def _error(status: int, message: str, **kwargs: Any) -> Response:
-    return Response(_error_body(status, message, **kwargs), status_code=status, media_type="application/json")
+def _error(status: int, message: str, headers: dict[str, str] | None = None, **kwargs: Any) -> Response:
+    return Response(_error_body(status, message, **kwargs), status_code=status, media_type="application/json",
+                    headers=headers)
 
 
-def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    """The first problem, as `param: what is wrong` (params.validation_problem)."""
-    return validation_problem(exc.errors())
+def _validation_message(exc: RequestValidationError, content_type: str) -> tuple[str, str | None]:
+    """The first problem, as `param: what is wrong` (params.validation_problem); a body that is not an
+    object because it was not sent as JSON (curl -d sends a form's content type) is told what to send."""
+    message, param = validation_problem(exc.errors())
+    if message == "the body must be a JSON object" and "json" not in content_type:
+        message = ("the body must be JSON, sent with Content-Type: application/json (it came as "
+                   f"{content_type or 'no content type'})")
+    return message, param
+
+
+# The library's name for a request parameter, where it differs.
+_LIBRARY_NAMES = {"json_schema": "response_format", "temp": "temperature", "max_total_tokens": "max_tokens"}
+_PARAMETERS = set(p.ChatCompletionRequest.model_fields) | set(p.CompletionRequest.model_fields)
+
+
+def _param_of(message: str) -> str | None:
+    """The request parameter a library error is about: its messages start with the option's name
+    ("logit_bias: token id 999999 is outside ...", "messages[0].content[0] is type 'image_url' ...")."""
+    name = re.match(r"[a-z_]+", message)
+    param = _LIBRARY_NAMES.get(name.group(), name.group()) if name else None
+    return param if param in _PARAMETERS else None
+
+
+def _prompt_param(request: Request) -> str:
+    return "prompt" if request.url.path == "/v1/completions" else "messages"
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -269,7 +312,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> Response:
-        message, param = _validation_message(exc)
+        message, param = _validation_message(exc, request.headers.get("content-type", ""))
         return _error(400, message, param=param)
 
     @app.exception_handler(HTTPException)
@@ -280,15 +323,25 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(EngineFull)
     async def full(request: Request, exc: EngineFull) -> Response:
-        return _error(429, str(exc), type="rate_limit_error", code="queue_full")
+        return _error(429, str(exc), headers={"Retry-After": str(RETRY_AFTER_SECONDS)}, type="rate_limit_error",
+                      code="queue_full")
 
     @app.exception_handler(EngineClosed)
     async def closed(request: Request, exc: EngineClosed) -> Response:
         return _error(503, str(exc), type="server_error", code="shutting_down")
 
+    @app.exception_handler(ContextLengthError)
+    async def too_long(request: Request, exc: ContextLengthError) -> Response:
+        return _error(400, str(exc), param=_prompt_param(request), code="context_length_exceeded")
+
+    @app.exception_handler(MemoryLimitError)
+    async def too_large(request: Request, exc: MemoryLimitError) -> Response:
+        return _error(400, f"{exc} (the KV budget is the server's --kv-memory)", param="max_tokens",
+                      code="kv_memory_exceeded")
+
     @app.exception_handler(Qwen3Error)
     async def bad_request(request: Request, exc: Qwen3Error) -> Response:
-        return _error(400, str(exc))
+        return _error(400, str(exc), param=_param_of(str(exc)))
 
     @app.exception_handler(RecursionError)
     async def too_deep(request: Request, exc: RecursionError) -> Response:
@@ -304,16 +357,21 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 
 class Guard:
-    """ASGI middleware: a missing or wrong API key on /v1/* is a 401 (compared in constant time); a body
-    over `max_body_bytes` is a 413, checked before the app reads it."""
+    """ASGI middleware: while `state.draining`, every request is a 503; a missing or wrong API key on /v1/*
+    is a 401 (compared in constant time); a body over `max_body_bytes` is a 413, checked before the app
+    reads it."""
 
-    def __init__(self, app: Any, api_key: str | None, max_body_bytes: int) -> None:
-        self.app, self.max_body_bytes = app, max_body_bytes
+    def __init__(self, app: Any, api_key: str | None, max_body_bytes: int, state: Any) -> None:
+        self.app, self.max_body_bytes, self.state = app, max_body_bytes, state
         self.key = api_key.encode() if api_key else None
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        if self.state.draining:
+            return await self._refuse(send, 503, "the server is shutting down and takes no new requests; send the "
+                                                 "request again once it is back", type="server_error",
+                                      code="shutting_down")
         guarded = self.key is not None and scope["path"].startswith("/v1/") and scope["method"] != "OPTIONS"
         if guarded and not self._authorized(scope):
             return await self._refuse(send, 401, "invalid or missing API key: send Authorization: Bearer <key>",
@@ -344,8 +402,9 @@ class Guard:
         return f"the request body is over {self.max_body_bytes} bytes"
 
     @staticmethod
-    async def _refuse(send: Any, status: int, message: str, code: str | None = None) -> None:
-        body = _error_body(status, message, type="invalid_request_error", code=code).encode()
+    async def _refuse(send: Any, status: int, message: str, code: str | None = None,
+                      type: str = "invalid_request_error") -> None:
+        body = _error_body(status, message, type=type, code=code).encode()
         await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})

@@ -42,10 +42,11 @@ def unsupported(param: str, message: str) -> ApiError:
 class Settings:
     """What the server imposes on every request."""
 
-    model_id: str
+    model_id: str  # the name responses report
     max_tokens_cap: int = 4096  # the most a request may generate; also the default
     default_thinking_budget: int | None = None
     defaults: GenerationOptions = GenerationOptions()  # what a body leaves unset (the CLI's options, for a batch)
+    aliases: tuple[str, ...] = ()  # more names a request's `model` may give
 
 
 @dataclass(frozen=True)
@@ -56,9 +57,10 @@ class Submission:
     options: GenerationOptions
 
 
-def check_model(body: SamplingParameters, settings: Settings) -> None:
-    if body.model and body.model != settings.model_id:
-        raise ApiError(404, f"the model {body.model!r} does not exist; this server serves {settings.model_id!r} "
+def check_model(name: str | None, settings: Settings) -> None:
+    """A 404 unless `name` is a name the server answers to, or None (a request left `model` out)."""
+    if name is not None and name not in (settings.model_id, *settings.aliases):
+        raise ApiError(404, f"the model {name!r} does not exist; this server serves {settings.model_id!r} "
                             "(GET /v1/models)", param="model", code="model_not_found")
 
 
@@ -89,9 +91,22 @@ def chat_body_submission(body: dict, settings: Settings) -> Submission:
     return chat_submission(request, settings)
 
 
+def check_tools(body: ChatCompletionRequest) -> None:
+    """OpenAI's refusals: a tool_choice without tools, two tools of one name."""
+    if body.tool_choice is not None and not body.tools:
+        raise ApiError(400, "tool_choice: given without tools; send tools, or leave tool_choice out",
+                       param="tool_choice")
+    names = [t.function.name for t in body.tools or ()]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise ApiError(400, f"tools: more than one tool is named {', '.join(map(repr, twice))}; give each tool its "
+                            "own name", param="tools")
+
+
 def chat_submission(body: ChatCompletionRequest, settings: Settings) -> Submission:
-    check_model(body, settings)
+    check_model(body.model or None, settings)
     _check_common(body)
+    check_tools(body)
     choice = body.tool_choice
     if body.top_logprobs is not None and not body.logprobs:
         raise ApiError(400, "top_logprobs: needs logprobs=true", param="top_logprobs")
@@ -131,7 +146,7 @@ def constraint(body: ChatCompletionRequest, tools: list[dict] | None) -> dict[st
 
 
 def completion_submission(body: CompletionRequest, settings: Settings) -> Submission:
-    check_model(body, settings)
+    check_model(body.model or None, settings)
     _check_common(body)
     if body.echo:
         raise unsupported("echo", "echoing the prompt is not supported; leave it false")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
 
 Count = Annotated[int, Field(ge=1)]
@@ -20,10 +20,24 @@ Budget = Annotated[int, Field(ge=0)]
 
 
 class _Request(BaseModel):
+    """A request body. An explicit null on an optional field means "not given" (OpenAI's SDKs and proxies
+    send null for fields they leave unset), so a field typed `X | None` with another default never holds
+    None: the type says, in /openapi.json, that null is accepted."""
+
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_not_given(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        optional = {key for name, f in cls.model_fields.items() if not f.is_required() for key in (name, f.alias)}
+        return {key: value for key, value in data.items() if value is not None or key not in optional}
 
 
 class _Body(BaseModel):
+    """A response body: every field is sent, null when empty, as OpenAI sends it."""
+
     model_config = ConfigDict(allow_inf_nan=False)
 
 
@@ -31,7 +45,7 @@ class _Body(BaseModel):
 
 
 class StreamOptions(_Request):
-    include_usage: bool = False
+    include_usage: bool | None = False
 
 
 class FunctionDefinition(_Request):
@@ -43,7 +57,7 @@ class FunctionDefinition(_Request):
 
 
 class Tool(_Request):
-    type: Literal["function"] = "function"
+    type: Literal["function"] | None = "function"
     function: FunctionDefinition
 
 
@@ -52,7 +66,7 @@ class NamedFunction(_Request):
 
 
 class NamedToolChoice(_Request):
-    type: Literal["function"] = "function"
+    type: Literal["function"] | None = "function"
     function: NamedFunction
 
 
@@ -63,12 +77,12 @@ class ContentPart(_Request):
 
 class ToolCallFunction(_Request):
     name: str
-    arguments: str | dict[str, Any] = ""
+    arguments: str | dict[str, Any] | None = ""
 
 
 class MessageToolCall(_Request):
     id: str | None = None
-    type: Literal["function"] = "function"
+    type: Literal["function"] | None = "function"
     function: ToolCallFunction
 
 
@@ -96,7 +110,7 @@ class JsonSchemaFormat(_Request):
 
 
 class ResponseFormat(_Request):
-    type: Literal["text", "json_object", "json_schema"] = "text"
+    type: Literal["text", "json_object", "json_schema"] | None = "text"
     json_schema: JsonSchemaFormat | None = None
 
 
@@ -117,9 +131,9 @@ class SamplingParameters(_Request):
     seed: Seed | None = None
     stop: str | list[str] | None = None
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
-    stream: bool = False
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
-    n: Count = 1
+    n: Count | None = 1
     thinking_budget: Budget | None = Field(None, description="The most reasoning tokens (0: no reasoning).")
     thinking_budget_tokens: Budget | None = Field(None, description="llama.cpp's name for thinking_budget.")
     thinking_token_budget: Budget | None = Field(None, description="vLLM's name for thinking_budget.")
@@ -131,11 +145,11 @@ class SamplingParameters(_Request):
 class ChatCompletionRequest(SamplingParameters):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Count | None = Field(None, description="OpenAI's newer name for max_tokens (wins).")
-    logprobs: bool = False
+    logprobs: bool | None = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
-    parallel_tool_calls: bool = True
+    parallel_tool_calls: bool | None = True
     response_format: ResponseFormat | None = None
     chat_template_kwargs: dict[str, Any] | None = Field(
         None, description='Template variables; Qwen3\'s reads enable_thinking: {"enable_thinking": false}.')
@@ -144,7 +158,7 @@ class ChatCompletionRequest(SamplingParameters):
 class CompletionRequest(SamplingParameters):
     prompt: str | list[Annotated[int, Field(ge=0)]] | list[str] | list[list[Annotated[int, Field(ge=0)]]]
     logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
-    echo: bool = False
+    echo: bool | None = False
     suffix: str | None = None
     best_of: Count | None = None
 
@@ -180,6 +194,7 @@ class TokenLogprob(TopLogprob):
 
 class ChoiceLogprobs(_Body):
     content: list[TokenLogprob]
+    refusal: list[TokenLogprob] | None = None
 
 
 class FunctionCall(_Body):
@@ -196,16 +211,17 @@ class ToolCall(_Body):
 class AssistantMessage(_Body):
     role: Literal["assistant"] = "assistant"
     content: str | None
+    refusal: str | None = None
+    tool_calls: list[ToolCall] | None = None
     reasoning_content: str | None = None
     reasoning: str | None = None  # the same text, under the name other servers use
-    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(_Body):
     index: int = 0
     message: AssistantMessage
-    finish_reason: str | None
     logprobs: ChoiceLogprobs | None = None
+    finish_reason: str | None
 
 
 def _now() -> int:
@@ -219,6 +235,8 @@ class ChatCompletion(_Body):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    service_tier: str | None = None
+    system_fingerprint: str | None = None
 
 
 class FunctionCallDelta(_Body):
@@ -227,35 +245,36 @@ class FunctionCallDelta(_Body):
 
 
 class ToolCallDelta(_Body):
+    """A fragment of a streamed call: id, type and name come with its first fragment only, and are left out
+    (not null) after it, as OpenAI does: clients that merge fragments (the openai SDK's stream helper
+    among them) would take a null type or name as the call's new value."""
+
     index: int
     id: str | None = None
     type: Literal["function"] | None = None
     function: FunctionCallDelta
 
+    @model_serializer(mode="wrap")
+    def _without_nulls(self, handler: Any) -> dict:
+        data = handler(self)
+        data["function"] = {k: v for k, v in data["function"].items() if v is not None}
+        return {k: v for k, v in data.items() if v is not None}
+
 
 class Delta(_Body):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    refusal: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
     reasoning_content: str | None = None
     reasoning: str | None = None
-    tool_calls: list[ToolCallDelta] | None = None
 
 
-class _FinishReasonAlways(_Body):
-    """finish_reason is sent as null until the last chunk, as OpenAI does (also when None is left out)."""
-
-    @model_serializer(mode="wrap")
-    def _with_finish_reason(self, handler: Any) -> dict:
-        data = handler(self)
-        data.setdefault("finish_reason", None)
-        return data
-
-
-class ChunkChoice(_FinishReasonAlways):
+class ChunkChoice(_Body):
     index: int = 0
     delta: Delta
-    finish_reason: str | None = None
     logprobs: ChoiceLogprobs | None = None
+    finish_reason: str | None = None
 
 
 class ChatCompletionChunk(_Body):
@@ -264,7 +283,9 @@ class ChatCompletionChunk(_Body):
     created: int = Field(default_factory=_now)
     model: str
     choices: list[ChunkChoice]
-    usage: Usage | None = None
+    usage: Usage | None = None  # in the last chunk alone, with stream_options.include_usage
+    service_tier: str | None = None
+    system_fingerprint: str | None = None
 
 
 class LegacyLogprobs(_Body):
@@ -274,11 +295,11 @@ class LegacyLogprobs(_Body):
     text_offset: list[int]
 
 
-class CompletionChoice(_FinishReasonAlways):
+class CompletionChoice(_Body):
     index: int = 0
     text: str
-    finish_reason: str | None
     logprobs: LegacyLogprobs | None = None
+    finish_reason: str | None
     reasoning_content: str | None = None
     reasoning: str | None = None
 
@@ -290,6 +311,7 @@ class Completion(_Body):
     model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
+    system_fingerprint: str | None = None
 
 
 class ModelCard(_Body):

@@ -41,9 +41,11 @@ class Reply:
 
     @property
     def finish_reason(self) -> str:
-        if self.tool_calls():
-            return "tool_calls"
+        """OpenAI's: "length" whenever the cap cut the reply, even after complete calls; "tool_calls" when
+        it ended after calls. (A reply the shutdown cancelled gets none: the server ends it with an error.)"""
         reason = self.stats.finish_reason or "stop"
+        if reason != "length" and self.tool_calls():
+            return "tool_calls"
         return FINISH_REASONS.get(reason, reason)
 
     def tool_calls(self) -> list[p.ToolCall] | None:
@@ -124,8 +126,9 @@ def legacy_logprobs(logprobs: list[TokenLogprob], tokenizer: Any) -> p.LegacyLog
 
 
 def dump_json(body: p.BaseModel) -> str:
-    """A response body as the API writes it: the one serialization of every route and of batch output."""
-    return body.model_dump_json(exclude_none=True)
+    """A response body as the API writes it: the one serialization of every route and of batch output,
+    every field sent, null when empty, as OpenAI does."""
+    return body.model_dump_json()
 
 
 def new_id(prefix: str) -> str:
