@@ -706,7 +706,11 @@ def convert(source: str | None, output: Path | None, hf_path: str | None, mlx_pa
 @click.option("--model", default=DEFAULT_MODEL, show_default=True, help=MODEL_HELP)
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on; 0.0.0.0 opens it to the network (set --api-key then).")
-@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="Port to listen on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True,
+              help="Port to listen on; a busy one fails at once (exit 1), before the model loads.")
+@click.option("--served-model-name", "served_model_names", multiple=True, metavar="NAME",
+              help="A name requests may give as `model` (repeatable); the first is the one responses report. "
+                   "Default: --model as given.")
 @click.option("--api-key", envvar="QWEN3_MLX_API_KEY", metavar="KEY",
               help="Require `Authorization: Bearer KEY` on /v1/* (also read from QWEN3_MLX_API_KEY).")
 @click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True,
@@ -723,22 +727,26 @@ def convert(source: str | None, output: Path | None, hf_path: str | None, mlx_pa
               help="Most tokens a request may generate, reasoning included (larger max_tokens are lowered to it); "
                    "also the default.")
 @click.option("--cors-origin", metavar="ORIGIN", help="Allow browsers on ORIGIN to call the API (CORS is off without).")
+@click.option("--grace", type=click.FloatRange(min=0), default=30.0, show_default=True, metavar="SECONDS",
+              help="After SIGTERM or Ctrl-C, how long running requests may take to finish before they are cancelled.")
 @user_errors
 @version
-def serve(model: str, host: str, port: int, api_key: str | None, max_batch: int, kv_memory: float | None,
-          prompt_cache_gb: float, kv_bits: int | None, thinking_budget: int | None, max_tokens: int,
-          cors_origin: str | None) -> None:
+def serve(model: str, host: str, port: int, served_model_names: tuple[str, ...], api_key: str | None,
+          max_batch: int, kv_memory: float | None, prompt_cache_gb: float, kv_bits: int | None,
+          thinking_budget: int | None, max_tokens: int, cors_origin: str | None, grace: float) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions,
     /v1/models, /health; /docs describes it). Needs the serve extra: pip install "qwen3-mlx[serve]".
 
-    SIGTERM or Ctrl-C stops admitting and lets running requests finish (30 s at most; Ctrl-C again
-    cancels them), then exits 0 (SIGTERM) or 130 (Ctrl-C).
+    SIGTERM or Ctrl-C stops admitting (new requests get a 503) and lets running requests finish
+    (--grace; a second signal cancels them: they end with an error), then exits 0 (SIGTERM) or
+    130 (Ctrl-C).
     """
     try:
         from .server.serve import serve as run_server
     except ImportError as e:  # FastAPI or uvicorn missing
         raise Qwen3Error(f"serve needs the serve extra ({e.name} is not installed): "
                          f'pip install "qwen3-mlx[serve]"') from None
-    run_server(model, host=host, port=port, api_key=api_key, max_batch=max_batch,
-               kv_memory=int(kv_memory * 1e9) if kv_memory else None, prompt_cache_bytes=int(prompt_cache_gb * 1e9),
-               thinking_budget=thinking_budget, max_tokens=max_tokens, cors_origin=cors_origin, kv_bits=kv_bits)
+    run_server(model, host=host, port=port, served_model_names=served_model_names, api_key=api_key,
+               max_batch=max_batch, kv_memory=int(kv_memory * 1e9) if kv_memory else None,
+               prompt_cache_bytes=int(prompt_cache_gb * 1e9), kv_bits=kv_bits, thinking_budget=thinking_budget,
+               max_tokens=max_tokens, cors_origin=cors_origin, grace=grace)

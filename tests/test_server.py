@@ -1,13 +1,11 @@
 """The OpenAI-compatible server: the real `openai` client against live servers on the tiny random
 checkpoint (whose output must equal the library's) and on a scripted stub that reasons and calls
-tools; refusals with OpenAI's error bodies; concurrency; disconnects; fuzzing from /openapi.json;
-the `serve` command's signals."""
+tools; refusals with OpenAI's error bodies; concurrency; disconnects; fuzzing from /openapi.json.
+test_server_clients.py holds what clients nobody here wrote rely on, test_server_shutdown.py the
+`serve` command itself."""
 
 import asyncio
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -438,47 +436,7 @@ def test_no_input_makes_a_server_error(live):
     check()
 
 
-# ---------------------------------------------------------------- the command
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 0), (signal.SIGINT, 130)])
-def test_serve_stops_on_a_signal_after_finishing_the_running_request(tiny_checkpoint, sig, code):
-    port = free_port()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "qwen3_mlx", "serve", "--model", str(tiny_checkpoint),
-                             "--port", str(port), "--max-tokens", "120"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline and proc.poll() is None, proc.stdout.read().decode()
-            time.sleep(0.1)
-        long = {**MESSAGES, "stream": True, "max_tokens": 120, "logit_bias": {"151645": -100, "151643": -100}}
-        with httpx.stream("POST", url + "/v1/chat/completions", json=long, timeout=60) as response:
-            lines = response.iter_lines()
-            next(lines)
-            proc.send_signal(sig)
-            rest = [line for line in lines if line]
-        assert rest[-1] == "data: [DONE]"
-        finish = [json.loads(x[6:])["choices"][0]["finish_reason"] for x in rest if x.startswith("data: {")][-1]
-        assert finish == "length"  # finished, not cut
-        assert proc.wait(30) == code, proc.stdout.read().decode()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+# ---------------------------------------------------------------- the command line
 
 
 def test_generate_does_not_import_the_server():

@@ -1,61 +1,131 @@
-"""Run the server: load the model, start the engine, serve the app with uvicorn, shut down gracefully.
+"""Run the server: take the port, load the model, start the engine, serve the app with uvicorn, shut down
+gracefully.
 
-The first SIGTERM or Ctrl-C stops admitting (new requests get a 503) and lets the running ones finish,
-for up to `grace` seconds; a second Ctrl-C, or the end of the grace, cancels what is left. SIGTERM
-then exits 0, Ctrl-C raises KeyboardInterrupt (the CLI's exit 130).
+The first SIGTERM or Ctrl-C starts the drain: the port stays open and every new request gets a 503,
+while the running ones finish, for up to `grace` seconds. When the grace runs out, or on a second
+signal, the engine cancels what is left: a whole reply then gets a 503 error body, a stream an error
+event then `data: [DONE]` (never a finish_reason "cancelled"). Then the server stops: after SIGTERM
+serve() returns (exit 0), after Ctrl-C it raises KeyboardInterrupt (the CLI's exit 130).
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import signal
-import threading
+import socket
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import uvicorn
 
 from ..engine import Engine
+from ..errors import Qwen3Error
 from ..loader import load
 from .app import create_app
 
+log = logging.getLogger("uvicorn.error")  # uvicorn's own log, so the drain's lines read as its others
+
+# Seconds the responses of cancelled requests may take to be written, once the engine has ended them.
+_FLUSH_SECONDS = 5.0
+
 
 class _Server(uvicorn.Server):
-    """uvicorn's server, which also tells the engine when a signal asks it to stop."""
+    """uvicorn's server, which drains before it stops (uvicorn alone would close the port at once, and cut
+    the responses still running, in mid-chunk, when its timeout ran out)."""
 
-    def __init__(self, config: uvicorn.Config, engine: Engine) -> None:
+    def __init__(self, config: uvicorn.Config, app: Any, grace: float) -> None:
         super().__init__(config)
-        self.engine = engine
+        self.app, self.grace = app, grace
+        self.signals: list[int] = []
+        self.drain_task: asyncio.Task | None = None
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        if self.started and sockets:  # uvicorn names the address only of sockets it binds itself
+            host, port = self.config.host, sockets[0].getsockname()[1]
+            log.info("Serving on http://%s:%d (SIGTERM or Ctrl-C to stop)", f"[{host}]" if ":" in host else host, port)
 
     def handle_exit(self, sig: int, frame: Any) -> None:
-        super().handle_exit(sig, frame)
-        # Not in the signal handler's thread: close() waits for the engine's thread.
-        threading.Thread(target=self.engine.close, kwargs={"cancel": self.force_exit}, daemon=True).start()
+        # Runs in the signal handler: only recorded; on_tick, in the event loop, acts on it.
+        self.signals.append(sig)
+
+    async def on_tick(self, counter: int) -> bool:
+        if self.signals and self.drain_task is None:
+            self.drain_task = asyncio.create_task(self.drain())
+        return await super().on_tick(counter)
+
+    async def drain(self) -> None:
+        """Refuse new requests, let the running ones finish (or cancel them), then let uvicorn stop."""
+        engine = self.app.state.engine
+        self.app.state.draining = True
+        log.info("Draining: new requests get a 503; running requests may take %g s to finish (a second signal "
+                 "cancels them)", self.grace)
+        ended = asyncio.ensure_future(asyncio.to_thread(engine.close))  # done once every request has ended
+        await _until(lambda: ended.done() or len(self.signals) > 1, self.grace)
+        if not ended.done():
+            why = "a second signal" if len(self.signals) > 1 else f"the grace of {self.grace:g} s is over"
+            log.warning("Cancelling the running requests: %s", why)
+            await asyncio.to_thread(engine.close, cancel=True)
+        # The cancelled requests' responses, written by their own tasks, end with an error.
+        await _until(lambda: not self.server_state.tasks, _FLUSH_SECONDS)
+        self.should_exit = True
 
 
-def serve(model: str, *, host: str = "127.0.0.1", port: int = 8080, api_key: str | None = None,
-          max_batch: int = 8, kv_memory: int | None = None, prompt_cache_bytes: int = 1 << 30,
-          thinking_budget: int | None = None, max_tokens: int = 4096, cors_origin: str | None = None,
-          grace: float = 30.0, log_level: str = "info", kv_bits: int | None = None) -> None:
-    """Serve `model` (a checkpoint folder or Hub repo id) until a signal; see the module's docstring.
+async def _until(condition: Callable[[], bool], seconds: float) -> None:
+    """Wait until `condition()`, for `seconds` at most."""
+    deadline = asyncio.get_running_loop().time() + seconds
+    while not condition() and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.05)
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """The server's socket, bound now, before the model loads: a busy port fails at once.
 
     Raises:
-        Qwen3Error: the model cannot be loaded.
+        Qwen3Error: the address cannot be bound (in use, not this machine's, or a privileged port).
+    """
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a port in TIME_WAIT is free
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise Qwen3Error(f"--port {port}: cannot listen on {host}:{port} ({e.strerror or e}); stop what uses it, "
+                         "or give another --port or --host") from None
+    return sock
+
+
+def serve(model: str, *, host: str = "127.0.0.1", port: int = 8080, served_model_names: Sequence[str] = (),
+          api_key: str | None = None, max_batch: int = 8, kv_memory: int | None = None,
+          prompt_cache_bytes: int = 1 << 30, thinking_budget: int | None = None, max_tokens: int = 4096,
+          cors_origin: str | None = None, grace: float = 30.0, log_level: str = "info",
+          kv_bits: int | None = None) -> None:
+    """Serve `model` (a checkpoint folder or Hub repo id) until a signal; see the module's docstring.
+
+    `served_model_names`: the names a request's `model` may give, the first one reported in responses;
+    none: `model` as given.
+
+    Raises:
+        Qwen3Error: the port cannot be bound; the model cannot be loaded.
         KeyboardInterrupt: after a graceful shutdown on Ctrl-C.
     """
-    loaded, tokenizer = load(model)
-    engine = Engine(loaded, tokenizer, max_batch=max_batch, kv_memory=kv_memory,
-                    prompt_cache_bytes=prompt_cache_bytes, kv_bits=kv_bits).start()
-    app = create_app(engine, model_id=model, api_key=api_key, max_tokens_cap=max_tokens,
-                     default_thinking_budget=thinking_budget, cors_origin=cors_origin)
-    config = uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=grace, log_level=log_level)
-    main = threading.current_thread() is threading.main_thread()  # only there can signals be handled
-    previous = signal.signal(signal.SIGTERM, _exit_cleanly) if main else None  # uvicorn re-raises it at the end
+    sock = listen(host, port)
     try:
-        _Server(config, engine).run()
+        loaded, tokenizer = load(model)
+        engine = Engine(loaded, tokenizer, max_batch=max_batch, kv_memory=kv_memory,
+                        prompt_cache_bytes=prompt_cache_bytes, kv_bits=kv_bits).start()
+        names = list(served_model_names) or [model]
+        app = create_app(engine, model_id=names[0], aliases=names[1:], api_key=api_key, max_tokens_cap=max_tokens,
+                         default_thinking_budget=thinking_budget, cors_origin=cors_origin)
+        config = uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=_FLUSH_SECONDS,
+                                log_level=log_level)
+        server = _Server(config, app, grace)
+        try:
+            server.run(sockets=[sock])
+        finally:
+            engine.close(cancel=True)
     finally:
-        engine.close(cancel=True)
-        if main:
-            signal.signal(signal.SIGTERM, previous)
-
-
-def _exit_cleanly(sig: int, frame: Any) -> None:
-    raise SystemExit(0)
+        sock.close()
+    if signal.SIGINT in server.signals:
+        raise KeyboardInterrupt
