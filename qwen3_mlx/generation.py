@@ -19,10 +19,12 @@ from typing import Any, Callable, Iterator, Sequence
 import mlx.core as mx
 
 from .cache import KVCache, RotatingKVCache
+from .errors import OptionError
 from .model import Model
 from .options import GenerationOptions
 from .prompt import Messages, Prompt, make_prompt_cache
 from .request import Draw, DrawState, collect, prefill, prepare, reuse_cache, step
+from .speculative import SpeculativeGenerator, make_proposer
 from .response import (
     EARLY_STOP_TEXT,
     Chunk,
@@ -83,6 +85,30 @@ class TokenGenerator:
         self._pending = step(self.model, self.cache, self.draws, mx.array(list(ids), mx.int32))
 
 
+def run_speculative(gen: SpeculativeGenerator, response: Response) -> Iterator[Chunk]:
+    """As `run`, several tokens a step: each is read as the plain loop would read it, and those after
+    the response ends, or forces text in, are taken back, so every limit acts at the same token."""
+    stats = response.stats
+    while True:
+        forced = response.take_forced()
+        if forced:
+            gen.feed(forced)
+            response.clock.fed()
+            for token in forced:
+                yield from response.read(token, forced=True)
+        if not response.may_draw():
+            return
+        tokens, used = gen.next_tokens(), 0
+        for token, logprob in tokens:
+            if used and not response.may_draw():
+                break
+            used += 1
+            response.clock.drawn()
+            yield from response.read(token, logprob=logprob)
+        gen.keep(used)
+        stats.drafted_tokens, stats.accepted_tokens = gen.drafted, gen.accepted
+
+
 def run(gen: TokenGenerator, response: Response) -> Iterator[Chunk]:
     """Draw tokens into the response until it ends (but for its last chunk)."""
     while True:
@@ -115,6 +141,7 @@ def stream_generate(
     keep: int | None = None,
     cache: list[KVCache] | None = None,
     progress: Progress | None = None,
+    draft_model: Model | None = None,
     **kwargs: Any,
 ) -> Iterator[Chunk]:
     """Generate a response and yield it as text chunks tagged "reasoning" or "answer".
@@ -128,6 +155,8 @@ def stream_generate(
         cache: a cache holding a prefix of the prompt's tokens (reused; only the rest is computed).
             It is used as it is: options.max_kv_size only shapes a new cache.
         progress: called with (tokens done, total) once per prefill chunk.
+        draft_model: a smaller model of the same family (from `load()`) that drafts tokens for
+            speculative decoding (options.num_draft_tokens, the longest draft; see speculative.py).
         **kwargs: GenerationOptions fields, which override those of `options` (the keyword API:
             `stream_generate(model, tok, "q", max_tokens=5, thinking_budget=3)`).
 
@@ -155,12 +184,19 @@ def stream_generate(
         cache = make_prompt_cache(model, tokenizer, job.prompt_ids, request.system, opts.max_kv_size, keep)
     ids = job.prompt_ids
     stats.cached_tokens = reuse_cache(cache, ids[: cache[0].offset], ids)  # it holds a prefix of them
-    gen = TokenGenerator(model, cache, job.draws)
+    proposer = make_proposer(model, opts, draft_model)
+    if proposer is not None and rotating:
+        raise OptionError("speculative decoding does not go with a rotating cache (max_kv_size) yet; leave one of "
+                          "them out")
+    if proposer is None:
+        gen: TokenGenerator | SpeculativeGenerator = TokenGenerator(model, cache, job.draws)
+    else:
+        gen = SpeculativeGenerator(model, cache, job.draws, proposer, opts.num_draft_tokens, job.prompt_ids)
     response.clock.restart()
     mx.reset_peak_memory()
     try:
         gen.prefill(job.prompt_ids[stats.cached_tokens :], opts.prefill_step_size, progress)
-        yield from run(gen, response)
+        yield from run(gen, response) if proposer is None else run_speculative(gen, response)
     except KeyboardInterrupt:
         stats.finish_reason = "interrupted"
         raise

@@ -50,6 +50,11 @@ class GenerationOptions:
         model's dtype) per element, in groups of kv_group_size (32, 64, 128) along the head dimension,
         its first quantized_kv_start positions also kept in full precision (kv_quant.py). A property
         of the cache: in a batch, the same for every request.
+    num_draft_tokens: speculative decoding's longest draft, k (adapted per request up to it); 0 turns
+        speculation off for the request. It speculates with a draft model (given beside the options,
+        `draft_model=`) or with prompt_lookup.
+    prompt_lookup: draft by looking the text's last n tokens up earlier in the prompt and the text,
+        for n from prompt_lookup_max down to prompt_lookup_min (vLLM's names).
     """
 
     think: bool = True
@@ -74,6 +79,10 @@ class GenerationOptions:
     kv_bits: int | None = None
     kv_group_size: int = 64
     quantized_kv_start: int = 0
+    num_draft_tokens: int = 4
+    prompt_lookup: bool = False
+    prompt_lookup_min: int = 2
+    prompt_lookup_max: int = 4
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -98,6 +107,9 @@ class GenerationOptions:
             raise OptionError(f"kv_group_size must be one of {', '.join(map(str, KV_GROUP_SIZES))}, "
                               f"got {self.kv_group_size!r}")
         _check_int("quantized_kv_start", self.quantized_kv_start, 0)
+        _check_int("num_draft_tokens", self.num_draft_tokens, 0)
+        _check_int("prompt_lookup_min", self.prompt_lookup_min, 1)
+        _check_int("prompt_lookup_max", self.prompt_lookup_max, self.prompt_lookup_min)
         if self.seed is not None:
             _check_int("seed", self.seed, 0)
             if self.seed >= 2**64:

@@ -108,6 +108,14 @@ class DrawState:
             for token in ids.tolist():
                 self.grammar.advance(token)
 
+    def next_key(self) -> mx.array | None:
+        """The key of the next draw: the request's own, split once a draw; None without a seed (MLX's
+        global random state)."""
+        if self.seed is None:
+            return None
+        self.key, key = mx.random.split(self.key if self.key is not None else mx.random.key(self.seed))
+        return key
+
     def draw(self, logits: mx.array) -> Draw:
         """The next token of logits (1, V), queued, not waited for."""
         if self.processor is not None:
@@ -115,10 +123,7 @@ class DrawState:
             logits = self.processor(logits, history)
         if self.grammar is not None:  # after every other processor
             logits = self.grammar.mask(logits)
-        key = None
-        if self.seed is not None:
-            self.key, key = mx.random.split(self.key if self.key is not None else mx.random.key(self.seed))
-        token = self.sampler(logits, key)
+        token = self.sampler(logits, self.next_key())
         if self.logprobs is None:
             return Draw(token)
         logits = logits[:, : self.vocab_limit].astype(mx.float32)

@@ -87,6 +87,8 @@ class GenerationStats:
     finish_reason: str | None = None  # "stop", "length", "stop_string", "interrupted"
     budget_exhausted: bool = False  # the thinking budget ended the reasoning
     peak_memory_gb: float = 0.0
+    drafted_tokens: int = 0  # speculative decoding: tokens proposed and checked by the target
+    accepted_tokens: int = 0  # of those, the ones verification kept
     token_ids: list[int] = field(default_factory=list)  # the response as run through the model, forced tokens too
     tool_calls: list[ToolCall] = field(default_factory=list)  # the answer's complete calls, when tools were given
 

@@ -44,8 +44,10 @@ class BatchScriptedModel:
         rows = []
         for i, length in enumerate(lengths):
             history = [int(t) for t in keys[i, 0, keys.shape[2] - length :, 0].tolist()]
-            rows.append(mx.where(mx.arange(VOCAB) == self.script(*self.split(history)), 50.0, 0.0))
-        return mx.broadcast_to(mx.stack(rows)[:, None, :], (B, L, VOCAB))
+            # Each of the L positions reads its own history (a speculative pass checks several).
+            nexts = [self.script(*self.split(history[: len(history) - L + 1 + j])) for j in range(L)]
+            rows.append(mx.stack([mx.where(mx.arange(VOCAB) == t, 50.0, 0.0) for t in nexts]))
+        return mx.stack(rows)  # (B, L, VOCAB)
 
     def decode(self, ids, cache):
         return self(ids, cache)[:, -1, :]

@@ -1,0 +1,346 @@
+"""Speculative decoding: a proposer guesses the next tokens cheaply, the target checks them all in one
+forward pass, and speculative sampling (Leviathan et al. 2023; Chen et al. 2023) keeps the text's
+distribution exactly the target's alone.
+
+- Proposers: PromptLookup (an n-gram of the text so far found earlier in the prompt or the text, vLLM's
+  prompt_lookup_min/max; q is a point mass) and DraftModel (a smaller model with its own cache, which
+  follows the target's; q is its distribution under the request's own sampling parameters).
+- accept(): the acceptance rule over the target's distributions p and the proposer's q: a drafted token
+  is kept with probability min(1, p/q); at the first rejection the token is drawn from
+  normalize(max(0, p - q)); when every draft is kept, one more from p. Greedy requests keep a draft
+  exactly when it is the target's argmax, so they give the target's tokens.
+- DraftLength: the request's adaptive k (grows while drafts are kept, shrinks while they are not, and
+  rests a while after drafts that keep failing).
+- SpeculativeGenerator: the single-stream loop's generator (generation.py), one verification a step.
+
+What is exact: greedy tokens equal the plain loop's wherever the top two logits are further apart than
+the difference between a k+1-position pass and the compiled one-token step (last bits in float32; the
+steps with no draft use the compiled step itself). Seeded sampling is repeatable; its draws are not the
+plain loop's (the key is used in another order), its distribution is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import mlx.core as mx
+
+from .cache import KVCache
+from .device import generation_stream
+from .errors import OptionError
+from .model import Model
+from .options import GenerationOptions
+from .request import Draw, DrawState, Progress, extend_cache, make_draw_state, prefill, step
+from .response import TokenLogprob
+from .sampling import warp_logits
+from .tokenizer import Tokenizer
+
+
+# ---------------------------------------------------------------- proposers
+
+
+@dataclass
+class Proposal:
+    """Drafted tokens, and the proposer's distributions over them: (n, V) probabilities, or None when
+    each draft is certain (a point mass, as prompt lookup's)."""
+
+    tokens: list[int]
+    q: mx.array | None = None
+
+
+class PromptLookup:
+    """Drafts what followed the latest earlier occurrence of the text's last n tokens (n from
+    `max_n` down to `min_n`), in the prompt or the text so far. Costs nothing when nothing matches."""
+
+    def __init__(self, min_n: int = 2, max_n: int = 4) -> None:
+        if not 1 <= min_n <= max_n:
+            raise OptionError(f"prompt_lookup_min ({min_n}) must be >= 1 and <= prompt_lookup_max ({max_n})")
+        self.min_n, self.max_n = min_n, max_n
+
+    def propose(self, context: Sequence[int], k: int, draws: DrawState) -> Proposal:
+        for n in range(min(self.max_n, len(context) - 1), self.min_n - 1, -1):
+            tail = list(context[-n:])
+            for start in range(len(context) - n - 1, -1, -1):  # the latest occurrence first
+                if list(context[start : start + n]) == tail:
+                    follow = list(context[start + n : start + n + k])
+                    if follow:
+                        return Proposal(follow)
+        return Proposal([])
+
+
+class DraftModel:
+    """A smaller model that drafts with its own cache. Its cache follows the target's: before each
+    proposal it is trimmed to what it shares with the text and extended with the rest."""
+
+    def __init__(self, model: Model, target: Model) -> None:
+        if model.args.vocab_size != target.args.vocab_size:
+            raise OptionError(f"the draft model's vocabulary has {model.args.vocab_size} ids, the target's "
+                              f"{target.args.vocab_size}; give a draft of the same family and tokenizer")
+        self.model = model
+        self.cache: list[KVCache] = model.make_cache()
+        self.held: list[int] = []  # the tokens its cache holds
+
+    def propose(self, context: Sequence[int], k: int, draws: DrawState) -> Proposal:
+        """k tokens drawn from the draft's distribution q, under the request's sampling parameters
+        (its processors over the same history, its temperature and filters)."""
+        if k == 0:
+            return Proposal([])
+        self._follow(context[:-1])
+        token, tokens, qs = mx.array(context[-1:], mx.int32), [], []
+        history = draws.history
+        for _ in range(k):
+            with generation_stream():
+                logits = self.model.decode(token[None], self.cache)  # (1, V)
+                history = token if history is None else mx.concatenate([history, token])
+                q = distribution(draws, logits, history)
+                token = sample(draws, q, draws.next_key())
+            tokens.append(token)
+            qs.append(q)
+        mx.eval(tokens, qs)
+        drafted = [t.item() for t in tokens]
+        self.held = list(context) + drafted[:-1]
+        return Proposal(drafted, mx.stack(qs))
+
+    def _follow(self, ids: Sequence[int]) -> None:
+        """Bring the cache to hold exactly `ids`."""
+        keep = 0
+        for a, b in zip(self.held, ids):
+            if a != b:
+                break
+            keep += 1
+        if keep < len(self.held):
+            for c in self.cache:
+                c.trim(c.offset - keep)
+        extend_cache(self.model, self.cache, ids[keep:])
+        self.held = list(ids)
+
+
+# ---------------------------------------------------------------- distributions and acceptance
+
+
+def distribution(draws: DrawState, logits: mx.array, history: mx.array | None) -> mx.array:
+    """The request's distribution (V,) for logits (1, V): its processors over `history`, then
+    temperature and filters; a one-hot argmax for greedy requests. (The grammar's mask, when any, is
+    applied by the caller, which knows the matcher's state.)"""
+    if draws.processor is not None:
+        logits = draws.processor(logits, history if history is not None else mx.zeros((0,), mx.int32))
+    return probabilities(draws, logits)
+
+
+def probabilities(draws: DrawState, logits: mx.array) -> mx.array:
+    logits = logits[0, : draws.vocab_limit]
+    params = draws.params
+    if params.temperature == 0:
+        return (mx.arange(logits.shape[-1]) == mx.argmax(logits)).astype(mx.float32)
+    return mx.softmax(warp_logits(logits[None], params), axis=-1)[0]
+
+
+def sample(draws: DrawState, p: mx.array, key: mx.array | None) -> mx.array:
+    """A token (1,) from probabilities p (V,)."""
+    if draws.params.temperature == 0:
+        return mx.argmax(p)[None].astype(mx.int32)
+    return mx.random.categorical(mx.log(p)[None], key=key).astype(mx.int32)
+
+
+def accept(draws: DrawState, drafts: list[int], p: mx.array, q: mx.array | None,
+           key: mx.array | None) -> tuple[int, mx.array]:
+    """How many drafts are kept, and the token after them (1,).
+
+    Args:
+        drafts: n drafted tokens.
+        p: (n + 1, V) the target's distributions after each prefix of the drafts.
+        q: (n, V) the proposer's distributions, or None for point masses at the drafts.
+    """
+    n = len(drafts)
+    ids = mx.array(drafts, mx.int32)
+    rows = mx.arange(n)
+    greedy = draws.params.temperature == 0
+    keys = mx.random.split(key) if key is not None else (None, None)
+    if n:
+        p_drafts = p[rows, ids]
+        q_drafts = q[rows, ids] if q is not None else mx.ones((n,))
+        if greedy:  # exact: keep a draft only where it is the target's argmax
+            keep = p_drafts > 0.5
+        else:
+            keep = mx.random.uniform(shape=(n,), key=keys[0]) * q_drafts < p_drafts
+        rejected = [i for i, k in enumerate(keep.tolist()) if not k]
+        kept = rejected[0] if rejected else n
+    else:
+        kept = 0
+    if kept == n:
+        return n, sample(draws, p[n], keys[1])
+    residual = p[kept] - (q[kept] if q is not None else (mx.arange(p.shape[-1]) == drafts[kept]))
+    residual = mx.maximum(residual, 0)
+    total = residual.sum()
+    residual = mx.where(total > 0, residual / mx.maximum(total, 1e-30), p[kept])
+    return kept, sample(draws, residual, keys[1])
+
+
+class DraftLength:
+    """A request's draft length: up to `most`; one more after a step that kept every draft, the kept
+    count plus one after one that did not; after `patience` steps in a row that kept none, no drafts
+    for `rest` steps (plain decoding), then one again."""
+
+    def __init__(self, most: int, patience: int = 4, rest: int = 16) -> None:
+        self.most, self.patience, self.rest = most, patience, rest
+        self.k = min(2, most)
+        self._misses = self._resting = 0
+
+    def next(self) -> int:
+        if self._resting:
+            self._resting -= 1
+            return 0
+        return self.k
+
+    def update(self, drafted: int, kept: int) -> None:
+        if not drafted:
+            return
+        self.k = min(self.most, self.k + 1) if kept == drafted else max(1, kept + 1)
+        self._misses = self._misses + 1 if kept == 0 else 0
+        if self._misses >= self.patience:
+            self._misses, self._resting, self.k = 0, self.rest, 1
+
+
+# ---------------------------------------------------------------- the single-stream generator
+
+
+class SpeculativeGenerator:
+    """Token ids for one request, several a step: TokenGenerator's protocol (prefill, feed) with
+    `next_tokens()` in place of `next_token()`, and `keep(n)` to take back what the caller did not use.
+
+    `last` is the latest token given out: it is not in the cache yet (the next step feeds it)."""
+
+    def __init__(self, model: Model, cache: list[KVCache], draws: DrawState, proposer: PromptLookup | DraftModel,
+                 most: int, prompt_ids: Sequence[int]) -> None:
+        self.model, self.cache, self.draws, self.proposer = model, cache, draws, proposer
+        self.length = DraftLength(most)
+        self.context = list(prompt_ids)  # every token so far, `last` included
+        self._pending: Draw | None = None  # the first draw after a prefill or forced tokens
+        self.last: int | None = None
+        self.drafted = self.accepted = 0
+        self._given: list[int] = []  # the tokens the latest step gave out
+
+    def prefill(self, ids: Sequence[int], step_size: int = 2048, progress: Progress | None = None) -> None:
+        self._pending = prefill(self.model, self.cache, self.draws, ids, step_size, progress)
+
+    def feed(self, ids: Sequence[int]) -> None:
+        """Force `ids` next (after `last`), in one pass; drawing resumes after them."""
+        fed = ([self.last] if self.last is not None else []) + list(ids)
+        self._pending = step(self.model, self.cache, self.draws, mx.array(fed, mx.int32))
+        self.context += list(ids)
+        self.last, self._given = None, []
+
+    def next_tokens(self) -> list[tuple[int, TokenLogprob | None]]:
+        """The next tokens: the draws kept of this step's drafts, then the one after them."""
+        if self._pending is not None:
+            token, logprob = self._pending.read()
+            self._pending = None
+            self._give([token])
+            return [(token, logprob)]
+        k = self.length.next()
+        proposal = self.proposer.propose(self.context, k, self.draws) if k else Proposal([])
+        tokens, logprobs = self._verify(proposal)
+        self._give(tokens)
+        return list(zip(tokens, logprobs))
+
+    def keep(self, used: int) -> None:
+        """The caller used the first `used` (>= 1) of the latest tokens: take the rest back."""
+        unused = len(self._given) - used
+        if unused <= 0:
+            return
+        # The cache holds the step's input up to the last kept draft; the unused tokens after the
+        # new `last` were fed as drafts: trim them (and the history and grammar with them).
+        for c in self.cache:
+            c.trim(unused)
+        self._forget(unused)
+        del self.context[len(self.context) - unused :]
+        self.last, self._given = self._given[used - 1], self._given[:used]
+
+    def _give(self, tokens: list[int]) -> None:
+        self.context += tokens
+        self.last, self._given = tokens[-1], tokens
+
+    def _forget(self, n: int) -> None:
+        draws = self.draws
+        if draws.history is not None:
+            draws.history = draws.history[: draws.history.shape[0] - n]
+        if draws.grammar is not None:
+            draws.grammar.rollback(n)
+
+    def _verify(self, proposal: Proposal) -> tuple[list[int], list[TokenLogprob | None]]:
+        """One pass of the target over `last` and the drafts; the kept drafts and the next token."""
+        draws, drafts = self.draws, proposal.tokens
+        if not drafts:  # nothing to check: the plain loop's own compiled step
+            draw = step(self.model, self.cache, draws, mx.array([self.last], mx.int32))
+            token, logprob = draw.read()
+            return [token], [logprob]
+        draws.remember(mx.array([self.last], mx.int32))
+        if draws.grammar is not None:  # cut at the first draft the grammar refuses
+            drafts = drafts[: draws.grammar.valid_prefix(drafts)]
+        with generation_stream():
+            logits = self.model(mx.array([[self.last, *drafts]], mx.int32), self.cache)[0]  # (n + 1, V)
+        processed = self._processed(logits, drafts)
+        p = mx.stack([probabilities(draws, row) for row in processed])  # (n + 1, V)
+        q = proposal.q[: len(drafts)] if proposal.q is not None and drafts else None
+        kept, token = accept(draws, drafts, p, q, draws.next_key())
+        tokens = drafts[:kept] + [token.item()]
+        unkept = len(drafts) - kept
+        for c in self.cache:
+            c.trim(unkept)
+        self._forget(unkept)
+        self.drafted += len(drafts)
+        self.accepted += kept
+        self.length.update(len(drafts), kept)
+        logprobs = [_logprob(draws, processed[i], t) for i, t in enumerate(tokens)]
+        return tokens, logprobs
+
+    def _processed(self, logits: mx.array, drafts: list[int]) -> list[mx.array]:
+        """The logits of each position (1, V) after the request's processors and grammar, the grammar
+        and history advanced through the drafts (and left there: _forget takes back the unkept)."""
+        draws, out = self.draws, []
+        for i in range(len(drafts) + 1):
+            row = logits[i : i + 1]
+            if draws.processor is not None:
+                history = draws.history if draws.history is not None else mx.zeros((0,), mx.int32)
+                row = draws.processor(row, history)
+            if draws.grammar is not None:
+                row = draws.grammar.mask(row)
+            out.append(row)
+            if i < len(drafts):
+                draws.remember(mx.array([drafts[i]], mx.int32))
+        return out
+
+
+def _logprob(draws: DrawState, logits: mx.array, token: int) -> TokenLogprob | None:
+    """The token's log-probability under `logits` (1, V), as DrawState.draw reports it."""
+    if draws.logprobs is None:
+        return None
+    row = logits[0, : draws.vocab_limit].astype(mx.float32)
+    logprobs = row - mx.logsumexp(row)
+    k = min(draws.logprobs, logprobs.shape[0])
+    top = mx.argpartition(-logprobs, k - 1)[:k] if k else mx.zeros((0,), mx.int32)
+    values = logprobs[top].tolist() if k else []
+    pairs = sorted(zip(top.tolist() if k else [], values), key=lambda pair: -pair[1])
+    return TokenLogprob(token, logprobs[token].item(), tuple(pairs))
+
+
+def make_proposer(model: Model, opts: GenerationOptions, draft_model: Model | None) -> PromptLookup | DraftModel | None:
+    """The request's proposer, or None when it does not speculate (num_draft_tokens 0, or nothing asked)."""
+    if not opts.num_draft_tokens or (draft_model is None and not opts.prompt_lookup):
+        return None
+    if draft_model is not None and opts.prompt_lookup:
+        raise OptionError("prompt_lookup and a draft model exclude each other; give one")
+    if draft_model is not None:
+        return DraftModel(draft_model, model)
+    return PromptLookup(opts.prompt_lookup_min, opts.prompt_lookup_max)
+
+
+def check_draft(tokenizer: Tokenizer, draft_tokenizer: Tokenizer) -> None:
+    """A draft must read and write the same ids as the target."""
+    if draft_tokenizer.backend.get_vocab() != tokenizer.backend.get_vocab():
+        raise OptionError("the draft model's tokenizer differs from the target's; give a draft of the same family")
+
+
+__all__ = ["DraftLength", "DraftModel", "PromptLookup", "Proposal", "SpeculativeGenerator", "accept",
+           "check_draft", "distribution", "make_draw_state", "make_proposer", "probabilities"]

@@ -1,0 +1,211 @@
+"""Speculative decoding: greedy tokens equal the plain loop's (prompt lookup and a draft model), every
+limit acts at the same token, the acceptance rule keeps the target's distribution, seeds repeat."""
+
+from collections import Counter
+
+import mlx.core as mx
+import pytest
+from checkpoints import make_checkpoint
+from server_stubs import BatchScriptedModel
+
+from qwen3_mlx import generate, load
+from qwen3_mlx.errors import OptionError
+from qwen3_mlx.loader import load_model
+from qwen3_mlx.request import DrawState
+from qwen3_mlx.response import EARLY_STOP_TEXT
+from qwen3_mlx.sampling import SamplingParams, make_sampler
+from qwen3_mlx.speculative import DraftLength, PromptLookup, accept
+
+GREEDY = dict(temp=0.0, top_k=0, top_p=1.0, min_p=0.0)
+LOOKUP = dict(prompt_lookup=True, num_draft_tokens=4)
+
+
+@pytest.fixture(scope="module")
+def other_tiny(tmp_path_factory):
+    """Another random tiny model of the same family: a draft that disagrees with `tiny`."""
+    path = make_checkpoint(tmp_path_factory.mktemp("draft"), tokenizer=True, hidden_size=32, intermediate_size=64,
+                           num_attention_heads=2, num_key_value_heads=1, seed=7)
+    return load(path)
+
+
+def cycler(tok, text, stop_after=None):
+    """A script that writes `text` over and over (an end of turn after `stop_after` tokens, if given)."""
+    ids = tok.encode(text)
+
+    def script(prompt, response):
+        if stop_after is not None and len(response) >= stop_after:
+            return tok.token_to_id("<|im_end|>")
+        return ids[len(response) % len(ids)]
+
+    return script
+
+
+def stub(tok, script):
+    return BatchScriptedModel(script, tok.encode("<|im_start|>assistant\n"))
+
+
+# ---------------------------------------------------------------- greedy: the target's own tokens
+
+
+@pytest.mark.parametrize("prompt", ["one two three one two three one two", "Why is the sky blue?"])
+def test_prompt_lookup_and_a_draft_give_the_plain_greedy_tokens(tiny, other_tiny, prompt):
+    model, tok = tiny
+    plain = generate(model, tok, prompt, think=False, max_tokens=40, **GREEDY)
+    looked = generate(model, tok, prompt, think=False, max_tokens=40, **GREEDY, **LOOKUP)
+    drafted = generate(model, tok, prompt, think=False, max_tokens=40, draft_model=other_tiny[0], **GREEDY)
+    same = generate(model, tok, prompt, think=False, max_tokens=40, draft_model=model, **GREEDY)
+    assert plain.token_ids == looked.token_ids == drafted.token_ids == same.token_ids
+    assert same.stats.accepted_tokens == same.stats.drafted_tokens > 0  # the target drafting for itself
+    assert looked.stats.drafted_tokens > 0
+
+
+def test_an_end_of_turn_inside_a_draft_ends_the_response_there(tok):
+    model = stub(tok, cycler(tok, " la di da", stop_after=15))  # the response holds the empty block's 4 first
+    plain = generate(model, tok, "sing la di da la di da", think=False, **GREEDY)
+    looked = generate(model, tok, "sing la di da la di da", think=False, **GREEDY, **LOOKUP)
+    assert looked.token_ids == plain.token_ids and looked.token_ids[-1] == tok.token_to_id("<|im_end|>")
+    assert plain.stats.finish_reason == looked.stats.finish_reason == "stop"
+    assert looked.stats.accepted_tokens > 0
+
+
+def test_a_stop_string_and_max_tokens_inside_a_draft_act_at_the_same_token(tok):
+    model = stub(tok, cycler(tok, " la di da"))
+    prompt = "sing la di da la di da"
+    for options in (dict(stop=["di da la"]), dict(max_tokens=7), dict(max_total_tokens=5)):
+        plain = generate(model, tok, prompt, think=False, **GREEDY, **options)
+        looked = generate(model, tok, prompt, think=False, **GREEDY, **options, **LOOKUP)
+        assert (looked.token_ids, looked.content, looked.stats.finish_reason) == (
+            plain.token_ids, plain.content, plain.stats.finish_reason), options
+        assert looked.stats.drafted_tokens > 0
+
+
+def test_the_thinking_budget_cuts_at_the_same_token_inside_a_draft(tok):
+    (a,) = tok.encode(" a")
+
+    def script(prompt, response):
+        if not response:
+            return tok.think_start_id
+        return tok.token_to_id("<|im_end|>") if tok.think_end_id in response else a
+
+    model = stub(tok, script)
+    for budget in (3, 7, 10):
+        plain = generate(model, tok, "Why? a a a a a a", thinking_budget=budget, **GREEDY)
+        looked = generate(model, tok, "Why? a a a a a a", thinking_budget=budget, **GREEDY, **LOOKUP)
+        assert looked.token_ids == plain.token_ids and looked.stats.reasoning_tokens == budget
+        assert looked.reasoning == plain.reasoning and EARLY_STOP_TEXT.strip()[:20] in looked.reasoning
+        assert looked.stats.accepted_tokens > (0 if budget > 3 else -1)  # 3: cut before a draft is checked
+
+
+def test_structured_output_cuts_drafts_the_grammar_refuses(tiny):
+    model, tok = tiny
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    plain = generate(model, tok, '{"n": 1} {"n": 2} {"n": 3}', json_schema=schema, think=False, **GREEDY)
+    looked = generate(model, tok, '{"n": 1} {"n": 2} {"n": 3}', json_schema=schema, think=False, **GREEDY,
+                      **LOOKUP)
+    assert looked.token_ids == plain.token_ids and looked.content == plain.content
+
+
+def test_logprobs_are_the_plain_loops(tiny):
+    model, tok = tiny
+    prompt = "one two three one two three one two"
+    plain = generate(model, tok, prompt, think=False, max_tokens=12, logprobs=3, **GREEDY)
+    looked = generate(model, tok, prompt, think=False, max_tokens=12, logprobs=3, **GREEDY, **LOOKUP)
+    assert [p.token for p in looked.logprobs] == [p.token for p in plain.logprobs]
+    assert [p.logprob for p in looked.logprobs] == pytest.approx([p.logprob for p in plain.logprobs], abs=1e-4)
+    assert [[t for t, _ in p.top] for p in looked.logprobs] == [[t for t, _ in p.top] for p in plain.logprobs]
+
+
+# ---------------------------------------------------------------- sampling
+
+
+def test_the_acceptance_rule_keeps_the_targets_distribution():
+    """One drafted token from q, accepted or replaced: the token that comes out is distributed as p."""
+    p = mx.array([0.5, 0.2, 0.2, 0.1, 0.0])
+    q = mx.array([0.1, 0.1, 0.3, 0.2, 0.3])
+    params = SamplingParams(temperature=1.0, top_p=1.0, top_k=0, min_p=0.0)
+    draws = DrawState(make_sampler(params, None), params=params)
+    n, counts = 4000, Counter()
+    drafts = mx.random.categorical(mx.broadcast_to(mx.log(q), (n, 5)), key=mx.random.key(1)).tolist()
+    keys = mx.random.split(mx.random.key(2), n)
+    for i in range(n):
+        kept, token = accept(draws, [drafts[i]], mx.stack([p, p]), q[None], keys[i])
+        counts[drafts[i] if kept else token.item()] += 1
+    expected = [n * x for x in p.tolist()]
+    chi2 = sum((counts[i] - e) ** 2 / e for i, e in enumerate(expected) if e)
+    assert counts[4] == 0  # p is 0 there: never given out
+    assert chi2 < 16.27  # 3 degrees of freedom, p = 0.001
+
+
+def test_a_point_mass_draft_is_kept_with_its_target_probability():
+    p = mx.array([0.25, 0.75])
+    params = SamplingParams(temperature=1.0, top_p=1.0, top_k=0, min_p=0.0)
+    draws = DrawState(make_sampler(params, None), params=params)
+    keys = mx.random.split(mx.random.key(3), 2000)
+    kept = sum(accept(draws, [1], mx.stack([p, p]), None, keys[i])[0] for i in range(2000))
+    assert abs(kept / 2000 - 0.75) < 0.04
+
+
+def test_sampling_with_a_mismatched_draft_follows_the_target(tiny, other_tiny):
+    """The first two tokens, plain and with a draft that disagrees (top-k 3 and a penalty on), seed by
+    seed: the two joint distributions agree (chi-square), though the draws differ."""
+    model, tok = tiny
+    options = dict(think=False, max_tokens=2, temp=1.0, top_k=3, top_p=1.0, presence_penalty=1.5,
+                   num_draft_tokens=2)
+    n = 300
+    plain = Counter(tuple(generate(model, tok, "Hi", seed=s, **options).token_ids) for s in range(n))
+    drafted = Counter(tuple(generate(model, tok, "Hi", seed=s, draft_model=other_tiny[0], **options).token_ids)
+                      for s in range(n))
+    cells = [c for c in set(plain) | set(drafted) if plain[c] + drafted[c] >= 10]
+    chi2 = sum((plain[c] - drafted[c]) ** 2 / (plain[c] + drafted[c]) for c in cells)
+    assert chi2 < 3.0 * max(len(cells) - 1, 1) + 10  # well below what a wrong rule gives (hundreds)
+
+
+def test_seeded_speculative_sampling_repeats(tiny, other_tiny):
+    model, tok = tiny
+    runs = [generate(model, tok, "Hi", think=False, max_tokens=20, temp=0.8, seed=5, draft_model=other_tiny[0])
+            for _ in range(2)]
+    assert runs[0].token_ids == runs[1].token_ids and runs[0].stats.drafted_tokens > 0
+
+
+# ---------------------------------------------------------------- proposers and the draft length
+
+
+def test_prompt_lookup_drafts_what_followed_the_latest_match():
+    lookup = PromptLookup(2, 3)
+    assert lookup.propose([1, 2, 3, 9, 1, 2, 3, 7, 5, 1, 2, 3], 2, None).tokens == [7, 5]
+    assert lookup.propose([1, 2, 3, 4], 2, None).tokens == []
+    assert lookup.propose([5, 6, 1, 2, 8, 1, 2], 4, None).tokens == [8, 1, 2]
+
+
+def test_the_draft_length_grows_shrinks_and_rests():
+    length = DraftLength(6, patience=2, rest=3)
+    assert length.next() == 2
+    length.update(2, 2)
+    assert length.next() == 3
+    length.update(3, 1)
+    assert length.next() == 2
+    length.update(2, 0)
+    length.update(1, 0)
+    assert [length.next() for _ in range(4)] == [0, 0, 0, 1]
+
+
+def test_a_draft_of_another_vocabulary_or_with_a_rotating_cache_is_refused(tiny, tmp_path):
+    model, tok = tiny
+    other = load_model(make_checkpoint(tmp_path, vocab_size=1000))
+    with pytest.raises(OptionError) as e:
+        generate(model, tok, "Hi", draft_model=other)
+    assert str(e.value) == ("the draft model's vocabulary has 1000 ids, the target's 151936; give a draft of the "
+                            "same family and tokenizer")
+    with pytest.raises(OptionError) as e:
+        generate(model, tok, "Hi", max_kv_size=64, **LOOKUP)
+    assert str(e.value) == ("speculative decoding does not go with a rotating cache (max_kv_size) yet; leave one of "
+                            "them out")
+
+
+def test_stats_count_drafted_and_accepted_tokens(tok):
+    model = stub(tok, cycler(tok, " la di da"))
+    looked = generate(model, tok, "sing la di da la di da", think=False, max_tokens=30, **GREEDY, **LOOKUP)
+    # The cycle is in the prompt (though what follows it there is the end of the user's turn, which the
+    # first drafts copy): most tokens come out of drafts.
+    assert 15 <= looked.stats.accepted_tokens <= looked.stats.drafted_tokens
+    assert len(looked.token_ids) == 30
