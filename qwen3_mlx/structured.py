@@ -20,9 +20,10 @@ from .errors import OptionError, Qwen3Error
 from .tokenizer import Tokenizer
 from .tools import CLOSE, OPEN
 
-# JSON whitespace between items, bounded per gap: llguidance's default ([ \t\n\r]+) lets a model loop on
-# whitespace forever. 32 characters still fit a newline and the indentation of nesting ten levels deep.
-_JSON_WHITESPACE = r"[\x20\x0A\x0D\x09]{0,32}"
+# JSON whitespace in a gap: what formatting needs and no more, so that a weak or random model cannot
+# spend its tokens on it (llguidance's default, [ \t\n\r]+, lets it loop on whitespace forever): none,
+# one space, or a newline and two spaces a level, ten levels deep (json.dumps' indent=2 or 4).
+_JSON_WHITESPACE = r"(?:\x20|\x0A(?:\x20\x20){0,10})?"
 # A GBNF rule definition (`name ::= ...`) at the start of a line; Lark has no `::=`.
 _GBNF_RULE = re.compile(r"(?m)^\s*[A-Za-z][A-Za-z0-9_-]*\s*::=")
 # llguidance's "at line(column): " before a message.
@@ -372,6 +373,16 @@ class GrammarState:
         if not self._matcher.consume_token(int(token)):
             shown = self._vocabulary.ll_tokenizer.dbg_tokens([int(token)])
             raise Qwen3Error(f"structured output: token {token} {shown} is not allowed by the grammar here: "
+                             f"{_first_line(self._matcher.get_error())}")
+
+    def valid_prefix(self, tokens: Sequence[int]) -> int:
+        """How many of `tokens`, from the first, the grammar allows next (speculative drafts are cut there)."""
+        return self._matcher.validate_tokens([int(t) for t in tokens]) if tokens else 0
+
+    def rollback(self, n: int) -> None:
+        """Take back the last `n` tokens consumed (drafts that verification did not keep)."""
+        if n and not self._matcher.rollback(n):
+            raise Qwen3Error(f"structured output: could not take back {n} tokens: "
                              f"{_first_line(self._matcher.get_error())}")
 
     @property

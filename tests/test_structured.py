@@ -133,6 +133,47 @@ def test_pydantic_model_class_is_its_schema(tok, vocabulary, logit_bank):
         Reading.model_validate_json(answer(tok, grammar.state(), logit_bank, seed))
 
 
+NESTED = {"type": "object", "properties": {"a": {"type": "object", "properties": {
+    "b": {"type": "array", "items": {"type": "integer"}}}}}}
+VALUE = {"a": {"b": [1, 2]}}
+DEEP = {"anyOf": [{"type": "integer"}, {"type": "array", "items": {"$ref": "#"}}]}  # arrays nested at will
+
+
+def accepts(backend, state: GrammarState, text: str) -> bool:
+    """The state takes the text's tokens and may end there."""
+    try:
+        for token in backend.encode(text, add_special_tokens=False).ids:
+            state.advance(token)
+    except Qwen3Error:
+        return False
+    return state.accepting
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    (json.dumps(VALUE, separators=(",", ":")), True),  # no whitespace
+    (json.dumps(VALUE), True),  # one space after , and :
+    (json.dumps(VALUE, indent=2), True),  # a newline, then two spaces a level
+    (json.dumps(VALUE, indent=4), True),  # four a level: two levels of two
+    (json.dumps(VALUE).replace(": ", ":  ", 1), False),  # two spaces
+    (json.dumps(VALUE, indent=2).replace("\n", "\n\n", 1), False),  # a blank line
+    (json.dumps(VALUE, indent=2).replace("\n", "\r\n"), False),
+    (json.dumps(VALUE, indent="\t"), False),
+    (json.dumps(VALUE, indent=3), False),  # an odd indentation
+    (json.dumps(VALUE, indent=2).replace("\n", " \n", 1), False),  # a space, then a newline
+])
+def test_json_whitespace_is_what_formatting_needs(backend, vocabulary, text, expected):
+    state = compile_constraint(vocabulary, json_schema=NESTED, thinking=False).state()
+    assert accepts(backend, state, text) is expected
+
+
+@pytest.mark.parametrize(("levels", "expected"), [(10, True), (11, False)])
+def test_json_indentation_goes_ten_levels_deep(backend, vocabulary, levels, expected):
+    value = 1
+    for _ in range(levels):  # the 1 inside `levels` arrays: indented by 2 x levels spaces
+        value = [value]
+    state = compile_constraint(vocabulary, json_schema=DEEP, thinking=False).state()
+    assert accepts(backend, state, json.dumps(value, indent=2)) is expected
+
 # ---------------------------------------------------------------- regex and grammars
 
 
