@@ -31,6 +31,7 @@ class ChatSession:
             options.max_kv_size makes the cache a rotating one).
         system: the system prompt.
         tools: tool definitions (OpenAI's function format), given to the chat template every turn.
+        draft_model: a smaller model of the same family that drafts for speculative decoding.
         eager: after an answer that had reasoning, read it again without it at once (see
             prepare_next_turn), so the next message waits only for its own tokens.
         **kwargs: GenerationOptions fields, which override those of `options`.
@@ -38,8 +39,8 @@ class ChatSession:
 
     def __init__(self, model: Model, tokenizer: Tokenizer, options: GenerationOptions | None = None, *,
                  system: str | None = None, tools: list[dict] | None = None, eager: bool = True,
-                 **kwargs: Any) -> None:
-        self.model, self.tokenizer, self.eager = model, tokenizer, eager
+                 draft_model: Model | None = None, **kwargs: Any) -> None:
+        self.model, self.tokenizer, self.eager, self.draft_model = model, tokenizer, eager, draft_model
         self.options = GenerationOptions.of(options, **kwargs)
         self.system, self.tools = system, list(tools) if tools else None
         self.messages: list[dict[str, Any]] = []
@@ -136,7 +137,8 @@ class ChatSession:
         ended = interrupted = False
         try:
             for chunk in stream_generate(self.model, self.tokenizer, Prompt(prompt, tools=self.tools),
-                                         self.options.replace(think=self.thinking), cache=self.cache):
+                                         self.options.replace(think=self.thinking), cache=self.cache,
+                                         draft_model=self.draft_model):
                 stats = chunk.stats
                 if chunk.kind == "answer":
                     answer.append(chunk.text)

@@ -167,6 +167,15 @@ GENERATION_OPTIONS = [
     click.option("--quantized-kv-start", type=click.IntRange(min=0), default=DEFAULTS.quantized_kv_start,
                  show_default=True, metavar="N",
                  help="With --kv-bits: the first N positions are also kept in full precision."),
+    click.option("--draft-model", metavar="MODEL",
+                 help="Speculative decoding with this smaller model of the same family (folder or Hub id) drafting "
+                      "tokens the model checks in one pass; the output is the model's own."),
+    click.option("--prompt-lookup", is_flag=True,
+                 help="Speculative decoding that drafts what followed the last words earlier in the prompt or the "
+                      "text (editing, quoting, code); costs nothing when nothing matches."),
+    click.option("--num-draft-tokens", type=click.IntRange(min=0), default=DEFAULTS.num_draft_tokens,
+                 show_default=True, metavar="K",
+                 help="With --draft-model or --prompt-lookup: the longest draft (adapted up to it); 0 turns it off."),
     click.option("--hide-thinking", is_flag=True, help="Do not print the reasoning."),
     click.option("--verbose", "-v", is_flag=True, help="Print token counts, speeds and memory on stderr."),
 ]
@@ -209,9 +218,18 @@ def print_stats(stats: Any) -> None:
         f"{f', forced: {stats.forced_tokens}' if stats.forced_tokens else ''}"
         f"{' (thinking budget reached)' if stats.budget_exhausted else ''}\n"
         f"generation: {stats.generation_tps:.1f} tok/s, time to first token: {stats.time_to_first_token:.2f} s\n"
+        f"{speculation(stats)}"
         f"peak memory: {stats.peak_memory_gb:.2f} GB, finish: {stats.finish_reason}",
         err=True,
     )
+
+
+def speculation(stats: Any) -> str:
+    """The speculative figures' line, when the response had drafts."""
+    if not stats.drafted_tokens:
+        return ""
+    rate = stats.accepted_tokens / stats.drafted_tokens
+    return f"speculative: {stats.accepted_tokens} of {stats.drafted_tokens} drafted tokens accepted ({rate:.0%})\n"
 
 
 class ResponsePrinter:
@@ -432,7 +450,7 @@ def print_batch_stats(results: list, seconds: float) -> None:
 @version
 def generate(model: str, prompt: str | None, prompts_file: Path | None, output: Path | None, max_batch: int,
              system: str | None, raw: bool, prefill_response: str | None, prompt_cache: Path | None,
-             options: GenerationOptions, display: Display) -> None:
+             draft_model: str | None, options: GenerationOptions, display: Display) -> None:
     """Generate a response to one prompt, or to each of a file's (--prompts-file).
 
     On a terminal the reasoning is dimmed; piped, it comes first inside <think> ... </think>.
@@ -464,11 +482,15 @@ def generate(model: str, prompt: str | None, prompts_file: Path | None, output: 
     check_raw(raw, system, prefill_response)
     check_one_source(prompt, prompts_file, output, prompt_cache, prefill_response, options)
     if prompts_file is not None:
+        if draft_model is not None or options.prompt_lookup:
+            raise click.UsageError("--draft-model and --prompt-lookup speculate in one stream; a --prompts-file "
+                                   "batch does not draft yet: leave them out")
         generate_batch(model, prompts_file, output, max_batch, system, raw, options, display)
         return
     text = read_prompt(prompt)
     check_writable(prompt_cache)
     loaded, tokenizer = load(model)
+    draft = load_draft(draft_model, tokenizer)
     # The ids are what the prompt cache is matched against; the prefill is part of them.
     ids, thinking = encode_prompt(tokenizer, Prompt(text, system=system, raw=raw, prefill_response=prefill_response),
                                   think=options.think)
@@ -477,12 +499,24 @@ def generate(model: str, prompt: str | None, prompts_file: Path | None, output: 
         cache = open_prompt_cache(prompt_cache, loaded, tokenizer, ids, system, options.max_kv_size,
                                   options.kv_quantization)
     chunks = stream_generate(loaded, tokenizer, Prompt(ids, system=system), options.replace(think=thinking),
-                             cache=cache, progress=prefill_progress(options.prefill_step_size))
+                             cache=cache, progress=prefill_progress(options.prefill_step_size), draft_model=draft)
     warnings.showwarning = _show_warning
     stats = print_response(chunks, display)
     if cache is not None and not save_prompt_cache(prompt_cache, cache, ids, loaded):
         click.echo(f"warning: {prompt_cache} not saved: the rotating cache has moved past the prompt", err=True)
     check_complete(stats, options)
+
+
+def load_draft(path: str | None, tokenizer: Any) -> Any:
+    """--draft-model: the draft model, refused in one line when it does not share the model's tokenizer."""
+    if path is None:
+        return None
+    from .loader import load
+    from .speculative import check_draft
+
+    draft, draft_tokenizer = load(path)
+    check_draft(tokenizer, draft_tokenizer)
+    return draft
 
 
 def check_complete(stats: Any, options: GenerationOptions) -> None:
@@ -596,7 +630,8 @@ def is_command(line: str) -> bool:
 @user_errors
 @generation_options
 @version
-def chat(model: str, system: str | None, options: GenerationOptions, display: Display) -> None:
+def chat(model: str, system: str | None, draft_model: str | None, options: GenerationOptions,
+         display: Display) -> None:
     """Chat with the model; the KV cache is reused from turn to turn. /help lists the commands.
 
     A line ending in \\ continues the message on the next line; //text sends /text.
@@ -607,7 +642,7 @@ def chat(model: str, system: str | None, options: GenerationOptions, display: Di
     from .loader import load
 
     loaded, tokenizer = load(model)
-    session = ChatSession(loaded, tokenizer, options, system=system)
+    session = ChatSession(loaded, tokenizer, options, system=system, draft_model=load_draft(draft_model, tokenizer))
     warnings.showwarning = _show_warning
     interactive = sys.stdin.isatty()
     if interactive:

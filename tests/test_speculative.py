@@ -209,3 +209,37 @@ def test_stats_count_drafted_and_accepted_tokens(tok):
     # first drafts copy): most tokens come out of drafts.
     assert 15 <= looked.stats.accepted_tokens <= looked.stats.drafted_tokens
     assert len(looked.token_ids) == 30
+
+
+# ---------------------------------------------------------------- the command line and the chat
+
+
+def test_generate_drafts_from_the_command_line_and_shows_the_acceptance(tiny_checkpoint, tiny):
+    from click.testing import CliRunner
+
+    from qwen3_mlx import cli
+
+    args = ["generate", "--model", str(tiny_checkpoint), "-p", "one two three one two three one two", "--no-think",
+            "--temp", "0", "-m", "20", "-v"]
+    plain = CliRunner().invoke(cli.main, args)
+    looked = CliRunner().invoke(cli.main, [*args, "--prompt-lookup"])
+    drafted = CliRunner().invoke(cli.main, [*args, "--draft-model", str(tiny_checkpoint)])
+    assert plain.exit_code == looked.exit_code == drafted.exit_code == 0, drafted.output
+    assert plain.stdout == looked.stdout == drafted.stdout
+    assert "speculative:" not in plain.stderr
+    assert "drafted tokens accepted (100%)" in drafted.stderr  # the model drafting for itself
+    batch = CliRunner().invoke(cli.main, ["generate", "--model", str(tiny_checkpoint), "--prompts-file",
+                                          str(tiny_checkpoint / "config.json"), "--prompt-lookup"])
+    assert batch.exit_code == 2 and "a --prompts-file batch does not draft yet" in batch.stderr
+
+
+def test_a_chat_drafts_every_turn(tiny):
+    from qwen3_mlx.chat import ChatSession
+    from qwen3_mlx.request import collect
+
+    model, tok = tiny
+    options = dict(think=False, max_tokens=12, **GREEDY)
+    plain, drafted = ChatSession(model, tok, **options), ChatSession(model, tok, draft_model=model, **options)
+    for text in ("Hi", "And then?"):
+        a, b = collect(plain.send(text)), collect(drafted.send(text))
+        assert a.token_ids == b.token_ids and b.stats.accepted_tokens == b.stats.drafted_tokens > 0
