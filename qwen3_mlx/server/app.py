@@ -1,55 +1,46 @@
-"""The OpenAI-compatible server: FastAPI routes that check a request, submit it to the engine, and
-format its chunks back, whole or as server-sent events.
+"""The server: FastAPI routes that check a request, submit it to the engine, and format its chunks
+back, whole or as server-sent events, for OpenAI's chat and text completions, Anthropic's Messages
+(anthropic.py) and OpenAI's Responses (responses.py); the chat page (web/) at /.
 
     app = create_app(engine, model_id="Qwen3-1.7B-4bit")   # then serve it with uvicorn
 
 The engine owns the model and batches every request (engine.py); a request whose client goes away
-is cancelled at once. Reasoning goes in `reasoning_content` and `reasoning`, never in `content`.
+is cancelled at once. Reasoning goes in `reasoning_content` and `reasoning`, never in `content`. The
+API key, the body's size and every error's body, in the shape of its route's API, are guard.py's.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
-import logging
-import re
+import json
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import Response, StreamingResponse
-from starlette.exceptions import HTTPException
+from fastapi.responses import FileResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 
-from ..engine import EngineClosed, EngineFull
-from ..errors import ContextLengthError, MemoryLimitError, Qwen3Error
+from ..errors import Qwen3Error
 from ..response import Chunk, TokenLogprob
+from . import anthropic as a
 from . import protocol as p
+from . import responses as r
+from .guard import ERROR_DOCS, Guard, add_error_handlers, error_body
+from .params import ApiError, Settings, Submission, chat_submission, check_model, completion_submission, prompt_tokens
 from .replies import Reply, chat_completion, chat_logprobs, completion, dump_json, legacy_logprobs, new_id
-from .params import (
-    ApiError,
-    validation_problem,
-    Settings,
-    Submission,
-    chat_submission,
-    check_model,
-    completion_submission,
-)
-
-log = logging.getLogger("qwen3_mlx.server")
 
 DEFAULT_MAX_BODY_BYTES = 8 << 20
-RETRY_AFTER_SECONDS = 1  # the Retry-After of a 429 (the queue is full)
-_ERRORS = {400: p.ErrorResponse, 401: p.ErrorResponse, 404: p.ErrorResponse, 413: p.ErrorResponse,
-           429: p.ErrorResponse, 503: p.ErrorResponse}
-_ERROR_DOCS = {status: {"model": model} for status, model in _ERRORS.items()}
+WEB = Path(__file__).parent / "web"  # the chat page
+_ANTHROPIC_DOCS = {status: {"model": a.ErrorResponse} for status in ERROR_DOCS}
 
 
 def create_app(engine: Any, *, model_id: str, aliases: Sequence[str] = (), api_key: str | None = None,
                max_tokens_cap: int = 4096, default_thinking_budget: int | None = None,
-               cors_origin: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+               cors_origin: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, ui: bool = True,
+               response_store: r.ResponseStore | None = None) -> FastAPI:
     """The FastAPI app over a started engine.Engine (the caller starts and closes it).
 
     Setting `app.state.draining` (serve.py does, on a signal) answers every new request with a 503.
@@ -58,24 +49,32 @@ def create_app(engine: Any, *, model_id: str, aliases: Sequence[str] = (), api_k
         model_id: the name /v1/models lists and responses report; a request naming another model gets
             a 404.
         aliases: more names a request's `model` may give.
-        api_key: when set, /v1/* needs `Authorization: Bearer <api_key>`.
+        api_key: when set, /v1/* needs `Authorization: Bearer <api_key>` (or `x-api-key: <api_key>`).
         max_tokens_cap: the most tokens a request may generate (its max_tokens is lowered to it),
             and the default when it asks for no limit.
         default_thinking_budget: the thinking budget of requests that give none.
         cors_origin: the one origin browsers may call from; None: no CORS headers.
         max_body_bytes: larger request bodies get a 413.
+        ui: serve the chat page at /.
+        response_store: where /v1/responses keeps stored responses (default: 256 of them, 64 MiB).
     """
     settings = Settings(model_id, max_tokens_cap, default_thinking_budget, aliases=tuple(aliases))
-    app = FastAPI(title="qwen3-mlx", summary="An OpenAI-compatible server for Qwen3 with reasoning, "
-                                             "a per-request thinking budget and tool calls")
+    app = FastAPI(title="qwen3-mlx", summary="An OpenAI- and Anthropic-compatible server for Qwen3 with "
+                                             "reasoning, a per-request thinking budget and tool calls")
     app.state.engine, app.state.settings, app.state.created = engine, settings, int(time.time())
     app.state.draining = False
-    _add_error_handlers(app)
+    app.state.responses = response_store or r.ResponseStore()
+    add_error_handlers(app)
     app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes, state=app.state)
     if cors_origin:
         app.add_middleware(CORSMiddleware, allow_origins=[cors_origin], allow_methods=["GET", "POST", "OPTIONS"],
                            allow_headers=["*"])
     app.include_router(_routes())
+    app.include_router(_anthropic_routes())
+    app.include_router(_responses_routes())
+    if ui:
+        app.mount("/ui", StaticFiles(directory=WEB), name="ui")
+        app.add_api_route("/", lambda: FileResponse(WEB / "index.html"), include_in_schema=False)
     return app
 
 
@@ -87,7 +86,7 @@ def _routes() -> Any:
 
     router = APIRouter()
 
-    @router.post("/v1/chat/completions", response_model=p.ChatCompletion, responses=_ERROR_DOCS)
+    @router.post("/v1/chat/completions", response_model=p.ChatCompletion, responses=ERROR_DOCS)
     async def chat_completions(body: p.ChatCompletionRequest, request: Request) -> Response:
         settings = request.app.state.settings
         handle = await _submit(request.app.state.engine, chat_submission, body, settings)
@@ -100,7 +99,7 @@ def _routes() -> Any:
         reply = await _collect(chunks, body.parallel_tool_calls)
         return _json(chat_completion(reply, settings.model_id, body.logprobs, request.app.state.engine.tokenizer))
 
-    @router.post("/v1/completions", response_model=p.Completion, responses=_ERROR_DOCS)
+    @router.post("/v1/completions", response_model=p.Completion, responses=ERROR_DOCS)
     async def completions(body: p.CompletionRequest, request: Request) -> Response:
         settings = request.app.state.settings
         handle = await _submit(request.app.state.engine, completion_submission, body, settings)
@@ -113,11 +112,11 @@ def _routes() -> Any:
         reply = await _collect(chunks, True)
         return _json(completion(reply, settings.model_id, body.logprobs is not None, tokenizer))
 
-    @router.get("/v1/models", response_model=p.ModelList, responses=_ERROR_DOCS)
+    @router.get("/v1/models", response_model=p.ModelList, responses=ERROR_DOCS)
     async def models(request: Request) -> p.ModelList:
         return p.ModelList(data=[_model_card(request)])
 
-    @router.get("/v1/models/{model:path}", response_model=p.ModelCard, responses=_ERROR_DOCS)
+    @router.get("/v1/models/{model:path}", response_model=p.ModelCard, responses=ERROR_DOCS)
     async def model(model: str, request: Request) -> p.ModelCard:
         check_model(model, request.app.state.settings)
         return _model_card(request)
@@ -125,6 +124,61 @@ def _routes() -> Any:
     @router.get("/health", response_model=p.Health)
     async def health(request: Request) -> p.Health:
         return p.Health(model=request.app.state.settings.model_id, rows=request.app.state.engine.rows)
+
+    return router
+
+
+def _anthropic_routes() -> Any:
+    from fastapi import APIRouter
+
+    router = APIRouter()
+
+    @router.post("/v1/messages", response_model=a.Message, responses=_ANTHROPIC_DOCS)
+    async def messages(body: a.MessagesRequest, request: Request) -> Response:
+        settings, engine = request.app.state.settings, request.app.state.engine
+        handle = await _submit(engine, a.messages_submission, body, settings)
+        chunks = _finished(_chunks(handle, request))
+        parallel = not (body.tool_choice and body.tool_choice.disable_parallel_tool_use)
+        stop, show = body.stop_sequences or [], a.show_thinking(body)
+        if body.stream:
+            return _named_sse(a.message_events(chunks, settings.model_id, prompt_tokens=handle.prompt_tokens, stop=stop,
+                                               show_thinking=show, parallel=parallel, tokenizer=engine.tokenizer))
+        reply = await _collect(chunks, parallel)
+        return _json(a.message(reply, settings.model_id, stop=stop, show_thinking=show, tokenizer=engine.tokenizer))
+
+    @router.post("/v1/messages/count_tokens", response_model=a.TokenCount, responses=_ANTHROPIC_DOCS)
+    async def count_tokens(body: a.CountTokensRequest, request: Request) -> a.TokenCount:
+        settings, tokenizer = request.app.state.settings, request.app.state.engine.tokenizer
+
+        def count() -> int:
+            return prompt_tokens(tokenizer, a.messages_submission(body, settings))
+
+        return a.TokenCount(input_tokens=await asyncio.to_thread(count))
+
+    return router
+
+
+def _responses_routes() -> Any:
+    from fastapi import APIRouter
+
+    router = APIRouter()
+
+    @router.post("/v1/responses", response_model=r.ResponseObject, responses=ERROR_DOCS)
+    async def responses(body: r.ResponsesRequest, request: Request) -> Response:
+        settings, engine, store = request.app.state.settings, request.app.state.engine, request.app.state.responses
+        turn = r.turn(body, store)
+        handle = await _submit(engine, r.responses_submission, turn, settings)
+        chunks = _finished(_chunks(handle, request))
+        if body.stream:
+            return _named_sse(r.response_events(turn, chunks, settings.model_id, store))
+        reply = await _collect(chunks, turn.parallel)
+        return Response(json.dumps(r.finish(turn, settings.model_id, reply, r.output_items(turn, reply), store)),
+                        media_type="application/json")
+
+    @router.get("/v1/responses/{response_id}", response_model=r.ResponseObject, responses=ERROR_DOCS)
+    async def stored(response_id: str, request: Request) -> Response:
+        body = request.app.state.responses.get(response_id, param="response_id")[1]
+        return Response(json.dumps(body), media_type="application/json")
 
     return router
 
@@ -185,6 +239,28 @@ def _check_finished(reply: Reply) -> None:
     if reply.stats.finish_reason == "cancelled":
         raise ApiError(503, "the server shut down before the reply was finished; send the request again once it "
                             "is back", type="server_error", code="shutting_down")
+
+
+async def _finished(chunks: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
+    """The chunks, then the shutdown's 503 if the engine cancelled the reply (see _check_finished)."""
+    last = None
+    async for chunk in chunks:
+        last = chunk
+        yield chunk
+    if last is not None:
+        _check_finished(Reply(stats=last.stats))
+
+
+def _named_sse(events: AsyncIterator[tuple[str, dict]]) -> StreamingResponse:
+    """Server-sent events with names (Anthropic's and the Responses API's): `event: <name>` and
+    `data: <json>` each; the API's own events say when it failed."""
+
+    async def lines() -> AsyncIterator[str]:
+        async for name, data in events:
+            yield f"event: {name}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+    return StreamingResponse(lines(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 # ---------------------------------------------------------------- streams
@@ -252,9 +328,9 @@ def _sse(events: AsyncIterator[Any]) -> StreamingResponse:
             async for event in events:
                 yield f"data: {dump_json(event)}\n\n"
         except ApiError as e:
-            yield f"data: {_error_body(e.status, e.message, type=e.type, param=e.param, code=e.code)}\n\n"
+            yield f"data: {error_body(e.status, e.message, type=e.type, param=e.param, code=e.code)}\n\n"
         except Qwen3Error as e:
-            yield f"data: {_error_body(500, str(e), type='server_error')}\n\n"
+            yield f"data: {error_body(500, str(e), type='server_error')}\n\n"
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(lines(), media_type="text/event-stream",
@@ -263,159 +339,3 @@ def _sse(events: AsyncIterator[Any]) -> StreamingResponse:
 
 def _json(body: p.BaseModel) -> Response:
     return Response(dump_json(body), media_type="application/json")
-
-
-# ---------------------------------------------------------------- errors
-
-
-def _error_body(status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
-                code: str | None = None) -> str:
-    return p.ErrorResponse(error=p.ErrorDetail(message=message, type=type, param=param, code=code)).model_dump_json()
-
-
-def _error(status: int, message: str, headers: dict[str, str] | None = None, **kwargs: Any) -> Response:
-    return Response(_error_body(status, message, **kwargs), status_code=status, media_type="application/json",
-                    headers=headers)
-
-
-def _validation_message(exc: RequestValidationError, content_type: str) -> tuple[str, str | None]:
-    """The first problem, as `param: what is wrong` (params.validation_problem); a body that is not an
-    object because it was not sent as JSON (curl -d sends a form's content type) is told what to send."""
-    message, param = validation_problem(exc.errors())
-    if message == "the body must be a JSON object" and "json" not in content_type:
-        message = ("the body must be JSON, sent with Content-Type: application/json (it came as "
-                   f"{content_type or 'no content type'})")
-    return message, param
-
-
-# The library's name for a request parameter, where it differs.
-_LIBRARY_NAMES = {"json_schema": "response_format", "temp": "temperature", "max_total_tokens": "max_tokens"}
-_PARAMETERS = set(p.ChatCompletionRequest.model_fields) | set(p.CompletionRequest.model_fields)
-
-
-def _param_of(message: str) -> str | None:
-    """The request parameter a library error is about: its messages start with the option's name
-    ("logit_bias: token id 999999 is outside ...", "messages[0].content[0] is type 'image_url' ...")."""
-    name = re.match(r"[a-z_]+", message)
-    param = _LIBRARY_NAMES.get(name.group(), name.group()) if name else None
-    return param if param in _PARAMETERS else None
-
-
-def _prompt_param(request: Request) -> str:
-    return "prompt" if request.url.path == "/v1/completions" else "messages"
-
-
-def _add_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(ApiError)
-    async def api_error(request: Request, exc: ApiError) -> Response:
-        return _error(exc.status, exc.message, type=exc.type, param=exc.param, code=exc.code)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, exc: RequestValidationError) -> Response:
-        message, param = _validation_message(exc, request.headers.get("content-type", ""))
-        return _error(400, message, param=param)
-
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, exc: HTTPException) -> Response:
-        if exc.status_code == 404:
-            return _error(404, f"no route {request.method} {request.url.path}; see /docs", code="not_found")
-        return _error(exc.status_code, str(exc.detail))
-
-    @app.exception_handler(EngineFull)
-    async def full(request: Request, exc: EngineFull) -> Response:
-        return _error(429, str(exc), headers={"Retry-After": str(RETRY_AFTER_SECONDS)}, type="rate_limit_error",
-                      code="queue_full")
-
-    @app.exception_handler(EngineClosed)
-    async def closed(request: Request, exc: EngineClosed) -> Response:
-        return _error(503, str(exc), type="server_error", code="shutting_down")
-
-    @app.exception_handler(ContextLengthError)
-    async def too_long(request: Request, exc: ContextLengthError) -> Response:
-        return _error(400, str(exc), param=_prompt_param(request), code="context_length_exceeded")
-
-    @app.exception_handler(MemoryLimitError)
-    async def too_large(request: Request, exc: MemoryLimitError) -> Response:
-        return _error(400, f"{exc} (the KV budget is the server's --kv-memory)", param="max_tokens",
-                      code="kv_memory_exceeded")
-
-    @app.exception_handler(Qwen3Error)
-    async def bad_request(request: Request, exc: Qwen3Error) -> Response:
-        return _error(400, str(exc), param=_param_of(str(exc)))
-
-    @app.exception_handler(RecursionError)
-    async def too_deep(request: Request, exc: RecursionError) -> Response:
-        return _error(400, "the body is nested too deeply")
-
-    @app.exception_handler(Exception)
-    async def internal(request: Request, exc: Exception) -> Response:
-        log.exception("internal error on %s %s", request.method, request.url.path)
-        return _error(500, "internal server error (logged on the server)", type="server_error")
-
-
-# ---------------------------------------------------------------- the API key and the body's size
-
-
-class Guard:
-    """ASGI middleware: while `state.draining`, every request is a 503; a missing or wrong API key on /v1/*
-    is a 401 (compared in constant time); a body over `max_body_bytes` is a 413, checked before the app
-    reads it."""
-
-    def __init__(self, app: Any, api_key: str | None, max_body_bytes: int, state: Any) -> None:
-        self.app, self.max_body_bytes, self.state = app, max_body_bytes, state
-        self.key = api_key.encode() if api_key else None
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        if self.state.draining:
-            return await self._refuse(send, 503, "the server is shutting down and takes no new requests; send the "
-                                                 "request again once it is back", type="server_error",
-                                      code="shutting_down")
-        guarded = self.key is not None and scope["path"].startswith("/v1/") and scope["method"] != "OPTIONS"
-        if guarded and not self._authorized(scope):
-            return await self._refuse(send, 401, "invalid or missing API key: send Authorization: Bearer <key>",
-                                      code="invalid_api_key")
-        headers = dict(scope["headers"])
-        length = headers.get(b"content-length", b"")
-        if length.isdigit() and int(length) > self.max_body_bytes:
-            return await self._refuse(send, 413, self._too_large())
-        body, more = [], True
-        size = 0
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":
-                return await self.app(scope, _replay([message], receive), send)
-            body.append(message)
-            size += len(message.get("body", b""))
-            more = message.get("more_body", False)
-            if size > self.max_body_bytes:
-                return await self._refuse(send, 413, self._too_large())
-        await self.app(scope, _replay(body, receive), send)
-
-    def _authorized(self, scope: dict) -> bool:
-        given = dict(scope["headers"]).get(b"authorization", b"")
-        scheme, _, token = given.partition(b" ")
-        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key)
-
-    def _too_large(self) -> str:
-        return f"the request body is over {self.max_body_bytes} bytes"
-
-    @staticmethod
-    async def _refuse(send: Any, status: int, message: str, code: str | None = None,
-                      type: str = "invalid_request_error") -> None:
-        body = _error_body(status, message, type=type, code=code).encode()
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
-
-
-def _replay(messages: list[dict], receive: Any) -> Any:
-    """A receive() that gives `messages` first, then the client's (its disconnect)."""
-    pending = list(messages)
-
-    async def replay() -> dict:
-        return pending.pop(0) if pending else await receive()
-
-    return replay
-

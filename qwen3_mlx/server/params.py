@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from ..errors import OptionError
 from ..options import REASONING_EFFORTS, GenerationOptions
-from ..prompt import Prompt
+from ..prompt import Prompt, encode_prompt
 from ..structured import response_format_schema, tool_call_grammar
 from .protocol import (
     ChatCompletionRequest,
@@ -237,3 +237,49 @@ def logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
             raise ApiError(400, f"logit_bias: key {key!r} is not a token id (a decimal integer)", param="logit_bias")
         out[int(key)] = value
     return out
+
+
+# ---------------------------------------------------------------- what the other APIs share (anthropic.py, responses.py)
+
+
+def sampling_options(fields: dict[str, Any], settings: Settings, asked: int | None, *, think: bool) -> GenerationOptions:
+    """The options of another API's body, read by the one rule (generation_options): `fields` are
+    SamplingParameters' (temperature, top_p, stop, thinking_budget, reasoning_effort, ...), None for unset."""
+    try:
+        body = SamplingParameters.model_validate({k: v for k, v in fields.items() if v is not None})
+    except ValidationError as e:
+        message, param = validation_problem(e.errors())
+        raise ApiError(400, message, param=param) from None
+    return generation_options(body, settings, asked, think=think, logprobs=None)
+
+
+def check_tool_names(tools: Sequence[dict], param: str = "tools") -> None:
+    """A 400 for two tools of one name (OpenAI's format: {"type": "function", "function": {"name"}})."""
+    names = [t["function"]["name"] for t in tools]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise ApiError(400, f"{param}: more than one tool is named {', '.join(map(repr, twice))}; give each tool its "
+                            "own name", param=param)
+
+
+def tool_constraint(tools: Sequence[dict] | None, choice: str, *, parallel: bool, schema: dict | None,
+                    format_param: str = "response_format") -> dict[str, Any]:
+    """What the answer must match, as GenerationOptions fields, for tools in OpenAI's format and a
+    choice ("auto", "required" or a tool's name): constrained calls for "required", a name, strict
+    tools or an answer schema; a JSON schema alone when there are no tools."""
+    if not tools:
+        return {} if schema is None else {"json_schema": schema}
+    if choice == "auto" and schema is None and not any(t["function"].get("strict") for t in tools):
+        return {}  # free text and calls, parsed but not constrained
+    try:
+        grammar = tool_call_grammar(list(tools), choice=choice, parallel=parallel, answer_schema=schema)
+    except OptionError as e:
+        message = str(e)
+        param = next((p for p in ("tool_choice", "response_format") if message.startswith(p)), "tools")
+        raise ApiError(400, message, param=format_param if param == "response_format" else param) from None
+    return {"grammar": grammar}
+
+
+def prompt_tokens(tokenizer: Any, submission: Submission) -> int:
+    """The prompt's tokens as the engine counts them (Anthropic's count_tokens)."""
+    return len(encode_prompt(tokenizer, submission.prompt, think=submission.options.think)[0])
