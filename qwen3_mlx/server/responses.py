@@ -490,6 +490,7 @@ class _Items:
         kind = "function_call" if call is not None else {"reasoning": "reasoning", "answer": "message"}.get(chunk.kind)
         events: list[Event] = []
         if call is not None and call["id"]:
+            events += self.close()  # the previous call, under its own name
             self.call_name = call["name"]
             events += self.start({**_call_item(self.t, call["id"], call["name"], "", "in_progress")})
         elif kind in ("reasoning", "message") and chunk.text and (self.open or {}).get("type") != kind:

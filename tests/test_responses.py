@@ -1,0 +1,264 @@
+"""OpenAI's Responses API: the real `openai` SDK's client.responses.create against live servers on the tiny
+random checkpoint (whose text must equal the library's) and on a scripted stub that reasons and calls
+tools; the store behind previous_response_id; what Codex sends; fuzzing from /openapi.json."""
+
+import json
+
+import httpx
+import jsonschema
+import openai
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from schemathesis import GenerationMode
+from server_live import LiveServer
+from server_stubs import BatchScriptedModel, by_prompt, replies
+
+from qwen3_mlx import GenerationOptions, generate
+from qwen3_mlx.engine import Engine
+from qwen3_mlx.server import create_app
+from qwen3_mlx.server.params import ApiError
+from qwen3_mlx.server.responses import ResponseStore, encrypt, input_messages, offered_tools
+
+CAP = 32
+HI = [{"role": "user", "content": "Hello there"}]
+REASONING = "Let me think about it carefully. The user asks for a sum."
+ANSWER = "The answer is 4."
+CALLS = ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
+         '<tool_call>\n{"name": "clock.now", "arguments": {"zone": "CET"}}\n</tool_call>')
+WEATHER = {"type": "function", "name": "get_weather", "description": "Weather in a city",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}, "strict": False}
+CLOCK = {"type": "namespace", "name": "clock", "description": "Time", "tools": [
+    {"type": "function", "name": "now", "parameters": {"type": "object", "properties": {"zone": {"type": "string"}}}}]}
+NO_THINK = {"reasoning": {"effort": "none"}}
+
+
+@pytest.fixture(scope="module")
+def engine(tiny):
+    with Engine(*tiny, max_batch=8) as e:
+        yield e
+
+
+@pytest.fixture(scope="module")
+def live(engine):
+    with LiveServer(create_app(engine, model_id="tiny", max_tokens_cap=400)) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def small(engine):
+    """A cap of 8 tokens, for bodies that ask for many (refusals, fuzzing)."""
+    with LiveServer(create_app(engine, model_id="tiny", max_tokens_cap=8)) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def client(live):
+    return openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def stub(tiny):
+    """A scripted model that reasons then answers, or calls a tool and a namespaced one about the weather."""
+    tok = tiny[1]
+    tools = replies(tok, "I should call the tools.", CALLS)
+    model = BatchScriptedModel(by_prompt(tok, {"weather": tools}, replies(tok, REASONING, ANSWER)),
+                               tok.encode("<|im_start|>assistant\n"))
+    with Engine(model, tok, max_batch=4) as e, LiveServer(create_app(e, model_id="stub", max_tokens_cap=200)) as s:
+        yield openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def events_of(stream):
+    events = list(stream)
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    return events
+
+
+# ---------------------------------------------------------------- the tiny checkpoint: equal to the library
+
+
+def test_text_equals_the_library_whole_and_streamed(client, tiny):
+    ask = dict(model="tiny", input="Hello there", max_output_tokens=12, temperature=0, **NO_THINK)
+    response = client.responses.create(**ask)
+    alone = generate(*tiny, HI, GenerationOptions(thinking_budget=0, max_tokens=12, max_total_tokens=12, temp=0))
+    assert response.output_text == alone.content and response.status in ("completed", "incomplete")
+    assert response.usage.input_tokens == alone.stats.prompt_tokens
+    assert response.usage.output_tokens == len(alone.stats.token_ids)
+    events = events_of(client.responses.create(**ask, stream=True))
+    kinds = [e.type for e in events]
+    assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added"]
+    assert kinds[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done",
+                          f"response.{response.status}"]
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == alone.content
+    assert events[-1].response.output_text == alone.content
+    assert events[-1].response.usage.input_tokens_details.cached_tokens > 0
+
+
+def test_previous_response_id_equals_sending_the_whole_history(client):
+    ask = dict(model="tiny", max_output_tokens=10, temperature=0, **NO_THINK)
+    first = client.responses.create(input="Hello there", instructions="Be terse.", **ask)
+    second = [{"role": "user", "content": "And again?"}]
+    stored = client.responses.create(previous_response_id=first.id, input=second, instructions="Be terse.", **ask)
+    history = [{"role": "user", "content": "Hello there"}, *[item.model_dump(exclude_none=True)
+                                                              for item in first.output], *second]
+    whole = client.responses.create(input=history, instructions="Be terse.", store=False, **ask)
+    assert stored.output_text == whole.output_text
+    assert stored.usage.input_tokens == whole.usage.input_tokens
+    assert stored.usage.output_tokens == whole.usage.output_tokens
+    assert stored.previous_response_id == first.id and client.responses.retrieve(stored.id).id == stored.id
+    with pytest.raises(openai.NotFoundError, match="no response 'resp_nothing' is stored here"):
+        client.responses.create(previous_response_id="resp_nothing", input="x", **ask)
+    unstored = client.responses.create(input="x", store=False, **ask)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.create(previous_response_id=unstored.id, input="y", **ask)
+
+
+def test_an_evicted_response_says_so(engine):
+    store = ResponseStore(max_count=1)
+    with LiveServer(create_app(engine, model_id="tiny", response_store=store)) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        ask = dict(model="tiny", max_output_tokens=2, **NO_THINK)
+        first = client.responses.create(input="one", **ask)
+        client.responses.create(input="two", **ask)
+        with pytest.raises(openai.NotFoundError, match="was evicted") as e:
+            client.responses.create(previous_response_id=first.id, input="three", **ask)
+        assert e.value.body["code"] == "response_evicted"
+
+
+def test_the_store_is_bounded_in_bytes():
+    store = ResponseStore(max_count=10, max_bytes=300)
+    for i in range(5):
+        store.put(f"r{i}", [{"type": "message", "role": "user", "content": "x" * 100}], {})
+    assert store.get("r4")[0][0]["content"] == "x" * 100
+    with pytest.raises(ApiError, match="was evicted"):
+        store.get("r0")
+
+
+def test_a_json_schema_format_parses(client):
+    digit = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}},
+             "required": ["n"], "additionalProperties": False}
+    fmt = {"format": {"type": "json_schema", "name": "digit", "schema": digit, "strict": True}}
+    for seed in range(3):
+        response = client.responses.create(model="tiny", input="A digit?", text=fmt, extra_body={"seed": seed},
+                                           **NO_THINK)
+        assert response.status == "completed"
+        jsonschema.validate(json.loads(response.output_text), digit)
+    events = events_of(client.responses.create(model="tiny", input="A digit?", text=fmt, stream=True, **NO_THINK))
+    jsonschema.validate(json.loads(events[-1].response.output_text), digit)
+
+
+def test_max_output_tokens_makes_it_incomplete(client):
+    response = client.responses.create(model="tiny", input="Hello", max_output_tokens=3, temperature=0, **NO_THINK)
+    assert response.status == "incomplete" and response.incomplete_details.reason == "max_output_tokens"
+    assert response.usage.output_tokens == 3
+
+
+# ---------------------------------------------------------------- reasoning and tools (scripted)
+
+
+def test_reasoning_items_carry_the_text_and_encrypted_content_read_back(stub):
+    response = stub.responses.create(model="stub", input="Hello there", include=["reasoning.encrypted_content"],
+                                     store=False)
+    reasoning, message = response.output
+    assert reasoning.type == "reasoning" and reasoning.content[0].text == REASONING and reasoning.summary == []
+    assert message.content[0].text == ANSWER and response.usage.output_tokens_details.reasoning_tokens > 0
+    assert reasoning.encrypted_content == encrypt(REASONING)
+    events = events_of(stub.responses.create(model="stub", input="Hello there", stream=True))
+    assert "".join(e.delta for e in events if e.type == "response.reasoning_text.delta") == REASONING
+    assert [e.type for e in events if e.type.endswith(".done")].count("response.output_item.done") == 2
+    # Codex sends the reasoning back with its encrypted_content alone: read back as its text.
+    only_encrypted = {"type": "reasoning", "id": "rs_1", "summary": [], "encrypted_content": encrypt(REASONING)}
+    turn = [{"role": "user", "content": "Hi"}, only_encrypted,
+            {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": "c1", "output": "ok"}]
+    assert input_messages(turn, {})[1]["reasoning_content"] == REASONING
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_function_calls_and_their_outputs_in_the_next_turn(stub, stream):
+    ask = dict(model="stub", input="What is the weather in Paris?", tools=[WEATHER, CLOCK])
+    if stream:
+        events = events_of(stub.responses.create(**ask, stream=True))
+        args = "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta")
+        assert json.loads(args.split("}")[0] + "}") == {"city": "Paris"}
+        response = events[-1].response
+    else:
+        response = stub.responses.create(**ask)
+    calls = [item for item in response.output if item.type == "function_call"]
+    assert [(c.namespace, c.name, json.loads(c.arguments)) for c in calls] == [
+        (None, "get_weather", {"city": "Paris"}), ("clock", "now", {"zone": "CET"})]
+    outputs = [{"type": "function_call_output", "call_id": c.call_id, "output": "18 C"} for c in calls]
+    again = stub.responses.create(model="stub", tools=[WEATHER, CLOCK], input=[
+        {"role": "user", "content": "What is the weather in Paris?"},
+        *[item.model_dump(exclude_none=True) for item in response.output], *outputs])
+    assert again.status == "completed"
+    single = stub.responses.create(**ask, parallel_tool_calls=False)
+    assert [item.name for item in single.output if item.type == "function_call"] == ["get_weather"]
+
+
+def test_namespace_tools_are_offered_under_qualified_names_and_others_left_out():
+    tools, names = offered_tools([WEATHER, CLOCK, {"type": "web_search"}, {"type": "custom", "name": "apply_patch"}])
+    assert [t["function"]["name"] for t in tools] == ["get_weather", "clock.now"]
+    assert names == {"get_weather": (None, "get_weather"), "clock.now": ("clock", "now")}
+    call = {"type": "function_call", "call_id": "c", "namespace": "clock", "name": "now", "arguments": "{}"}
+    assert input_messages([call], {v: k for k, v in names.items()})[0]["tool_calls"][0]["function"]["name"] == \
+        "clock.now"
+
+
+def test_what_codex_sends_is_accepted(stub):
+    body = {"model": "stub", "instructions": "You are Codex.", "stream": True, "store": False,
+            "include": ["reasoning.encrypted_content"], "reasoning": {"effort": "medium", "summary": "auto"},
+            "prompt_cache_key": "abc", "client_metadata": {"x": "y"}, "tool_choice": "auto",
+            "parallel_tool_calls": True, "text": {"verbosity": "low"},
+            "input": [{"type": "message", "role": "developer", "content": [{"type": "input_text", "text": "Rules."}]},
+                      {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hi"}]}],
+            "tools": [{"type": "function", "name": "shell", "strict": False, "parameters": {
+                "type": "object", "properties": {"command": {"type": "array", "items": {"type": "string"}}}}},
+                      CLOCK, {"type": "web_search", "external_web_access": False}]}
+    url = str(stub.base_url).rstrip("/")
+    response = httpx.post(url + "/responses", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    names = [line.split(": ", 1)[1] for line in response.text.splitlines() if line.startswith("event: ")]
+    assert names[0] == "response.created" and names[-1] == "response.completed"
+    last = json.loads(response.text.strip().splitlines()[-1].removeprefix("data: "))
+    assert last["response"]["output"][0]["encrypted_content"] == encrypt(REASONING)
+
+
+REFUSALS = [
+    ({"input": "x", "model": "gpt-5"}, 404, "the model 'gpt-5' does not exist"),
+    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, 400,
+     "input[0].content[0] is type 'input_image'"),
+    ({"input": [{"role": "tool", "content": "x"}]}, 400, "input[0].role: 'tool' is not"),
+    ({"input": "x", "tool_choice": {"type": "web_search"}, "tools": [WEATHER]}, 400, "tool_choice: "),
+    ({"input": "x", "tools": [WEATHER, WEATHER]}, 400, "tools: more than one tool is named 'get_weather'"),
+    ({"input": "x", "max_output_tokens": 0}, 400, "max_output_tokens: Input should be greater than or equal to 1"),
+    ({"input": "x " * 5000}, 400, "context is 4096"),
+]
+
+
+@pytest.mark.parametrize(("body", "status", "message"), REFUSALS, ids=range(len(REFUSALS)))
+def test_refusals_have_openais_error_body(small, body, status, message):
+    response = httpx.post(small.url + "/v1/responses", json=body, timeout=60)
+    assert response.status_code == status, response.text
+    assert message in response.json()["error"]["message"]
+
+
+def test_no_input_makes_a_server_error(small):
+    """Bodies made from /openapi.json for /v1/responses, valid and invalid: every answer is a 2xx or a 4xx."""
+    live = small
+    schema = schemathesis.openapi.from_url(live.url + "/openapi.json")
+    operations = [result.ok() for result in schema.get_all_operations()]
+    operations = [op for op in operations if op.path.startswith("/v1/responses")]
+    assert len(operations) == 2
+    cases = st.one_of([op.as_strategy(generation_mode=mode) for op in operations
+                       for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)])
+
+    @given(cases)
+    @settings(max_examples=60, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    def check(case):
+        response = case.call(base_url=live.url, timeout=60)
+        assert response.status_code < 500, f"{case.method} {case.path} {case.body!r}: {response.text}"
+
+    check()
