@@ -21,6 +21,7 @@ import click
 from .errors import OptionError, Qwen3Error
 from .files import human_size
 from .options import DEFAULT_MAX_BATCH, GenerationOptions
+from .parallel import WATCHDOG_SECONDS
 
 DEFAULT_MODEL = "mlx-community/Qwen3-1.7B-4bit"
 CONTEXT = {"help_option_names": ["-h", "--help"]}
@@ -60,6 +61,10 @@ version = click.version_option(package_name="qwen3-mlx", message="qwen3-mlx %(ve
 @version
 def main() -> None:
     """Run Qwen3 models with MLX: convert, generate, chat."""
+    if any(os.environ.get(name, "0") != "0" for name in ("MLX_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")):
+        from .distributed import launched_rank, quiet
+
+        quiet(launched_rank())  # a launched rank other than 0: its error lines only, even for a usage error
 
 
 # ---------------------------------------------------------------- the generation options, written once
@@ -206,6 +211,69 @@ def _collect(values: dict[str, Any]) -> tuple[GenerationOptions, Display]:
     return GenerationOptions(**fields), display
 
 
+# ---------------------------------------------------------------- across several Macs (mlx.launch)
+
+
+def parse_shares(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[float, ...] | None:
+    """--layers-per-rank 10,18: one positive number a rank."""
+    if value is None:
+        return None
+    try:
+        shares = tuple(float(v) if "." in v else int(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: one number a rank, separated by commas, e.g. 10,18") from None
+    if min(shares) <= 0:
+        raise click.BadParameter(f"{value!r}: every rank's share must be > 0")
+    return shares
+
+
+PARALLEL_OPTIONS = [
+    click.option("--parallel", type=click.Choice(["tensor", "pipeline"]),
+                 help="Under mlx.launch: split the model over the ranks, each loading its part; rank 0 writes the "
+                      "output. tensor: 1/N of every layer (faster over a low-latency link); pipeline: a run of "
+                      "layers each (pools memory over any link)."),
+    click.option("--layers-per-rank", callback=parse_shares, metavar="N,N,...",
+                 help="With --parallel pipeline: each rank's layers (10,18) or shares of them (1,2). Default: even."),
+    click.option("--watchdog", type=click.FloatRange(min=0, min_open=True), default=WATCHDOG_SECONDS,
+                 show_default=True, metavar="SECONDS",
+                 help="With --parallel: a rank that waits this long on the others ends the run (exit 1), naming "
+                      "itself; loading may wait up to 10 minutes."),
+]
+
+
+def parallel_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Add PARALLEL_OPTIONS to a command, which receives them as one value: `parallel`
+    (a distributed.ParallelOptions)."""
+
+    @functools.wraps(command)
+    def collect(*args: Any, **kwargs: Any) -> Any:
+        from .distributed import ParallelOptions
+
+        kwargs["parallel"] = ParallelOptions(kwargs.pop("parallel"), kwargs.pop("layers_per_rank"),
+                                             kwargs.pop("watchdog"))
+        return command(*args, **kwargs)
+
+    for option in reversed(PARALLEL_OPTIONS):
+        collect = option(collect)
+    return collect
+
+
+def start_ranks(parallel: Any, draft_model: str | None = None, prompt_cache: Path | None = None) -> Any:
+    """This process's place in a launched job (distributed.Ranks); what does not go with --parallel is
+    refused in one line: a cache file (it would hold one rank's part of the cache), a draft model in a
+    pipeline (a stage's receive waits on no earlier step, so a draft's k steps, evaluated together,
+    could cross between the ranks)."""
+    from .distributed import Ranks
+
+    if parallel.mode is not None and prompt_cache is not None:
+        raise click.UsageError("--prompt-cache does not go with --parallel: each rank holds only its part of the "
+                               "cache; leave it out")
+    if parallel.mode == "pipeline" and draft_model is not None:
+        raise click.UsageError("--draft-model does not go with --parallel pipeline: its steps would wait on each "
+                               "other across the ranks; use --parallel tensor, or --prompt-lookup")
+    return Ranks.start(parallel)
+
+
 # ---------------------------------------------------------------- printing a response
 
 
@@ -310,11 +378,12 @@ def prefill_progress(step: int) -> Callable[[int, int], None]:
 # ---------------------------------------------------------------- generate
 
 
-def read_prompt(prompt: str) -> str:
-    """The prompt text; "-" reads standard input, which must be UTF-8. An empty prompt is refused."""
+def read_prompt(prompt: str, until_empty_line: bool = False) -> str:
+    """The prompt text; "-" reads standard input, which must be UTF-8: to its end, or `until_empty_line`
+    (under mlx.launch, whose pipe to a rank never ends). An empty prompt is refused."""
     text = prompt
     if prompt == "-":
-        data = sys.stdin.buffer.read()
+        data = read_until_empty_line() if until_empty_line else sys.stdin.buffer.read()
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError as e:
@@ -323,6 +392,14 @@ def read_prompt(prompt: str) -> str:
     if not text.strip():  # the same rule with and without --raw, and in chat: nothing is sent
         raise Qwen3Error("the prompt is empty; give some text")
     return text
+
+
+def read_until_empty_line() -> bytes:
+    """Standard input up to its first empty line, or its end."""
+    lines = []
+    while (line := sys.stdin.buffer.readline()).strip(b"\r\n"):
+        lines.append(line)
+    return b"".join(lines)
 
 
 def check_raw(raw: bool, system: str | None, prefill_response: str | None) -> None:
@@ -370,29 +447,32 @@ def check_one_source(prompt: str | None, prompts_file: Path | None, output: Path
 
 
 def generate_batch(model: str, path: Path, output: Path | None, max_batch: int, system: str | None, raw: bool,
-                   options: GenerationOptions, display: Display) -> None:
+                   options: GenerationOptions, display: Display, ranks: Any) -> None:
     """--prompts-file: every request checked before any is generated, then all of them batched, the
-    results written in input order."""
+    results written in input order (under mlx.launch, by rank 0)."""
     import time
     import warnings
 
     from .batch import batch_generate
     from .batch_files import read_batch_file, result_record, write_jsonl
-    from .loader import load
+    from .distributed import request_json
 
     batch = read_batch_file(path, options, system, raw=raw, model=model)
     if raw and batch.format != "text":
         raise click.UsageError(f"--raw takes a text file of prompts; {path} holds {batch.format} JSON lines, "
                                "whose messages need the chat template")
+    output = output if ranks.leader else None  # the other ranks' results go to their silenced stdout
     check_writable(output)
-    loaded, tokenizer = load(model)
+    loaded, tokenizer = ranks.load(model)
     check_batch_requests(loaded, tokenizer, batch.requests, path)
+    ranks.agree(f"{path}'s requests", [request_json(r.prompt, r.options) for r in batch.requests])
     warnings.showwarning = _show_warning
     start = time.perf_counter()
-    with click.progressbar(length=len(batch.requests), label="generating", file=sys.stderr, show_pos=True) as bar:
+    with ranks.steps(), click.progressbar(length=len(batch.requests), label="generating", file=sys.stderr,
+                                          show_pos=True) as bar:
         # Prompts go in chunks of --prefill-step-size (their options'), 256 tokens between two decode
         # steps (the scheduler's default prefill_budget), as the server computes them.
-        results = batch_generate(loaded, tokenizer, [r.prompt for r in batch.requests],
+        results = batch_generate(ranks.watched(loaded), tokenizer, [r.prompt for r in batch.requests],
                                  [r.options for r in batch.requests], max_batch=max_batch,
                                  progress=lambda done, total: bar.update(done - bar.pos))
     seconds = time.perf_counter() - start
@@ -447,10 +527,11 @@ def print_batch_stats(results: list, seconds: float) -> None:
               help="Reuse the cache of the prompt's shared prefix saved in this file, and save this prompt's.")
 @user_errors
 @generation_options
+@parallel_options
 @version
 def generate(model: str, prompt: str | None, prompts_file: Path | None, output: Path | None, max_batch: int,
              system: str | None, raw: bool, prefill_response: str | None, prompt_cache: Path | None,
-             draft_model: str | None, options: GenerationOptions, display: Display) -> None:
+             draft_model: str | None, parallel: Any, options: GenerationOptions, display: Display) -> None:
     """Generate a response to one prompt, or to each of a file's (--prompts-file).
 
     On a terminal the reasoning is dimmed; piped, it comes first inside <think> ... </think>.
@@ -474,47 +555,52 @@ def generate(model: str, prompt: str | None, prompts_file: Path | None, output: 
     """
     import warnings
 
+    from .distributed import request_json
     from .generation import stream_generate
-    from .loader import load
     from .prompt import Prompt, encode_prompt
     from .prompt_cache import open_prompt_cache, save_prompt_cache
 
     check_raw(raw, system, prefill_response)
     check_one_source(prompt, prompts_file, output, prompt_cache, prefill_response, options)
+    ranks = start_ranks(parallel, draft_model, prompt_cache)
     if prompts_file is not None:
         if draft_model is not None or options.prompt_lookup:
             raise click.UsageError("--draft-model and --prompt-lookup speculate in one stream; a --prompts-file "
                                    "batch does not draft yet: leave them out")
-        generate_batch(model, prompts_file, output, max_batch, system, raw, options, display)
+        generate_batch(model, prompts_file, output, max_batch, system, raw, options, display, ranks)
         return
-    text = read_prompt(prompt)
+    # Under mlx.launch rank 0 reads stdin, up to an empty line (the launcher's pipe never ends), for every rank.
+    text = ranks.from_leader(functools.partial(read_prompt, prompt, ranks.launched))
     check_writable(prompt_cache)
-    loaded, tokenizer = load(model)
-    draft = load_draft(draft_model, tokenizer)
+    loaded, tokenizer = ranks.load(model)
+    draft = load_draft(draft_model, tokenizer, ranks)
     # The ids are what the prompt cache is matched against; the prefill is part of them.
     ids, thinking = encode_prompt(tokenizer, Prompt(text, system=system, raw=raw, prefill_response=prefill_response),
                                   think=options.think)
+    ranks.agree("the prompt's token ids and options", request_json(Prompt(ids), options))
     cache = None
     if prompt_cache is not None:
         cache = open_prompt_cache(prompt_cache, loaded, tokenizer, ids, system, options.max_kv_size,
                                   options.kv_quantization)
-    chunks = stream_generate(loaded, tokenizer, Prompt(ids, system=system), options.replace(think=thinking),
-                             cache=cache, progress=prefill_progress(options.prefill_step_size), draft_model=draft)
+    chunks = stream_generate(ranks.watched(loaded), tokenizer, Prompt(ids, system=system),
+                             options.replace(think=thinking), cache=cache,
+                             progress=prefill_progress(options.prefill_step_size), draft_model=ranks.watched(draft))
     warnings.showwarning = _show_warning
-    stats = print_response(chunks, display)
+    with ranks.steps():
+        stats = print_response(chunks, display)
     if cache is not None and not save_prompt_cache(prompt_cache, cache, ids, loaded):
         click.echo(f"warning: {prompt_cache} not saved: the rotating cache has moved past the prompt", err=True)
     check_complete(stats, options)
 
 
-def load_draft(path: str | None, tokenizer: Any) -> Any:
-    """--draft-model: the draft model, refused in one line when it does not share the model's tokenizer."""
+def load_draft(path: str | None, tokenizer: Any, ranks: Any) -> Any:
+    """--draft-model: the draft model, refused in one line when it does not share the model's tokenizer.
+    Under --parallel it is split as the model is, so that every rank drafts the same tokens."""
     if path is None:
         return None
-    from .loader import load
     from .speculative import check_draft
 
-    draft, draft_tokenizer = load(path)
+    draft, draft_tokenizer = ranks.load(path)
     check_draft(tokenizer, draft_tokenizer)
     return draft
 
@@ -629,40 +715,51 @@ def is_command(line: str) -> bool:
 @click.option("--system", "--system-prompt", "-s", help="System prompt (/system changes it).")
 @user_errors
 @generation_options
+@parallel_options
 @version
-def chat(model: str, system: str | None, draft_model: str | None, options: GenerationOptions,
+def chat(model: str, system: str | None, draft_model: str | None, parallel: Any, options: GenerationOptions,
          display: Display) -> None:
     """Chat with the model; the KV cache is reused from turn to turn. /help lists the commands.
 
     A line ending in \\ continues the message on the next line; //text sends /text.
+    Under mlx.launch (--parallel), rank 0 reads the lines and hands each to every rank; /save and /load
+    are refused there, and Ctrl-C ends the chat.
     """
     import warnings
 
     from .chat import ChatSession
-    from .loader import load
 
-    loaded, tokenizer = load(model)
-    session = ChatSession(loaded, tokenizer, options, system=system, draft_model=load_draft(draft_model, tokenizer))
+    ranks = start_ranks(parallel, draft_model)
+    loaded, tokenizer = ranks.load(model)
+    session = ChatSession(ranks.watched(loaded), tokenizer, options, system=system,
+                          draft_model=ranks.watched(load_draft(draft_model, tokenizer, ranks)))
     warnings.showwarning = _show_warning
-    interactive = sys.stdin.isatty()
+    interactive = sys.stdin.isatty() and not ranks.launched
     if interactive:
         try:  # line editing and history for input(); absent on some platforms, where input() still works
             import readline  # noqa: F401
         except ImportError:
             pass
         click.echo(f"chatting with {model}; /help for commands, /exit to leave", err=True)
-    while (line := read_message(interactive)) is not None:
+    while (line := ranks.from_leader(functools.partial(read_message, interactive))) is not None:
         if not line.strip():  # an empty line sends nothing, as an empty prompt is refused everywhere
             continue
-        try:
-            if is_command(line):
-                if not chat_command(session, line):
-                    break
-                continue
-            text = line.strip()[1:] if line.lstrip().startswith("//") else line
-            print_response(session.send(text), display, exit_on_interrupt=False)
-        except (Qwen3Error, OSError) as e:  # a bad command or file: say so and go on chatting
-            click.echo(f"error: {describe(e)}", err=True)
+        # Under the launcher: a lost rank ends the chat (the steps' error, outside the try); so does Ctrl-C,
+        # as every rank must stop alike.
+        with ranks.steps():
+            try:
+                if is_command(line):
+                    if ranks.launched and line.split()[0] in ("/save", "/load"):
+                        raise OptionError(f"{line.split()[0]} does not go with --parallel: each rank holds only "
+                                          f"its part of the cache")
+                    if not chat_command(session, line):
+                        break
+                    continue
+                text = line.strip()[1:] if line.lstrip().startswith("//") else line
+                print_response(session.send(text), display, exit_on_interrupt=ranks.launched)
+            except (Qwen3Error, OSError) as e:  # a bad command or file: say so (rank 0: all met it) and go on
+                if ranks.leader:
+                    click.echo(f"error: {describe(e)}", err=True)
 
 
 # ---------------------------------------------------------------- convert
@@ -765,16 +862,21 @@ def convert(source: str | None, output: Path | None, hf_path: str | None, mlx_pa
 @click.option("--grace", type=click.FloatRange(min=0), default=30.0, show_default=True, metavar="SECONDS",
               help="After SIGTERM or Ctrl-C, how long running requests may take to finish before they are cancelled.")
 @user_errors
+@parallel_options
 @version
 def serve(model: str, host: str, port: int, served_model_names: tuple[str, ...], api_key: str | None,
           max_batch: int, kv_memory: float | None, prompt_cache_gb: float, kv_bits: int | None,
-          thinking_budget: int | None, max_tokens: int, cors_origin: str | None, grace: float) -> None:
+          thinking_budget: int | None, max_tokens: int, cors_origin: str | None, grace: float,
+          parallel: Any) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions,
     /v1/models, /health; /docs describes it). Needs the serve extra: pip install "qwen3-mlx[serve]".
 
     SIGTERM or Ctrl-C stops admitting (new requests get a 503) and lets running requests finish
     (--grace; a second signal cancels them: they end with an error), then exits 0 (SIGTERM) or
     130 (Ctrl-C).
+
+    Under mlx.launch (--parallel) rank 0 serves, every rank computes; a rank lost ends the requests in
+    flight with an error, then the server (exit 1). --kv-memory and --prompt-cache-gb are then per rank.
     """
     try:
         from .server.serve import serve as run_server
@@ -784,4 +886,4 @@ def serve(model: str, host: str, port: int, served_model_names: tuple[str, ...],
     run_server(model, host=host, port=port, served_model_names=served_model_names, api_key=api_key,
                max_batch=max_batch, kv_memory=int(kv_memory * 1e9) if kv_memory else None,
                prompt_cache_bytes=int(prompt_cache_gb * 1e9), kv_bits=kv_bits, thinking_budget=thinking_budget,
-               max_tokens=max_tokens, cors_origin=cors_origin, grace=grace)
+               max_tokens=max_tokens, cors_origin=cors_origin, grace=grace, parallel=parallel)

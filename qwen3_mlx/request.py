@@ -205,12 +205,14 @@ def reuse_cache(cache: list[KVCache], held: Sequence[int], prompt_ids: Sequence[
 
 @dataclass
 class Job:
-    """One request made ready to run: its prompt's ids, the response its tokens go to, how it draws."""
+    """One request made ready to run: its prompt's ids, the response its tokens go to, how it draws,
+    and the Prompt it was prepared from (what distributed.py hands to the other ranks)."""
 
     prompt_ids: list[int]
     options: GenerationOptions
     response: Response
     draws: DrawState
+    prompt: Prompt | None = None
 
     def most_tokens(self) -> int:
         """The most tokens its cache may hold: the prompt and the longest response the limits allow."""
@@ -241,7 +243,7 @@ def prepare(model: Model, tokenizer: Tokenizer, prompt: Prompt, opts: Generation
                                          in_reasoning=in_reasoning)
     stats = GenerationStats(prompt_tokens=len(prompt_ids))
     response = Response(tokenizer, budget, limits, opts.stop, stats, in_reasoning, tools=bool(prompt.tools))
-    return Job(list(prompt_ids), opts, response, draws)
+    return Job(list(prompt_ids), opts, response, draws, prompt)
 
 
 def context_room(context: int, prompt_tokens: int) -> int:

@@ -6,22 +6,29 @@ while the running ones finish, for up to `grace` seconds. When the grace runs ou
 signal, the engine cancels what is left: a whole reply then gets a 503 error body, a stream an error
 event then `data: [DONE]` (never a finish_reason "cancelled"). Then the server stops: after SIGTERM
 serve() returns (exit 0), after Ctrl-C it raises KeyboardInterrupt (the CLI's exit 130).
+
+Under mlx.launch (`parallel`), rank 0 does all of this over a distributed.DistributedEngine, and the
+other ranks follow its rounds (they ignore Ctrl-C: rank 0's drain ends them). A rank lost (it died,
+or stopped answering for the watchdog's seconds) ends the requests in flight with an error; their
+responses are written, then the server exits 1 with the rank's line.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
 import socket
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import uvicorn
 
+from ..distributed import DistributedEngine, ParallelOptions, Ranks
 from ..engine import Engine
 from ..errors import Qwen3Error
-from ..loader import load
 from .app import create_app
 
 log = logging.getLogger("uvicorn.error")  # uvicorn's own log, so the drain's lines read as its others
@@ -39,6 +46,7 @@ class _Server(uvicorn.Server):
         self.app, self.grace = app, grace
         self.signals: list[int] = []
         self.drain_task: asyncio.Task | None = None
+        self.failure: str | None = None  # a rank lost (DistributedEngine.on_fault)
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets=sockets)
@@ -72,6 +80,16 @@ class _Server(uvicorn.Server):
         self.should_exit = True
 
 
+    def fault(self, line: str) -> None:
+        """The engine lost a rank and has ended every request in flight with an error (called from its
+        thread, or the watchdog's): let their responses be written, then stop; serve() raises `line`."""
+        self.failure = line
+        deadline = time.monotonic() + _FLUSH_SECONDS
+        while self.server_state.tasks and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.should_exit = True
+
+
 async def _until(condition: Callable[[], bool], seconds: float) -> None:
     """Wait until `condition()`, for `seconds` at most."""
     deadline = asyncio.get_running_loop().time() + seconds
@@ -100,32 +118,52 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8080, served_model
           api_key: str | None = None, max_batch: int = 8, kv_memory: int | None = None,
           prompt_cache_bytes: int = 1 << 30, thinking_budget: int | None = None, max_tokens: int = 4096,
           cors_origin: str | None = None, grace: float = 30.0, log_level: str = "info",
-          kv_bits: int | None = None) -> None:
+          kv_bits: int | None = None, parallel: ParallelOptions | None = None) -> None:
     """Serve `model` (a checkpoint folder or Hub repo id) until a signal; see the module's docstring.
 
     `served_model_names`: the names a request's `model` may give, the first one reported in responses;
-    none: `model` as given.
+    none: `model` as given. `parallel`: the split of the model over the ranks of a launched job.
 
     Raises:
-        Qwen3Error: the port cannot be bound; the model cannot be loaded.
+        Qwen3Error: the port cannot be bound; the model cannot be loaded; a rank was lost.
         KeyboardInterrupt: after a graceful shutdown on Ctrl-C.
     """
-    sock = listen(host, port)
+    ranks = Ranks.start(parallel or ParallelOptions())
+    sock = ranks.from_leader(functools.partial(listen, host, port), share=False)  # rank 0's; the others: None
+    engine_args = {"max_batch": max_batch, "kv_memory": kv_memory, "prompt_cache_bytes": prompt_cache_bytes,
+                   "kv_bits": kv_bits}
+    if not ranks.leader:
+        follow(model, ranks, engine_args)
+        return
     try:
-        loaded, tokenizer = load(model)
-        engine = Engine(loaded, tokenizer, max_batch=max_batch, kv_memory=kv_memory,
-                        prompt_cache_bytes=prompt_cache_bytes, kv_bits=kv_bits).start()
+        loaded, tokenizer = ranks.load(model)
+        if ranks.launched:
+            engine = DistributedEngine(loaded, tokenizer, ranks, **engine_args).start()
+        else:
+            engine = Engine(loaded, tokenizer, **engine_args).start()
         names = list(served_model_names) or [model]
         app = create_app(engine, model_id=names[0], aliases=names[1:], api_key=api_key, max_tokens_cap=max_tokens,
                          default_thinking_budget=thinking_budget, cors_origin=cors_origin)
         config = uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=_FLUSH_SECONDS,
                                 log_level=log_level)
         server = _Server(config, app, grace)
+        if ranks.launched:
+            engine.on_fault = server.fault
         try:
             server.run(sockets=[sock])
         finally:
             engine.close(cancel=True)
     finally:
         sock.close()
+    if server.failure is not None:
+        raise Qwen3Error(server.failure)
     if signal.SIGINT in server.signals:
         raise KeyboardInterrupt
+
+
+def follow(model: str, ranks: Ranks, engine_args: dict) -> None:
+    """A rank other than 0: its part of the model, and rank 0's engine rounds until its server ends.
+    Ctrl-C (sent to every rank of a terminal's launcher) is rank 0's to act on."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    loaded, tokenizer = ranks.load(model)
+    DistributedEngine(loaded, tokenizer, ranks, **engine_args).follow()
