@@ -118,11 +118,12 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8080, served_model
           api_key: str | None = None, max_batch: int = 8, kv_memory: int | None = None,
           prompt_cache_bytes: int = 1 << 30, thinking_budget: int | None = None, max_tokens: int = 4096,
           cors_origin: str | None = None, grace: float = 30.0, log_level: str = "info",
-          kv_bits: int | None = None, parallel: ParallelOptions | None = None) -> None:
+          kv_bits: int | None = None, parallel: ParallelOptions | None = None, ui: bool = True) -> None:
     """Serve `model` (a checkpoint folder or Hub repo id) until a signal; see the module's docstring.
 
     `served_model_names`: the names a request's `model` may give, the first one reported in responses;
     none: `model` as given. `parallel`: the split of the model over the ranks of a launched job.
+    `ui`: serve the chat page at / (create_app).
 
     Raises:
         Qwen3Error: the port cannot be bound; the model cannot be loaded; a rank was lost.
@@ -143,7 +144,7 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8080, served_model
             engine = Engine(loaded, tokenizer, **engine_args).start()
         names = list(served_model_names) or [model]
         app = create_app(engine, model_id=names[0], aliases=names[1:], api_key=api_key, max_tokens_cap=max_tokens,
-                         default_thinking_budget=thinking_budget, cors_origin=cors_origin)
+                         default_thinking_budget=thinking_budget, cors_origin=cors_origin, ui=ui)
         config = uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=_FLUSH_SECONDS,
                                 log_level=log_level)
         server = _Server(config, app, grace)
