@@ -453,7 +453,6 @@ def generate_batch(model: str, path: Path, output: Path | None, max_batch: int, 
     import time
     import warnings
 
-    from .batch import batch_generate
     from .batch_files import read_batch_file, result_record, write_jsonl
     from .distributed import request_json
 
@@ -461,20 +460,21 @@ def generate_batch(model: str, path: Path, output: Path | None, max_batch: int, 
     if raw and batch.format != "text":
         raise click.UsageError(f"--raw takes a text file of prompts; {path} holds {batch.format} JSON lines, "
                                "whose messages need the chat template")
-    output = output if ranks.leader else None  # the other ranks' results go to their silenced stdout
+    output = output if ranks.leader else None  # rank 0 alone writes the results
     check_writable(output)
     loaded, tokenizer = ranks.load(model)
     check_batch_requests(loaded, tokenizer, batch.requests, path)
     ranks.agree(f"{path}'s requests", [request_json(r.prompt, r.options) for r in batch.requests])
     warnings.showwarning = _show_warning
     start = time.perf_counter()
-    with ranks.steps(), click.progressbar(length=len(batch.requests), label="generating", file=sys.stderr,
-                                          show_pos=True) as bar:
+    with click.progressbar(length=len(batch.requests), label="generating", file=sys.stderr, show_pos=True) as bar:
         # Prompts go in chunks of --prefill-step-size (their options'), 256 tokens between two decode
         # steps (the scheduler's default prefill_budget), as the server computes them.
-        results = batch_generate(ranks.watched(loaded), tokenizer, [r.prompt for r in batch.requests],
-                                 [r.options for r in batch.requests], max_batch=max_batch,
-                                 progress=lambda done, total: bar.update(done - bar.pos))
+        results = ranks.batch_generate(loaded, tokenizer, [r.prompt for r in batch.requests],
+                                       [r.options for r in batch.requests], max_batch=max_batch,
+                                       progress=lambda done, total: bar.update(done - bar.pos))
+    if results is None:  # a rank other than 0: rank 0 writes them
+        return
     seconds = time.perf_counter() - start
     records = [result_record(batch.format, i, request, result, tokenizer, hide_reasoning=display.hide_thinking)
                for i, (request, result) in enumerate(zip(batch.requests, results))]

@@ -36,16 +36,17 @@ from typing import Any, TypeVar
 
 import mlx.core as mx
 
-from .batch import Ticket
+from .batch import Ticket, batch_generate, run_option
 from .engine import Engine
 from .errors import OptionError, Qwen3Error
 from . import loader
 from .model import Model
-from .options import DEFAULT_PREFIX_STORE_BYTES, GenerationOptions
+from .kv_quant import KVQuantization
+from .options import DEFAULT_MAX_BATCH, DEFAULT_PREFIX_STORE_BYTES, GenerationOptions
 from .parallel import WATCHDOG_SECONDS, Watchdog, broadcast, join
 from .prompt import Prompt
 from .request import prepare
-from .response import Chunk
+from .response import Chunk, GenerationResult
 from .tokenizer import Tokenizer
 
 T = TypeVar("T")
@@ -222,6 +223,35 @@ class Ranks:
         if theirs != mine:
             raise Qwen3Error(f"rank {self.rank}: {what} differ from rank 0's; give every rank the same files "
                              f"(the same paths on every Mac)")
+
+    # -- many requests
+
+    def batch_generate(self, model: Model, tokenizer: Tokenizer, prompts: Sequence[Prompt],
+                       options: Sequence[GenerationOptions], *, max_batch: int = DEFAULT_MAX_BATCH,
+                       progress: Callable[[int, int], None] | None = None) -> list[GenerationResult] | None:
+        """batch.batch_generate (each prompt with its options), launched or not. Launched, the requests
+        go through a DistributedEngine, rank 0 submitting them all and the other ranks following, so that
+        every rank admits them alike: every rank calls it, and rank 0 gets the results (in order), the
+        others None. `progress(done, total)`: as the results come, in order."""
+        if not self.launched:
+            return batch_generate(model, tokenizer, prompts, list(options), max_batch=max_batch, progress=progress)
+        run = run_option([o.kv_quantization for o in options], "kv_bits, kv_group_size, quantized_kv_start",
+                         KVQuantization.describe)
+        cache = {} if run is None else {"kv_bits": run.bits, "kv_group_size": run.group_size,
+                                        "quantized_kv_start": run.start}
+        engine = DistributedEngine(model, tokenizer, self, max_batch=max_batch, prompt_cache_bytes=0,
+                                   max_queue=len(prompts) + 1, **cache)  # as batch_generate: no prefix store
+        if not self.leader:
+            engine.follow()
+            return None
+        results = []
+        with engine:  # leaving waits for every request, or cancels them all on an error
+            requests = [engine.submit(prompt, opts) for prompt, opts in zip(prompts, options)]
+            for request in requests:
+                results.append(request.result())
+                if progress is not None:
+                    progress(len(results), len(requests))
+        return results
 
     # -- the watchdog over the model's steps
 
