@@ -262,3 +262,11 @@ def test_no_input_makes_a_server_error(small):
         assert response.status_code < 500, f"{case.method} {case.path} {case.body!r}: {response.text}"
 
     check()
+
+
+def test_the_readmes_example_runs(engine, capsys):
+    from test_readme import block_with
+
+    with LiveServer(create_app(engine, model_id="qwen3", max_tokens_cap=16)) as server:
+        exec(block_with("python", "client.responses.create(").replace("http://127.0.0.1:8080", server.url), {})
+    assert capsys.readouterr().out

@@ -1,0 +1,99 @@
+"""The real agents, one non-interactive turn each, set up exactly as the README says: Claude Code
+(`claude -p`, Anthropic's Messages API) and Codex CLI (`codex exec`, the Responses API), against a live
+server over a scripted model that answers in a few tokens and ends its turn (a random checkpoint never
+ends one, and both agents take a reply cut by the cap for an error). Skipped, with the reason, where a
+CLI is missing: .ci/run installs both with npm into .agents/."""
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+from server_live import LiveServer
+from server_stubs import VOCAB, BatchScriptedModel, replies
+
+from qwen3_mlx.engine import Engine
+from qwen3_mlx.server import create_app
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+ANSWER = "Hello from qwen3-mlx, the local model."
+
+
+def agent(name: str) -> str | None:
+    local = ROOT / ".agents" / "node_modules" / ".bin" / name
+    return str(local) if local.exists() else shutil.which(name)
+
+
+class LastPositionModel(BatchScriptedModel):
+    """Scripts a pass's last position alone: an agent's prompt is some 12,000 tokens, and scripting each of
+    its positions would take minutes (the engine reads the last one; nothing drafts here)."""
+
+    def __call__(self, ids, cache):
+        B, L = ids.shape
+        c = cache[0]
+        keys, _ = c.update_and_fetch(*(ids.astype(mx.float32).reshape(B, 1, L, 1),) * 2)
+        lengths = getattr(c, "lengths", None) or [c.offset]
+        rows = []
+        for i, length in enumerate(lengths):
+            history = [int(t) for t in keys[i, 0, keys.shape[2] - length :, 0].tolist()]
+            token = self.script(*self.split(history))
+            rows.append(mx.broadcast_to(mx.where(mx.arange(VOCAB) == token, 50.0, 0.0), (L, VOCAB)))
+        return mx.stack(rows)
+
+
+@pytest.fixture(scope="module")
+def served(tiny):
+    """The server as the README's set-ups name it: model "qwen3"."""
+    tok = tiny[1]
+    model = LastPositionModel(replies(tok, "The user greets me.", ANSWER), tok.encode("<|im_start|>assistant\n"))
+    model.args.max_position_embeddings = 131072
+    with Engine(model, tok, max_batch=4) as engine, \
+            LiveServer(create_app(engine, model_id="qwen3", max_tokens_cap=512)) as server:
+        yield server
+
+
+def readme_env(port: int) -> dict[str, str]:
+    """The README's Claude Code line: its VAR=value pairs, before `claude`."""
+    line = next(line for line in README.splitlines() if line.startswith("ANTHROPIC_BASE_URL="))
+    pairs = re.findall(r"(\w+)=(\S+)", line.split(" claude ")[0])
+    return {k: v.replace("8080", str(port)) for k, v in pairs}
+
+
+def readme_codex_config(port: int) -> str:
+    """The README's Codex config.toml."""
+    block = next(b for b in re.findall(r"```toml\n(.*?)```", README, re.S) if 'wire_api = "responses"' in b)
+    return block.replace("8080", str(port))
+
+
+def port_of(server) -> int:
+    return int(server.url.rsplit(":", 1)[1])
+
+
+def test_claude_code_answers_through_the_messages_api(served, tmp_path):
+    claude = agent("claude")
+    if claude is None:
+        pytest.skip("Claude Code is not installed (npm install --prefix .agents @anthropic-ai/claude-code)")
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), **readme_env(port_of(served))}
+    assert env["ANTHROPIC_BASE_URL"] == served.url
+    done = subprocess.run([claude, "-p", "Say hello", "--model", "qwen3"], env=env, cwd=tmp_path,
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert ANSWER in done.stdout
+
+
+def test_codex_answers_through_the_responses_api(served, tmp_path):
+    codex = agent("codex")
+    if codex is None:
+        pytest.skip("Codex CLI is not installed (npm install --prefix .agents @openai/codex)")
+    home = tmp_path / "codex"
+    home.mkdir()
+    (home / "config.toml").write_text(readme_codex_config(port_of(served)))
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "CODEX_HOME": str(home)}
+    done = subprocess.run([codex, "exec", "--skip-git-repo-check", "-m", "qwen3", "Say hello"], env=env,
+                          cwd=tmp_path, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert ANSWER in done.stdout
