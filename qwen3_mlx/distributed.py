@@ -3,8 +3,9 @@
 
 - `Ranks`: this process's place in a launched job (or a process alone, for which every method is the
   plain thing): loading each rank's part, rank 0's input handed to every rank (`from_leader`: a
-  prompt read from stdin, a chat line), and the watchdog over the model's steps (`steps`,
-  `watched`). The other ranks write only their error lines (`quiet`).
+  prompt read from stdin, a chat line), the watchdog over the model's steps (`steps`, `watched`),
+  and many requests through the engine (`batch_generate`). The other ranks write only their error
+  lines (`quiet`).
 - `DistributedEngine`: the engine (engine.py) on every rank. Rank 0's thread takes the requests and
   decides; before each round it broadcasts what changed (new requests as their Prompt and
   GenerationOptions in JSON, cancelled ids, the end), and every rank applies it to its own Scheduler
@@ -36,12 +37,12 @@ from typing import Any, TypeVar
 
 import mlx.core as mx
 
+from . import loader
 from .batch import Ticket, batch_generate, run_option
 from .engine import Engine
 from .errors import OptionError, Qwen3Error
-from . import loader
-from .model import Model
 from .kv_quant import KVQuantization
+from .model import Model
 from .options import DEFAULT_MAX_BATCH, DEFAULT_PREFIX_STORE_BYTES, GenerationOptions
 from .parallel import WATCHDOG_SECONDS, Watchdog, broadcast, join
 from .prompt import Prompt
