@@ -356,3 +356,28 @@ def test_the_readmes_example_runs(engine, capsys):
     with LiveServer(create_app(engine, model_id="qwen3", max_tokens_cap=16)) as server:
         exec(block_with("python", "client = anthropic.Anthropic(").replace("http://127.0.0.1:8080", server.url), {})
     assert capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    ("/v1/messages", {"model": "tiny", "max_tokens": 4000, "stream": True,
+                      "messages": [{"role": "user", "content": "Talk forever"}]}),
+    ("/v1/responses", {"input": "Talk forever", "stream": True}),
+])
+def test_a_stream_whose_client_goes_away_frees_its_row(tiny, path, body):
+    """Anthropic's and the Responses API's streams, as chat's: the row is cancelled when the client leaves."""
+    import time
+
+    from test_web import endless
+
+    model = BatchScriptedModel(endless(tiny[1]), tiny[1].encode("<|im_start|>assistant\n"))
+    with Engine(model, tiny[1], max_batch=1) as engine, \
+            LiveServer(create_app(engine, model_id="tiny", max_tokens_cap=4000)) as server:
+        with httpx.Client(timeout=30) as http, http.stream("POST", server.url + path, json=body) as response:
+            lines = response.iter_lines()
+            while "delta" not in next(lines):
+                pass
+            assert engine.rows == 1
+        start = time.monotonic()
+        while engine.rows and time.monotonic() - start < 5:
+            time.sleep(0.02)
+        assert engine.rows == 0
