@@ -1,4 +1,4 @@
-"""Keys and values stored in 8 or 4 bits, and attention over them without a full-precision copy.
+"""Keys and values stored in 8 or 4 bits, and attention over them.
 
 A quantized cache (cache.py, given a KVQuantization) stores each new token's keys and values with
 mx.quantize along the head dimension: per (row, KV head, position), D / group_size groups of
@@ -9,12 +9,16 @@ start of a system prompt, which many queries weigh heavily, keep their exact val
 --quantized-kv-start is another thing: its whole cache stays in full precision until it holds that
 many tokens, then all of it is quantized.)
 
-Attention (quantized_attention) reads the packed keys and values through mx.quantized_matmul. A long
-prompt chunk's queries go through in blocks, so that their scores over every key are never whole in
-memory: a block's scores take at most SCORES_BYTES. Each query's softmax is over all its keys at
-once, so a block's rows are computed exactly as they would be alone. (MLX has no fused quantized
-attention kernel yet; mlx-lm materialises the whole (L, S) score matrix, which at a 16k context
-makes its 4-bit cache's peak higher than bf16's.)
+Attention (quantized_attention) over a quantized cache, two ways:
+- up to FEW_QUERIES queries (a decode step): the packed keys and values read as they are, through
+  mx.quantized_matmul; the scores, (H, L, S), are small;
+- a prompt chunk: this layer's keys and values dequantized once and mx.fast's attention run over
+  them in blocks of queries whose scores take at most SCORES_BYTES, each block evaluated before the
+  next is built, so that neither the (L, S) score matrix nor every layer's dequantized copy is ever
+  whole in memory. Measured on the CPU (benchmarks/kv_bench.py attention), quantized matmuls in bf16
+  run 6x slower than this there, and on a GPU mx.fast's attention is a fused kernel.
+MLX has no fused quantized attention kernel yet; mlx-lm materialises the whole (L, S) score matrix
+of a chunk, which at a 16k context makes its 4-bit cache's peak higher than bf16's.
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ from .errors import OptionError
 
 KV_BITS = (4, 8)
 KV_GROUP_SIZES = (32, 64, 128)  # what mx.quantize takes
-SCORES_BYTES = 1 << 25  # a block of queries' float32 scores over all their keys takes at most this
+FEW_QUERIES = 16  # up to this many queries (a decode step, a speculative check) read the packed cache itself
+SCORES_BYTES = 1 << 26  # a longer chunk's attention goes in blocks of queries whose scores take at most this
 
 
 @dataclass(frozen=True)
@@ -118,36 +123,80 @@ def quantized_attention(q: mx.array, keys: Packed, values: Packed, scale: float,
     """Queries q (B, H, L, D) over packed keys and values (B, H_kv, S, ...) and their full-precision
     heads; `mask` is (the head's, the packed part's), each None (all visible) or a bool array
     (L, S) or (B, 1, L, S). Returns (B, H, L, D)."""
+    if q.shape[2] <= FEW_QUERIES:
+        return _read_packed(q, keys, values, scale, mask)
+    return _read_dequantized(q, keys, values, scale, mask)
+
+
+def _read_packed(q: mx.array, keys: Packed, values: Packed, scale: float,
+                 mask: tuple[mx.array | None, mx.array | None]) -> mx.array:
+    """A few queries (a decode step) read the packed keys and values as they are, through
+    mx.quantized_matmul: the cache's bytes are read once, and nothing is dequantized."""
     B, H, L, D = q.shape
     H_kv = keys.data.shape[1]
-    S = keys.data.shape[2] + (0 if keys.head is None else keys.head.shape[2])
-    q = (q * scale).reshape(B, H_kv, H // H_kv, L, D)
+    bits, group_size = _format(keys, D)
     head_mask, body_mask = (_grouped(m) for m in mask)
-    rows = max(1, SCORES_BYTES // (B * H * S * 4))
-    outs = [_attend(q[..., a : a + rows, :], keys, values, _rows(head_mask, a, rows), _rows(body_mask, a, rows))
-            for a in range(0, L, rows)]
-    out = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=3)
-    return out.reshape(B, H, L, D)
-
-
-def _attend(q: mx.array, keys: Packed, values: Packed, head_mask: mx.array | None,
-            body_mask: mx.array | None) -> mx.array:
-    """q (B, H_kv, G, l, D), already scaled, over every key: (B, H_kv, G, l, D)."""
-    D = q.shape[-1]
-    bits, group_size = keys.data.shape[-1] * 32 // D, D // keys.scales.shape[-1]
+    q = (q * scale).reshape(B, H_kv, H // H_kv, L, D)
 
     def matmul(x: mx.array, w: Packed, transpose: bool) -> mx.array:
         return mx.quantized_matmul(x, *(a[:, :, None] for a in w[:3]), transpose=transpose,
                                    group_size=group_size, bits=bits)
 
-    scores = [_masked(matmul(q, keys, True), body_mask)]  # (B, H_kv, G, l, S_packed)
+    scores = [_masked(matmul(q, keys, True), body_mask)]  # (B, H_kv, G, L, S_packed)
     if keys.head is not None:
         scores.insert(0, _masked(q @ keys.head[:, :, None].swapaxes(-1, -2), head_mask))
     weights = mx.softmax(mx.concatenate(scores, axis=-1).astype(mx.float32), axis=-1).astype(q.dtype)
     if keys.head is None:
-        return matmul(weights, values, False)
-    h = keys.head.shape[2]
-    return weights[..., :h] @ values.head[:, :, None] + matmul(weights[..., h:], values, False)
+        out = matmul(weights, values, False)
+    else:
+        h = keys.head.shape[2]
+        out = weights[..., :h] @ values.head[:, :, None] + matmul(weights[..., h:], values, False)
+    return out.reshape(B, H, L, D)
+
+
+def _read_dequantized(q: mx.array, keys: Packed, values: Packed, scale: float,
+                      mask: tuple[mx.array | None, mx.array | None]) -> mx.array:
+    """A prompt chunk: this layer's keys and values dequantized once, into the queries' dtype, and
+    mx.fast's attention over them (a fused kernel on a GPU; on the CPU, where quantized matmuls in
+    bf16 are 6x slower, scores in the input dtype) in blocks of queries whose scores take at most
+    SCORES_BYTES. Each block is evaluated before the next is built: MLX allocates a buffer when it
+    schedules an operation, not when it runs it, so lazily they would all be in memory at once (and
+    the dequantized copy is freed before the next layer makes its own)."""
+    B, H, L, D = q.shape
+    k, v = (_dequantized(x, D, q.dtype) for x in (keys, values))
+    full = _joined(*mask, 0 if keys.head is None else keys.head.shape[2], keys.data.shape[2])
+    rows = max(1, SCORES_BYTES // (B * H * k.shape[2] * 4))
+    outs = []
+    for a in range(0, L, rows):
+        outs.append(mx.fast.scaled_dot_product_attention(q[..., a : a + rows, :], k, v, scale=scale,
+                                                         mask=_rows(full, a, rows)))
+        if rows < L:
+            mx.eval(outs[-1])
+    return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
+
+
+def _format(x: Packed, D: int) -> tuple[int, int]:
+    """(bits, group_size) of x, whose elements are D wide."""
+    return x.data.shape[-1] * 32 // D, D // x.scales.shape[-1]
+
+
+def _dequantized(x: Packed, D: int, dtype: mx.Dtype) -> mx.array:
+    """x's head and packed part as one (B, H, S, D) array of `dtype`."""
+    bits, group_size = _format(x, D)
+    body = mx.dequantize(*x[:3], group_size=group_size, bits=bits).astype(dtype)
+    return body if x.head is None else mx.concatenate([x.head.astype(dtype), body], axis=2)
+
+
+def _joined(head: mx.array | None, body: mx.array | None, h: int, S: int) -> mx.array | None:
+    """One mask over [head columns, packed columns]: a part left None is all visible."""
+    if head is None and body is None or not h:
+        return body
+    shape = (body if body is not None else head).shape[:-1]
+    if head is not None and body is not None:
+        shape = mx.broadcast_shapes(head.shape[:-1], body.shape[:-1])
+    head = mx.ones((*shape, h), mx.bool_) if head is None else mx.broadcast_to(head, (*shape, h))
+    body = mx.ones((*shape, S), mx.bool_) if body is None else mx.broadcast_to(body, (*shape, S))
+    return mx.concatenate([head, body], axis=-1)
 
 
 def _grouped(mask: mx.array | None) -> mx.array | None:
