@@ -10,8 +10,8 @@
   decides; before each round it broadcasts what changed (new requests as their Prompt and
   GenerationOptions in JSON, cancelled ids, the end), and every rank applies it to its own Scheduler
   in the same order, so the batches stay identical; only rank 0's requests stream chunks. Each round
-  also carries rank 0's counts of waiting, prefilling and batched requests, which the others check
-  against theirs: ranks that parted end with one line, never a wrong answer.
+  also carries rank 0's counts of waiting, prefilling and batched requests and of stored prefixes,
+  which the others check against theirs: ranks that parted end with one line, never a wrong answer.
 
 Faults: a rank that stops answering ends the others after `watchdog` seconds (parallel.Watchdog), a
 rank that dies at its next collective; an idle job exchanges a heartbeat every few seconds so that
@@ -439,7 +439,7 @@ class DistributedEngine(Engine):
             message = broadcast(decided, self.ranks.group)
             if not self.ranks.leader and message["state"] != self._state():
                 raise Qwen3Error(f"rank {self.ranks.rank}: its requests {self._state()} parted from rank 0's "
-                                 f"{message['state']} (waiting, prefilling, batched, held); ending the job")
+                                 f"{message['state']} (waiting, prefilling, batched, held, stored); ending the job")
             if not self.ranks.leader:
                 for i, data in message["new"]:
                     self._hold(i, None, self._ticket(data))
@@ -474,7 +474,8 @@ class DistributedEngine(Engine):
 
     def _state(self) -> list[int]:
         s = self._scheduler
-        return [len(s.waiting), int(s.prefilling is not None), len(s.gen.rows), len(self._held)]
+        return [len(s.waiting), int(s.prefilling is not None), len(s.gen.rows), len(self._held),
+                len(s.prefixes) if s.prefixes is not None else 0]
 
     def _fail_all(self, line: str) -> None:
         """End every request held or submitted with `line` (an error), refuse new ones, tell on_fault."""

@@ -172,9 +172,15 @@ def test_what_does_not_go_with_parallel_is_refused_in_one_line(checkpoint, monke
 
 
 @pytest.fixture(scope="module")
-def alone(checkpoint):
+def three(tmp_path_factory) -> Path:
+    """As `checkpoint`, with 3 layers: a pipeline of 2 ranks holds 2 and 1, so their caches differ in size."""
+    return make_checkpoint(tmp_path_factory.mktemp("entry") / "three", tokenizer=True, seed=4, num_hidden_layers=3)
+
+
+@pytest.fixture(scope="module")
+def alone(three):
     """One process serving the checkpoint: what the ranks must answer."""
-    with Engine(*load(checkpoint), max_batch=8) as engine, LiveServer(create_app(engine, model_id="m")) as server:
+    with Engine(*load(three), max_batch=8) as engine, LiveServer(create_app(engine, model_id="m")) as server:
         yield openai.OpenAI(base_url=server.url + "/v1", api_key="-", max_retries=0, timeout=60)
 
 
@@ -223,11 +229,13 @@ def rows(url: str) -> int:
 
 
 def test_serve_on_two_ranks_answers_as_one_process_frees_a_gone_clients_row_and_ends_when_a_rank_dies(
-        checkpoint, alone, tmp_path):
+        three, alone, tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    args = ["serve", "--model", str(checkpoint), "--served-model-name", "m", "--port", str(port),
-            "--parallel", "tensor", "--watchdog", str(WATCHDOG)]
+    # A prefix store of about one prompt: the ranks, whose entries differ in size, must keep and drop the same
+    # ones (each round checks it) while every request's prompt goes in and out of it.
+    args = ["serve", "--model", str(three), "--served-model-name", "m", "--port", str(port), "--prompt-cache-gb",
+            "0.00002", "--parallel", "pipeline", "--watchdog", str(WATCHDOG)]
     with Launch(tmp_path / "run", *args) as launch:
         deadline = time.monotonic() + 120
         while True:
@@ -240,6 +248,7 @@ def test_serve_on_two_ranks_answers_as_one_process_frees_a_gone_clients_row_and_
             time.sleep(0.1)
         client = openai.OpenAI(base_url=url + "/v1", api_key="-", max_retries=0, timeout=60)
         assert together(client) == together(alone)
+        assert [ask(client, *request) for request in REQUESTS[::-1]] == [ask(alone, *r) for r in REQUESTS[::-1]]
 
         assert len(stream(url, lines=3)) == 3  # then the client goes away, mid-answer
         deadline = time.monotonic() + 30
