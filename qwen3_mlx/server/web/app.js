@@ -157,7 +157,8 @@ async function send(text) {
     } else {
       const error = document.createElement("div");
       error.className = "error";
-      error.textContent = e.message;
+      error.textContent = e instanceof TypeError ? "The server cannot be reached (" + e.message + "): is it running?"
+                                                 : e.message;
       view.div.appendChild(error);
       status("");
     }
