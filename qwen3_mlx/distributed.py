@@ -298,18 +298,18 @@ class WatchedModel:
     bound."""
 
     def __init__(self, model: Model, step: Callable[[], None]) -> None:
-        self.model, self._step = model, step
+        self._model, self._step = model, step  # not `model`: that name is the model's own (Qwen3Model)
 
     def __call__(self, inputs: mx.array, cache: Sequence[Any] | None = None) -> mx.array:
         self._step()
-        return self.model(inputs, cache)
+        return self._model(inputs, cache)
 
     def decode(self, ids: mx.array, cache: Sequence[Any]) -> mx.array:
         self._step()
-        return self.model.decode(ids, cache)
+        return self._model.decode(ids, cache)
 
-    def __getattr__(self, name: str) -> Any:  # args, layers, dtype, make_cache, ...: the model's
-        return getattr(self.model, name)
+    def __getattr__(self, name: str) -> Any:  # args, layers, dtype, make_cache, model, ...: the model's
+        return getattr(self._model, name)
 
 
 # ---------------------------------------------------------------- requests as data
