@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import math
 import threading
 from collections import deque
 from dataclasses import dataclass, field
@@ -25,8 +24,8 @@ import mlx.core as mx
 from .cache import BatchKVCache, KVCache
 from .device import generation_stream
 from .errors import MemoryLimitError, OptionError
-from .files import human_size
-from .kv_quant import KVQuantization
+from .kv_quant import KVQuantization, Packed
+from .memory import MemoryPlan, default_memory_limit
 from .model import Model
 from .options import DEFAULT_MAX_BATCH, DEFAULT_PREFILL_BUDGET, GenerationOptions
 from .prompt import Messages, Prompt
@@ -65,12 +64,14 @@ class BatchGenerator:
         """A row whose prompt `cache` holds (computed alone), its first draw on its way."""
         for batch, layer in zip(self.cache, cache):
             batch.add(layer)
+            _settle(batch)
         self.rows.append(row)
 
     def remove(self, rows: set[Row]) -> None:
         keep = [i for i, row in enumerate(self.rows) if row not in rows]
         for c in self.cache:
             c.keep(keep)
+            _settle(c)
         self.rows = [self.rows[i] for i in keep]
 
     def step(self) -> list[tuple[Row, Draw]]:
@@ -125,33 +126,41 @@ class Ticket:
     fail: Callable[[BaseException], None] | None = None  # told when the loop fails
 
 
+def _settle(cache: BatchKVCache) -> None:
+    """Evaluate one layer's new arrays, so that its old ones are freed before the next layer makes its
+    own: lazily, every layer's old and new arrays would be in memory at once (memory.py)."""
+    mx.eval([a for x in (cache.keys, cache.values, *(cache.head or ())) if x is not None
+             for a in (x[:3] if isinstance(x, Packed) else (x,))])
+
+
 class Scheduler:
     """Requests in, chunks out. Each `run_once()`: admit waiting requests that fit and compute up to
     `prefill_budget` tokens of newcomers' prompts (a row joins the batch when its prompt is done;
     several short prompts fit in one round), run one decode step, read the draws of the step before.
 
-    Admission: at most `max_batch` rows, and a request is admitted only when the batch's worst case
-    fits in `kv_memory` bytes: rows are left-padded to the longest, so the bound is rows x (the
-    longest worst case, prompt + response, plus a growth step) x bytes per token. A request that
-    could never fit is refused at submit.
+    Admission: at most `max_batch` rows, first come first served, and a request is admitted only when
+    the batch's worst case with it fits (memory.MemoryPlan): its KV cache in `kv_memory` bytes, and
+    everything the process holds in `memory_limit` bytes, the prefix store giving memory back first.
+    A request that could never fit, even alone, is refused at submit.
 
     The cache's kind is the run's (`quantization`): every request's keys and values are stored alike.
     """
 
     def __init__(self, model: Model, tokenizer: Tokenizer, *, max_batch: int = DEFAULT_MAX_BATCH,
                  kv_memory: int | None = None, prefix_store: PrefixStore | None = None,
-                 prefill_budget: int = DEFAULT_PREFILL_BUDGET, quantization: KVQuantization | None = None) -> None:
+                 prefill_budget: int = DEFAULT_PREFILL_BUDGET, quantization: KVQuantization | None = None,
+                 memory_limit: int | None = None) -> None:
         if max_batch < 1:
             raise OptionError(f"max_batch must be >= 1, got {max_batch}")
         if prefill_budget < 1:
             raise OptionError(f"prefill_budget must be >= 1, got {prefill_budget}")
         self.model, self.tokenizer = model, tokenizer
-        self.max_batch, self.kv_memory, self.prefill_budget = max_batch, kv_memory, prefill_budget
+        self.max_batch, self.prefill_budget = max_batch, prefill_budget
         self.prefixes = prefix_store
         self.quantization = quantization
         if quantization is not None:
             quantization.check(model.args.head_dim)
-        self.per_token = model.kv_bytes_per_token()
+        self.plan = MemoryPlan(model, limit=memory_limit, kv_memory=kv_memory, quantization=quantization)
         self.gen = BatchGenerator(model, quantization)
         self.waiting: deque[Ticket] = deque()
         self.prefilling: _Prefill | None = None
@@ -160,8 +169,8 @@ class Scheduler:
     # -- requests in
 
     def check(self, job: Job) -> int:
-        """The job's worst case in tokens; refused when it alone exceeds the KV budget, or asks for
-        what a batch cannot do."""
+        """The job's worst case in tokens; refused when it could never fit, even alone (MemoryLimitError),
+        or asks for what a batch cannot do."""
         if job.options.max_kv_size is not None:
             raise OptionError("max_kv_size (a rotating cache) is not supported in a batch; "
                               "leave it unset, or generate this request alone")
@@ -170,11 +179,7 @@ class Scheduler:
             raise OptionError(f"{asked} is not this batch's cache, {KVQuantization.describe(self.quantization)}: "
                               f"set it for the whole batch or engine, or leave it unset")
         most = job.most_tokens()
-        need = self._bytes(1, most)
-        if self.kv_memory is not None and need > self.kv_memory:
-            raise MemoryLimitError(
-                f"the request needs up to {most} tokens of KV cache ({human_size(need)}) but the KV budget is "
-                f"{human_size(self.kv_memory)}; lower max_tokens (or the thinking budget), or raise kv_memory")
+        self.plan.check(most, len(job.prompt_ids), self._chunk(job))
         return most
 
     def submit(self, ticket: Ticket, checked: bool = False) -> None:
@@ -200,22 +205,28 @@ class Scheduler:
         if self.gen.rows:
             self._read(self.gen.step())
 
-    def _bytes(self, rows: int, most_tokens: int) -> int:
-        """The worst case of `rows` rows of at most `most_tokens` tokens (plus a growth step each)."""
-        q, tokens = self.quantization, most_tokens + BatchKVCache.step
-        if q is None:
-            return rows * tokens * self.per_token
-        packed = q.bytes_per_token(self.per_token, self.model.dtype.size)
-        return rows * math.ceil(tokens * packed + min(q.start, most_tokens) * self.per_token)
+    def _chunk(self, job: Job) -> int:
+        """The most prompt tokens one pass computes for the job."""
+        return min(self.prefill_budget, job.options.prefill_step_size, len(job.prompt_ids))
 
     def _fits(self, ticket: Ticket) -> bool:
+        """Whether the batch fits with `ticket`; the prefix store gives memory back first when it would."""
         rows = len(self.gen.rows) + 1
         if rows > self.max_batch:
             return False
-        if self.kv_memory is None:
-            return True
         longest = max([ticket.most_tokens] + [self.tickets[row].most_tokens for row in self.gen.rows])
-        return self._bytes(rows, longest) <= self.kv_memory
+        room = self.plan.room(rows, longest, len(ticket.job.prompt_ids), self._chunk(ticket.job))
+        if room is not None and room < 0:
+            return False
+        if room is not None and self.prefixes is not None:
+            self.prefixes.evict(room)
+        return True
+
+    def _store_room(self, extra: Ticket | None = None) -> int | None:
+        """Bytes the prefix store may hold now, beside the rows there are (and `extra`, about to join)."""
+        tickets = [self.tickets[row] for row in self.gen.rows] + ([extra] if extra else [])
+        room = self.plan.room(len(tickets), max((t.most_tokens for t in tickets), default=0), 0, 1)
+        return None if room is None else max(room, 0)
 
     def _admit(self) -> None:
         if self.prefilling is not None or not self.waiting or not self._fits(self.waiting[0]):
@@ -245,7 +256,7 @@ class Scheduler:
         job = p.ticket.job
         draw = step(self.model, p.cache, job.draws, mx.array(ids[-1:], mx.int32), remember=False)
         if self.prefixes is not None:
-            self.prefixes.store(ids, p.cache)
+            self.prefixes.store(ids, p.cache, self._store_room(p.ticket))
         row = Row(job, draw)
         self.gen.add(row, p.cache)
         self.tickets[row] = p.ticket
@@ -309,7 +320,7 @@ class Scheduler:
         if self.prefixes is not None and not reason:
             ids = row.job.prompt_ids + row.job.response.stats.token_ids
             keys_values = [c.row(i) for c in self.gen.cache]
-            self.prefixes.store_arrays(ids[: self.gen.cache[0].lengths[i]], keys_values)
+            self.prefixes.store_arrays(ids[: self.gen.cache[0].lengths[i]], keys_values, self._store_room())
         self.gen.remove({row})
         ticket = self.tickets.pop(row)
         if reason:
@@ -370,6 +381,7 @@ def batch_generate(
     *,
     max_batch: int = DEFAULT_MAX_BATCH,
     kv_memory: int | None = None,
+    memory_limit: int | None = None,
     prefill_budget: int = DEFAULT_PREFILL_BUDGET,
     system: str | None = None,
     raw: bool = False,
@@ -388,7 +400,9 @@ def batch_generate(
         prompts: Prompts, or their contents (user messages, lists of chat messages, or token ids).
         options: GenerationOptions for all prompts, or a list with one per prompt.
         max_batch: the most rows decoded at once; the others wait their turn.
-        kv_memory: bytes the batch's KV cache may take (None: no limit).
+        kv_memory: bytes the batch's KV cache may take (None: no bound beyond memory_limit).
+        memory_limit: bytes the process may take in all, weights included (see engine.Engine); None:
+            75% of the device's (memory.default_memory_limit).
         prefill_budget: prompt tokens computed between two decode steps (each prompt in chunks of
             its options' prefill_step_size).
         system, raw, tools, prefill_response: Prompt parts for every prompt given as its content.
@@ -399,8 +413,9 @@ def batch_generate(
         one GenerationResult per prompt, in order.
 
     Raises:
-        OptionError, Qwen3Error: as `generate`; MemoryLimitError: a request larger than `kv_memory`
-        alone; OptionError: a rotating cache (max_kv_size), which a batch does not do.
+        OptionError, Qwen3Error: as `generate`; MemoryLimitError: a request that could never fit in
+        memory_limit (or kv_memory), even alone; OptionError: requests that differ in a whole-run
+        option (the cache's kind), or a rotating cache (max_kv_size), which a batch does not do.
     """
     if options is None or isinstance(options, GenerationOptions):
         options = [options] * len(prompts)
@@ -411,7 +426,8 @@ def batch_generate(
     quantization = run_option([opts.kv_quantization for _, opts in requests],
                               "kv_bits, kv_group_size, quantized_kv_start", KVQuantization.describe)
     scheduler = Scheduler(model, tokenizer, max_batch=max_batch, kv_memory=kv_memory, prefill_budget=prefill_budget,
-                          quantization=quantization)
+                          quantization=quantization,
+                          memory_limit=default_memory_limit() if memory_limit is None else memory_limit)
     chunks: list[list[Chunk]] = [[] for _ in prompts]
     ended = [0]
 

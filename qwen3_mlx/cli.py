@@ -847,8 +847,12 @@ def convert(source: str | None, output: Path | None, hf_path: str | None, mlx_pa
               help="Require `Authorization: Bearer KEY` on /v1/* (also read from QWEN3_MLX_API_KEY).")
 @click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True,
               help="Most requests decoded together; the others wait in a queue.")
+@click.option("--memory-limit", type=click.FloatRange(min=0, min_open=True), metavar="GB",
+              help="Most memory the server may take in all: weights, KV caches at their worst, prompt cache and "
+                   "activations; a request waits until it fits, and one that never could is refused. "
+                   "Default: 75% of the device's.")
 @click.option("--kv-memory", type=click.FloatRange(min=0, min_open=True), metavar="GB",
-              help="Most memory the batch's KV cache may take; a request waits until it fits. Default: no limit.")
+              help="A finer bound on the batch's KV cache alone, within --memory-limit. Default: none.")
 @click.option("--prompt-cache-gb", type=click.FloatRange(min=0), default=1.0, show_default=True,
               help="Memory for caches of recent prompts, reused by requests that share a prefix (0: none).")
 @click.option("--kv-bits", type=click.Choice(["4", "8"]), callback=int_choice,
@@ -865,7 +869,8 @@ def convert(source: str | None, output: Path | None, hf_path: str | None, mlx_pa
 @parallel_options
 @version
 def serve(model: str, host: str, port: int, served_model_names: tuple[str, ...], api_key: str | None,
-          max_batch: int, kv_memory: float | None, prompt_cache_gb: float, kv_bits: int | None,
+          max_batch: int, memory_limit: float | None, kv_memory: float | None, prompt_cache_gb: float,
+          kv_bits: int | None,
           thinking_budget: int | None, max_tokens: int, cors_origin: str | None, grace: float,
           parallel: Any) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions,
@@ -885,5 +890,6 @@ def serve(model: str, host: str, port: int, served_model_names: tuple[str, ...],
                          f'pip install "qwen3-mlx[serve]"') from None
     run_server(model, host=host, port=port, served_model_names=served_model_names, api_key=api_key,
                max_batch=max_batch, kv_memory=int(kv_memory * 1e9) if kv_memory else None,
+               memory_limit=int(memory_limit * 1e9) if memory_limit else None,
                prompt_cache_bytes=int(prompt_cache_gb * 1e9), kv_bits=kv_bits, thinking_budget=thinking_budget,
                max_tokens=max_tokens, cors_origin=cors_origin, grace=grace, parallel=parallel)

@@ -20,6 +20,7 @@ import mlx.core as mx
 
 from .batch import Scheduler, Ticket
 from .errors import Qwen3Error
+from .memory import default_memory_limit
 from .model import Model
 from .options import DEFAULT_MAX_BATCH, DEFAULT_PREFILL_BUDGET, DEFAULT_PREFIX_STORE_BYTES, GenerationOptions
 from .prompt import Messages, Prompt
@@ -127,9 +128,13 @@ class Engine:
 
     Args:
         max_batch: the most rows decoded at once.
-        kv_memory: bytes the batch's KV cache may take (None: no limit); a request is admitted when
-            its worst case fits (batch.Scheduler), and refused at submit if it never could.
-        prompt_cache_bytes: bytes of caches kept for prefix reuse across requests (0: none).
+        memory_limit: bytes the process may take in all: the weights, the batch's KV cache at its worst,
+            the prefix store and a round's activations (memory.py). A request waits while the batch
+            with it would not fit (the prefix store gives memory back first), and is refused at submit
+            if it could never fit alone. None: 75% of the device's (memory.default_memory_limit).
+        kv_memory: a finer bound, on the batch's KV cache alone (None: none beyond memory_limit).
+        prompt_cache_bytes: bytes of caches kept for prefix reuse across requests (0: none), within
+            memory_limit.
         prefill_budget: prompt tokens computed between two decode steps (bounds how long the running
             rows wait for a newcomer's prompt).
         max_queue: the most requests waiting for a row; more is EngineFull.
@@ -143,13 +148,14 @@ class Engine:
     def __init__(self, model: Model, tokenizer: Tokenizer, *, max_batch: int = DEFAULT_MAX_BATCH,
                  kv_memory: int | None = None, prompt_cache_bytes: int = DEFAULT_PREFIX_STORE_BYTES,
                  prefill_budget: int = DEFAULT_PREFILL_BUDGET, max_queue: int = 256, kv_bits: int | None = None,
-                 kv_group_size: int = 64, quantized_kv_start: int = 0) -> None:
+                 kv_group_size: int = 64, quantized_kv_start: int = 0, memory_limit: int | None = None) -> None:
         self.model, self.tokenizer, self.max_queue = model, tokenizer, max_queue
-        prefixes = PrefixStore(prompt_cache_bytes) if prompt_cache_bytes > 0 else None
+        self._prefixes = PrefixStore(prompt_cache_bytes) if prompt_cache_bytes > 0 else None
         run = GenerationOptions(kv_bits=kv_bits, kv_group_size=kv_group_size, quantized_kv_start=quantized_kv_start)
+        self.memory_limit = default_memory_limit() if memory_limit is None else memory_limit
         self._scheduler = Scheduler(model, tokenizer, max_batch=max_batch, kv_memory=kv_memory,
-                                    prefix_store=prefixes, prefill_budget=prefill_budget,
-                                    quantization=run.kv_quantization)
+                                    prefix_store=self._prefixes, prefill_budget=prefill_budget,
+                                    quantization=run.kv_quantization, memory_limit=self.memory_limit)
         self._inbox: list[Ticket] = []  # submitted, not yet seen by the engine's thread
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -191,8 +197,8 @@ class Engine:
         the calling thread, if any (give it when submitting from a worker thread for a loop).
 
         Raises:
-            OptionError, Qwen3Error: as `generate`; MemoryLimitError: a request larger than the KV
-                budget alone.
+            OptionError, Qwen3Error: as `generate`; MemoryLimitError: a request that could never fit in
+                memory_limit (or kv_memory), even alone; the message gives the numbers.
             EngineFull: `max_queue` requests are waiting already.
             EngineClosed: the engine is not running.
         """
@@ -219,6 +225,15 @@ class Engine:
     def kv_bytes(self) -> int:
         """Bytes the batch's KV cache holds now."""
         return self._scheduler.gen.nbytes
+
+    def memory(self) -> dict[str, int]:
+        """Bytes: the ceiling (`limit`), MLX's memory in use now and at its peak since the process began
+        or MLX's peak was last reset (`active`, `peak`), the KV caches held now (the batch's and the
+        prompt being computed, `kv`), and the prefix store's (`prefix_store`). What /health reports."""
+        prefilling = self._scheduler.prefilling
+        kv = self.kv_bytes + (sum(c.nbytes for c in prefilling.cache) if prefilling is not None else 0)
+        return {"limit": self.memory_limit, "active": mx.get_active_memory(), "peak": mx.get_peak_memory(),
+                "kv": kv, "prefix_store": self._prefixes.nbytes if self._prefixes is not None else 0}
 
     @property
     def rows(self) -> int:

@@ -222,29 +222,32 @@ class PrefixStore:
             restore(c, prefix(keys, n), prefix(values, n), n)
         return cache, n
 
-    def store(self, ids: list[int], cache: list[KVCache]) -> None:
+    def store(self, ids: list[int], cache: list[KVCache], room: int | None = None) -> None:
         """Keep a copy of what `cache` holds (the first `cache[0].offset` of `ids`), unless it has
-        rotated (its tokens are no longer a prefix)."""
+        rotated (its tokens are no longer a prefix); see store_arrays for `room`."""
         if cache[0].is_trimmable():
-            self.store_arrays(ids[: cache[0].offset], [c.stored()[:2] for c in cache])
+            self.store_arrays(ids[: cache[0].offset], [c.stored()[:2] for c in cache], room)
 
-    def store_arrays(self, ids: list[int], keys_values: list[tuple[Stored, Stored]]) -> None:
-        """Keep copies of per-layer keys and values (1, H_kv, len(ids), D), or packed ones, of `ids`."""
+    def store_arrays(self, ids: list[int], keys_values: list[tuple[Stored, Stored]], room: int | None = None) -> None:
+        """Keep copies of per-layer keys and values (1, H_kv, len(ids), D), or packed ones, of `ids`.
+        `room`: the bytes the store may hold now, if fewer than max_bytes (a memory ceiling's share);
+        older entries go first to make room, before the copies are made."""
         key = tuple(ids)
-        copies = [(_copy(k), _copy(v)) for k, v in keys_values]
-        size = sum(k.nbytes + v.nbytes for k, v in copies)
-        if not key or size > self.max_bytes:
+        size = sum(k.nbytes + v.nbytes for k, v in keys_values)
+        cap = self.max_bytes if room is None else min(self.max_bytes, room)
+        if not key or size > cap:
             return
         longer = next((old for old in self._entries if old[: len(key)] == key), None)
         if longer is not None:  # held already, within a longer sequence
             self._entries.move_to_end(longer)
             return
-        mx.eval(copies)
         for old in [old for old in self._entries if key[: len(old)] == old]:  # prefixes of this one: superseded
             self._drop(old)
+        self.evict(cap - size)
+        copies = [(_copy(k), _copy(v)) for k, v in keys_values]
+        mx.eval(copies)
         self._entries[key] = copies
         self.nbytes += size
-        self.evict(self.max_bytes)
 
     def evict(self, max_bytes: int) -> int:
         """Drop the least recently used entries until at most `max_bytes` are held; returns the bytes freed."""

@@ -19,7 +19,8 @@ class BatchScriptedModel:
         self.script = script
         self.header = list(header)  # a row's response is what follows the last occurrence of these ids
         self.args = SimpleNamespace(vocab_size=VOCAB, max_position_embeddings=4096, num_hidden_layers=1,
-                                    num_key_value_heads=1, head_dim=1)
+                                    num_key_value_heads=1, head_dim=1, num_attention_heads=1, hidden_size=1,
+                                    intermediate_size=1)
         self.layers = [None]
         self.dtype = mx.float32
 

@@ -22,7 +22,7 @@ FLOORS = [
     ["batch", "chat"],
     ["generation"],
     ["request"],
-    ["response", "prompt_cache", "structured"],
+    ["response", "prompt_cache", "structured", "memory"],
     ["converter"],
     ["prompt", "loader"],
     ["sampling", "tools", "tokenizer", "options"],
