@@ -366,20 +366,25 @@ class DistributedEngine(Engine):
     other ranks call `follow()`, which runs the same rounds in the caller's thread until rank 0's
     engine closes. See the module's docstring for what each round hands over.
 
-    Budgets are per rank: every rank counts the KV cache at the largest rank's bytes per token
-    (`kv_memory`), and holds in its prefix store as many tokens as that rank's `prompt_cache_bytes`
-    allow, so that all ranks admit, store and evict alike. Any error in a round ends the job: the
-    requests in flight end with it, and `on_fault(line)` is called (the server then exits).
+    Memory: rank 0's plan (memory.MemoryPlan, over its own weights and KV cache) decides for every rank
+    whether a request joins and how much the prefix stores keep, handed over as data at each decision;
+    every rank's store keeps the same entries (rank 0's room, in this rank's bytes), at most
+    `prompt_cache_bytes` on the rank with the most KV heads x layers. So all ranks admit, store and
+    evict alike. Any error in a round ends the job: the requests in flight end with it, and
+    `on_fault(line)` is called (the server then exits).
     """
 
     def __init__(self, model: Model, tokenizer: Tokenizer, ranks: Ranks, *,
                  prompt_cache_bytes: int = DEFAULT_PREFIX_STORE_BYTES, **kwargs: Any) -> None:
         with ranks.watchdog:
             units = mx.distributed.all_gather(mx.array([_kv_units(model)]), group=ranks.group).tolist()
-        mine, most = _kv_units(model), max(units)
-        # Every entry of a rank's store takes (its KV heads x layers) x s bytes, s the same on every rank.
-        super().__init__(model, tokenizer, prompt_cache_bytes=prompt_cache_bytes // most * mine, **kwargs)
-        self._scheduler.per_token = model.kv_bytes_per_token() // mine * most
+        # Every entry of a rank's store takes (its KV heads x layers) x s bytes, s the same on every rank:
+        # bounds of s x units make every rank keep and drop the same entries.
+        self._units = units
+        super().__init__(model, tokenizer, prompt_cache_bytes=prompt_cache_bytes // max(units) * units[ranks.rank],
+                         **kwargs)
+        plan = self._scheduler.plan
+        self._plan_room, plan.room = plan.room, self._room
         self.ranks = ranks
         self.on_fault: Callable[[str], None] | None = None
         self.fault: str | None = None
@@ -457,7 +462,7 @@ class DistributedEngine(Engine):
         """A follower's ticket for rank 0's request: the same job, its chunks dropped."""
         prompt, options = request_from_json(data)
         job = prepare(self.model, self.tokenizer, prompt, options)
-        return Ticket(job, _drop, threading.Event(), self._scheduler.check(job))
+        return Ticket(job, _drop, threading.Event(), job.most_tokens())  # rank 0 has checked it
 
     def _hold(self, i: int, live: threading.Event | None, ticket: Ticket) -> None:
         """Keep the ticket under its id until its last chunk."""
@@ -471,6 +476,14 @@ class DistributedEngine(Engine):
         ticket.sink = release
         self._held[i] = (live, ticket)
         self._next_id = i + 1
+
+    def _room(self, *args: int) -> int | None:
+        """The memory plan's room (MemoryPlan.room: negative when a batch does not fit, else what the
+        prefix store may keep; None: no limit), rank 0's on every rank, in this rank's bytes."""
+        room = broadcast(self._plan_room(*args) if self.ranks.leader else None, self.ranks.group)
+        if room is None or room < 0:
+            return room
+        return room // self._units[0] * self._units[self.ranks.rank]
 
     def _state(self) -> list[int]:
         s = self._scheduler
