@@ -95,9 +95,11 @@ class DraftModel:
                 history = token if history is None else mx.concatenate([history, token])
                 q = distribution(draws, logits, history)
                 token = sample(draws, q, draws.next_key())
+            # One step at a time: a pipeline-split draft's stages must see each step's collectives in
+            # order (a graph of k steps lets a rank schedule the next receive before this all_sum).
+            mx.eval(token, q)
             tokens.append(token)
             qs.append(q)
-        mx.eval(tokens, qs)
         drafted = [t.item() for t in tokens]
         self.held = list(context) + drafted[:-1]
         return Proposal(drafted, mx.stack(qs))

@@ -47,6 +47,18 @@ def test_a_text_file_gives_each_prompt_what_generate_gives_it_in_order(tiny_chec
                                     "forced_tokens": s.forced_tokens, "completion_tokens": len(alone.token_ids)}}
 
 
+def test_a_rotating_cache_and_a_quantized_one_apply_to_every_prompt_of_a_file(tiny_checkpoint, tiny, tmp_path):
+    model, tok = tiny
+    prompts = ["Hello", "Tell me a long story about a dragon"]
+    path = write(tmp_path / "prompts.txt", *prompts)
+    result = run_file(tiny_checkpoint, path, "--temp", "0", "--no-think", "-m", "40", "--max-kv-size", "24")
+    assert result.exit_code == 0, result.output
+    alone = [generate(model, tok, p, temp=0, think=False, max_tokens=40, max_kv_size=24) for p in prompts]
+    assert [r["content"] for r in lines(result.stdout)] == [a.content for a in alone]
+    result = run_file(tiny_checkpoint, path, *GREEDY, "--kv-bits", "8")  # 16-dim heads: no group size fits
+    assert result.exit_code == 2 and "kv_group_size=64 does not divide the model's head_dim=16" in result.stderr
+
+
 def test_chat_lines_carry_their_own_options_over_the_command_lines(tiny_checkpoint, tiny, tmp_path):
     model, tok = tiny
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
@@ -97,7 +109,8 @@ def test_an_openai_batch_file_gets_openai_batch_output(tiny_checkpoint, tiny, tm
     completion = line["response"]["body"]
     assert (completion["object"], completion["model"]) == ("chat.completion", "qwen3")
     [choice] = completion["choices"]
-    assert choice["message"] == {"role": "assistant", "content": alone.content}
+    assert choice["message"] == {"role": "assistant", "content": alone.content, "refusal": None,  # OpenAI's nulls
+                                 "reasoning_content": None, "reasoning": None, "tool_calls": None}
     assert choice["finish_reason"] == ("length" if alone.stats.finish_reason == "length" else "stop")
     assert [t["logprob"] for t in choice["logprobs"]["content"]] == pytest.approx([p.logprob for p in alone.logprobs])
     assert all(len(t["top_logprobs"]) == 2 for t in choice["logprobs"]["content"])
@@ -133,7 +146,7 @@ def test_an_openai_batch_line_with_a_response_format_answers_valid_json(tiny_che
      "so every line must be one JSON object")),
     (['{"messages": [{"role": "user", "content": "a"}], "temp": "hot"}'], "1: temp='hot' must be a number"),
     (['{"messages": [{"role": "user", "content": "a"}], "max_kv_size": 8}'],
-     ("1: unknown key 'max_kv_size' (a rotating cache is not for a batch); a chat line takes messages, custom_id "
+     ("1: unknown key 'max_kv_size' (the whole run's: --max-kv-size); a chat line takes messages, custom_id "
      f"and the options {', '.join(LINE_OPTIONS)}")),
     (['{"messages": [{"role": "user", "content": "a"}]}', '{"messages": [{"role": "robot", "content": "b"}]}'],
      "2: messages[0].role='robot' is not one of system, user, assistant, tool"),
@@ -175,7 +188,6 @@ def test_a_repeated_custom_id_and_an_empty_file_are_refused(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["-p", "hi"], "-p/--prompt and --prompts-file exclude each other; give one"),
-    (["--max-kv-size", "64"], "--max-kv-size does not go with --prompts-file: a batch has no rotating cache"),
     (["--raw"], "--raw takes a text file of prompts"),
 ])
 def test_options_that_do_not_apply_to_a_file_are_usage_errors(tiny_checkpoint, tmp_path, args, message):
