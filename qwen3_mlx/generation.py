@@ -85,17 +85,33 @@ class TokenGenerator:
         self._pending = step(self.model, self.cache, self.draws, mx.array(list(ids), mx.int32))
 
 
+def feed_forced(gen: TokenGenerator | SpeculativeGenerator, response: Response) -> Iterator[Chunk]:
+    """Feed what the response forces in now (the thinking budget's text), in one pass, and read it."""
+    forced = response.take_forced()
+    if forced:
+        gen.feed(forced)
+        response.clock.fed()
+        for token in forced:
+            yield from response.read(token, forced=True)
+
+
+def run(gen: TokenGenerator, response: Response) -> Iterator[Chunk]:
+    """Draw tokens into the response until it ends (but for its last chunk)."""
+    while True:
+        yield from feed_forced(gen, response)
+        if not response.may_draw():
+            return
+        token, logprob = gen.next_token()
+        response.clock.drawn()
+        yield from response.read(token, logprob=logprob)
+
+
 def run_speculative(gen: SpeculativeGenerator, response: Response) -> Iterator[Chunk]:
     """As `run`, several tokens a step: each is read as the plain loop would read it, and those after
     the response ends, or forces text in, are taken back, so every limit acts at the same token."""
     stats = response.stats
     while True:
-        forced = response.take_forced()
-        if forced:
-            gen.feed(forced)
-            response.clock.fed()
-            for token in forced:
-                yield from response.read(token, forced=True)
+        yield from feed_forced(gen, response)
         if not response.may_draw():
             return
         tokens, used = gen.next_tokens(), 0
@@ -107,22 +123,6 @@ def run_speculative(gen: SpeculativeGenerator, response: Response) -> Iterator[C
             yield from response.read(token, logprob=logprob)
         gen.keep(used)
         stats.drafted_tokens, stats.accepted_tokens = gen.drafted, gen.accepted
-
-
-def run(gen: TokenGenerator, response: Response) -> Iterator[Chunk]:
-    """Draw tokens into the response until it ends (but for its last chunk)."""
-    while True:
-        forced = response.take_forced()
-        if forced:
-            gen.feed(forced)
-            response.clock.fed()
-            for token in forced:
-                yield from response.read(token, forced=True)
-        if not response.may_draw():
-            return
-        token, logprob = gen.next_token()
-        response.clock.drawn()
-        yield from response.read(token, logprob=logprob)
 
 
 # ---------------------------------------------------------------- the API
