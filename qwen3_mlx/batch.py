@@ -21,14 +21,15 @@ from typing import Any, Callable, Sequence
 
 import mlx.core as mx
 
-from .cache import BatchKVCache, KVCache
+from .batch_cache import BatchKVCache, BatchRotatingKVCache
+from .cache import KVCache
 from .device import generation_stream
 from .errors import MemoryLimitError, OptionError
 from .kv_quant import KVQuantization, Packed
 from .memory import MemoryPlan, default_memory_limit
 from .model import Model
 from .options import DEFAULT_MAX_BATCH, DEFAULT_PREFILL_BUDGET, GenerationOptions
-from .prompt import Messages, Prompt
+from .prompt import Messages, Prompt, make_prompt_cache
 from .prompt_cache import PrefixStore
 from .request import Draw, Job, collect, extend_cache, prepare, step
 from .response import Chunk, GenerationResult
@@ -55,9 +56,11 @@ class BatchGenerator:
     """Token ids for many rows, one step ahead: `step()` queues the next decode step of every row and
     hands back the draws of the step before, for the caller to read while the device works."""
 
-    def __init__(self, model: Model, quantization: KVQuantization | None = None) -> None:
+    def __init__(self, model: Model, quantization: KVQuantization | None = None,
+                 max_kv_size: int | None = None) -> None:
         self.model = model
-        self.cache = [BatchKVCache(quantization) for _ in model.layers]
+        self.cache = [BatchKVCache(quantization) if max_kv_size is None
+                      else BatchRotatingKVCache(max_kv_size, quantization) for _ in model.layers]
         self.rows: list[Row] = []
 
     def add(self, row: Row, cache: list[KVCache]) -> None:
@@ -76,6 +79,10 @@ class BatchGenerator:
 
     def step(self) -> list[tuple[Row, Draw]]:
         """Queue a decode step for every row; returns each row's draw of the step before."""
+        if self.cache[0].needs_room(1):  # new buffers made one layer at a time, not inside the step
+            for c in self.cache:
+                c.ready(1)
+                _settle(c)
         inputs = [mx.array(row.forced[:1], mx.int32) if row.forced else row.draw.token for row in self.rows]
         before = [(row, row.draw) for row in self.rows]
         with generation_stream():
@@ -143,13 +150,14 @@ class Scheduler:
     everything the process holds in `memory_limit` bytes, the prefix store giving memory back first.
     A request that could never fit, even alone, is refused at submit.
 
-    The cache's kind is the run's (`quantization`): every request's keys and values are stored alike.
+    The cache's kind is the run's: every request's keys and values stored alike (`quantization`), in
+    a rotating cache of `max_kv_size` tokens if given, each row keeping its own system prompt.
     """
 
     def __init__(self, model: Model, tokenizer: Tokenizer, *, max_batch: int = DEFAULT_MAX_BATCH,
                  kv_memory: int | None = None, prefix_store: PrefixStore | None = None,
                  prefill_budget: int = DEFAULT_PREFILL_BUDGET, quantization: KVQuantization | None = None,
-                 memory_limit: int | None = None) -> None:
+                 memory_limit: int | None = None, max_kv_size: int | None = None) -> None:
         if max_batch < 1:
             raise OptionError(f"max_batch must be >= 1, got {max_batch}")
         if prefill_budget < 1:
@@ -157,11 +165,12 @@ class Scheduler:
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.prefill_budget = max_batch, prefill_budget
         self.prefixes = prefix_store
-        self.quantization = quantization
+        self.quantization, self.max_kv_size = quantization, max_kv_size
         if quantization is not None:
             quantization.check(model.args.head_dim)
-        self.plan = MemoryPlan(model, limit=memory_limit, kv_memory=kv_memory, quantization=quantization)
-        self.gen = BatchGenerator(model, quantization)
+        self.plan = MemoryPlan(model, limit=memory_limit, kv_memory=kv_memory, quantization=quantization,
+                               max_kv_size=max_kv_size)
+        self.gen = BatchGenerator(model, quantization, max_kv_size)
         self.waiting: deque[Ticket] = deque()
         self.prefilling: _Prefill | None = None
         self.tickets: dict[Row, Ticket] = {}
@@ -171,9 +180,11 @@ class Scheduler:
     def check(self, job: Job) -> int:
         """The job's worst case in tokens; refused when it could never fit, even alone (MemoryLimitError),
         or asks for what a batch cannot do."""
-        if job.options.max_kv_size is not None:
-            raise OptionError("max_kv_size (a rotating cache) is not supported in a batch; "
-                              "leave it unset, or generate this request alone")
+        if job.options.max_kv_size not in (None, self.max_kv_size):
+            raise OptionError(f"max_kv_size={job.options.max_kv_size} is not this batch's cache "
+                              f"({self.max_kv_size or 'not rotating'}): set it for the whole batch or engine, "
+                              "or leave it unset")
+        self._new_cache(job)  # a rotating one refuses a prompt whose kept prefix does not fit
         asked = job.options.kv_quantization
         if asked is not None and asked != self.quantization:
             raise OptionError(f"{asked} is not this batch's cache, {KVQuantization.describe(self.quantization)}: "
@@ -204,6 +215,12 @@ class Scheduler:
             budget -= self._prefill_chunk(budget)
         if self.gen.rows:
             self._read(self.gen.step())
+
+    def _new_cache(self, job: Job) -> list[KVCache]:
+        """The job's own cache for its prompt: rotating ones keep its system turn, as generate's does."""
+        system = job.prompt.system if job.prompt is not None else None
+        return make_prompt_cache(self.model, self.tokenizer, job.prompt_ids, system, self.max_kv_size,
+                                 quantization=self.quantization)
 
     def _chunk(self, job: Job) -> int:
         """The most prompt tokens one pass computes for the job."""
@@ -236,7 +253,7 @@ class Scheduler:
         if job.response.limits.allow_nothing:
             self._finish(ticket)
             return
-        cache, cached = self.model.make_cache(quantization=self.quantization), 0
+        cache, cached = self._new_cache(job), 0
         if self.prefixes is not None:
             cache, cached = self.prefixes.lookup(job.prompt_ids, cache)
         job.response.stats.cached_tokens = cached
@@ -317,7 +334,7 @@ class Scheduler:
     def _leave(self, row: Row, reason: str) -> None:
         """The row leaves the batch: its cache for the prefix store, its last chunk to its sink."""
         i = self.gen.rows.index(row)
-        if self.prefixes is not None and not reason:
+        if self.prefixes is not None and not reason and self.gen.cache[0].storable(i):
             ids = row.job.prompt_ids + row.job.response.stats.token_ids
             keys_values = [c.row(i) for c in self.gen.cache]
             self.prefixes.store_arrays(ids[: self.gen.cache[0].lengths[i]], keys_values, self._store_room())
@@ -359,7 +376,7 @@ class Scheduler:
         self.waiting.clear()
         self.tickets.clear()
         self.prefilling = None
-        self.gen = BatchGenerator(self.model, self.quantization)
+        self.gen = BatchGenerator(self.model, self.quantization, self.max_kv_size)
         return tickets
 
 
@@ -415,18 +432,20 @@ def batch_generate(
     Raises:
         OptionError, Qwen3Error: as `generate`; MemoryLimitError: a request that could never fit in
         memory_limit (or kv_memory), even alone; OptionError: requests that differ in a whole-run
-        option (the cache's kind), or a rotating cache (max_kv_size), which a batch does not do.
+        option (the cache's kind: kv_bits, kv_group_size, quantized_kv_start, max_kv_size).
     """
     if options is None or isinstance(options, GenerationOptions):
         options = [options] * len(prompts)
     if len(options) != len(prompts):
         raise OptionError(f"options: {len(options)} given for {len(prompts)} prompts; give one, or one per prompt")
     parts = {"system": system, "raw": raw, "tools": tools, "prefill_response": prefill_response}
-    requests = [(Prompt.of(prompt, **parts), GenerationOptions.of(opts, **kwargs)) for prompt, opts in zip(prompts, options)]
+    requests = [(Prompt.of(prompt, **parts), GenerationOptions.of(opts, **kwargs))
+                for prompt, opts in zip(prompts, options)]
     quantization = run_option([opts.kv_quantization for _, opts in requests],
                               "kv_bits, kv_group_size, quantized_kv_start", KVQuantization.describe)
+    max_kv_size = run_option([opts.max_kv_size for _, opts in requests], "max_kv_size")
     scheduler = Scheduler(model, tokenizer, max_batch=max_batch, kv_memory=kv_memory, prefill_budget=prefill_budget,
-                          quantization=quantization,
+                          quantization=quantization, max_kv_size=max_kv_size,
                           memory_limit=default_memory_limit() if memory_limit is None else memory_limit)
     chunks: list[list[Chunk]] = [[] for _ in prompts]
     ended = [0]
@@ -440,7 +459,7 @@ def batch_generate(
                     progress(ended[0], len(prompts))
         return sink
 
-    jobs = [prepare(model, tokenizer, prompt, opts) for prompt, opts in requests]
+    jobs = [prepare(model, tokenizer, prompt, opts, rotating=max_kv_size is not None) for prompt, opts in requests]
     for i, job in enumerate(jobs):
         scheduler.submit(Ticket(job, sink_of(i)))
     while scheduler.busy:

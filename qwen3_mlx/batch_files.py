@@ -177,7 +177,7 @@ def _custom_id(obj: dict) -> str | None:
 def _chat_request(n: int, obj: dict, base: GenerationOptions, system: str | None) -> BatchRequest:
     unknown = sorted(set(obj) - {"messages", "custom_id", *LINE_OPTIONS})
     if unknown:
-        hint = " (a rotating cache is not for a batch)" if unknown[0] == "max_kv_size" else ""
+        hint = f" (the whole run's: --{unknown[0].replace('_', '-')})" if unknown[0] in RUN_OPTIONS else ""
         raise LineError(f"unknown key {unknown[0]!r}{hint}; a chat line takes messages, custom_id and the options "
                         f"{', '.join(LINE_OPTIONS)}")
     messages = checked_messages(_developer_as_system(obj["messages"]))

@@ -1,4 +1,4 @@
-"""Key/value caches. One protocol for every kind; a cache is a value passed to the model, one per layer.
+"""Key/value caches of one row. One protocol for every kind; a cache is a value passed to the model, one per layer.
 
 Protocol:
     offset                  tokens seen so far (the position of the next token)
@@ -9,27 +9,17 @@ Protocol:
 Quantization is a property of any of them (KVQuantization, kv_quant.py): given one, a cache stores
 what it is given packed, and hands back Packed keys and values with their full-precision head; its
 masks are then pairs (the head's, the packed part's), each None or a bool array.
+
+Batches of rows have caches of their own, on the same protocol (batch_cache.py).
 """
 
 from __future__ import annotations
 
 import mlx.core as mx
 
-from .kv_quant import KVQuantization, Packed, Stored, nbytes, stored_map, write
+from .kv_quant import KVQuantization, Packed, Stored, columns, concatenate, length, nbytes, stored_map, write
 
 Mask = str | mx.array | tuple | None
-
-
-def _time(x: Stored) -> int:
-    return (x.data if isinstance(x, Packed) else x).shape[2]
-
-
-def _cols(x: Stored, start: int, stop: int | None = None) -> Stored:
-    return stored_map(lambda a: a[..., start:stop, :], x)
-
-
-def _cat(xs: list[Stored], axis: int = 2) -> Stored:
-    return stored_map(lambda *parts: mx.concatenate(parts, axis=axis), *xs)
 
 
 def _explicit(mask: Mask, n: int, S: int) -> mx.array | None:
@@ -100,7 +90,7 @@ class KVCache:
     def reserve(self, n: int, keys: Stored, values: Stored, capacity_limit: int | None = None) -> None:
         """Room for n more tokens; `keys` and `values` give the batch, head and dtype sizes."""
         needed = self.offset + n
-        if self.keys is not None and needed <= _time(self.keys):
+        if self.keys is not None and needed <= length(self.keys):
             return
         capacity = -(-needed // self.step) * self.step
         if capacity_limit is not None:
@@ -111,16 +101,16 @@ class KVCache:
 
         new_k, new_v = stored_map(zeros, keys), stored_map(zeros, values)
         if self.keys is not None:
-            write(new_k, _cols(self.keys, 0, self.offset), 0)
-            write(new_v, _cols(self.values, 0, self.offset), 0)
+            write(new_k, columns(self.keys, 0, self.offset), 0)
+            write(new_v, columns(self.values, 0, self.offset), 0)
         self.keys, self.values = new_k, new_v
 
     def _store(self, keys: Stored, values: Stored) -> tuple[Stored, Stored]:
-        self.reserve(_time(keys), keys, values)
-        start, self.offset = self.offset, self.offset + _time(keys)
+        self.reserve(length(keys), keys, values)
+        start, self.offset = self.offset, self.offset + length(keys)
         write(self.keys, keys, start)
         write(self.values, values, start)
-        return _cols(self.keys, 0, self.offset), _cols(self.values, 0, self.offset)
+        return columns(self.keys, 0, self.offset), columns(self.values, 0, self.offset)
 
     def buffers(self, n: int = 1) -> tuple[mx.array, mx.array]:
         """The whole preallocated key and value buffers (B, H_kv, capacity, D), with room for n more
@@ -146,7 +136,7 @@ class KVCache:
 
     def stored(self) -> tuple[Stored, Stored, mx.array]:
         """(keys, values, positions) of the tokens held, in temporal order (packed ones with their head)."""
-        k, v = self._with_head(_cols(self.keys, 0, self.offset), _cols(self.values, 0, self.offset))
+        k, v = self._with_head(columns(self.keys, 0, self.offset), columns(self.values, 0, self.offset))
         return k, v, mx.arange(self.offset)
 
     @property
@@ -223,7 +213,7 @@ class RotatingKVCache(KVCache):
         return self._split(n, mask, held + n)
 
     def _store(self, keys: Stored, values: Stored) -> tuple[Stored, Stored]:
-        n = _time(keys)
+        n = length(keys)
         if self.offset + n <= self.max_size:
             self.reserve(n, keys, values, capacity_limit=self.max_size)
             return super()._store(keys, values)
@@ -238,7 +228,7 @@ class RotatingKVCache(KVCache):
         all_k, all_v = keys, values
         if self.keys is not None:
             old_k, old_v = self._temporal()
-            all_k, all_v = _cat([old_k, keys]), _cat([old_v, values])
+            all_k, all_v = concatenate([old_k, keys]), concatenate([old_v, values])
         self.offset += n
         self.keys, self.values = (_ring(x, self.keep, self.window, self.offset) for x in (all_k, all_v))
         return all_k, all_v
@@ -256,7 +246,8 @@ def _ring(x: Stored, keep: int, window: int, offset: int) -> Stored:
     """The kept prefix and the last `window` of x (temporal order, `offset` tokens seen), the window
     rolled so that position p >= keep sits in slot keep + (p - keep) % window."""
     shift = (offset - window - keep) % window
-    return _cat([_cols(x, 0, keep), stored_map(lambda a: mx.roll(a, shift, axis=2), _cols(x, _time(x) - window))])
+    window_part = stored_map(lambda a: mx.roll(a, shift, axis=2), columns(x, length(x) - window))
+    return concatenate([columns(x, 0, keep), window_part])
 
 
 def restore(cache: KVCache, keys: Stored, values: Stored, offset: int) -> None:
@@ -275,195 +266,3 @@ def restore(cache: KVCache, keys: Stored, values: Stored, offset: int) -> None:
     if isinstance(cache, RotatingKVCache) and offset > cache.max_size:
         keys, values = (_ring(x, cache.keep, cache.window, offset) for x in (keys, values))
     cache.keys, cache.values = keys, values
-
-
-class BatchKVCache:
-    """Several rows' keys and values in one tensor, so that their decode steps run as one batch.
-
-    Rows are aligned on the right (left padding): row i's tokens are the last lengths[i] of the `end`
-    columns in use, and the columns before them hold nothing and are masked out. Every row then
-    writes its next token into the same column, so a step is one slice update for the whole batch
-    (as in mlx-lm's BatchKVCache); per-row write positions would need a scatter per step instead.
-    Rows join (`add`, a single-row cache computed on its own) and leave (`keep`) between steps;
-    leaving drops the columns no remaining row uses, and the memory with them.
-
-    Quantized, it also holds each row's first `start` positions in full precision, in a head whose
-    column p is position p of every row (written by a masked select while a row is that short).
-    """
-
-    step = 256
-
-    def __init__(self, quantization: KVQuantization | None = None) -> None:
-        self.keys: Stored | None = None  # (B, H_kv, capacity, D), or packed
-        self.values: Stored | None = None
-        self.end = 0  # columns in use
-        self.lengths: list[int] = []  # tokens per row
-        self.quantization = quantization
-        self.head: tuple[mx.array, mx.array] | None = None  # (B, H_kv, head_size, D) each
-
-    @property
-    def head_size(self) -> int:
-        return self.quantization.start if self.quantization is not None else 0
-
-    @property
-    def offset(self) -> mx.array:
-        """(B,) each row's position of its next token: what RoPE reads."""
-        return mx.array(self.lengths, mx.int32)
-
-    def make_mask(self, n: int) -> Mask:
-        """(B, 1, n, end + n): a row sees its own columns, and causally the n new ones."""
-        cols = mx.arange(self.end + n)
-        starts = mx.array([self.end - length for length in self.lengths])[:, None, None, None]
-        mask = cols >= starts
-        if n > 1:
-            mask = mask & (cols <= self.end + mx.arange(n)[:, None])
-        return self._split(n, mask, starts)
-
-    def _split(self, n: int, mask: mx.array, starts: mx.array) -> Mask:
-        """A quantized batch's masks (the head's, the packed part's): a row's first h positions are read
-        from the head, so its columns for them are masked out of the packed part."""
-        h = self.head_size
-        if self.quantization is None:
-            return mask
-        if not h:
-            return None, mask
-        query_pos = mx.array(self.lengths)[:, None, None, None] + mx.arange(n)[:, None]  # (B, 1, n, 1)
-        return mx.arange(h) <= query_pos, mask & (mx.arange(mask.shape[-1]) >= starts + h)
-
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[Stored, Stored]:
-        q = self.quantization
-        if q is not None:
-            self._hold_head(keys, values)
-            keys, values = q.pack(keys), q.pack(values)
-        n = _time(keys)
-        if self.end + n > _time(self.keys):
-            self._grow(n)
-        write(self.keys, keys, self.end)
-        write(self.values, values, self.end)
-        self.end += n
-        self.lengths = [length + n for length in self.lengths]
-        k, v = _cols(self.keys, 0, self.end), _cols(self.values, 0, self.end)
-        if self.head is not None:
-            k, v = k._replace(head=self.head[0]), v._replace(head=self.head[1])
-        return k, v
-
-    def _hold_head(self, keys: mx.array, values: mx.array) -> None:
-        """Row i's new tokens at positions lengths[i] + j below head_size go into its head."""
-        h, n = self.head_size, keys.shape[2]
-        if not h or min(self.lengths) >= h:
-            return
-        lengths = mx.array(self.lengths)[:, None]
-        cols = mx.arange(h)[None]
-        index = mx.clip(cols - lengths, 0, n - 1)[:, None, :, None]  # (B, 1, h, 1): which new token
-        new = ((cols >= lengths) & (cols < lengths + n))[:, None, :, None]
-        self.head = tuple(
-            mx.where(new, mx.take_along_axis(x, mx.broadcast_to(index, (*x.shape[:2], h, x.shape[3])), axis=2), old)
-            for x, old in zip((keys, values), self.head))
-
-    def buffers(self, n: int = 1) -> tuple[mx.array, mx.array]:
-        """The whole buffers (B, H_kv, capacity, D), with room for n more tokens: what the compiled
-        decode step (fast.py) writes into, as `BatchSlots`."""
-        if self.end + n > self.keys.shape[2]:
-            self._grow(n)
-        return self.keys, self.values
-
-    def commit(self, keys: mx.array, values: mx.array, n: int = 1) -> None:
-        """Take back the buffers from `buffers(n)` with the next n tokens written at `end`."""
-        assert keys.shape == self.keys.shape and values.shape == self.values.shape
-        self.keys, self.values, self.end = keys, values, self.end + n
-        self.lengths = [length + n for length in self.lengths]
-
-    def slots(self, keys: mx.array, values: mx.array) -> BatchSlots:
-        """The arrays a compiled step needs, besides the buffers: where to write, where rows start."""
-        starts = mx.array([self.end - length for length in self.lengths], mx.int32)
-        return BatchSlots(keys, values, mx.array(self.end, mx.int32), starts, self.offset)
-
-    def _grow(self, n: int) -> None:
-        grow = -(-n // self.step) * self.step
-
-        def grown(a: mx.array) -> mx.array:
-            return mx.concatenate([a[..., : self.end, :], mx.zeros((*a.shape[:2], grow, a.shape[3]), a.dtype)], axis=2)
-
-        self.keys, self.values = stored_map(grown, self.keys), stored_map(grown, self.values)
-
-    def add(self, cache: KVCache) -> None:
-        """Take in the row held by a single-row cache, as the batch's last row."""
-        keys, values, _ = cache.stored()  # (1, H_kv, n, D), or packed with its head
-        n = cache.offset
-        if isinstance(keys, Packed):
-            self._add_head(keys.head, values.head, n)
-            keys, values = keys._replace(head=None), values._replace(head=None)
-        if self.keys is None:
-            self.keys, self.values, self.end, self.lengths = keys, values, n, [n]
-            return
-        old_k, old_v = _cols(self.keys, 0, self.end), _cols(self.values, 0, self.end)
-        if n > self.end:  # the newcomer is longer: pad the rows there are
-            old_k, old_v = _pad_left(old_k, n - self.end), _pad_left(old_v, n - self.end)
-            self.end = n
-        keys, values = _pad_left(keys, self.end - n), _pad_left(values, self.end - n)
-        self.keys, self.values = _cat([old_k, keys], axis=0), _cat([old_v, values], axis=0)
-        self.lengths = self.lengths + [n]
-
-    def _add_head(self, keys: mx.array | None, values: mx.array | None, n: int) -> None:
-        h = self.head_size
-        if not h:
-            return
-        if keys is None or keys.shape[2] < min(n, h):
-            raise ValueError("internal: a row joins a quantized batch without its full-precision head")
-        new = [mx.pad(x[..., :h, :], [(0, 0), (0, 0), (0, h - min(n, h)), (0, 0)]) for x in (keys, values)]
-        self.head = tuple(new) if self.head is None else tuple(
-            mx.concatenate([old, x], axis=0) for old, x in zip(self.head, new))
-
-    def keep(self, rows: list[int]) -> None:
-        """Keep only these rows (indices, in this order)."""
-        self.lengths = [self.lengths[i] for i in rows]
-        if not rows:
-            self.keys = self.values = self.head = None
-            self.end = 0
-            return
-        unused = self.end - max(self.lengths)  # leading columns no row uses any more
-        index = mx.array(rows)
-        self.keys, self.values = (stored_map(lambda a: a[index, :, unused : self.end, :], x)
-                                  for x in (self.keys, self.values))
-        if self.head is not None:
-            self.head = tuple(x[index] for x in self.head)
-        self.end -= unused
-
-    def row(self, i: int) -> tuple[Stored, Stored]:
-        """Row i's keys and values (1, H_kv, lengths[i], D), in temporal order (packed with its head)."""
-        start = self.end - self.lengths[i]
-        k, v = (stored_map(lambda a: a[i : i + 1, :, start : self.end, :], x) for x in (self.keys, self.values))
-        if self.head is not None:
-            held = min(self.lengths[i], self.head_size)
-            k, v = (x._replace(head=head[i : i + 1, :, :held, :]) for x, head in zip((k, v), self.head))
-        return k, v
-
-    @property
-    def nbytes(self) -> int:
-        return nbytes(self.keys) + nbytes(self.values) + sum(x.nbytes for x in self.head or ())
-
-
-class BatchSlots:
-    """A BatchKVCache as the compiled decode step sees it: the whole buffers, the column to write
-    (`end`), where each row starts and each row's position, all as arrays, so one compiled graph
-    serves every step until the buffers grow or a row joins or leaves."""
-
-    def __init__(self, keys: mx.array, values: mx.array, end: mx.array, starts: mx.array, offset: mx.array) -> None:
-        self.keys, self.values, self.end, self.starts, self.offset = keys, values, end, starts, offset
-
-    def make_mask(self, n: int) -> mx.array:
-        cols = mx.arange(self.keys.shape[2])
-        return (cols >= self.starts[:, None, None, None]) & (cols <= self.end)
-
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        at = self.end.reshape(1)
-        self.keys = mx.slice_update(self.keys, keys, at, axes=(2,))
-        self.values = mx.slice_update(self.values, values, at, axes=(2,))
-        return self.keys, self.values
-
-
-def _pad_left(x: Stored, n: int) -> Stored:
-    """x (B, H, S, D) with n zero columns in front."""
-    if n == 0:
-        return x
-    return stored_map(lambda a: mx.concatenate([mx.zeros((*a.shape[:2], n, a.shape[3]), a.dtype), a], axis=2), x)

@@ -440,7 +440,6 @@ def check_one_source(prompt: str | None, prompts_file: Path | None, output: Path
         return
     refused = [(name, why) for name, value, why in (
         ("--prompt-cache", prompt_cache, "a cache file holds one prompt"),
-        ("--max-kv-size", options.max_kv_size, "a batch has no rotating cache"),
         ("--prefill-response", prefill_response, "it is for one prompt")) if value is not None]
     if refused:
         raise click.UsageError(f"{refused[0][0]} does not go with --prompts-file: {refused[0][1]}")
@@ -856,7 +855,11 @@ def convert(source: str | None, output: Path | None, hf_path: str | None, mlx_pa
 @click.option("--prompt-cache-gb", type=click.FloatRange(min=0), default=1.0, show_default=True,
               help="Memory for caches of recent prompts, reused by requests that share a prefix (0: none).")
 @click.option("--kv-bits", type=click.Choice(["4", "8"]), callback=int_choice,
-              help="Store every request's KV cache in 8 or 4 bits (about 0.53x / 0.28x of bf16). Default: the model's dtype.")
+              help="Store every request's KV cache in 8 or 4 bits (about 0.53x / 0.28x of bf16). "
+                   "Default: the model's dtype.")
+@click.option("--max-kv-size", type=click.IntRange(min=1), metavar="N",
+              help="Every request's cache a rotating one of N tokens that keeps its system prompt: a conversation "
+                   "may then run past the context, its memory bounded.")
 @click.option("--thinking-budget", type=click.IntRange(min=0), metavar="N",
               help="Default thinking budget of requests that give none.")
 @click.option("--max-tokens", "-m", type=click.IntRange(min=1), default=DEFAULTS.max_tokens, show_default=True,
@@ -870,7 +873,7 @@ def convert(source: str | None, output: Path | None, hf_path: str | None, mlx_pa
 @version
 def serve(model: str, host: str, port: int, served_model_names: tuple[str, ...], api_key: str | None,
           max_batch: int, memory_limit: float | None, kv_memory: float | None, prompt_cache_gb: float,
-          kv_bits: int | None,
+          kv_bits: int | None, max_kv_size: int | None,
           thinking_budget: int | None, max_tokens: int, cors_origin: str | None, grace: float,
           parallel: Any) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions,
@@ -890,6 +893,6 @@ def serve(model: str, host: str, port: int, served_model_names: tuple[str, ...],
                          f'pip install "qwen3-mlx[serve]"') from None
     run_server(model, host=host, port=port, served_model_names=served_model_names, api_key=api_key,
                max_batch=max_batch, kv_memory=int(kv_memory * 1e9) if kv_memory else None,
-               memory_limit=int(memory_limit * 1e9) if memory_limit else None,
+               memory_limit=int(memory_limit * 1e9) if memory_limit else None, max_kv_size=max_kv_size,
                prompt_cache_bytes=int(prompt_cache_gb * 1e9), kv_bits=kv_bits, thinking_budget=thinking_budget,
                max_tokens=max_tokens, cors_origin=cors_origin, grace=grace, parallel=parallel)

@@ -140,6 +140,8 @@ class Engine:
         max_queue: the most requests waiting for a row; more is EngineFull.
         kv_bits, kv_group_size, quantized_kv_start: the cache of every request stored in 8 or 4 bits
             (GenerationOptions' fields of these names; a request may leave them unset or repeat them).
+        max_kv_size: every request's cache a rotating one of this many tokens, keeping its system
+            prompt (as generate's; a request may leave it unset or repeat it).
 
     Raises:
         OptionError: kv_group_size does not divide the model's head_dim.
@@ -148,14 +150,16 @@ class Engine:
     def __init__(self, model: Model, tokenizer: Tokenizer, *, max_batch: int = DEFAULT_MAX_BATCH,
                  kv_memory: int | None = None, prompt_cache_bytes: int = DEFAULT_PREFIX_STORE_BYTES,
                  prefill_budget: int = DEFAULT_PREFILL_BUDGET, max_queue: int = 256, kv_bits: int | None = None,
-                 kv_group_size: int = 64, quantized_kv_start: int = 0, memory_limit: int | None = None) -> None:
+                 kv_group_size: int = 64, quantized_kv_start: int = 0, memory_limit: int | None = None,
+                 max_kv_size: int | None = None) -> None:
         self.model, self.tokenizer, self.max_queue = model, tokenizer, max_queue
         self._prefixes = PrefixStore(prompt_cache_bytes) if prompt_cache_bytes > 0 else None
         run = GenerationOptions(kv_bits=kv_bits, kv_group_size=kv_group_size, quantized_kv_start=quantized_kv_start)
         self.memory_limit = default_memory_limit() if memory_limit is None else memory_limit
         self._scheduler = Scheduler(model, tokenizer, max_batch=max_batch, kv_memory=kv_memory,
                                     prefix_store=self._prefixes, prefill_budget=prefill_budget,
-                                    quantization=run.kv_quantization, memory_limit=self.memory_limit)
+                                    quantization=run.kv_quantization, memory_limit=self.memory_limit,
+                                    max_kv_size=max_kv_size)
         self._inbox: list[Ticket] = []  # submitted, not yet seen by the engine's thread
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -203,7 +207,8 @@ class Engine:
             EngineClosed: the engine is not running.
         """
         request_prompt = Prompt.of(prompt, system=system, raw=raw, tools=tools, prefill_response=prefill_response)
-        job = prepare(self.model, self.tokenizer, request_prompt, GenerationOptions.of(options, **kwargs))
+        job = prepare(self.model, self.tokenizer, request_prompt, GenerationOptions.of(options, **kwargs),
+                      rotating=self._scheduler.max_kv_size is not None)
         most = self._scheduler.check(job)
         if loop is None:
             try:

@@ -28,7 +28,8 @@ import mlx.nn as nn
 
 from mlx.nn.layers.distributed import AllToShardedLinear, QuantizedAllToShardedLinear
 
-from .cache import BatchKVCache, BatchSlots, KVCache, Slots
+from .batch_cache import BatchKVCache, BatchSlots
+from .cache import KVCache, Slots
 from .model import MLP, Attention, Mask, Model
 
 # A matmul is split across CPU threads when it costs at least this many bf16 weights' worth: on the

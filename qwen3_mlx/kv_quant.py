@@ -103,6 +103,27 @@ def write(dst: Stored, src: Stored, start: int) -> None:
         d[..., start : start + s.shape[2], :] = s
 
 
+def length(x: Stored) -> int:
+    """Positions along axis 2 (time)."""
+    return (x.data if isinstance(x, Packed) else x).shape[2]
+
+
+def columns(x: Stored, start: int, stop: int | None = None) -> Stored:
+    """Positions [start, stop) along axis 2 (the head kept)."""
+    return stored_map(lambda a: a[..., start:stop, :], x)
+
+
+def concatenate(xs: list[Stored], axis: int = 2) -> Stored:
+    return stored_map(lambda *parts: mx.concatenate(parts, axis=axis), *xs)
+
+
+def pad_left(x: Stored, n: int) -> Stored:
+    """x (B, H, S, D) with n zero columns in front."""
+    if n == 0:
+        return x
+    return stored_map(lambda a: mx.concatenate([mx.zeros((*a.shape[:2], n, a.shape[3]), a.dtype), a], axis=2), x)
+
+
 def prefix(x: Stored, n: int) -> Stored:
     """The first n positions of a row's stored form (time in order), its head included."""
     if not isinstance(x, Packed):

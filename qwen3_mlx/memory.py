@@ -18,7 +18,7 @@ import math
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from .cache import BatchKVCache
+from .batch_cache import BatchKVCache
 from .errors import MemoryLimitError
 from .files import human_size
 from .kv_quant import KVQuantization
@@ -59,18 +59,21 @@ class MemoryPlan:
     holds (None: none), `kv_memory` over the batch's KV cache alone (a finer bound; None: none).
 
     Rows are left-padded to the longest, so the batch's cache at its worst is rows x (the longest
-    worst case, prompt + response, plus a growth step) x bytes per token (packed ones when quantized,
-    with each row's full-precision head)."""
+    worst case, prompt + response, or max_kv_size for a rotating cache, plus a growth step) x bytes per
+    token (packed ones when quantized, with each row's full-precision head)."""
 
     def __init__(self, model: object, *, limit: int | None = None, kv_memory: int | None = None,
-                 quantization: KVQuantization | None = None) -> None:
+                 quantization: KVQuantization | None = None, max_kv_size: int | None = None) -> None:
         self.model, self.limit, self.kv_memory, self.quantization = model, limit, kv_memory, quantization
+        self.max_kv_size = max_kv_size
         self.weights = weight_bytes(model) if limit is not None else 0
         self.per_token = model.kv_bytes_per_token()
         self.layers = len(model.layers)
 
     def kv(self, rows: int, most_tokens: int) -> int:
         """The KV cache of `rows` rows of at most `most_tokens` tokens, at its worst."""
+        if self.max_kv_size is not None:
+            most_tokens = min(most_tokens, self.max_kv_size)
         q, tokens = self.quantization, most_tokens + BatchKVCache.step
         if q is None:
             return rows * tokens * self.per_token

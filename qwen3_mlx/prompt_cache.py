@@ -218,6 +218,11 @@ class PrefixStore:
         if best is None:
             return cache, 0
         self._entries.move_to_end(best)
+        head = getattr(self._entries[best][0][0], "head", None)
+        if head is not None and head.shape[2] < min(n, cache[0].head_size):
+            n = head.shape[2]  # reused only as far as its full-precision head reaches
+        if n == 0:
+            return cache, 0
         for c, (keys, values) in zip(cache, self._entries[best]):
             restore(c, prefix(keys, n), prefix(values, n), n)
         return cache, n

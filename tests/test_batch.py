@@ -3,11 +3,13 @@
 import asyncio
 
 import mlx.core as mx
+import numpy as np
 import pytest
 
 from qwen3_mlx import GenerationOptions, generate
 from qwen3_mlx.batch import batch_generate
-from qwen3_mlx.cache import BatchKVCache, KVCache
+from qwen3_mlx.batch_cache import BatchKVCache, BatchRotatingKVCache
+from qwen3_mlx.cache import KVCache, RotatingKVCache
 from qwen3_mlx.engine import Engine, EngineClosed, EngineFull
 from qwen3_mlx.errors import OptionError, Qwen3Error
 from qwen3_mlx.prompt import Prompt, encode_prompt
@@ -142,15 +144,67 @@ def test_log_probabilities_of_a_row_are_those_of_the_request_alone(tiny):
     assert single.logprobs[0].logprob == pytest.approx(expected, abs=1e-5)
 
 
-def test_a_batch_refuses_a_rotating_cache_and_a_mismatched_options_list(tiny):
+def test_a_batch_refuses_requests_that_differ_in_their_cache_and_a_mismatched_options_list(tiny):
     model, tok = tiny
     with pytest.raises(OptionError) as e:
-        batch_generate(model, tok, ["a"], max_kv_size=64)
-    assert str(e.value) == ("max_kv_size (a rotating cache) is not supported in a batch; leave it unset, "
-                            "or generate this request alone")
+        batch_generate(model, tok, ["a", "b"], [GenerationOptions(max_kv_size=64), GenerationOptions()])
+    assert str(e.value) == "max_kv_size: the batch's, not a request's; give every prompt the same, got 64 and None"
     with pytest.raises(OptionError) as e:
         batch_generate(model, tok, ["a", "b"], [GenerationOptions()])
     assert str(e.value) == "options: 1 given for 2 prompts; give one, or one per prompt"
+
+
+# ---------------------------------------------------------------- a rotating cache in a batch
+
+
+def rows_of(seed, n):
+    rng = np.random.RandomState(seed)
+    return [mx.array(rng.randn(1, 2, n, 4).astype(np.float32)) for _ in range(3)]
+
+
+@pytest.mark.parametrize("max_size, rows", [
+    (8, [(3, 5), (1, 12), (2, 2)]),  # (kept prefix, prompt length): one longer than the window already
+    (12, [(4, 30), (0, 3), (6, 9), (2, 1)]),
+])
+def test_rows_of_a_rotating_batch_attend_as_each_rotating_cache_alone(max_size, rows, monkeypatch):
+    monkeypatch.setattr(BatchKVCache, "step", 4)  # buffers full every few steps: packed often
+    singles, batch = [], BatchRotatingKVCache(max_size)
+    for i, (keep, n) in enumerate(rows):
+        single = RotatingKVCache(max_size, keep)
+        single.update_and_fetch(*rows_of(i, n)[1:])
+        singles.append(single)
+        batch.add(single)
+    for step in range(40):  # every row through its window several times; the buffers packed as they fill
+        q, k, v = (mx.concatenate(x) for x in zip(*(rows_of(100 + 7 * step + i, 1) for i in range(len(rows)))))
+        mask = batch.make_mask(1)
+        got = mx.fast.scaled_dot_product_attention(q, *batch.update_and_fetch(k, v), scale=0.5, mask=mask)
+        for i, single in enumerate(singles):
+            mask = single.make_mask(1)
+            want = mx.fast.scaled_dot_product_attention(q[i : i + 1], *single.update_and_fetch(k[i : i + 1], v[i : i + 1]),
+                                                        scale=0.5, mask=mask)
+            np.testing.assert_allclose(np.array(got[i : i + 1]), np.array(want), atol=1e-5)
+        assert batch.end < max_size + 4
+    batch.keep([2, 0])
+    assert batch.lengths == [singles[2].offset, singles[0].offset] and batch.keeps == [rows[2][0], rows[0][0]]
+
+
+SYSTEMS = [None, "You are a terse assistant.", None, "Answer in French, always, whatever the question is.", None]
+
+
+def test_rotating_rows_equal_the_single_stream_rotating_run_through_a_wrap(tiny, monkeypatch):
+    monkeypatch.setattr(BatchKVCache, "step", 16)  # the batch's buffers packed several times
+    model, tok = tiny
+    never_end = {t: -1e9 for t in tok.eos_token_ids}
+    options = [GenerationOptions(max_tokens=70 + 9 * i, max_kv_size=48, logit_bias=never_end, **GREEDY)
+               for i in range(5)]
+    prompts = [Prompt(p, system=s) for p, s in zip(PROMPTS, SYSTEMS)]
+    single = [generate(model, tok, p, o) for p, o in zip(prompts, options)]
+    assert all(len(r.token_ids) + r.stats.prompt_tokens > 48 + 30 for r in single)  # every row went round
+    batched = batch_generate(model, tok, prompts, options, max_batch=3)
+    assert [r.token_ids for r in batched] == [r.token_ids for r in single]
+    with Engine(model, tok, max_kv_size=48) as engine:
+        served = [engine.submit(p, o.replace(max_kv_size=None)) for p, o in zip(prompts, options)]
+        assert [r.result().token_ids for r in served] == [r.token_ids for r in single]
 
 
 # ---------------------------------------------------------------- the engine

@@ -10,14 +10,15 @@ from mlx.utils import tree_map
 from qwen3_mlx import GenerationOptions, generate
 from qwen3_mlx import kv_quant
 from qwen3_mlx.batch import batch_generate
-from qwen3_mlx.cache import BatchKVCache, KVCache, RotatingKVCache
+from qwen3_mlx.batch_cache import BatchKVCache
+from qwen3_mlx.cache import KVCache, RotatingKVCache
 from qwen3_mlx.chat import ChatSession
 from qwen3_mlx.config import ModelArgs
 from qwen3_mlx.engine import Engine
 from qwen3_mlx.errors import OptionError, Qwen3Error
 from qwen3_mlx.kv_quant import KVQuantization, Packed
 from qwen3_mlx.model import Model
-from qwen3_mlx.prompt import Prompt, encode_prompt
+from qwen3_mlx.prompt import Prompt, encode_prompt, make_prompt_cache
 from qwen3_mlx.prompt_cache import PrefixStore, load_cache, save_cache
 
 H, D = 2, 32
@@ -314,6 +315,24 @@ def test_quantized_batch_rows_equal_each_request_alone(small, start):
     with Engine(model, tok, kv_bits=8, kv_group_size=32, quantized_kv_start=start) as engine:
         served = [engine.submit(p, options.replace(kv_bits=None)) for p in PROMPTS]
         assert [r.result().token_ids for r in served] == [r.token_ids for r in single]
+
+
+def test_quantized_rotating_batch_rows_equal_each_request_alone(small, monkeypatch):
+    monkeypatch.setattr(BatchKVCache, "step", 16)  # the batch's buffers packed as rows go round
+    model, tok = small
+    never_end = {t: -1e9 for t in tok.eos_token_ids}
+    options = GenerationOptions(max_tokens=50, max_kv_size=40, kv_bits=8, kv_group_size=32, quantized_kv_start=6,
+                                logit_bias=never_end, **GREEDY)
+    prompts = [Prompt(p, system=s) for p, s in zip(PROMPTS, [None, "Be brief.", None, "You answer in rhymes.", None])]
+
+    def alone_rotating(prompt):
+        ids = encode_prompt(tok, prompt, think=False)[0]
+        cache = make_prompt_cache(model, tok, ids, prompt.system, 40, quantization=options.kv_quantization)
+        return generate(model, tok, prompt, options, cache=cache)
+
+    single = [alone_rotating(p) for p in prompts]
+    batched = batch_generate(model, tok, prompts, options, max_batch=3)
+    assert [r.token_ids for r in batched] == [r.token_ids for r in single]
 
 
 def test_a_batch_refuses_requests_that_differ_in_their_cache(small):

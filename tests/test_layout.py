@@ -28,7 +28,7 @@ FLOORS = [
     ["sampling", "tools", "tokenizer", "options"],
     ["parallel"],
     ["fast"],
-    ["model"],
+    ["model", "batch_cache"],
     ["cache", "config"],
     ["kv_quant"],
     ["device", "errors", "files"],

@@ -119,13 +119,13 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8080, served_model
           prompt_cache_bytes: int = 1 << 30, thinking_budget: int | None = None, max_tokens: int = 4096,
           cors_origin: str | None = None, grace: float = 30.0, log_level: str = "info",
           kv_bits: int | None = None, parallel: ParallelOptions | None = None, ui: bool = True,
-          memory_limit: int | None = None) -> None:
+          memory_limit: int | None = None, max_kv_size: int | None = None) -> None:
     """Serve `model` (a checkpoint folder or Hub repo id) until a signal; see the module's docstring.
 
     `served_model_names`: the names a request's `model` may give, the first one reported in responses;
     none: `model` as given. `parallel`: the split of the model over the ranks of a launched job.
-    `ui`: serve the chat page at / (create_app). `memory_limit`, `kv_memory`, `kv_bits`: the engine's
-    (engine.Engine; memory_limit None: 75% of the device's).
+    `ui`: serve the chat page at / (create_app). `memory_limit`, `kv_memory`, `kv_bits`, `max_kv_size`:
+    the engine's (engine.Engine; memory_limit None: 75% of the device's).
 
     Raises:
         Qwen3Error: the port cannot be bound; the model cannot be loaded; a rank was lost.
@@ -134,7 +134,7 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8080, served_model
     ranks = Ranks.start(parallel or ParallelOptions())
     sock = ranks.from_leader(functools.partial(listen, host, port), share=False)  # rank 0's; the others: None
     engine_args = {"max_batch": max_batch, "kv_memory": kv_memory, "prompt_cache_bytes": prompt_cache_bytes,
-                   "kv_bits": kv_bits, "memory_limit": memory_limit}
+                   "kv_bits": kv_bits, "memory_limit": memory_limit, "max_kv_size": max_kv_size}
     if not ranks.leader:
         follow(model, ranks, engine_args)
         return
