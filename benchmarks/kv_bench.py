@@ -19,8 +19,9 @@ activations). mlx-lm is given a QuantizedKVCache from the start (its --quantized
 
 attention: one layer's attention at the context, the queries of one decode step and of one chunk:
 mx.fast's over the model's dtype (a plain cache), ours over a packed cache (kv_quant: packed reads
-for a decode step, dequantized blocks for a chunk), ours reading packed keys for a chunk too, and
-mlx-lm's quantized_scaled_dot_product_attention. Time, and memory beyond the inputs.
+for a decode step, dequantized blocks for a chunk; on the CPU in float32, as fast.CPUAttention asks),
+ours reading packed keys for a chunk too (in bf16), and mlx-lm's quantized_scaled_dot_product_attention.
+Time, and memory beyond the inputs; bf16 inputs.
 
 quality: a random float32 model of the shape (bench.py's SHAPES; --layers to cut the depth), weights
 of std 0.02 scaled so that logits are peaked, with and without outlier key channels (4 k_proj output
@@ -173,6 +174,7 @@ def cmd_attention(a: argparse.Namespace) -> None:
     s = SHAPES[a.shape]
     H, H_kv, D, S = s["num_attention_heads"], s["num_key_value_heads"], s["head_dim"], a.context
     dtype = mx.bfloat16
+    compute = mx.float32 if mx.default_device() == mx.cpu else None  # what the model's attention asks for there
     k, v = (mx.random.normal((1, H_kv, S, D)).astype(dtype) for _ in range(2))
     lines = [f"one layer's attention, {a.shape} heads ({H}/{H_kv} of {D}), context {S}, {mx.default_device()}", "",
              "| queries | way | ms | MB beyond the inputs |", "| ---: | --- | ---: | ---: |"]
@@ -188,7 +190,7 @@ def cmd_attention(a: argparse.Namespace) -> None:
             mx.eval(pk, pv)
             mask = (None, visible)
             ways[f"ours, {bits}-bit"] = lambda pk=pk, pv=pv, mask=mask: kv_quant.quantized_attention(
-                q, pk, pv, D**-0.5, mask)
+                q, pk, pv, D**-0.5, mask, compute)
             if L > 1:
                 ways[f"ours reading packed, {bits}-bit"] = lambda pk=pk, pv=pv, mask=mask: kv_quant._read_packed(
                     q, pk, pv, D**-0.5, mask)

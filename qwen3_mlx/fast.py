@@ -30,6 +30,7 @@ from mlx.nn.layers.distributed import AllToShardedLinear, QuantizedAllToShardedL
 
 from .batch_cache import BatchKVCache, BatchSlots
 from .cache import KVCache, Slots
+from .kv_quant import Packed, quantized_attention
 from .model import MLP, Attention, Mask, Model
 
 # A matmul is split across CPU threads when it costs at least this many bf16 weights' worth: on the
@@ -65,7 +66,9 @@ class CPUAttention(Attention):
 
     def attend(self, q: mx.array, k: mx.array, v: mx.array, mask: Mask) -> mx.array:
         B, H, L, D = q.shape
-        if L > 1 or not isinstance(k, mx.array):  # a quantized cache's packed keys have their own path
+        if isinstance(k, Packed):  # a quantized cache: in float32, where MLX's CPU quantized matmuls are fast
+            return quantized_attention(q, k, v, self.scale, mask, mx.float32)
+        if L > 1:
             return super().attend(q, k, v, mask)
         scores = (q.reshape(B, k.shape[1], -1, D) * self.scale) @ k.swapaxes(-1, -2)  # (B, H_kv, H / H_kv, S)
         if isinstance(mask, mx.array):

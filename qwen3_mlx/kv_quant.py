@@ -140,13 +140,17 @@ def nbytes(x: Stored | None) -> int:
 
 
 def quantized_attention(q: mx.array, keys: Packed, values: Packed, scale: float,
-                        mask: tuple[mx.array | None, mx.array | None]) -> mx.array:
+                        mask: tuple[mx.array | None, mx.array | None], dtype: mx.Dtype | None = None) -> mx.array:
     """Queries q (B, H, L, D) over packed keys and values (B, H_kv, S, ...) and their full-precision
     heads; `mask` is (the head's, the packed part's), each None (all visible) or a bool array
-    (L, S) or (B, 1, L, S). Returns (B, H, L, D)."""
-    if q.shape[2] <= FEW_QUERIES:
-        return _read_packed(q, keys, values, scale, mask)
-    return _read_dequantized(q, keys, values, scale, mask)
+    (L, S) or (B, 1, L, S). `dtype`: what the products are computed in (default the queries'; the
+    CPU's attention, fast.CPUAttention, asks for float32, in which MLX's CPU quantized matmuls run
+    7x faster than in bf16). Returns (B, H, L, D) in the queries' dtype."""
+    compute = dtype or q.dtype
+    if compute != q.dtype:
+        keys, values = (_as(x, compute) for x in (keys, values))
+    read = _read_packed if q.shape[2] <= FEW_QUERIES else _read_dequantized
+    return read(q.astype(compute), keys, values, scale, mask).astype(q.dtype)
 
 
 def _read_packed(q: mx.array, keys: Packed, values: Packed, scale: float,
@@ -178,11 +182,10 @@ def _read_packed(q: mx.array, keys: Packed, values: Packed, scale: float,
 def _read_dequantized(q: mx.array, keys: Packed, values: Packed, scale: float,
                       mask: tuple[mx.array | None, mx.array | None]) -> mx.array:
     """A prompt chunk: this layer's keys and values dequantized once, into the queries' dtype, and
-    mx.fast's attention over them (a fused kernel on a GPU; on the CPU, where quantized matmuls in
-    bf16 are 6x slower, scores in the input dtype) in blocks of queries whose scores take at most
-    SCORES_BYTES. Each block is evaluated before the next is built: MLX allocates a buffer when it
-    schedules an operation, not when it runs it, so lazily they would all be in memory at once (and
-    the dequantized copy is freed before the next layer makes its own)."""
+    mx.fast's attention over them (a fused kernel on a GPU) in blocks of queries whose scores take at
+    most SCORES_BYTES. Each block is evaluated before the next is built: MLX allocates a buffer when
+    it schedules an operation, not when it runs it, so lazily they would all be in memory at once
+    (and the dequantized copy is freed before the next layer makes its own)."""
     B, H, L, D = q.shape
     k, v = (_dequantized(x, D, q.dtype) for x in (keys, values))
     full = _joined(*mask, 0 if keys.head is None else keys.head.shape[2], keys.data.shape[2])
@@ -194,6 +197,12 @@ def _read_dequantized(q: mx.array, keys: Packed, values: Packed, scale: float,
         if rows < L:
             mx.eval(outs[-1])
     return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
+
+
+def _as(x: Packed, dtype: mx.Dtype) -> Packed:
+    """x's scales, biases and head in `dtype` (the packed words as they are)."""
+    head = None if x.head is None else x.head.astype(dtype)
+    return Packed(x.data, x.scales.astype(dtype), x.biases.astype(dtype), head)
 
 
 def _format(x: Packed, D: int) -> tuple[int, int]:
