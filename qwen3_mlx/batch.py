@@ -24,7 +24,7 @@ import mlx.core as mx
 from .batch_cache import BatchKVCache, BatchRotatingKVCache
 from .cache import KVCache
 from .device import generation_stream
-from .errors import MemoryLimitError, OptionError
+from .errors import OptionError
 from .kv_quant import KVQuantization, Packed
 from .memory import MemoryPlan, default_memory_limit
 from .model import Model

@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_map
 
-from qwen3_mlx import GenerationOptions, generate
-from qwen3_mlx import kv_quant
+from qwen3_mlx import GenerationOptions, generate, kv_quant
 from qwen3_mlx.batch import batch_generate
 from qwen3_mlx.batch_cache import BatchKVCache
 from qwen3_mlx.cache import KVCache, RotatingKVCache
