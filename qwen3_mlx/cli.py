@@ -868,16 +868,18 @@ def convert(source: str | None, output: Path | None, hf_path: str | None, mlx_pa
 @click.option("--cors-origin", metavar="ORIGIN", help="Allow browsers on ORIGIN to call the API (CORS is off without).")
 @click.option("--grace", type=click.FloatRange(min=0), default=30.0, show_default=True, metavar="SECONDS",
               help="After SIGTERM or Ctrl-C, how long running requests may take to finish before they are cancelled.")
+@click.option("--no-ui", is_flag=True, help="Do not serve the chat page at / (the APIs alone).")
 @user_errors
 @parallel_options
 @version
 def serve(model: str, host: str, port: int, served_model_names: tuple[str, ...], api_key: str | None,
           max_batch: int, memory_limit: float | None, kv_memory: float | None, prompt_cache_gb: float,
-          kv_bits: int | None, max_kv_size: int | None,
-          thinking_budget: int | None, max_tokens: int, cors_origin: str | None, grace: float,
-          parallel: Any) -> None:
-    """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions,
-    /v1/models, /health; /docs describes it). Needs the serve extra: pip install "qwen3-mlx[serve]".
+          kv_bits: int | None, max_kv_size: int | None, thinking_budget: int | None, max_tokens: int,
+          cors_origin: str | None, grace: float,
+          no_ui: bool, parallel: Any) -> None:
+    """Serve the model over HTTP: OpenAI's API (/v1/chat/completions, /v1/completions, /v1/responses,
+    /v1/models), Anthropic's (/v1/messages), /health, and a chat page at / (--no-ui: none); /docs
+    describes it. Needs the serve extra: pip install "qwen3-mlx[serve]".
 
     SIGTERM or Ctrl-C stops admitting (new requests get a 503) and lets running requests finish
     (--grace; a second signal cancels them: they end with an error), then exits 0 (SIGTERM) or
@@ -895,4 +897,4 @@ def serve(model: str, host: str, port: int, served_model_names: tuple[str, ...],
                max_batch=max_batch, kv_memory=int(kv_memory * 1e9) if kv_memory else None,
                memory_limit=int(memory_limit * 1e9) if memory_limit else None, max_kv_size=max_kv_size,
                prompt_cache_bytes=int(prompt_cache_gb * 1e9), kv_bits=kv_bits, thinking_budget=thinking_budget,
-               max_tokens=max_tokens, cors_origin=cors_origin, grace=grace, parallel=parallel)
+               max_tokens=max_tokens, cors_origin=cors_origin, grace=grace, parallel=parallel, ui=not no_ui)
