@@ -143,6 +143,9 @@ def test_models_health_and_unknown_names(client, live):
         client.chat.completions.create(model="gpt-4o", messages=HI)
     health = httpx.get(live.url + "/health").json()
     assert health["status"] == "ok" and health["model"] == "tiny"
+    memory = health["memory"]  # the engine's figures, in bytes
+    assert set(memory) == {"limit", "active", "peak", "kv", "prefix_store"}
+    assert 0 < memory["active"] <= memory["peak"] and memory["limit"] > memory["active"]
     missing = httpx.get(live.url + "/v2/nothing")
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
 

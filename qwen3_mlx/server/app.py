@@ -123,7 +123,10 @@ def _routes() -> Any:
 
     @router.get("/health", response_model=p.Health)
     async def health(request: Request) -> p.Health:
-        return p.Health(model=request.app.state.settings.model_id, rows=request.app.state.engine.rows)
+        engine = request.app.state.engine
+        figures = engine.memory() if hasattr(engine, "memory") else None  # test stubs may have none
+        return p.Health(model=request.app.state.settings.model_id, rows=engine.rows,
+                        memory=p.MemoryFigures(**figures) if figures else None)
 
     return router
 

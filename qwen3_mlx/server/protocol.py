@@ -326,10 +326,22 @@ class ModelList(_Body):
     data: list[ModelCard]
 
 
+class MemoryFigures(_Body):
+    """Bytes: the server's ceiling (--memory-limit), MLX's memory in use and at its peak, the KV caches
+    held now, and the prefix store."""
+
+    limit: int
+    active: int
+    peak: int
+    kv: int
+    prefix_store: int
+
+
 class Health(_Body):
     status: Literal["ok"] = "ok"
     model: str
     rows: int
+    memory: MemoryFigures | None = None
 
 
 class ErrorDetail(_Body):
