@@ -21,6 +21,7 @@ FLOORS = [
     ["engine"],
     ["batch", "chat"],
     ["generation"],
+    ["speculative"],
     ["request"],
     ["response", "prompt_cache", "structured", "memory"],
     ["converter"],
