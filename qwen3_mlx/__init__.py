@@ -5,6 +5,7 @@
     result = generate(model, tokenizer, "Why is the sky blue?", thinking_budget=256)
     print(result.reasoning, result.content)
     result = generate(model, tokenizer, "And at sunset?", GenerationOptions(think=False, seed=0))
+    result = generate(model, tokenizer, Prompt("Hi", system="Be brief."), max_tokens=64)   # a request's parts
 """
 
 from .batch import batch_generate
@@ -13,6 +14,7 @@ from .errors import ConfigError, OptionError, Qwen3Error
 from .generation import GenerationResult, GenerationStats, generate, stream_generate
 from .loader import load
 from .options import GenerationOptions
+from .prompt import Prompt
 
-__all__ = ["load", "generate", "stream_generate", "batch_generate", "Engine", "GenerationOptions",
+__all__ = ["load", "generate", "stream_generate", "batch_generate", "Engine", "GenerationOptions", "Prompt",
            "GenerationResult", "GenerationStats", "Qwen3Error", "ConfigError", "OptionError"]
