@@ -33,7 +33,7 @@ from .errors import OptionError
 KV_BITS = (4, 8)
 KV_GROUP_SIZES = (32, 64, 128)  # what mx.quantize takes
 FEW_QUERIES = 16  # up to this many queries (a decode step, a speculative check) read the packed cache itself
-SCORES_BYTES = 1 << 26  # a longer chunk's attention goes in blocks of queries whose scores take at most this
+SCORES_BYTES = 1 << 24  # a longer chunk's attention goes in blocks of queries whose scores take at most this
 
 
 @dataclass(frozen=True)
