@@ -27,8 +27,9 @@ quality: a random float32 model of the shape (bench.py's SHAPES; --layers to cut
 of std 0.02 scaled so that logits are peaked, with and without outlier key channels (4 k_proj output
 rows of each layer scaled 10-30x, as real models have): the float32 cache's greedy tokens after a
 random prompt, then each quantized cache fed the same tokens. KL(fp32 || quantized) of the next-token
-distributions (mean), top-1 agreement, max |delta logit|, and where free-running greedy decoding with
-the quantized cache first parts from the float32 cache's.
+distributions (mean and max), top-1 agreement, max |delta logit|, and where greedy decoding with the
+quantized cache first parts from the float32 cache's (the first position whose top-1 differs: until then
+both runs feed the same tokens), with the float32 logits' top-2 margin there.
 """
 
 from __future__ import annotations
@@ -284,8 +285,10 @@ def cmd_quality(a: argparse.Namespace) -> None:
                 quantized = mx.concatenate([model(prompt[:, -1:], cache)[0], model(teacher, cache)[0]])
                 lp, lq = (x - mx.logsumexp(x, axis=-1, keepdims=True) for x in (full, quantized))
                 kl = (mx.exp(lp) * (lp - lq)).sum(-1)
-                tokens, _ = greedy(model, prefilled(model, prompt, q), prompt[:, -1:], a.steps)
-                parted = next((i for i, (x, y) in enumerate(zip(tokens, ref_tokens)) if x != y), None)
+                # Fed the float32 cache's tokens, the quantized cache's greedy choice first differs where its own
+                # greedy run would first part (until then the two runs feed the same tokens).
+                parted = next((i for i, (x, y) in enumerate(zip(quantized.argmax(-1).tolist(), ref_tokens))
+                               if x != y), None)
                 margin = None
                 if parted is not None:
                     top2 = mx.sort(ref_logits[parted][0])[-2:]
