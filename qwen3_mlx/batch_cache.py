@@ -3,7 +3,9 @@ and values in one tensor, so that a decode step runs as one batch.
 
 - BatchKVCache: rows right-aligned (left-padded), each holding every token it has seen.
 - BatchRotatingKVCache: each row keeping its first tokens (its system prompt) and a window of its
-  latest ones, as RotatingKVCache keeps one row: one window size for all rows.
+  latest ones, as RotatingKVCache keeps one row: one window size for all rows. Without a window
+  (max_size None) it keeps every token: the cache of a speculative batch, whose rows each take back
+  their own number of tokens (trim_rows).
 - BatchSlots: a BatchKVCache as the compiled decode step (fast.py) sees it.
 """
 
@@ -194,12 +196,16 @@ class BatchKVCache:
 
     def row(self, i: int) -> tuple[Stored, Stored]:
         """Row i's keys and values (1, H_kv, held(i), D), in temporal order (packed with its head)."""
-        start = self.end - self.held(i)
-        k, v = (stored_map(lambda a: a[i : i + 1, :, start : self.end, :], x) for x in (self.keys, self.values))
+        cols = self._row_columns(i)
+        k, v = (stored_map(lambda a: a[i : i + 1, :, cols, :], x) for x in (self.keys, self.values))
         if self.head is not None:
             held = min(self.lengths[i], self.head_size)
             k, v = (x._replace(head=head[i : i + 1, :, :held, :]) for x, head in zip((k, v), self.head))
         return k, v
+
+    def _row_columns(self, i: int) -> slice | mx.array:
+        """The columns holding row i's tokens, in temporal order."""
+        return slice(self.end - self.held(i), self.end)
 
     @property
     def nbytes(self) -> int:
@@ -216,9 +222,14 @@ class BatchRotatingKVCache(BatchKVCache):
     see again are dropped and the rest packed to the right (ready()), so a row never takes more than
     max_size + step columns. A query at position t sees keys p <= t with p < keep or t - p < window,
     exactly as the single-row cache's attention does.
+
+    Without a window (max_size None) every row keeps all its tokens. Rows then take back their own
+    number of latest tokens (`trim_rows`, what speculative decoding rejected): their columns are
+    marked empty (-1) and masked out, and dropped when the buffers are next packed, so a step stays one
+    slice update for the whole batch and a row's rollback copies nothing.
     """
 
-    def __init__(self, max_size: int, quantization: KVQuantization | None = None) -> None:
+    def __init__(self, max_size: int | None, quantization: KVQuantization | None = None) -> None:
         super().__init__(quantization)
         self.max_size = max_size
         self.keeps: list[int] = []
@@ -230,13 +241,19 @@ class BatchRotatingKVCache(BatchKVCache):
         queries = np.array(self.lengths)[:, None, None] + np.arange(n)[:, None]  # (B, n, 1)
         keys = np.concatenate([self.positions, queries[:, :, 0]], axis=1)[:, None, :]  # (B, 1, end + n)
         keep = np.array(self.keeps)[:, None, None]
-        visible = (keys >= 0) & (keys <= queries) & ((keys < keep) | (queries - keys < self.max_size - keep))
+        visible = (keys >= 0) & (keys <= queries) & ((keys < keep) | self._in_window(queries - keys, keep))
         if self.quantization is None:
             return mx.array(visible)[:, None]
         h = np.minimum(self.head_size, keep)  # a row's kept positions read from its head
         head = np.arange(self.head_size)[None, None]
         head_mask = mx.array((head < h) & (head <= queries))[:, None] if self.head_size else None
         return head_mask, mx.array(visible & (keys >= h))[:, None]
+
+    def _in_window(self, distance: np.ndarray, keep: np.ndarray) -> np.ndarray:
+        """Whether a key `distance` positions before a query is within the query's window."""
+        if self.max_size is None:
+            return np.ones(np.broadcast_shapes(distance.shape, keep.shape), bool)
+        return distance < self.max_size - keep
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[Stored, Stored]:
         n = keys.shape[2]
@@ -253,7 +270,7 @@ class BatchRotatingKVCache(BatchKVCache):
             return
         p, seen = self.positions, np.array(self.lengths)[:, None]
         keep = np.array(self.keeps)[:, None]
-        needed = (p >= 0) & ((p < keep) | (p > seen - (self.max_size - keep)))
+        needed = (p >= 0) & ((p < keep) | self._in_window(seen - p, keep))
         width = int(needed.sum(axis=1).max())
         capacity = -(-(width + n) // self.step) * self.step
         index, positions = np.zeros((len(p), width), np.int32), np.full((len(p), width), -1)
@@ -269,17 +286,26 @@ class BatchRotatingKVCache(BatchKVCache):
         self.keys, self.values = stored_map(packed, self.keys), stored_map(packed, self.values)
         self.positions, self.end = positions, width
 
-    def add(self, cache: RotatingKVCache) -> None:
-        """Take in the row held by a single-row rotating cache of this max_size, as the last row."""
-        if cache.max_size != self.max_size:
-            raise ValueError(f"internal: a row of max_kv_size {cache.max_size} joins a batch of {self.max_size}")
+    def add(self, cache: KVCache) -> None:
+        """Take in the row held by a single-row cache, as the last row: a rotating one of this max_size,
+        or (without a window) a plain one."""
+        max_size = cache.max_size if isinstance(cache, RotatingKVCache) else None
+        if max_size != self.max_size:
+            raise ValueError(f"internal: a row of max_kv_size {max_size} joins a batch of {self.max_size}")
+        keep = cache.keep if isinstance(cache, RotatingKVCache) else EVERY_TOKEN
         keys, values, positions = cache.stored()
         held, end = positions.size, self.end
-        self._join(keys, values, held, cache.offset, min(cache.offset, self.head_size, cache.keep))
+        self._join(keys, values, held, cache.offset, min(cache.offset, self.head_size, keep))
         rows = np.full((len(self.lengths), self.end), -1)
         rows[:-1, self.end - end :] = self.positions
         rows[-1, self.end - held :] = np.array(positions)
-        self.positions, self.keeps = rows, self.keeps + [cache.keep]
+        self.positions, self.keeps = rows, self.keeps + [keep]
+
+    def trim_rows(self, counts: list[int]) -> None:
+        """Row i forgets its latest counts[i] tokens (it takes the next ones from there)."""
+        lengths = np.array(self.lengths) - np.array(counts)
+        self.positions = np.where(self.positions >= lengths[:, None], -1, self.positions)
+        self.lengths = lengths.tolist()
 
     def keep(self, rows: list[int]) -> None:
         end = self.end
@@ -295,10 +321,20 @@ class BatchRotatingKVCache(BatchKVCache):
         """Columns row i holds: fewer than the tokens it has seen once it has rotated."""
         return int((self.positions[i] >= 0).sum())
 
+    def _row_columns(self, i: int) -> slice | mx.array:
+        """Its columns that hold a position: a speculative batch's row may have empty ones between them."""
+        cols = np.flatnonzero(self.positions[i] >= 0)
+        if cols.size and cols[-1] - cols[0] + 1 == cols.size and cols[-1] == self.end - 1:
+            return slice(int(cols[0]), self.end)
+        return mx.array(cols)
+
     def storable(self, i: int) -> bool:
         """Not once it has dropped a token, nor when its head holds less than it would alone (its
         kept prefix shorter than quantized_kv_start)."""
         return self.held(i) == self.lengths[i] and self.keeps[i] >= min(self.lengths[i], self.head_size)
+
+
+EVERY_TOKEN = 2**62  # a row's `keep` when nothing rotates out
 
 
 class BatchSlots:

@@ -204,64 +204,63 @@ class DraftLength:
             self._misses, self._resting, self.k = 0, self.rest, 1
 
 
-# ---------------------------------------------------------------- the single-stream generator
+# ---------------------------------------------------------------- one request's speculation
 
 
-class SpeculativeGenerator:
-    """Token ids for one request, several a step: TokenGenerator's protocol (prefill, feed) with
-    `next_tokens()` in place of `next_token()`, and `keep(n)` to take back what the caller did not use.
+class Speculation:
+    """One request's speculation, for either loop (the single-stream generator below, a batch's row in
+    batch.py), around the loop's own forward pass: `draft()` the tokens to check after the latest one,
+    `settle()` the pass's logits into the tokens kept, `take_back()` what the caller did not use.
 
-    `last` is the latest token given out: it is not in the cache yet (the next step feeds it)."""
+    `context` is every token so far: the prompt, the tokens given out, forced ones; its last is the
+    latest token, which the next pass feeds (it is not in the cache yet)."""
 
-    def __init__(self, model: Model, cache: list[KVCache], draws: DrawState, proposer: PromptLookup | DraftModel,
-                 most: int, prompt_ids: Sequence[int]) -> None:
-        self.model, self.cache, self.draws, self.proposer = model, cache, draws, proposer
+    def __init__(self, draws: DrawState, proposer: PromptLookup | DraftModel, most: int,
+                 prompt_ids: Sequence[int]) -> None:
+        self.draws, self.proposer = draws, proposer
         self.length = DraftLength(most)
-        self.context = list(prompt_ids)  # every token so far, `last` included
-        self._pending: Draw | None = None  # the first draw after a prefill or forced tokens
-        self.last: int | None = None
+        self.context = list(prompt_ids)
         self.drafted = self.accepted = 0
-        self._given: list[int] = []  # the tokens the latest step gave out
 
-    def prefill(self, ids: Sequence[int], step_size: int = 2048, progress: Progress | None = None) -> None:
-        self._pending = prefill(self.model, self.cache, self.draws, ids, step_size, progress)
-
-    def feed(self, ids: Sequence[int]) -> None:
-        """Force `ids` next (after `last`), in one pass; drawing resumes after them."""
-        fed = ([self.last] if self.last is not None else []) + list(ids)
-        self._pending = step(self.model, self.cache, self.draws, mx.array(fed, mx.int32))
-        self.context += list(ids)
-        self.last, self._given = None, []
-
-    def next_tokens(self) -> list[tuple[int, TokenLogprob | None]]:
-        """The next tokens: the draws kept of this step's drafts, then the one after them."""
-        if self._pending is not None:
-            token, logprob = self._pending.read()
-            self._pending = None
-            self._give([token])
-            return [(token, logprob)]
+    def draft(self) -> Proposal:
+        """The drafts to feed after the latest token, which is remembered now (the history and the
+        grammar take it in); cut at the first draft the grammar refuses."""
         k = self.length.next()
         proposal = self.proposer.propose(self.context, k, self.draws) if k else Proposal([])
-        tokens, logprobs = self._verify(proposal)
-        self._give(tokens)
-        return list(zip(tokens, logprobs))
+        draws = self.draws
+        draws.remember(mx.array(self.context[-1:], mx.int32))
+        if draws.grammar is not None and proposal.tokens:
+            n = draws.grammar.valid_prefix(proposal.tokens)
+            proposal = Proposal(proposal.tokens[:n], proposal.q[:n] if proposal.q is not None and n else None)
+        return proposal
 
-    def keep(self, used: int) -> None:
-        """The caller used the first `used` (>= 1) of the latest tokens: take the rest back."""
-        unused = len(self._given) - used
-        if unused <= 0:
-            return
-        # The cache holds the step's input up to the last kept draft; the unused tokens after the
-        # new `last` were fed as drafts: trim them (and the history and grammar with them).
-        for c in self.cache:
-            c.trim(unused)
-        self._forget(unused)
-        del self.context[len(self.context) - unused :]
-        self.last, self._given = self._given[used - 1], self._given[:used]
-
-    def _give(self, tokens: list[int]) -> None:
+    def settle(self, logits: mx.array, proposal: Proposal) -> tuple[list[Given], int]:
+        """The tokens given out after a pass over the latest token and the drafts, whose logits are
+        (n + 1, V): the drafts kept and the token after them, with their log-probabilities; and how
+        many fed drafts were not kept (the caller takes them out of its cache)."""
+        draws, drafts = self.draws, proposal.tokens
+        if not drafts:  # the plain loop's own draw
+            token, logprob = draws.draw(logits[-1:]).read()
+            self.context.append(token)
+            return [(token, logprob)], 0
+        processed = self._processed(logits, drafts)
+        p = mx.stack([probabilities(draws, row) for row in processed])  # (n + 1, V)
+        kept, token = accept(draws, drafts, p, proposal.q, draws.next_key())
+        tokens = drafts[:kept] + [token.item()]
+        unkept = len(drafts) - kept
+        self._forget(unkept)
+        self.drafted += len(drafts)
+        self.accepted += kept
+        self.length.update(len(drafts), kept)
         self.context += tokens
-        self.last, self._given = tokens[-1], tokens
+        return [(t, _logprob(draws, processed[i], t)) for i, t in enumerate(tokens)], unkept
+
+    def take_back(self, unused: int) -> None:
+        """The caller did not use the latest `unused` tokens given out (the response ended, or forced
+        text in, before them): forgotten, as the cache holding the fed ones must forget them."""
+        if unused > 0:
+            self._forget(unused)
+            del self.context[len(self.context) - unused :]
 
     def _forget(self, n: int) -> None:
         draws = self.draws
@@ -269,33 +268,6 @@ class SpeculativeGenerator:
             draws.history = draws.history[: draws.history.shape[0] - n]
         if draws.grammar is not None:
             draws.grammar.rollback(n)
-
-    def _verify(self, proposal: Proposal) -> tuple[list[int], list[TokenLogprob | None]]:
-        """One pass of the target over `last` and the drafts; the kept drafts and the next token."""
-        draws, drafts = self.draws, proposal.tokens
-        if not drafts:  # nothing to check: the plain loop's own compiled step
-            draw = step(self.model, self.cache, draws, mx.array([self.last], mx.int32))
-            token, logprob = draw.read()
-            return [token], [logprob]
-        draws.remember(mx.array([self.last], mx.int32))
-        if draws.grammar is not None:  # cut at the first draft the grammar refuses
-            drafts = drafts[: draws.grammar.valid_prefix(drafts)]
-        with generation_stream():
-            logits = self.model(mx.array([[self.last, *drafts]], mx.int32), self.cache)[0]  # (n + 1, V)
-        processed = self._processed(logits, drafts)
-        p = mx.stack([probabilities(draws, row) for row in processed])  # (n + 1, V)
-        q = proposal.q[: len(drafts)] if proposal.q is not None and drafts else None
-        kept, token = accept(draws, drafts, p, q, draws.next_key())
-        tokens = drafts[:kept] + [token.item()]
-        unkept = len(drafts) - kept
-        for c in self.cache:
-            c.trim(unkept)
-        self._forget(unkept)
-        self.drafted += len(drafts)
-        self.accepted += kept
-        self.length.update(len(drafts), kept)
-        logprobs = [_logprob(draws, processed[i], t) for i, t in enumerate(tokens)]
-        return tokens, logprobs
 
     def _processed(self, logits: mx.array, drafts: list[int]) -> list[mx.array]:
         """The logits of each position (1, V) after the request's processors and grammar, the grammar
@@ -312,6 +284,72 @@ class SpeculativeGenerator:
             if i < len(drafts):
                 draws.remember(mx.array([drafts[i]], mx.int32))
         return out
+
+
+Given = tuple[int, "TokenLogprob | None"]  # a token given out, with its log-probabilities when asked for
+
+
+# ---------------------------------------------------------------- the single-stream generator
+
+
+class SpeculativeGenerator:
+    """Token ids for one request, several a step: TokenGenerator's protocol (prefill, feed) with
+    `next_tokens()` in place of `next_token()`, and `keep(n)` to take back what the caller did not use."""
+
+    def __init__(self, model: Model, cache: list[KVCache], draws: DrawState, proposer: PromptLookup | DraftModel,
+                 most: int, prompt_ids: Sequence[int]) -> None:
+        self.model, self.cache, self.draws = model, cache, draws
+        self.spec = Speculation(draws, proposer, most, prompt_ids)
+        self._pending: Draw | None = None  # the first draw after a prefill or forced tokens
+        self._given = 0  # how many tokens the latest step gave out
+
+    @property
+    def drafted(self) -> int:
+        return self.spec.drafted
+
+    @property
+    def accepted(self) -> int:
+        return self.spec.accepted
+
+    def prefill(self, ids: Sequence[int], step_size: int = 2048, progress: Progress | None = None) -> None:
+        self._pending = prefill(self.model, self.cache, self.draws, ids, step_size, progress)
+
+    def feed(self, ids: Sequence[int]) -> None:
+        """Force `ids` next (after the latest token), in one pass; drawing resumes after them."""
+        context = self.spec.context
+        fed = ([] if self._pending is not None else context[-1:]) + list(ids)
+        self._pending = step(self.model, self.cache, self.draws, mx.array(fed, mx.int32))
+        context += list(ids)
+        self._given = 0
+
+    def next_tokens(self) -> list[Given]:
+        """The next tokens: the draws kept of this step's drafts, then the one after them."""
+        if self._pending is not None:
+            token, logprob = self._pending.read()
+            self._pending = None
+            self.spec.context.append(token)
+            self._given = 1
+            return [(token, logprob)]
+        proposal = self.spec.draft()
+        with generation_stream():
+            fed = mx.array([self.spec.context[-1:] + proposal.tokens], mx.int32)
+            # No drafts: the plain loop's compiled one-token step.
+            logits = (self.model.decode(fed, self.cache) if not proposal.tokens else self.model(fed, self.cache)[0])
+        tokens, unkept = self.spec.settle(logits, proposal)
+        for c in self.cache:
+            c.trim(unkept)
+        self._given = len(tokens)
+        return tokens
+
+    def keep(self, used: int) -> None:
+        """The caller used the first `used` (>= 1) of the latest tokens: take the rest back (the cache
+        holds those before the new latest one: the unused were fed as drafts)."""
+        unused = self._given - used
+        if unused > 0:
+            for c in self.cache:
+                c.trim(unused)
+            self.spec.take_back(unused)
+            self._given = used
 
 
 def _logprob(draws: DrawState, logits: mx.array, token: int) -> TokenLogprob | None:
@@ -344,5 +382,5 @@ def check_draft(tokenizer: Tokenizer, draft_tokenizer: Tokenizer) -> None:
         raise OptionError("the draft model's tokenizer differs from the target's; give a draft of the same family")
 
 
-__all__ = ["DraftLength", "DraftModel", "PromptLookup", "Proposal", "SpeculativeGenerator", "accept",
+__all__ = ["DraftLength", "DraftModel", "PromptLookup", "Proposal", "Speculation", "SpeculativeGenerator", "accept",
            "check_draft", "distribution", "make_draw_state", "make_proposer", "probabilities"]
