@@ -268,10 +268,14 @@ def start_ranks(parallel: Any, draft_model: str | None = None, prompt_cache: Pat
     if parallel.mode is not None and prompt_cache is not None:
         raise click.UsageError("--prompt-cache does not go with --parallel: each rank holds only its part of the "
                                "cache; leave it out")
+    check_parallel_draft(parallel, draft_model)
+    return Ranks.start(parallel)
+
+
+def check_parallel_draft(parallel: Any, draft_model: str | None) -> None:
     if parallel.mode == "pipeline" and draft_model is not None:
         raise click.UsageError("--draft-model does not go with --parallel pipeline: its steps would wait on each "
                                "other across the ranks; use --parallel tensor, or --prompt-lookup")
-    return Ranks.start(parallel)
 
 
 # ---------------------------------------------------------------- printing a response
@@ -286,18 +290,17 @@ def print_stats(stats: Any) -> None:
         f"{f', forced: {stats.forced_tokens}' if stats.forced_tokens else ''}"
         f"{' (thinking budget reached)' if stats.budget_exhausted else ''}\n"
         f"generation: {stats.generation_tps:.1f} tok/s, time to first token: {stats.time_to_first_token:.2f} s\n"
-        f"{speculation(stats)}"
+        f"{speculation(stats.drafted_tokens, stats.accepted_tokens)}"
         f"peak memory: {stats.peak_memory_gb:.2f} GB, finish: {stats.finish_reason}",
         err=True,
     )
 
 
-def speculation(stats: Any) -> str:
-    """The speculative figures' line, when the response had drafts."""
-    if not stats.drafted_tokens:
+def speculation(drafted: int, accepted: int) -> str:
+    """The speculative figures' line, when there were drafts."""
+    if not drafted:
         return ""
-    rate = stats.accepted_tokens / stats.drafted_tokens
-    return f"speculative: {stats.accepted_tokens} of {stats.drafted_tokens} drafted tokens accepted ({rate:.0%})\n"
+    return f"speculative: {accepted} of {drafted} drafted tokens accepted ({accepted / drafted:.0%})\n"
 
 
 class ResponsePrinter:
@@ -446,9 +449,10 @@ def check_one_source(prompt: str | None, prompts_file: Path | None, output: Path
 
 
 def generate_batch(model: str, path: Path, output: Path | None, max_batch: int, system: str | None, raw: bool,
-                   options: GenerationOptions, display: Display, ranks: Any) -> None:
-    """--prompts-file: every request checked before any is generated, then all of them batched, the
-    results written in input order (under mlx.launch, by rank 0)."""
+                   options: GenerationOptions, display: Display, ranks: Any, draft_model: str | None = None) -> None:
+    """--prompts-file: every request checked before any is generated, then all of them batched (each
+    drafting with --draft-model or --prompt-lookup), the results written in input order (under
+    mlx.launch, by rank 0)."""
     import time
     import warnings
 
@@ -462,6 +466,7 @@ def generate_batch(model: str, path: Path, output: Path | None, max_batch: int, 
     output = output if ranks.leader else None  # rank 0 alone writes the results
     check_writable(output)
     loaded, tokenizer = ranks.load(model)
+    draft = ranks.load_draft(draft_model, tokenizer)
     check_batch_requests(loaded, tokenizer, batch.requests, path)
     ranks.agree(f"{path}'s requests", [request_json(r.prompt, r.options) for r in batch.requests])
     warnings.showwarning = _show_warning
@@ -471,7 +476,7 @@ def generate_batch(model: str, path: Path, output: Path | None, max_batch: int, 
         # steps (the scheduler's default prefill_budget), as the server computes them.
         results = ranks.batch_generate(loaded, tokenizer, [r.prompt for r in batch.requests],
                                        [r.options for r in batch.requests], max_batch=max_batch,
-                                       progress=lambda done, total: bar.update(done - bar.pos))
+                                       progress=lambda done, total: bar.update(done - bar.pos), draft_model=draft)
     if results is None:  # a rank other than 0: rank 0 writes them
         return
     seconds = time.perf_counter() - start
@@ -504,6 +509,8 @@ def print_batch_stats(results: list, seconds: float) -> None:
     generated = sum(len(r.token_ids) for r in results)
     click.echo(f"{len(results)} responses in {seconds:.1f} s; prompts: {prompt} tokens ({cached} cached); "
                f"generated: {generated} tokens, {generated / seconds if seconds else 0:.1f} tok/s in all", err=True)
+    drafted, accepted = sum(r.stats.drafted_tokens for r in results), sum(r.stats.accepted_tokens for r in results)
+    click.echo(speculation(drafted, accepted), err=True, nl=False)
 
 
 @main.command(context_settings=CONTEXT)
@@ -563,16 +570,13 @@ def generate(model: str, prompt: str | None, prompts_file: Path | None, output: 
     check_one_source(prompt, prompts_file, output, prompt_cache, prefill_response, options)
     ranks = start_ranks(parallel, draft_model, prompt_cache)
     if prompts_file is not None:
-        if draft_model is not None or options.prompt_lookup:
-            raise click.UsageError("--draft-model and --prompt-lookup speculate in one stream; a --prompts-file "
-                                   "batch does not draft yet: leave them out")
-        generate_batch(model, prompts_file, output, max_batch, system, raw, options, display, ranks)
+        generate_batch(model, prompts_file, output, max_batch, system, raw, options, display, ranks, draft_model)
         return
     # Under mlx.launch rank 0 reads stdin, up to an empty line (the launcher's pipe never ends), for every rank.
     text = ranks.from_leader(functools.partial(read_prompt, prompt, ranks.launched))
     check_writable(prompt_cache)
     loaded, tokenizer = ranks.load(model)
-    draft = load_draft(draft_model, tokenizer, ranks)
+    draft = ranks.load_draft(draft_model, tokenizer)
     # The ids are what the prompt cache is matched against; the prefill is part of them.
     ids, thinking = encode_prompt(tokenizer, Prompt(text, system=system, raw=raw, prefill_response=prefill_response),
                                   think=options.think)
@@ -590,18 +594,6 @@ def generate(model: str, prompt: str | None, prompts_file: Path | None, output: 
     if cache is not None and not save_prompt_cache(prompt_cache, cache, ids, loaded):
         click.echo(f"warning: {prompt_cache} not saved: the rotating cache has moved past the prompt", err=True)
     check_complete(stats, options)
-
-
-def load_draft(path: str | None, tokenizer: Any, ranks: Any) -> Any:
-    """--draft-model: the draft model, refused in one line when it does not share the model's tokenizer.
-    Under --parallel it is split as the model is, so that every rank drafts the same tokens."""
-    if path is None:
-        return None
-    from .speculative import check_draft
-
-    draft, draft_tokenizer = ranks.load(path)
-    check_draft(tokenizer, draft_tokenizer)
-    return draft
 
 
 def check_complete(stats: Any, options: GenerationOptions) -> None:
@@ -731,7 +723,7 @@ def chat(model: str, system: str | None, draft_model: str | None, parallel: Any,
     ranks = start_ranks(parallel, draft_model)
     loaded, tokenizer = ranks.load(model)
     session = ChatSession(ranks.watched(loaded), tokenizer, options, system=system,
-                          draft_model=ranks.watched(load_draft(draft_model, tokenizer, ranks)))
+                          draft_model=ranks.watched(ranks.load_draft(draft_model, tokenizer)))
     warnings.showwarning = _show_warning
     interactive = sys.stdin.isatty() and not ranks.launched
     if interactive:
@@ -869,14 +861,23 @@ def convert(source: str | None, output: Path | None, hf_path: str | None, mlx_pa
 @click.option("--grace", type=click.FloatRange(min=0), default=30.0, show_default=True, metavar="SECONDS",
               help="After SIGTERM or Ctrl-C, how long running requests may take to finish before they are cancelled.")
 @click.option("--no-ui", is_flag=True, help="Do not serve the chat page at / (the APIs alone).")
+@click.option("--draft-model", metavar="MODEL",
+              help="Speculative decoding for every request: this smaller model of the same family (folder or Hub id) "
+                   "drafts tokens the model checks in one pass; the output is the model's own.")
+@click.option("--prompt-lookup", is_flag=True,
+              help="Speculative decoding for every request by drafting what followed the last words earlier in its "
+                   "prompt or text; costs nothing when nothing matches.")
+@click.option("--num-draft-tokens", type=click.IntRange(min=0), default=DEFAULTS.num_draft_tokens, show_default=True,
+              metavar="K", help="With --draft-model or --prompt-lookup: the longest draft of a request that gives no "
+                                "num_draft_tokens of its own (0: none).")
 @user_errors
 @parallel_options
 @version
 def serve(model: str, host: str, port: int, served_model_names: tuple[str, ...], api_key: str | None,
           max_batch: int, memory_limit: float | None, kv_memory: float | None, prompt_cache_gb: float,
           kv_bits: int | None, max_kv_size: int | None, thinking_budget: int | None, max_tokens: int,
-          cors_origin: str | None, grace: float,
-          no_ui: bool, parallel: Any) -> None:
+          cors_origin: str | None, grace: float, no_ui: bool, draft_model: str | None, prompt_lookup: bool,
+          num_draft_tokens: int, parallel: Any) -> None:
     """Serve the model over HTTP: OpenAI's API (/v1/chat/completions, /v1/completions, /v1/responses,
     /v1/models), Anthropic's (/v1/messages), /health, and a chat page at / (--no-ui: none); /docs
     describes it. Needs the serve extra: pip install "qwen3-mlx[serve]".
@@ -888,6 +889,7 @@ def serve(model: str, host: str, port: int, served_model_names: tuple[str, ...],
     Under mlx.launch (--parallel) rank 0 serves, every rank computes; a rank lost ends the requests in
     flight with an error, then the server (exit 1). --kv-memory and --prompt-cache-gb are then per rank.
     """
+    check_parallel_draft(parallel, draft_model)
     try:
         from .server.serve import serve as run_server
     except ImportError as e:  # FastAPI or uvicorn missing
@@ -897,4 +899,5 @@ def serve(model: str, host: str, port: int, served_model_names: tuple[str, ...],
                max_batch=max_batch, kv_memory=int(kv_memory * 1e9) if kv_memory else None,
                memory_limit=int(memory_limit * 1e9) if memory_limit else None, max_kv_size=max_kv_size,
                prompt_cache_bytes=int(prompt_cache_gb * 1e9), kv_bits=kv_bits, thinking_budget=thinking_budget,
-               max_tokens=max_tokens, cors_origin=cors_origin, grace=grace, parallel=parallel, ui=not no_ui)
+               max_tokens=max_tokens, cors_origin=cors_origin, grace=grace, parallel=parallel, ui=not no_ui,
+               draft_model=draft_model, prompt_lookup=prompt_lookup, num_draft_tokens=num_draft_tokens)

@@ -104,6 +104,10 @@ class DraftModel:
         self.held = list(context) + drafted[:-1]
         return Proposal(drafted, mx.stack(qs))
 
+    @property
+    def nbytes(self) -> int:
+        return sum(c.nbytes for c in self.cache if c.keys is not None)
+
     def _follow(self, ids: Sequence[int]) -> None:
         """Bring the cache to hold exactly `ids`."""
         keep = 0
@@ -255,6 +259,11 @@ class Speculation:
         self.context += tokens
         return [(t, _logprob(draws, processed[i], t)) for i, t in enumerate(tokens)], unkept
 
+    @property
+    def nbytes(self) -> int:
+        """Its draft model's cache."""
+        return getattr(self.proposer, "nbytes", 0)
+
     def take_back(self, unused: int) -> None:
         """The caller did not use the latest `unused` tokens given out (the response ended, or forced
         text in, before them): forgotten, as the cache holding the fed ones must forget them."""
@@ -365,15 +374,21 @@ def _logprob(draws: DrawState, logits: mx.array, token: int) -> TokenLogprob | N
     return TokenLogprob(token, logprobs[token].item(), tuple(pairs))
 
 
-def make_proposer(model: Model, opts: GenerationOptions, draft_model: Model | None) -> PromptLookup | DraftModel | None:
-    """The request's proposer, or None when it does not speculate (num_draft_tokens 0, or nothing asked)."""
-    if not opts.num_draft_tokens or (draft_model is None and not opts.prompt_lookup):
+def make_proposer(model: Model, opts: GenerationOptions, draft_model: Model | None,
+                  prompt_lookup: bool = False) -> PromptLookup | DraftModel | None:
+    """The request's proposer, or None when it does not speculate (num_draft_tokens 0, or nothing asked):
+    a draft model, or prompt lookup (the request's option, or the run's `prompt_lookup`)."""
+    check_proposers(opts, draft_model)
+    if not opts.num_draft_tokens or (draft_model is None and not (opts.prompt_lookup or prompt_lookup)):
         return None
-    if draft_model is not None and opts.prompt_lookup:
-        raise OptionError("prompt_lookup and a draft model exclude each other; give one")
     if draft_model is not None:
         return DraftModel(draft_model, model)
     return PromptLookup(opts.prompt_lookup_min, opts.prompt_lookup_max)
+
+
+def check_proposers(opts: GenerationOptions, draft_model: Model | None) -> None:
+    if draft_model is not None and opts.prompt_lookup:
+        raise OptionError("prompt_lookup and a draft model exclude each other; give one")
 
 
 def check_draft(tokenizer: Tokenizer, draft_tokenizer: Tokenizer) -> None:

@@ -43,8 +43,10 @@ class BatchScriptedModel:
         keys, _ = c.update_and_fetch(*(ids.astype(mx.float32).reshape(B, 1, L, 1),) * 2)
         lengths = getattr(c, "lengths", None) or [c.offset]
         rows = []
+        positions = getattr(c, "positions", None)  # a speculative batch's rows may have empty columns
         for i, length in enumerate(lengths):
-            history = [int(t) for t in keys[i, 0, keys.shape[2] - length :, 0].tolist()]
+            cols = range(keys.shape[2] - length, keys.shape[2]) if positions is None else (positions[i] >= 0).nonzero()[0]
+            history = [int(t) for t in keys[i, 0, mx.array([int(c) for c in cols]), 0].tolist()]
             # Each of the L positions reads its own history (a speculative pass checks several).
             nexts = [self.script(*self.split(history[: len(history) - L + 1 + j])) for j in range(L)]
             rows.append(mx.stack([mx.where(mx.arange(VOCAB) == t, 50.0, 0.0) for t in nexts]))

@@ -9,8 +9,10 @@ from checkpoints import make_checkpoint
 from server_stubs import BatchScriptedModel
 
 from qwen3_mlx import generate, load
+from qwen3_mlx.batch import batch_generate
 from qwen3_mlx.errors import OptionError
 from qwen3_mlx.loader import load_model
+from qwen3_mlx.options import GenerationOptions
 from qwen3_mlx.request import DrawState
 from qwen3_mlx.response import EARLY_STOP_TEXT
 from qwen3_mlx.sampling import SamplingParams, make_sampler
@@ -115,6 +117,146 @@ def test_logprobs_are_the_plain_loops(tiny):
     assert [[t for t, _ in p.top] for p in looked.logprobs] == [[t for t, _ in p.top] for p in plain.logprobs]
 
 
+# ---------------------------------------------------------------- in a batch: each row as alone
+
+
+def alone_and_batched(model, tok, requests, **whole):
+    """Each (prompt, options) alone through generate, and all of them through one batch_generate."""
+    alone = [generate(model, tok, prompt, **options, **whole) for prompt, options in requests]
+    batched = batch_generate(model, tok, [prompt for prompt, _ in requests], [GenerationOptions(**options)
+                             for _, options in requests], **whole)
+    return alone, batched
+
+
+def same(a, b):
+    return (a.token_ids, a.content, a.reasoning, a.stats.finish_reason, a.stats.drafted_tokens,
+            a.stats.accepted_tokens) == (b.token_ids, b.content, b.reasoning, b.stats.finish_reason,
+                                         b.stats.drafted_tokens, b.stats.accepted_tokens)
+
+
+def test_a_batch_of_8_with_a_draft_gives_each_row_its_tokens_alone(tiny, other_tiny):
+    """Rows that draft and rows that do not (num_draft_tokens 0), greedy and seeded, with logprobs, a
+    penalty, a grammar and a stop string, each row's tokens and counts are those it gets alone with the
+    same draft; the greedy ones are the plain loop's."""
+    model, tok = tiny
+    plain = dict(think=False, max_tokens=16)
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    requests = [("Why is the sky blue?", dict(**plain, **GREEDY)),
+                ("Hi", dict(**plain, temp=0.8, seed=5)),
+                ("one two three one two", dict(**plain, **GREEDY, logprobs=2)),
+                ("Tell me more", dict(**plain, **GREEDY, num_draft_tokens=0)),
+                ("Count", dict(**plain, temp=1.0, top_k=3, presence_penalty=1.5, seed=9)),
+                ('{"n": 1}', dict(**plain, **GREEDY, json_schema=schema)),
+                ("Stop here", dict(**plain, **GREEDY, stop=["e"])),
+                ("A longer prompt than the others, by some way", dict(think=False, max_tokens=5, **GREEDY))]
+    for draft in (other_tiny[0], model):
+        alone, batched = alone_and_batched(model, tok, requests, draft_model=draft)
+        assert [same(a, b) for a, b in zip(alone, batched)] == [True] * 8
+        assert [p.logprob for p in batched[2].logprobs] == [p.logprob for p in alone[2].logprobs]
+        assert batched[3].stats.drafted_tokens == 0 and batched[0].stats.drafted_tokens > 0
+    for i in (0, 2, 3, 5, 6, 7):
+        assert batched[i].token_ids == generate(model, tok, requests[i][0], **requests[i][1]).token_ids
+
+
+def test_prompt_lookup_in_a_batch_acts_at_the_same_tokens_as_alone(tok):
+    """An end of turn, a stop string, max_tokens, max_total_tokens and the thinking budget's cut inside
+    drafts, each in a row of one batch, beside rows that do not look up."""
+    (a,) = tok.encode(" a")
+    cycle, eot = tok.encode(" la di da"), tok.token_to_id("<|im_end|>")
+
+    def script(prompt, response):
+        if tok.decode(prompt).rstrip().endswith("a a a a a a<|im_end|>\n<|im_start|>assistant"):
+            if not response:
+                return tok.think_start_id
+            return eot if tok.think_end_id in response else a
+        if "stop" in tok.decode(prompt) and len(response) >= 15:
+            return eot
+        return cycle[len(response) % len(cycle)]
+
+    model = stub(tok, script)
+    song = "sing la di da la di da"
+    requests = [(song + " stop", dict(think=False, **GREEDY, **LOOKUP)),
+                (song, dict(think=False, stop=["di da la"], **GREEDY, **LOOKUP)),
+                (song, dict(think=False, max_tokens=7, **GREEDY, **LOOKUP)),
+                (song, dict(think=False, max_total_tokens=5, **GREEDY, **LOOKUP)),
+                ("Why? a a a a a a", dict(thinking_budget=7, **GREEDY, **LOOKUP)),
+                ("Why? a a a a a a", dict(thinking_budget=3, **GREEDY, **LOOKUP)),
+                (song, dict(think=False, max_tokens=20, **GREEDY)),
+                (song, dict(think=False, max_tokens=30, **GREEDY, **LOOKUP))]
+    alone, batched = alone_and_batched(model, tok, requests)
+    assert [same(a, b) for a, b in zip(alone, batched)] == [True] * 8
+    assert batched[0].token_ids[-1] == eot and batched[4].stats.reasoning_tokens == 7
+    assert [b.stats.drafted_tokens > 0 for b in batched] == [True] * 6 + [False, True]
+    assert [b.stats.accepted_tokens > 0 for b in batched] == [True, False, True, True, True, False, False, True]
+    for (prompt, options), b in zip(requests, batched):  # and the plain loop's
+        plain = {k: v for k, v in options.items() if k not in LOOKUP}
+        assert b.token_ids == generate(model, tok, prompt, **plain).token_ids
+
+
+def test_a_rotating_cache_that_wraps_while_drafting_gives_the_plain_tokens_in_a_batch(tiny):
+    """max_kv_size in a speculative batch: each row rolls back its own rejected drafts after its window
+    has wrapped, and gives the tokens of the plain rotating loop alone."""
+    model, tok = tiny
+    prompts = ["Why is the sky blue?", "one two three one two three", "Hi"]
+    options = dict(think=False, max_tokens=40, max_kv_size=32, **GREEDY)
+    plain = [generate(model, tok, p, **options).token_ids for p in prompts]
+    drafted = batch_generate(model, tok, prompts, draft_model=model, **options)
+    assert [r.token_ids for r in drafted] == plain
+    assert all(r.stats.accepted_tokens > 0 for r in drafted)
+
+
+def test_the_engine_and_the_server_draft_for_every_request_and_count_the_predictions(tiny, other_tiny):
+    """serve --draft-model: each answer is the request's alone with that draft (the OpenAI SDK reads it),
+    usage says how many drafts were kept and not; num_draft_tokens 0 turns it off for one request;
+    the draft's caches count in the engine's KV figure; prompt_lookup is refused where nothing speculates."""
+    import openai
+    from server_live import LiveServer
+
+    from qwen3_mlx.engine import Engine
+    from qwen3_mlx.server import create_app
+
+    model, tok = tiny
+    draft = other_tiny[0]
+    with Engine(model, tok, draft_model=draft) as engine, LiveServer(create_app(engine, model_id="m")) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="-", max_retries=0)
+
+        def ask(prompt, **extra):
+            return client.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": prompt}], max_tokens=16, temperature=0,
+                extra_body={"chat_template_kwargs": {"enable_thinking": False}, **extra})
+
+        reply, alone = ask("Why is the sky blue?"), generate(model, tok, "Why is the sky blue?", think=False,
+                                                            max_tokens=16, draft_model=draft, **GREEDY)
+        assert reply.choices[0].message.content == alone.content
+        details = reply.usage.completion_tokens_details
+        assert (details.accepted_prediction_tokens, details.rejected_prediction_tokens) == (
+            alone.stats.accepted_tokens, alone.stats.drafted_tokens - alone.stats.accepted_tokens)
+        assert alone.stats.drafted_tokens > 0
+        details = ask("Why is the sky blue?", num_draft_tokens=0).usage.completion_tokens_details
+        assert (details.accepted_prediction_tokens, details.rejected_prediction_tokens) == (0, 0)
+        request = engine.submit("Count to a hundred", think=False, max_tokens=200, **GREEDY)
+        next(iter(request))  # in the batch: its cache and its draft's
+        draft_cache = sum(row.spec.nbytes for row in engine._scheduler.gen.rows)
+        assert draft_cache > 0 and engine.memory()["kv"] >= draft_cache
+        request.cancel()
+    with Engine(model, tok) as engine:
+        with pytest.raises(OptionError) as e:
+            engine.submit("Hi", prompt_lookup=True)
+    assert str(e.value) == ("prompt_lookup: this batch does not speculate; start it with prompt_lookup (serve "
+                            "--prompt-lookup) or a draft model")
+
+
+def test_serve_refuses_a_draft_in_a_pipeline(tiny_checkpoint):
+    from click.testing import CliRunner
+
+    from qwen3_mlx import cli
+
+    run = CliRunner().invoke(cli.main, ["serve", "--model", str(tiny_checkpoint), "--draft-model",
+                                        str(tiny_checkpoint), "--parallel", "pipeline"])
+    assert run.exit_code == 2 and ("--draft-model does not go with --parallel pipeline: its steps would wait on each "
+                                   "other across the ranks; use --parallel tensor, or --prompt-lookup") in run.stderr
+
+
 # ---------------------------------------------------------------- sampling
 
 
@@ -151,10 +293,11 @@ def test_sampling_with_a_mismatched_draft_follows_the_target(tiny, other_tiny):
     model, tok = tiny
     options = dict(think=False, max_tokens=2, temp=1.0, top_k=3, top_p=1.0, presence_penalty=1.5,
                    num_draft_tokens=2)
-    n = 300
-    plain = Counter(tuple(generate(model, tok, "Hi", seed=s, **options).token_ids) for s in range(n))
-    drafted = Counter(tuple(generate(model, tok, "Hi", seed=s, draft_model=other_tiny[0], **options).token_ids)
-                      for s in range(n))
+    n = 200  # in batches of 64 (a speculative batch's row draws as it does alone, tests above)
+    seeds = [GenerationOptions(seed=s, **options) for s in range(n)]
+    plain = Counter(tuple(r.token_ids) for r in batch_generate(model, tok, ["Hi"] * n, seeds, max_batch=64))
+    drafted = Counter(tuple(r.token_ids) for r in batch_generate(model, tok, ["Hi"] * n, seeds, max_batch=64,
+                                                                 draft_model=other_tiny[0]))
     cells = [c for c in set(plain) | set(drafted) if plain[c] + drafted[c] >= 10]
     chi2 = sum((plain[c] - drafted[c]) ** 2 / (plain[c] + drafted[c]) for c in cells)
     assert chi2 < 3.0 * max(len(cells) - 1, 1) + 10  # well below what a wrong rule gives (hundreds)
@@ -214,7 +357,7 @@ def test_stats_count_drafted_and_accepted_tokens(tok):
 # ---------------------------------------------------------------- the command line and the chat
 
 
-def test_generate_drafts_from_the_command_line_and_shows_the_acceptance(tiny_checkpoint, tiny):
+def test_generate_drafts_from_the_command_line_and_shows_the_acceptance(tiny_checkpoint, tiny, tmp_path):
     from click.testing import CliRunner
 
     from qwen3_mlx import cli
@@ -228,9 +371,17 @@ def test_generate_drafts_from_the_command_line_and_shows_the_acceptance(tiny_che
     assert plain.stdout == looked.stdout == drafted.stdout
     assert "speculative:" not in plain.stderr
     assert "drafted tokens accepted (100%)" in drafted.stderr  # the model drafting for itself
-    batch = CliRunner().invoke(cli.main, ["generate", "--model", str(tiny_checkpoint), "--prompts-file",
-                                          str(tiny_checkpoint / "config.json"), "--prompt-lookup"])
-    assert batch.exit_code == 2 and "a --prompts-file batch does not draft yet" in batch.stderr
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("one two three one two three one two\nWhy is the sky blue?\nHi\n")
+    args = ["generate", "--model", str(tiny_checkpoint), "--prompts-file", str(prompts), "--no-think", "--temp", "0",
+            "-m", "12", "-v"]
+    runs = [CliRunner().invoke(cli.main, [*args, *more]) for more in
+            ([], ["--prompt-lookup"], ["--draft-model", str(tiny_checkpoint)])]
+    assert [run.exit_code for run in runs] == [0, 0, 0], runs[2].output
+    assert runs[0].stdout == runs[1].stdout == runs[2].stdout and len(runs[0].stdout.splitlines()) == 3
+    assert "speculative:" not in runs[0].stderr
+    assert "speculative: 27 of 27 drafted tokens accepted (100%)" in runs[2].stderr
 
 
 def test_a_chat_drafts_every_turn(tiny):

@@ -24,6 +24,7 @@ from fastapi.responses import FileResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
 from ..errors import Qwen3Error
+from ..options import GenerationOptions
 from ..response import Chunk, TokenLogprob
 from . import anthropic as a
 from . import protocol as p
@@ -40,7 +41,7 @@ _ANTHROPIC_DOCS = {status: {"model": a.ErrorResponse} for status in ERROR_DOCS}
 def create_app(engine: Any, *, model_id: str, aliases: Sequence[str] = (), api_key: str | None = None,
                max_tokens_cap: int = 4096, default_thinking_budget: int | None = None,
                cors_origin: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, ui: bool = True,
-               response_store: r.ResponseStore | None = None) -> FastAPI:
+               response_store: r.ResponseStore | None = None, defaults: GenerationOptions | None = None) -> FastAPI:
     """The FastAPI app over a started engine.Engine (the caller starts and closes it).
 
     Setting `app.state.draining` (serve.py does, on a signal) answers every new request with a 503.
@@ -57,8 +58,10 @@ def create_app(engine: Any, *, model_id: str, aliases: Sequence[str] = (), api_k
         max_body_bytes: larger request bodies get a 413.
         ui: serve the chat page at /.
         response_store: where /v1/responses keeps stored responses (default: 256 of them, 64 MiB).
+        defaults: the options of what a request leaves unset (serve's --num-draft-tokens).
     """
-    settings = Settings(model_id, max_tokens_cap, default_thinking_budget, aliases=tuple(aliases))
+    settings = Settings(model_id, max_tokens_cap, default_thinking_budget, aliases=tuple(aliases),
+                        defaults=defaults or GenerationOptions())
     app = FastAPI(title="qwen3-mlx", summary="An OpenAI- and Anthropic-compatible server for Qwen3 with "
                                              "reasoning, a per-request thinking budget and tool calls")
     app.state.engine, app.state.settings, app.state.created = engine, settings, int(time.time())

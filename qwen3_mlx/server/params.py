@@ -222,6 +222,7 @@ def generation_options(body: SamplingParameters, settings: Settings, asked: int 
         stop=stop,
         seed=body.seed,
         logprobs=logprobs,
+        num_draft_tokens=body.num_draft_tokens,
     )
     always = ("think", "thinking_budget", "max_tokens", "max_total_tokens", "logprobs")  # the body's, given or not
     return settings.defaults.replace(**{k: v for k, v in given.items() if k in always or v not in (None, ())})

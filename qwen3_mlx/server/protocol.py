@@ -140,6 +140,9 @@ class SamplingParameters(_Request):
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = Field(
         None, description="A thinking budget by name (options.REASONING_EFFORTS): none 0, minimal 256, low 1024, "
                           "medium 4096, high 16384, xhigh 32768, max no limit.")
+    num_draft_tokens: Annotated[int, Field(ge=0, le=64)] | None = Field(
+        None, description="On a server that speculates (serve --draft-model or --prompt-lookup): the longest draft "
+                          "for this request; 0: none.")
 
 
 class ChatCompletionRequest(SamplingParameters):
@@ -172,6 +175,8 @@ class PromptTokensDetails(_Body):
 
 class CompletionTokensDetails(_Body):
     reasoning_tokens: int = 0
+    accepted_prediction_tokens: int = 0  # speculative decoding's drafts kept
+    rejected_prediction_tokens: int = 0  # and those the model did not keep
 
 
 class Usage(_Body):

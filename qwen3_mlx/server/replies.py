@@ -69,12 +69,17 @@ class Reply:
 def usage(stats: GenerationStats) -> p.Usage:
     """The one rule of usage, vLLM's: completion_tokens counts every token of the response, reasoning,
     <think> tags, forced text and the end-of-turn token included (what max_tokens counts, so it never
-    exceeds it); reasoning_tokens, those the model wrote inside the reasoning."""
+    exceeds it); reasoning_tokens, those the model wrote inside the reasoning; accepted and rejected
+    prediction tokens, speculative decoding's drafts kept and not kept (OpenAI's names, from its
+    predicted outputs)."""
     completion = len(stats.token_ids)
+    details = p.CompletionTokensDetails(reasoning_tokens=stats.reasoning_tokens,
+                                        accepted_prediction_tokens=stats.accepted_tokens,
+                                        rejected_prediction_tokens=stats.drafted_tokens - stats.accepted_tokens)
     return p.Usage(prompt_tokens=stats.prompt_tokens, completion_tokens=completion,
                    total_tokens=stats.prompt_tokens + completion,
                    prompt_tokens_details=p.PromptTokensDetails(cached_tokens=stats.cached_tokens),
-                   completion_tokens_details=p.CompletionTokensDetails(reasoning_tokens=stats.reasoning_tokens))
+                   completion_tokens_details=details)
 
 
 def chat_completion(reply: Reply, model_id: str, logprobs: bool, tokenizer: Any) -> p.ChatCompletion:

@@ -29,6 +29,7 @@ import uvicorn
 from ..distributed import DistributedEngine, ParallelOptions, Ranks
 from ..engine import Engine
 from ..errors import Qwen3Error
+from ..options import GenerationOptions
 from .app import create_app
 
 log = logging.getLogger("uvicorn.error")  # uvicorn's own log, so the drain's lines read as its others
@@ -119,13 +120,16 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8080, served_model
           prompt_cache_bytes: int = 1 << 30, thinking_budget: int | None = None, max_tokens: int = 4096,
           cors_origin: str | None = None, grace: float = 30.0, log_level: str = "info",
           kv_bits: int | None = None, parallel: ParallelOptions | None = None, ui: bool = True,
-          memory_limit: int | None = None, max_kv_size: int | None = None) -> None:
+          memory_limit: int | None = None, max_kv_size: int | None = None, draft_model: str | None = None,
+          prompt_lookup: bool = False, num_draft_tokens: int | None = None) -> None:
     """Serve `model` (a checkpoint folder or Hub repo id) until a signal; see the module's docstring.
 
     `served_model_names`: the names a request's `model` may give, the first one reported in responses;
     none: `model` as given. `parallel`: the split of the model over the ranks of a launched job.
-    `ui`: serve the chat page at / (create_app). `memory_limit`, `kv_memory`, `kv_bits`, `max_kv_size`:
-    the engine's (engine.Engine; memory_limit None: 75% of the device's).
+    `ui`: serve the chat page at / (create_app). `memory_limit`, `kv_memory`, `kv_bits`, `max_kv_size`,
+    `prompt_lookup`: the engine's (engine.Engine; memory_limit None: 75% of the device's).
+    `draft_model`: a checkpoint folder or Hub id of a smaller model of the same family that drafts
+    for every request; `num_draft_tokens`: the longest draft of a request that gives none.
 
     Raises:
         Qwen3Error: the port cannot be bound; the model cannot be loaded; a rank was lost.
@@ -135,18 +139,22 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8080, served_model
     sock = ranks.from_leader(functools.partial(listen, host, port), share=False)  # rank 0's; the others: None
     engine_args = {"max_batch": max_batch, "kv_memory": kv_memory, "prompt_cache_bytes": prompt_cache_bytes,
                    "kv_bits": kv_bits, "memory_limit": memory_limit, "max_kv_size": max_kv_size}
+    engine_args["prompt_lookup"] = prompt_lookup
     if not ranks.leader:
-        follow(model, ranks, engine_args)
+        follow(model, ranks, engine_args, draft_model)
         return
     try:
         loaded, tokenizer = ranks.load(model)
+        engine_args["draft_model"] = ranks.load_draft(draft_model, tokenizer)
         if ranks.launched:
             engine = DistributedEngine(loaded, tokenizer, ranks, **engine_args).start()
         else:
             engine = Engine(loaded, tokenizer, **engine_args).start()
         names = list(served_model_names) or [model]
         app = create_app(engine, model_id=names[0], aliases=names[1:], api_key=api_key, max_tokens_cap=max_tokens,
-                         default_thinking_budget=thinking_budget, cors_origin=cors_origin, ui=ui)
+                         default_thinking_budget=thinking_budget, cors_origin=cors_origin, ui=ui,
+                         defaults=GenerationOptions().replace(num_draft_tokens=num_draft_tokens)
+                         if num_draft_tokens is not None else None)
         config = uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=_FLUSH_SECONDS,
                                 log_level=log_level)
         server = _Server(config, app, grace)
@@ -164,9 +172,10 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8080, served_model
         raise KeyboardInterrupt
 
 
-def follow(model: str, ranks: Ranks, engine_args: dict) -> None:
+def follow(model: str, ranks: Ranks, engine_args: dict, draft_model: str | None = None) -> None:
     """A rank other than 0: its part of the model, and rank 0's engine rounds until its server ends.
     Ctrl-C (sent to every rank of a terminal's launcher) is rank 0's to act on."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     loaded, tokenizer = ranks.load(model)
+    engine_args = {**engine_args, "draft_model": ranks.load_draft(draft_model, tokenizer)}
     DistributedEngine(loaded, tokenizer, ranks, **engine_args).follow()
