@@ -4,6 +4,7 @@
     python benchmarks/spec_bench.py pair /tmp/spec-src /tmp/spec --draft-layers 2
     python benchmarks/spec_bench.py draft /tmp/spec [--k 2 4 6] [--tokens 64] [--trials 3]
     python benchmarks/spec_bench.py lookup /tmp/spec/target [--tokens 64] [--trials 3]
+    python benchmarks/spec_bench.py batch /tmp/spec [--rows 8] [--k 4] [--tokens 64] [--trials 3]
 
 pair: random weights decide how often a draft agrees, so the pair is built to agree: the target is the
 source with every layer from --draft-layers on made to add nothing (its o_proj and down_proj zero), and
@@ -22,6 +23,10 @@ the time of one compiled one-token step, both measured here.
 lookup: prompt lookup (no draft model) on text it can predict (a prompt that repeats a passage, decoded
 greedily: the model repeats it) and on text it cannot (sampled at temperature 1 from a random prompt,
 where no draft is kept and the adaptive length rests): tok/s against plain decoding.
+
+batch: --rows requests decoded together by batch_generate, greedy: plain, with the pair's draft, and
+with prompt lookup on predictable prompts (each row its own repeated passage); aggregate tok/s, and
+whether every row's tokens equal the plain batch's.
 """
 
 from __future__ import annotations
@@ -214,6 +219,36 @@ def cmd_lookup(a: argparse.Namespace) -> None:
                   f"{looked[0]['drafted']} |")
 
 
+def cmd_batch(a: argparse.Namespace) -> None:
+    from qwen3_mlx import load
+    from qwen3_mlx.batch import batch_generate
+
+    target, tok = load(Path(a.pair) / "target")
+    draft, _ = load(Path(a.pair) / "draft")
+    vocab = target.args.vocab_size
+    options = dict(max_tokens=a.tokens, temp=0.0, top_k=0, top_p=1.0, min_p=0.0, think=False,
+                   logit_bias={t: float("-inf") for t in EOS_IDS if t < vocab}, num_draft_tokens=a.k[0])
+    prompts = [prompt_ids(vocab, 24, seed=10 + i) * 3 for i in range(a.rows)]
+
+    def run(**more) -> tuple[float, list, int, int]:
+        times, results = [], None
+        for _ in range(a.trials):
+            start = time.perf_counter()
+            results = batch_generate(target, tok, prompts, max_batch=a.rows, **options, **more)
+            times.append(time.perf_counter() - start)
+        tokens = sum(len(r.token_ids) for r in results)
+        return (tokens / statistics.median(times), [r.token_ids for r in results],
+                sum(r.stats.accepted_tokens for r in results), sum(r.stats.drafted_tokens for r in results))
+
+    plain = run()
+    print(f"| batch of {a.rows}, k {a.k[0]} | tok/s in all | ratio | accepted/drafted | rows equal plain |")
+    print("| --- | --- | --- | --- | --- |")
+    print(f"| plain | {plain[0]:.1f} | 1.00 | - | - |")
+    for name, more in (("draft", {"draft_model": draft}), ("prompt lookup", {"prompt_lookup": True})):
+        r = run(**more)
+        print(f"| {name} | {r[0]:.1f} | {r[0] / plain[0]:.2f} | {r[2]}/{r[3]} | {r[1] == plain[1]} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -225,12 +260,15 @@ def main() -> None:
     d.add_argument("pair")
     lk = sub.add_parser("lookup")
     lk.add_argument("checkpoint")
-    for s in (d, lk):
+    b = sub.add_parser("batch")
+    b.add_argument("pair")
+    b.add_argument("--rows", type=int, default=8)
+    for s in (d, lk, b):
         s.add_argument("--k", type=int, nargs="+", default=[2, 4, 6])
         s.add_argument("--tokens", type=int, default=64)
         s.add_argument("--trials", type=int, default=3)
     a = parser.parse_args()
-    {"pair": cmd_pair, "draft": cmd_draft, "lookup": cmd_lookup}[a.command](a)
+    {"pair": cmd_pair, "draft": cmd_draft, "lookup": cmd_lookup, "batch": cmd_batch}[a.command](a)
 
 
 if __name__ == "__main__":

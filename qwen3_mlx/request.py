@@ -101,6 +101,14 @@ class DrawState:
         bias = tuple(sorted((p.logit_bias or {}).items()))
         return (p.temperature, p.top_p, p.top_k, p.min_p, bias, self.vocab_limit)
 
+    @property
+    def argmax_only(self) -> bool:
+        """Its draw is the argmax of the logits over its vocabulary and nothing else: greedy, with no
+        processor, grammar or log-probabilities (a speculative batch reads such rows' tokens at once)."""
+        p = self.params
+        return (p is not None and p.temperature == 0 and self.processor is None and self.grammar is None
+                and self.logprobs is None)
+
     def remember(self, ids: mx.array) -> None:
         if self.processor is not None:
             self.history = ids if self.history is None else mx.concatenate([self.history, ids])

@@ -238,26 +238,38 @@ class Speculation:
             proposal = Proposal(proposal.tokens[:n], proposal.q[:n] if proposal.q is not None and n else None)
         return proposal
 
-    def settle(self, logits: mx.array, proposal: Proposal) -> tuple[list[Given], int]:
+    def settle(self, logits: mx.array, proposal: Proposal, argmax: list[int] | None = None) -> tuple[list[Given], int]:
         """The tokens given out after a pass over the latest token and the drafts, whose logits are
         (n + 1, V): the drafts kept and the token after them, with their log-probabilities; and how
-        many fed drafts were not kept (the caller takes them out of its cache)."""
+        many fed drafts were not kept (the caller takes them out of its cache). `argmax`: the
+        logits' argmax over the vocabulary at each position, when the caller has them and the
+        request's draws are that alone (DrawState.argmax_only): read from them, with no wait."""
         draws, drafts = self.draws, proposal.tokens
+        if argmax is not None and draws.argmax_only:
+            kept = next((i for i, t in enumerate(drafts) if argmax[i] != t), len(drafts))
+            return self._kept(drafts, kept, argmax[kept], [None] * (kept + 1))
         if not drafts:  # the plain loop's own draw
             token, logprob = draws.draw(logits[-1:]).read()
-            self.context.append(token)
-            return [(token, logprob)], 0
+            return self._kept(drafts, 0, token, [logprob])
         processed = self._processed(logits, drafts)
         p = mx.stack([probabilities(draws, row) for row in processed])  # (n + 1, V)
         kept, token = accept(draws, drafts, p, proposal.q, draws.next_key())
         tokens = drafts[:kept] + [token.item()]
+        return self._kept(drafts, kept, tokens[-1], [_logprob(draws, processed[i], t) for i, t in enumerate(tokens)])
+
+    def _kept(self, drafts: list[int], kept: int, token: int, logprobs: list) -> tuple[list[Given], int]:
+        """The first `kept` drafts and `token` after them given out."""
+        if not drafts:
+            self.context.append(token)
+            return [(token, logprobs[0])], 0
+        tokens = drafts[:kept] + [token]
         unkept = len(drafts) - kept
         self._forget(unkept)
         self.drafted += len(drafts)
         self.accepted += kept
         self.length.update(len(drafts), kept)
         self.context += tokens
-        return [(t, _logprob(draws, processed[i], t)) for i, t in enumerate(tokens)], unkept
+        return list(zip(tokens, logprobs)), unkept
 
     @property
     def nbytes(self) -> int:
