@@ -169,6 +169,12 @@ class RotatingKVCache(KVCache):
     A query at position t attends to positions [0, keep) and (t - window, t], where
     window = max_size - keep. Storage never exceeds max_size tokens: slots [0, keep) hold the kept
     tokens, and position p >= keep lives in ring slot keep + (p - keep) % window once the ring is full.
+
+    Once the ring has wrapped, a store has overwritten what it replaced, so trim() cannot take it back
+    unless `rollback` is set (speculative decoding sets it): then a store of several tokens that passes
+    the window keeps the arrays it replaced, and the tokens it stored, until the next store, and trim()
+    takes back up to that many tokens by restoring them and storing the tokens kept again (the arrays
+    of one cache more held between two steps). A one-token store is not taken back.
     """
 
     def __init__(self, max_size: int, keep: int = 0, quantization: KVQuantization | None = None) -> None:
@@ -176,6 +182,8 @@ class RotatingKVCache(KVCache):
             raise ValueError(f"max_kv_size={max_size} must be larger than the kept prefix ({keep} tokens)")
         super().__init__(quantization)
         self.max_size, self.keep, self.window = max_size, keep, max_size - keep
+        self.rollback = False
+        self._undo: tuple | None = None  # (keys, values, offset) before the latest store, and what it stored
 
     @property
     def head_size(self) -> int:
@@ -214,6 +222,7 @@ class RotatingKVCache(KVCache):
 
     def _store(self, keys: Stored, values: Stored) -> tuple[Stored, Stored]:
         n = length(keys)
+        self._undo = None
         if self.offset + n <= self.max_size:
             self.reserve(n, keys, values, capacity_limit=self.max_size)
             return super()._store(keys, values)
@@ -226,6 +235,8 @@ class RotatingKVCache(KVCache):
         # A chunk that crosses the window: attend over everything held plus the chunk (the mask
         # limits each query to its own window), then keep the prefix and the last `window` tokens.
         all_k, all_v = keys, values
+        if self.rollback:
+            self._undo = (self.keys, self.values, self.offset, keys, values)
         if self.keys is not None:
             old_k, old_v = self._temporal()
             all_k, all_v = concatenate([old_k, keys]), concatenate([old_v, values])
@@ -239,7 +250,19 @@ class RotatingKVCache(KVCache):
         return (k._replace(head=None), v._replace(head=None)) if isinstance(k, Packed) else (k, v)
 
     def is_trimmable(self) -> bool:
-        return self.offset <= self.max_size
+        return self.offset <= self.max_size or self._undo is not None
+
+    def trim(self, n: int) -> int:
+        if self.offset <= self.max_size or not n:
+            return super().trim(n)
+        if self._undo is None or n > length(self._undo[3]):
+            raise ValueError(f"internal: a rotating cache past its window takes back at most its latest store "
+                             f"(with rollback set); asked for {n}")
+        self.keys, self.values, self.offset, keys, values = self._undo
+        kept = length(keys) - n
+        if kept:
+            self._store(columns(keys, 0, kept), columns(values, 0, kept))
+        return n
 
 
 def _ring(x: Stored, keep: int, window: int, offset: int) -> Stored:

@@ -19,7 +19,6 @@ from typing import Any, Callable, Iterator, Sequence
 import mlx.core as mx
 
 from .cache import KVCache, RotatingKVCache
-from .errors import OptionError
 from .model import Model
 from .options import GenerationOptions
 from .prompt import Messages, Prompt, make_prompt_cache
@@ -185,9 +184,9 @@ def stream_generate(
     ids = job.prompt_ids
     stats.cached_tokens = reuse_cache(cache, ids[: cache[0].offset], ids)  # it holds a prefix of them
     proposer = make_proposer(model, opts, draft_model)
-    if proposer is not None and rotating:
-        raise OptionError("speculative decoding does not go with a rotating cache (max_kv_size) yet; leave one of "
-                          "them out")
+    if proposer is not None and rotating:  # drafts rejected after the window has wrapped are taken back
+        for c in cache:
+            c.rollback = True
     if proposer is None:
         gen: TokenGenerator | SpeculativeGenerator = TokenGenerator(model, cache, job.draws)
     else:

@@ -80,6 +80,25 @@ def test_rotating_cache_is_trimmable_until_it_rotates():
     assert not cache.is_trimmable()
 
 
+@pytest.mark.parametrize("prefill, store, back", [(9, 4, 3), (9, 4, 1), (5, 4, 2), (12, 3, 3)])
+def test_a_rotating_cache_with_rollback_takes_back_a_store_past_its_window(prefill, store, back):
+    """Speculative decoding's drafts rejected after the ring has wrapped (or as it wraps): trimming them
+    gives the cache that never stored them, exactly; then trimming twice (the caller's second take-back)."""
+    cache, reference = RotatingKVCache(8, 3), RotatingKVCache(8, 3)
+    cache.rollback = True
+    for c in (cache, reference):
+        c.update_and_fetch(*tokens(0, prefill))
+    cache.update_and_fetch(*tokens(prefill, store))
+    assert cache.is_trimmable() and cache.trim(back) == back
+    reference.update_and_fetch(*tokens(prefill, store - back))
+    for got, want in zip(cache.stored(), reference.stored()):
+        assert np.array(got).tolist() == np.array(want).tolist()
+    assert cache.offset == reference.offset == prefill + store - back
+    if store - back > 1:
+        cache.trim(1)
+        assert cache.stored()[2].tolist()[-1] == prefill + store - back - 2
+
+
 def test_rotating_cache_rejects_a_window_without_room():
     with pytest.raises(ValueError, match=r"max_kv_size=4 must be larger than the kept prefix \(4 tokens\)"):
         RotatingKVCache(4, 4)
