@@ -222,12 +222,16 @@ class Job:
     draws: DrawState
     prompt: Prompt | None = None
 
+    def forced_tokens(self) -> int:
+        """The most tokens its response forces in at once: the thinking budget's early-stop text."""
+        budget = self.response.budget
+        return len(self.response.tokenizer.encode(budget.close_text())) if self.response.limits.budgeted else 0
+
     def most_tokens(self) -> int:
         """The most tokens its cache may hold: the prompt and the longest response the limits allow."""
         limits, budget = self.response.limits, self.response.budget
         if limits.budgeted:  # <think>, the reasoning, the early-stop text, then the answer and its end
-            close = len(self.response.tokenizer.encode(budget.close_text()))
-            response = 1 + budget.tokens + close + limits.max_tokens + 1
+            response = 1 + budget.tokens + self.forced_tokens() + limits.max_tokens + 1
         else:
             response = limits.max_tokens
         caps = [response] + [cap for cap in (limits.room, limits.max_total) if cap is not None]

@@ -248,6 +248,16 @@ def test_the_engine_and_the_server_draft_for_every_request_and_count_the_predict
         draft_cache = sum(row.spec.nbytes for row in engine._scheduler.gen.rows)
         assert draft_cache > 0 and engine.memory()["kv"] >= draft_cache
         request.cancel()
+    # The ceiling counts the draft: its weights, its cache per row, and a decode pass of 1 + k positions.
+    from qwen3_mlx.batch import Scheduler
+    from qwen3_mlx.memory import forward_bytes, weight_bytes
+
+    plain, drafted = (Scheduler(model, tok, memory_limit=10**12, draft_model=d).plan for d in (None, draft))
+    drafted.width = 5
+    rows, longest = 3, 100
+    assert drafted.need(rows, longest, 10, 10) - plain.need(rows, longest, 10, 10) >= (
+        weight_bytes(draft) + rows * longest * draft.kv_bytes_per_token()
+        + forward_bytes(model, 5, longest, rows) - forward_bytes(model, 1, longest, rows))
     with Engine(model, tok) as engine:
         with pytest.raises(OptionError) as e:
             engine.submit("Hi", prompt_lookup=True)
