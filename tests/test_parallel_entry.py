@@ -109,7 +109,8 @@ def checkpoint(tmp_path_factory) -> Path:
 
 def test_generate_on_two_tensor_ranks_prints_what_one_process_prints(checkpoint, tmp_path):
     args = ["generate", "--model", str(checkpoint), "-p", "Hello there", *GREEDY]
-    launch = run_ranks(tmp_path / "run", *args, "--parallel", "tensor")
+    # The model drafting for itself, split as the model is: the tokens of one plain process.
+    launch = run_ranks(tmp_path / "run", *args, "--parallel", "tensor", "--draft-model", str(checkpoint))
     assert launch.out(0) == one_process(*args)
     assert len(launch.out(0)) > 12  # twelve tokens of text
     assert (launch.out(1), launch.err(1), launch.err(0)) == ("", "", "")  # rank 0 alone writes
@@ -132,9 +133,10 @@ def test_a_prompts_file_on_two_ranks_gives_the_results_of_one_process(checkpoint
              "temp": 0.8, "seed": 7}]
     prompts.write_text("".join(json.dumps(row) + "\n" for row in rows))
     args = ["generate", "--model", str(checkpoint), "--prompts-file", str(prompts), *GREEDY]
-    launch = run_ranks(tmp_path / "run", *args, "-o", "out.jsonl", "--parallel", "pipeline")
+    # Drafting by prompt lookup in the ranks' batch: the results of one process that drafts alike.
+    launch = run_ranks(tmp_path / "run", *args, "-o", "out.jsonl", "--parallel", "pipeline", "--prompt-lookup")
     results = (tmp_path / "run" / "out.jsonl").read_text()
-    assert results == one_process(*args)
+    assert results == one_process(*args, "--prompt-lookup")
     assert [json.loads(line).get("custom_id") for line in results.splitlines()] == [None, "b", None]
     assert (launch.out(0), launch.out(1), launch.err(1)) == ("", "", "")  # the file, written by rank 0
 
