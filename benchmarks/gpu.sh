@@ -25,6 +25,10 @@
 # or, for structured output (issue 14: structured_bench.py, the mask's cost a step on the tiny-vocab and
 # Qwen3-1.7B shapes):
 #   run(carry=[".whl/p2"], command="bash benchmarks/gpu.sh structured", timeout_s=300)
+# or, for speculative decoding (issue 22: spec_bench.py on an agreeing pair built from the Qwen3-1.7B
+# shape, a draft of its first 4 layers: ours against mlx-lm at k = 2, 4, 6; prompt lookup on predictable
+# and unpredictable text, where the GPU goal is >= 2x plain on predictable text; a batch of 8):
+#   run(carry=[".whl/p2"], command="bash benchmarks/gpu.sh spec", timeout_s=480)
 # Results: $OUT/gpu.log (gpu-batch.log, gpu-structured.log) and one JSON per checkpoint and benchmark.
 set -u
 STAGE=/tmp/mlx-wheels
@@ -40,6 +44,7 @@ MODE=${1:-all}
 LOG=gpu.log
 [ "$MODE" = batch ] && LOG=gpu-batch.log
 [ "$MODE" = structured ] && LOG=gpu-structured.log
+[ "$MODE" = spec ] && LOG=gpu-spec.log
 exec > >(tee "$OUT/$LOG") 2>&1
 export PYTHONUNBUFFERED=1
 if [ ! -d /tmp/site/mlx ] || [ ! -d /tmp/site/mlx_lm ] || [ ! -d /tmp/site/llguidance ]; then
@@ -65,6 +70,18 @@ if [ "$MODE" = structured ]; then
     $SB /tmp/tinyv-bf16 --decode-tokens 256 --trials 5 --out "$OUT/structured-tinyv-bf16.json"
     $B make full /tmp/full-bf16 || exit 1
     $SB /tmp/full-bf16 --decode-tokens 128 --trials 3 --out "$OUT/structured-full-bf16.json"
+    echo "elapsed $((SECONDS - START)) s"
+    exit
+fi
+if [ "$MODE" = spec ]; then
+    S="python3 benchmarks/spec_bench.py"
+    $B make full /tmp/full-bf16 || exit 1
+    $S pair /tmp/full-bf16 /tmp/spec-full --draft-layers 4 || exit 1
+    $S lookup /tmp/spec-full/target --k 4 --tokens 128 --trials 3
+    echo "elapsed $((SECONDS - START)) s"
+    $S draft /tmp/spec-full --k 2 4 6 --tokens 128 --trials 3
+    echo "elapsed $((SECONDS - START)) s"
+    $S batch /tmp/spec-full --rows 8 --k 4 --tokens 64 --trials 2
     echo "elapsed $((SECONDS - START)) s"
     exit
 fi
