@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import deque
 from dataclasses import dataclass, field
@@ -30,9 +31,11 @@ from .memory import MemoryPlan, default_memory_limit
 from .model import Model
 from .options import DEFAULT_MAX_BATCH, DEFAULT_PREFILL_BUDGET, GenerationOptions
 from .prompt import Messages, Prompt, make_prompt_cache
+from .prefill import extend_caches
 from .prompt_cache import PrefixStore
 from .request import Draw, Job, collect, extend_cache, prepare, step
-from .response import Chunk, GenerationResult
+from .response import Chunk, GenerationResult, TokenLogprob
+from .speculative import Given, Proposal, Speculation, check_proposers, make_proposer
 from .tokenizer import Tokenizer
 
 Sink = Callable[[Chunk, bool], None]  # (chunk, whether it is the request's last)
@@ -50,16 +53,24 @@ class Row:
     forced: list[int] = field(default_factory=list)  # ids to feed, one a step, in place of draws
     discard: int = 0  # how many of its coming draws come before its forced ids were taken in: not read
     read: bool = False  # its latest draw was read already (a newcomer's first, read as it joined)
+    # A speculative batch's row: its speculation (None: it does not draft), and its latest token, read
+    # and not yet in the cache (None: none since the prompt or the forced ids).
+    spec: Speculation | None = None
+    latest: int | None = None
 
 
 class BatchGenerator:
     """Token ids for many rows, one step ahead: `step()` queues the next decode step of every row and
-    hands back the draws of the step before, for the caller to read while the device works."""
+    hands back the draws of the step before, for the caller to read while the device works.
+
+    A speculative batch (`speculative`) instead runs `speculate()`: one pass in which each row checks
+    its own drafts and takes back its own rejected ones; its cache keeps every row's positions
+    (BatchRotatingKVCache, without a window unless max_kv_size is given) for that."""
 
     def __init__(self, model: Model, quantization: KVQuantization | None = None,
-                 max_kv_size: int | None = None) -> None:
-        self.model = model
-        self.cache = [BatchKVCache(quantization) if max_kv_size is None
+                 max_kv_size: int | None = None, speculative: bool = False) -> None:
+        self.model, self.speculative = model, speculative
+        self.cache = [BatchKVCache(quantization) if max_kv_size is None and not speculative
                       else BatchRotatingKVCache(max_kv_size, quantization) for _ in model.layers]
         self.rows: list[Row] = []
 
@@ -114,9 +125,78 @@ class BatchGenerator:
         for j, i in enumerate(rows):
             self.rows[i].draw = Draw(tokens[j : j + 1])
 
+    def speculate(self) -> list[tuple[Row, list[Given]]]:
+        """One pass for every row of a speculative batch: its latest token, then its forced ids or its
+        drafts; returns the tokens each row gives out (the drafts it kept, then one drawn), which the
+        caller reads at once (the next pass feeds them) and hands back what it did not use (take_back).
+
+        Rows feed different numbers of ids: each is padded at its end, where its own queries do not
+        look, and its padding and rejected drafts are taken out of its cache after the pass."""
+        fed, proposals = zip(*(self._to_feed(row) for row in self.rows))
+        width = max(len(ids) for ids in fed)
+        if self.cache[0].needs_room(width):
+            for c in self.cache:
+                c.ready(width)
+                _settle(c)
+        greedy = [row.job.draws.argmax_only for row in self.rows]
+        with generation_stream():
+            logits = self.model(mx.array([ids + [0] * (width - len(ids)) for ids in fed], mx.int32), self.cache)
+            # Greedy rows' tokens all at once: one wait for the batch, not one a row.
+            argmax = mx.argmax(logits[..., : self.rows[0].job.draws.vocab_limit], axis=-1) if any(greedy) else None
+            mx.eval(logits, *([argmax] if argmax is not None else []))
+        argmax = argmax.tolist() if argmax is not None else None
+        given, unkept = [], []
+        for i, (row, ids, proposal) in enumerate(zip(self.rows, fed, proposals)):
+            hint = argmax[i][: len(ids)] if greedy[i] else None
+            tokens, rejected = self._given(row, logits[i, : len(ids)], proposal, hint)
+            given.append((row, tokens))
+            unkept.append(width - len(ids) + rejected)
+        if any(unkept):
+            for c in self.cache:
+                c.trim_rows(unkept)
+        return given
+
+    @staticmethod
+    def _to_feed(row: Row) -> tuple[list[int], Proposal | None]:
+        """A row's ids for the pass, and its drafts among them (None: it feeds forced ids, or does not
+        draft); what it feeds is remembered (its history, its grammar)."""
+        latest = [] if row.latest is None else [row.latest]
+        if row.forced or row.spec is None:
+            ids = latest + row.forced
+            row.job.draws.remember(mx.array(ids, mx.int32))
+            if row.spec is not None:
+                row.spec.context += row.forced
+            row.forced = []
+            return ids, None
+        proposal = row.spec.draft()  # remembers the latest token
+        return latest + proposal.tokens, proposal
+
+    @staticmethod
+    def _given(row: Row, logits: mx.array, proposal: Proposal | None,
+               argmax: list[int] | None) -> tuple[list[Given], int]:
+        """The tokens a row gives out from its logits (n, V) of the pass, and how many drafts it rejected."""
+        if proposal is not None:
+            return row.spec.settle(logits, proposal, argmax)
+        # The plain loop's draw after the fed ids (the argmax's, when that is all it is).
+        token, logprob = (argmax[-1], None) if argmax is not None else row.job.draws.draw(logits[-1:]).read()
+        if row.spec is not None:
+            row.spec.context.append(token)
+        return [(token, logprob)], 0
+
+    def take_back(self, row: Row, unused: int) -> None:
+        """The caller did not use the latest `unused` tokens `speculate` gave the row: the fed ones among
+        them leave its cache (and its speculation forgets them)."""
+        if unused <= 0:
+            return
+        counts = [unused if r is row else 0 for r in self.rows]
+        for c in self.cache:
+            c.trim_rows(counts)
+        row.spec.take_back(unused)
+
     @property
     def nbytes(self) -> int:
-        return sum(c.nbytes for c in self.cache)
+        """The batch's KV cache, the rows' draft models' caches included."""
+        return sum(c.nbytes for c in self.cache) + sum(row.spec.nbytes for row in self.rows if row.spec is not None)
 
 
 # ---------------------------------------------------------------- requests in, chunks out
@@ -152,12 +232,18 @@ class Scheduler:
 
     The cache's kind is the run's: every request's keys and values stored alike (`quantization`), in
     a rotating cache of `max_kv_size` tokens if given, each row keeping its own system prompt.
+
+    Speculative decoding is the run's too: with a `draft_model` or `prompt_lookup`, every row drafts
+    (but those whose num_draft_tokens is 0), each with its own proposer (a draft model's own cache per
+    row) and draft length, and a row gives the tokens it gives alone through `generate` with the same
+    proposer. `speculative` alone: only the rows that ask for prompt_lookup draft.
     """
 
     def __init__(self, model: Model, tokenizer: Tokenizer, *, max_batch: int = DEFAULT_MAX_BATCH,
                  kv_memory: int | None = None, prefix_store: PrefixStore | None = None,
                  prefill_budget: int = DEFAULT_PREFILL_BUDGET, quantization: KVQuantization | None = None,
-                 memory_limit: int | None = None, max_kv_size: int | None = None) -> None:
+                 memory_limit: int | None = None, max_kv_size: int | None = None,
+                 draft_model: Model | None = None, prompt_lookup: bool = False, speculative: bool = False) -> None:
         if max_batch < 1:
             raise OptionError(f"max_batch must be >= 1, got {max_batch}")
         if prefill_budget < 1:
@@ -169,11 +255,17 @@ class Scheduler:
         if quantization is not None:
             quantization.check(model.args.head_dim)
         self.plan = MemoryPlan(model, limit=memory_limit, kv_memory=kv_memory, quantization=quantization,
-                               max_kv_size=max_kv_size)
-        self.gen = BatchGenerator(model, quantization, max_kv_size)
+                               max_kv_size=max_kv_size, draft=draft_model)
+        # Speculative (a draft model, prompt lookup for every row, or `speculative`: for the rows that ask
+        # for prompt lookup): every row takes its tokens from speculate(), drafting when its own options
+        # and these say so (make_proposer).
+        self.draft_model, self.prompt_lookup = draft_model, prompt_lookup
+        self.speculative = speculative or prompt_lookup or draft_model is not None
+        self.gen = BatchGenerator(model, quantization, max_kv_size, self.speculative)
         self.waiting: deque[Ticket] = deque()
-        self.prefilling: _Prefill | None = None
+        self.prefilling: list[_Prefill] = []  # newcomers whose prompts are being computed, in arrival order
         self.tickets: dict[Row, Ticket] = {}
+        self._group_rows = int(os.environ.get("QWEN3_MLX_PREFILL_ROWS", 0))  # MEASURE: temporary
 
     # -- requests in
 
@@ -185,6 +277,12 @@ class Scheduler:
                               f"({self.max_kv_size or 'not rotating'}): set it for the whole batch or engine, "
                               "or leave it unset")
         self._new_cache(job)  # a rotating one refuses a prompt whose kept prefix does not fit
+        check_proposers(job.options, self.draft_model)
+        if job.options.prompt_lookup and job.options.num_draft_tokens and not self.speculative:
+            raise OptionError("prompt_lookup: this batch does not speculate; start it with prompt_lookup (serve "
+                              "--prompt-lookup) or a draft model")
+        if self.speculative:  # its widest pass: the latest token and its drafts, or its forced text
+            self.plan.width = max(self.plan.width, 1 + job.options.num_draft_tokens, 1 + job.forced_tokens())
         asked = job.options.kv_quantization
         if asked is not None and asked != self.quantization:
             raise OptionError(f"{asked} is not this batch's cache, {KVQuantization.describe(self.quantization)}: "
@@ -209,12 +307,12 @@ class Scheduler:
         self._drop_cancelled()
         budget = self.prefill_budget
         while budget > 0:
-            self._admit()
-            if self.prefilling is None:
+            self._admit(budget)
+            if not self.prefilling:
                 break
-            budget -= self._prefill_chunk(budget)
+            budget -= self._prefill_pass(budget)
         if self.gen.rows:
-            self._read(self.gen.step())
+            self._read_given(self.gen.speculate()) if self.speculative else self._read(self.gen.step())
 
     def _new_cache(self, job: Job) -> list[KVCache]:
         """The job's own cache for its prompt: rotating ones keep its system turn, as generate's does."""
@@ -226,13 +324,16 @@ class Scheduler:
         """The most prompt tokens one pass computes for the job."""
         return min(self.prefill_budget, job.options.prefill_step_size, len(job.prompt_ids))
 
-    def _fits(self, ticket: Ticket) -> bool:
-        """Whether the batch fits with `ticket`; the prefix store gives memory back first when it would."""
-        rows = len(self.gen.rows) + 1
-        if rows > self.max_batch:
+    def _fits(self, ticket: Ticket, budget: int) -> bool:
+        """Whether `ticket` joins the newcomers (_shares_pass) and the batch fits with them all (their
+        prompts computed in one pass); the prefix store gives memory back first when it would."""
+        group = [p.ticket for p in self.prefilling] + [ticket]
+        rows = len(self.gen.rows) + len(group)
+        if rows > self.max_batch or not self._shares_pass(ticket, budget):
             return False
-        longest = max([ticket.most_tokens] + [self.tickets[row].most_tokens for row in self.gen.rows])
-        room = self.plan.room(rows, longest, len(ticket.job.prompt_ids), self._chunk(ticket.job))
+        longest = max([t.most_tokens for t in group] + [self.tickets[row].most_tokens for row in self.gen.rows])
+        room = self.plan.room(rows, longest, max(len(t.job.prompt_ids) for t in group),
+                              max(self._chunk(t.job) for t in group), len(group))
         if room is not None and room < 0:
             return False
         if room is not None and self.prefixes is not None:
@@ -240,46 +341,85 @@ class Scheduler:
         return True
 
     def _store_room(self, extra: Ticket | None = None) -> int | None:
-        """Bytes the prefix store may hold now, beside the rows there are (and `extra`, about to join)."""
-        tickets = [self.tickets[row] for row in self.gen.rows] + ([extra] if extra else [])
+        """Bytes the prefix store may hold now, beside the rows there are and the newcomers (and `extra`)."""
+        tickets = ([self.tickets[row] for row in self.gen.rows] + [p.ticket for p in self.prefilling]
+                   + ([extra] if extra else []))
         room = self.plan.room(len(tickets), max((t.most_tokens for t in tickets), default=0), 0, 1)
         return None if room is None else max(room, 0)
 
-    def _admit(self) -> None:
-        if self.prefilling is not None or not self.waiting or not self._fits(self.waiting[0]):
-            return  # first come, first served: a request waits until the one before it is in
-        ticket = self.waiting.popleft()
-        job = ticket.job
-        if job.response.limits.allow_nothing:
-            self._finish(ticket)
-            return
-        cache, cached = self._new_cache(job), 0
-        if self.prefixes is not None:
-            cache, cached = self.prefixes.lookup(job.prompt_ids, cache)
-        job.response.stats.cached_tokens = cached
-        job.response.clock.restart()
-        self.prefilling = _Prefill(ticket, cache, cached)
+    def _shares_pass(self, ticket: Ticket, budget: int) -> bool:
+        """Whether `ticket` joins the newcomers: the first always; another while the pass of every
+        newcomer's next chunk, padded to the longest, stays within the round's budget left (rows x
+        length: on a compute-bound CPU a padded token costs what a real one does)."""
+        if not self.prefilling:
+            return True
+        if self._group_rows:  # MEASURE: temporary, past the budget
+            return len(self.prefilling) < self._group_rows
+        chunks = [self._next_chunk(p.ticket.job, p.done, budget) for p in self.prefilling]
+        chunks = [n for n in chunks + [self._next_chunk(ticket.job, 0, budget)] if n]
+        return len(chunks) * max(chunks, default=0) <= budget
 
-    def _prefill_chunk(self, most: int) -> int:
-        """At most `most` (>= 1) tokens of the newcomer's prompt; with the last one, its first draw, and it
-        joins the batch. Returns the tokens computed."""
-        p = self.prefilling
-        ids = p.ticket.job.prompt_ids
-        end = min(p.done + most, len(ids) - 1)
-        if p.done < end:
-            extend_cache(self.model, p.cache, ids[p.done : end], p.ticket.job.options.prefill_step_size)
-            computed, p.done = end - p.done, end
-            return computed
+    @staticmethod
+    def _next_chunk(job: Job, done: int, most: int) -> int:
+        """How many of the job's prompt tokens its next pass computes, `done` of them in its cache: at
+        most `most`, never its last token (its first draw's pass computes that)."""
+        return max(0, min(most, job.options.prefill_step_size, len(job.prompt_ids) - 1 - done))
+
+    def _admit(self, budget: int) -> None:
+        """Waiting requests join the newcomers, first come first served, while they fit (_fits)."""
+        while self.waiting and self._fits(self.waiting[0], budget):
+            ticket = self.waiting.popleft()
+            job = ticket.job
+            if job.response.limits.allow_nothing:
+                self._finish(ticket)
+                continue
+            cache, cached = self._new_cache(job), 0
+            if self.prefixes is not None:
+                cache, cached = self.prefixes.lookup(job.prompt_ids, cache)
+            job.response.stats.cached_tokens = cached
+            job.response.clock.restart()
+            self.prefilling.append(_Prefill(ticket, cache, cached))
+
+    def _prefill_pass(self, most: int) -> int:
+        """The next chunk of every newcomer's prompt, at most `most` (>= 1) tokens each, all but the last
+        token, in one pass (prefill.extend_caches; one newcomer's alone, as generate computes it); then
+        each newcomer whose prompt is in takes its first draw and joins the batch. Returns the pass's
+        length: the most tokens a row computed, at least 1."""
+        ahead = [p for p in self.prefilling if self._next_chunk(p.ticket.job, p.done, most)]
+        chunks = [p.ticket.job.prompt_ids[p.done : p.done + self._next_chunk(p.ticket.job, p.done, most)]
+                  for p in ahead]
+        if len(ahead) == 1:
+            extend_cache(self.model, ahead[0].cache, chunks[0], ahead[0].ticket.job.options.prefill_step_size)
+        elif ahead:
+            extend_caches(self.model, [p.cache for p in ahead], chunks)
+        for p, chunk in zip(ahead, chunks):
+            p.done += len(chunk)
+        for p in [p for p in self.prefilling if p.done == len(p.ticket.job.prompt_ids) - 1]:
+            self._join(p)
+        if self._group_rows:  # MEASURE: temporary, past the budget
+            return max([1] + [len(c) for c in chunks])
+        return max(1, len(chunks) * max((len(c) for c in chunks), default=0))
+
+    def _join(self, p: _Prefill) -> None:
+        """A newcomer whose prompt is in, but for its last token: that token's draw, and it joins the batch."""
         job = p.ticket.job
+        ids = job.prompt_ids
         draw = step(self.model, p.cache, job.draws, mx.array(ids[-1:], mx.int32), remember=False)
         if self.prefixes is not None:
-            self.prefixes.store(ids, p.cache, self._store_room(p.ticket))
-        row = Row(job, draw)
+            self.prefixes.store(ids, p.cache, self._store_room())
+        row = Row(job, draw, spec=self._speculation(job))
         self.gen.add(row, p.cache)
         self.tickets[row] = p.ticket
-        self.prefilling = None
+        self.prefilling.remove(p)
         self._take_forced(row)  # a budget of 0 closes the block before the first draw
-        if not row.forced:
+        if self.speculative:
+            if not row.forced:  # else the draw came before them: not read
+                row.latest = self._read_draw(row, draw)
+                if row.spec is not None:
+                    row.spec.context.append(row.latest)
+            if not job.response.may_draw():
+                self._leave(row, "")
+        elif not row.forced:
             # Its first token goes out now, not after the next decode step (other newcomers may be
             # prefilled first in this round): the time to first token is its own prefill's.
             row.read = True
@@ -288,7 +428,6 @@ class Scheduler:
                 row.forced.insert(0, token)
             elif not job.response.may_draw():
                 self._leave(row, "")
-        return 1
 
     # -- chunks out
 
@@ -308,15 +447,47 @@ class Scheduler:
         for row in done:
             self._leave(row, "")
 
+    def _read_given(self, given: list[tuple[Row, list[Given]]]) -> None:
+        """A speculative batch's tokens, each row's read as the single-stream loop reads them
+        (generation.run_speculative): those after the response ends or forces text in are handed back."""
+        done: set[Row] = set()
+        for row, tokens in given:
+            response, used = row.job.response, 0
+            for token, logprob in tokens:
+                if used and not response.may_draw():
+                    break
+                used += 1
+                self._read_token(row, token, logprob)
+            self.gen.take_back(row, len(tokens) - used)
+            row.latest = tokens[used - 1][0]
+            if row.spec is not None:
+                response.stats.drafted_tokens, response.stats.accepted_tokens = row.spec.drafted, row.spec.accepted
+            if not response.may_draw():  # forced text (read already) that reaches a cap ends it too
+                done.add(row)
+        for row in done:
+            self._leave(row, "")
+
+    def _speculation(self, job: Job) -> Speculation | None:
+        """A speculative batch's row's speculation: None when the request does not draft."""
+        if not self.speculative:
+            return None
+        proposer = make_proposer(self.model, job.options, self.draft_model, self.prompt_lookup)
+        return None if proposer is None else Speculation(job.draws, proposer, job.options.num_draft_tokens,
+                                                         job.prompt_ids)
+
     def _read_draw(self, row: Row, draw: Draw) -> int:
         """A row's draw into its response, and what the response forces after it; the token."""
-        response, ticket = row.job.response, self.tickets[row]
         token, logprob = draw.read()
+        self._read_token(row, token, logprob)
+        return token
+
+    def _read_token(self, row: Row, token: int, logprob: TokenLogprob | None) -> None:
+        """A row's token into its response, and what the response forces after it."""
+        response, ticket = row.job.response, self.tickets[row]
         response.clock.drawn()
         for chunk in response.read(token, logprob=logprob):
             ticket.sink(chunk, False)
         self._take_forced(row)
-        return token
 
     def _take_forced(self, row: Row) -> None:
         """Ids the response forces in: it reads them now; they go to the model one a step from the
@@ -325,7 +496,7 @@ class Scheduler:
         forced = response.take_forced()
         if not forced:
             return
-        row.forced, row.discard = list(forced), len(forced)
+        row.forced, row.discard = list(forced), 0 if self.speculative else len(forced)
         response.clock.fed()
         for token in forced:
             for chunk in response.read(token, forced=True):
@@ -356,27 +527,24 @@ class Scheduler:
             self.waiting.remove(ticket)
             ticket.job.response.stats.finish_reason = "cancelled"
             self._finish(ticket)
-        if self.prefilling is not None and self.prefilling.ticket.cancelled.is_set():
-            ticket, self.prefilling = self.prefilling.ticket, None
-            ticket.job.response.stats.finish_reason = "cancelled"
-            self._finish(ticket)
+        for p in [p for p in self.prefilling if p.ticket.cancelled.is_set()]:
+            self.prefilling.remove(p)
+            p.ticket.job.response.stats.finish_reason = "cancelled"
+            self._finish(p.ticket)
         for row in [row for row in self.gen.rows if self.tickets[row].cancelled.is_set()]:
             self._leave(row, "cancelled")
 
     def tickets_all(self) -> list[Ticket]:
         """Every request held: waiting, being prefilled, in the batch."""
-        tickets = list(self.waiting) + list(self.tickets.values())
-        if self.prefilling is not None:
-            tickets.append(self.prefilling.ticket)
-        return tickets
+        return list(self.waiting) + list(self.tickets.values()) + [p.ticket for p in self.prefilling]
 
     def fail(self) -> list[Ticket]:
         """Drop every request (the loop failed); returns them, for their callers to be told."""
         tickets = self.tickets_all()
         self.waiting.clear()
         self.tickets.clear()
-        self.prefilling = None
-        self.gen = BatchGenerator(self.model, self.quantization, self.max_kv_size)
+        self.prefilling = []
+        self.gen = BatchGenerator(self.model, self.quantization, self.max_kv_size, self.speculative)
         return tickets
 
 
@@ -405,6 +573,7 @@ def batch_generate(
     tools: list[dict] | None = None,
     prefill_response: str | None = None,
     progress: Callable[[int, int], None] | None = None,
+    draft_model: Model | None = None,
     **kwargs: Any,
 ) -> list[GenerationResult]:
     """Generate a response to each prompt, decoding them together; each row's tokens are those the
@@ -424,6 +593,10 @@ def batch_generate(
             its options' prefill_step_size).
         system, raw, tools, prefill_response: Prompt parts for every prompt given as its content.
         progress: called with (responses done, total) as each one ends.
+        draft_model: a smaller model of the same family that drafts for every request whose
+            num_draft_tokens is not 0 (speculative decoding; requests may instead ask for prompt_lookup).
+            A speculative batch's row gives the tokens the request gives alone through `generate` with
+            the same draft.
         **kwargs: GenerationOptions fields, overriding those of `options` for every prompt.
 
     Returns:
@@ -444,8 +617,10 @@ def batch_generate(
     quantization = run_option([opts.kv_quantization for _, opts in requests],
                               "kv_bits, kv_group_size, quantized_kv_start", KVQuantization.describe)
     max_kv_size = run_option([opts.max_kv_size for _, opts in requests], "max_kv_size")
+    lookup = any(opts.prompt_lookup and opts.num_draft_tokens for _, opts in requests)
     scheduler = Scheduler(model, tokenizer, max_batch=max_batch, kv_memory=kv_memory, prefill_budget=prefill_budget,
-                          quantization=quantization, max_kv_size=max_kv_size,
+                          quantization=quantization, max_kv_size=max_kv_size, draft_model=draft_model,
+                          speculative=lookup,
                           memory_limit=default_memory_limit() if memory_limit is None else memory_limit)
     chunks: list[list[Chunk]] = [[] for _ in prompts]
     ended = [0]
