@@ -424,14 +424,18 @@ def test_a_strict_tool_in_auto_mode_is_valid_whenever_the_model_calls_it(roomy, 
 
 
 def test_no_input_makes_a_server_error(live):
-    """Bodies made from /openapi.json, valid and invalid: every answer is a 2xx or a 4xx."""
+    """Bodies made from /openapi.json, valid and invalid: every answer is a 2xx or a 4xx. The Messages and
+    Responses routes are left to test_anthropic.py and test_responses.py (60 bodies each, on a server like
+    this one); the other routes get 40 here, more than their 33 when this test drew for all of them."""
     schema = schemathesis.openapi.from_url(live.url + "/openapi.json")
     operations = [result.ok() for result in schema.get_all_operations()]
+    operations = [op for op in operations if not op.path.startswith(("/v1/messages", "/v1/responses"))]
+    assert len(operations) == 5
     cases = st.one_of([op.as_strategy(generation_mode=mode) for op in operations
                        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)])
 
     @given(cases)
-    @settings(max_examples=60, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @settings(max_examples=40, deadline=None, database=None, suppress_health_check=list(HealthCheck))
     def check(case):
         response = case.call(base_url=live.url, timeout=60)
         assert response.status_code < 500, f"{case.method} {case.path} {case.body!r}: {response.text}"
