@@ -26,6 +26,7 @@ from typing import Sequence
 
 import mlx.core as mx
 
+from .batch_cache import BatchRotatingKVCache
 from .cache import KVCache
 from .device import generation_stream
 from .errors import OptionError
@@ -74,52 +75,142 @@ class DraftModel:
     proposal it is trimmed to what it shares with the text and extended with the rest."""
 
     def __init__(self, model: Model, target: Model) -> None:
-        if model.args.vocab_size != target.args.vocab_size:
-            raise OptionError(f"the draft model's vocabulary has {model.args.vocab_size} ids, the target's "
-                              f"{target.args.vocab_size}; give a draft of the same family and tokenizer")
+        check_vocabulary(model, target)
         self.model = model
         self.cache: list[KVCache] = model.make_cache()
         self.held: list[int] = []  # the tokens its cache holds
 
     def propose(self, context: Sequence[int], k: int, draws: DrawState) -> Proposal:
         """k tokens drawn from the draft's distribution q, under the request's sampling parameters
-        (its processors over the same history, its temperature and filters)."""
+        (its processors over the same history, its temperature and filters). The first pass takes in
+        what the cache lacks of the text (its last token at least), as a batch's draft does (BatchDraft)."""
         if k == 0:
             return Proposal([])
-        self._follow(context[:-1])
-        token, tokens, qs = mx.array(context[-1:], mx.int32), [], []
-        history = draws.history
+        if not self.held:  # its first: the text but its last token first, as a batch's row joins (BatchDraft.add)
+            extend_cache(self.model, self.cache, context[:-1])
+            self.held = list(context[:-1])
+        held = shared(self.held, context)
+        for c in self.cache:
+            c.trim(len(self.held) - held)
+        feed, steps = list(context[held:]), DraftSteps(draws, context[-1])
         for _ in range(k):
             with generation_stream():
-                logits = self.model.decode(token[None], self.cache)  # (1, V)
-                history = token if history is None else mx.concatenate([history, token])
-                q = distribution(draws, logits, history)
-                token = sample(draws, q, draws.next_key())
-            # One step at a time: a pipeline-split draft's stages must see each step's collectives in
-            # order (a graph of k steps lets a rank schedule the next receive before this all_sum).
-            mx.eval(token, q)
-            tokens.append(token)
-            qs.append(q)
-        drafted = [t.item() for t in tokens]
-        self.held = list(context) + drafted[:-1]
-        return Proposal(drafted, mx.stack(qs))
+                logits = self.model.decode(mx.array([feed], mx.int32), self.cache)  # (1, V)
+            feed = [steps.take(logits)]
+        self.held = list(context) + steps.tokens[:-1]
+        return steps.proposal()
 
     @property
     def nbytes(self) -> int:
         return sum(c.nbytes for c in self.cache if c.keys is not None)
 
-    def _follow(self, ids: Sequence[int]) -> None:
-        """Bring the cache to hold exactly `ids`."""
-        keep = 0
-        for a, b in zip(self.held, ids):
-            if a != b:
-                break
-            keep += 1
-        if keep < len(self.held):
+
+def shared(held: Sequence[int], context: Sequence[int]) -> int:
+    """How many of the tokens a draft's cache holds it keeps: those it shares with the text, but the
+    text's last (the next pass feeds it)."""
+    n = 0
+    for a, b in zip(held, context[:-1]):
+        if a != b:
+            break
+        n += 1
+    return n
+
+
+class DraftSteps:
+    """One row's drafting: a token a pass drawn from q under the request's sampling parameters, with
+    the history its processors see (the request's, its latest token, then its drafts)."""
+
+    def __init__(self, draws: DrawState, latest: int) -> None:
+        self.draws = draws
+        token = mx.array([latest], mx.int32)
+        self.history = token if draws.history is None else mx.concatenate([draws.history, token])
+        self.tokens: list[int] = []
+        self._qs: list[mx.array] = []
+
+    def take(self, logits: mx.array) -> int:
+        """The next draft from this pass's logits (1, V)."""
+        mx.eval(self.draw(logits))
+        return self.read()
+
+    def draw(self, logits: mx.array) -> list[mx.array]:
+        """The next draft from this pass's logits (1, V), queued; its arrays, to evaluate before read().
+        Each pass is evaluated before the next: a pipeline-split draft's stages must see each pass's
+        collectives in order (a graph of k passes lets a rank schedule the next receive before this
+        all_sum)."""
+        with generation_stream():
+            q = distribution(self.draws, logits, self.history)
+            token = sample(self.draws, q, self.draws.next_key())
+            self.history = mx.concatenate([self.history, token])
+        self._qs.append(q)
+        self._token = token
+        return [token, q]
+
+    def read(self) -> int:
+        self.tokens.append(self._token.item())
+        return self.tokens[-1]
+
+    def proposal(self) -> Proposal:
+        return Proposal(self.tokens, mx.stack(self._qs) if self._qs else None)
+
+
+class BatchDraft:
+    """A draft model drafting for every row of a speculative batch at once (batch.BatchGenerator): one
+    cache for all rows, in which each row follows its own text and takes back its own tokens
+    (BatchRotatingKVCache without a window), and a pass of the batch a draft step, where DraftModel
+    per row would take a pass a row. A row drafts what it drafts alone with DraftModel: the same
+    passes' contents, the same draws."""
+
+    def __init__(self, model: Model, target: Model) -> None:
+        check_vocabulary(model, target)
+        self.model = model
+        self.cache = [BatchRotatingKVCache(None) for _ in model.layers]
+        self.held: list[list[int]] = []  # the tokens each row of its cache holds
+
+    def add(self, prompt_ids: Sequence[int]) -> None:
+        """A row joining the batch: its prompt computed by the draft (alone, then joined)."""
+        cache = self.model.make_cache()
+        extend_cache(self.model, cache, prompt_ids)
+        for batch, layer in zip(self.cache, cache):
+            batch.add(layer)
+        self.held.append(list(prompt_ids))
+
+    def keep(self, rows: list[int]) -> None:
+        for c in self.cache:
+            c.keep(rows)
+        self.held = [self.held[i] for i in rows]
+
+    def propose(self, contexts: Sequence[Sequence[int]], ks: Sequence[int],
+                draws: Sequence[DrawState]) -> list[Proposal]:
+        """ks[i] drafts for row i after its text contexts[i] (0: none; its context is then not read)."""
+        rows = [i for i, k in enumerate(ks) if k]
+        if not rows:
+            return [Proposal([]) for _ in ks]
+        keep = [shared(self.held[i], contexts[i]) if ks[i] else len(self.held[i]) for i in range(len(ks))]
+        self._trim([len(held) - n for held, n in zip(self.held, keep)])
+        feeds = [list(contexts[i][keep[i] :]) if ks[i] else [] for i in range(len(ks))]
+        steps = {i: DraftSteps(draws[i], contexts[i][-1]) for i in rows}
+        for step in range(max(ks)):
+            width = max(len(f) for f in feeds)
+            with generation_stream():
+                logits = self.model(mx.array([f + [0] * (width - len(f)) for f in feeds], mx.int32), self.cache)
+            self._trim([width - len(f) for f in feeds])  # the padding
+            drawing = [i for i in rows if step < ks[i]]
+            mx.eval([a for i in drawing for a in steps[i].draw(logits[i, len(feeds[i]) - 1 : len(feeds[i])])])
+            drawn = {i: steps[i].read() for i in drawing}
+            feeds = [[drawn[i]] if i in drawn and step + 1 < ks[i] else [] for i in range(len(ks))]
+        for i in rows:
+            self.held[i] = list(contexts[i]) + steps[i].tokens[:-1]
+        return [steps[i].proposal() if i in steps else Proposal([]) for i in range(len(ks))]
+
+    def _trim(self, counts: list[int]) -> None:
+        """Each row's cache forgets its latest counts[i] tokens."""
+        if any(counts):
             for c in self.cache:
-                c.trim(c.offset - keep)
-        extend_cache(self.model, self.cache, ids[keep:])
-        self.held = list(ids)
+                c.trim_rows(counts)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.nbytes for c in self.cache)
 
 
 # ---------------------------------------------------------------- distributions and acceptance
@@ -219,18 +310,20 @@ class Speculation:
     `context` is every token so far: the prompt, the tokens given out, forced ones; its last is the
     latest token, which the next pass feeds (it is not in the cache yet)."""
 
-    def __init__(self, draws: DrawState, proposer: PromptLookup | DraftModel, most: int,
+    def __init__(self, draws: DrawState, proposer: PromptLookup | DraftModel | BatchDraft, most: int,
                  prompt_ids: Sequence[int]) -> None:
         self.draws, self.proposer = draws, proposer
         self.length = DraftLength(most)
         self.context = list(prompt_ids)
         self.drafted = self.accepted = 0
 
-    def draft(self) -> Proposal:
+    def draft(self, proposal: Proposal | None = None) -> Proposal:
         """The drafts to feed after the latest token, which is remembered now (the history and the
-        grammar take it in); cut at the first draft the grammar refuses."""
-        k = self.length.next()
-        proposal = self.proposer.propose(self.context, k, self.draws) if k else Proposal([])
+        grammar take it in); cut at the first draft the grammar refuses. `proposal`: drafted for it
+        already, of length `length.next()` (a batch's BatchDraft drafts for every row at once)."""
+        if proposal is None:
+            k = self.length.next()
+            proposal = self.proposer.propose(self.context, k, self.draws) if k else Proposal([])
         draws = self.draws
         draws.remember(mx.array(self.context[-1:], mx.int32))
         if draws.grammar is not None and proposal.tokens:
@@ -396,6 +489,12 @@ def make_proposer(model: Model, opts: GenerationOptions, draft_model: Model | No
     if draft_model is not None:
         return DraftModel(draft_model, model)
     return PromptLookup(opts.prompt_lookup_min, opts.prompt_lookup_max)
+
+
+def check_vocabulary(draft: Model, target: Model) -> None:
+    if draft.args.vocab_size != target.args.vocab_size:
+        raise OptionError(f"the draft model's vocabulary has {draft.args.vocab_size} ids, the target's "
+                          f"{target.args.vocab_size}; give a draft of the same family and tokenizer")
 
 
 def check_proposers(opts: GenerationOptions, draft_model: Model | None) -> None:
