@@ -24,7 +24,7 @@ from fastapi.responses import FileResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
 from ..errors import Qwen3Error
-from ..options import GenerationOptions
+from ..options import DEFAULT_MAX_TOKENS, GenerationOptions
 from ..response import Chunk, TokenLogprob
 from . import anthropic as a
 from . import protocol as p
@@ -39,7 +39,7 @@ _ANTHROPIC_DOCS = {status: {"model": a.ErrorResponse} for status in ERROR_DOCS}
 
 
 def create_app(engine: Any, *, model_id: str, aliases: Sequence[str] = (), api_key: str | None = None,
-               max_tokens_cap: int = 4096, default_thinking_budget: int | None = None,
+               max_tokens_cap: int = DEFAULT_MAX_TOKENS, default_thinking_budget: int | None = None,
                cors_origin: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, ui: bool = True,
                response_store: r.ResponseStore | None = None, defaults: GenerationOptions | None = None) -> FastAPI:
     """The FastAPI app over a started engine.Engine (the caller starts and closes it).

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 from pydantic import ValidationError
 
 from ..errors import OptionError
-from ..options import REASONING_EFFORTS, GenerationOptions
+from ..options import DEFAULT_MAX_TOKENS, REASONING_EFFORTS, GenerationOptions
 from ..prompt import Prompt, encode_prompt
 from ..structured import response_format_schema, tool_call_grammar
 from .protocol import (
@@ -43,7 +43,7 @@ class Settings:
     """What the server imposes on every request."""
 
     model_id: str  # the name responses report
-    max_tokens_cap: int = 4096  # the most a request may generate; also the default
+    max_tokens_cap: int = DEFAULT_MAX_TOKENS  # the most a request may generate; also the default
     default_thinking_budget: int | None = None
     defaults: GenerationOptions = GenerationOptions()  # what a body leaves unset (the CLI's options, for a batch)
     aliases: tuple[str, ...] = ()  # more names a request's `model` may give

@@ -29,7 +29,7 @@ import uvicorn
 from ..distributed import DistributedEngine, ParallelOptions, Ranks
 from ..engine import Engine
 from ..errors import Qwen3Error
-from ..options import GenerationOptions
+from ..options import DEFAULT_MAX_BATCH, DEFAULT_MAX_TOKENS, DEFAULT_PREFIX_STORE_BYTES, GenerationOptions
 from .app import create_app
 
 log = logging.getLogger("uvicorn.error")  # uvicorn's own log, so the drain's lines read as its others
@@ -116,8 +116,9 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 def serve(model: str, *, host: str = "127.0.0.1", port: int = 8080, served_model_names: Sequence[str] = (),
-          api_key: str | None = None, max_batch: int = 8, kv_memory: int | None = None,
-          prompt_cache_bytes: int = 1 << 30, thinking_budget: int | None = None, max_tokens: int = 4096,
+          api_key: str | None = None, max_batch: int = DEFAULT_MAX_BATCH, kv_memory: int | None = None,
+          prompt_cache_bytes: int = DEFAULT_PREFIX_STORE_BYTES, thinking_budget: int | None = None,
+          max_tokens: int = DEFAULT_MAX_TOKENS,
           cors_origin: str | None = None, grace: float = 30.0, log_level: str = "info",
           kv_bits: int | None = None, parallel: ParallelOptions | None = None, ui: bool = True,
           memory_limit: int | None = None, max_kv_size: int | None = None, draft_model: str | None = None,
