@@ -1,6 +1,7 @@
 """The README's examples that need no network run as written, on a tiny checkpoint: its model names
-and the server's address are the only things replaced. The checkpoint's context is short (160 tokens),
-so that responses asked for with thousands of tokens end at the context, as they would at any limit."""
+and the server's address are the only things replaced. The checkpoint's context is short (64 tokens: the
+longest prompt here takes 22), so that responses asked for with thousands of tokens end at the context, as
+they would at any limit."""
 
 import re
 import shutil
@@ -32,9 +33,9 @@ def block_with(language: str, marker: str) -> str:
 
 @pytest.fixture(scope="module")
 def short(tmp_path_factory):
-    """A tiny random Qwen3 with the real tokenizer and a context of 160 tokens."""
+    """A tiny random Qwen3 with the real tokenizer and a context of 64 tokens."""
     return make_checkpoint(tmp_path_factory.mktemp("short"), tokenizer=True, hidden_size=32, intermediate_size=64,
-                           num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=160)
+                           num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
 
 
 @pytest.fixture(scope="module")
