@@ -106,12 +106,32 @@ def run_fault(job: dict, group: mx.distributed.Group, watchdog: Watchdog, out_di
             mx.eval(model.decode(mx.array([[step % 64]]), cache))
 
 
+def listening(port: int) -> bool:
+    """Whether a socket of this machine listens on TCP `port`, read from Linux's /proc/net/tcp (an
+    observer: connecting to a rank would take its peer's place); True where there is no /proc."""
+    tables = [t for t in (Path("/proc/net/tcp"), Path("/proc/net/tcp6")) if t.exists()]
+    rows = [line.split() for t in tables for line in t.read_text().splitlines()[1:]]
+    return not tables or any(row[3] == "0A" and int(row[1].rsplit(":", 1)[1], 16) == port for row in rows)
+
+
+def after_lower_ranks(rank: int) -> None:
+    """Return once every rank below this one listens. The ring backend's rank R connects to the ranks
+    below it and, finding one not listening yet, retries after 1 s, then 2 s, 4 s...: ranks that finished
+    importing in another order (a loaded machine) waited out those sleeps."""
+    hosts = json.loads(Path(os.environ["MLX_HOSTFILE"]).read_text())
+    ports = [int(addresses[0].rsplit(":", 1)[1]) for addresses in hosts[:rank]]
+    deadline = time.monotonic() + 30  # then join, whose own bound reports the missing rank
+    while time.monotonic() < deadline and not all(listening(port) for port in ports):
+        time.sleep(0.01)
+
+
 def main(spec_file: str, out_dir: str) -> int:
     spec = json.loads(Path(spec_file).read_text())
     rank, out = int(os.environ["MLX_RANK"]), Path(out_dir)
     result: dict = {"rank": rank, "jobs": {}, "status": "started"}
     code = 0
     try:
+        after_lower_ranks(rank)
         group = join("ring", spec.get("join_seconds", 30))
         watchdog = Watchdog(group.rank(), spec.get("watchdog", 30))
         with watchdog:
