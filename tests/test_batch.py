@@ -6,13 +6,17 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from qwen3_mlx import GenerationOptions, generate
-from qwen3_mlx.batch import batch_generate
+from qwen3_mlx import GenerationOptions, batch, generate
+from qwen3_mlx.batch import Scheduler, Ticket, batch_generate
 from qwen3_mlx.batch_cache import BatchKVCache, BatchRotatingKVCache
 from qwen3_mlx.cache import KVCache, RotatingKVCache
 from qwen3_mlx.engine import Engine, EngineClosed, EngineFull
 from qwen3_mlx.errors import OptionError, Qwen3Error
-from qwen3_mlx.prompt import Prompt, encode_prompt
+from qwen3_mlx.kv_quant import KVQuantization
+from qwen3_mlx.prefill import extend_caches
+from qwen3_mlx.prompt import Prompt, encode_prompt, make_prompt_cache
+from qwen3_mlx.prompt_cache import PrefixStore
+from qwen3_mlx.request import collect, extend_cache, prepare
 
 PROMPTS = ["Hello", "Tell me a long story about a dragon and a knight who meet at dawn", "Why?", "1 2 3",
            "a b c d e f", "What is 2+2?", "Name three colours.", "ok"]
@@ -205,6 +209,112 @@ def test_rotating_rows_equal_the_single_stream_rotating_run_through_a_wrap(tiny,
     with Engine(model, tok, max_kv_size=48) as engine:
         served = [engine.submit(p, o.replace(max_kv_size=None)) for p, o in zip(prompts, options)]
         assert [r.result().token_ids for r in served] == [r.token_ids for r in single]
+
+
+# ---------------------------------------------------------------- newcomers prefilled together
+
+
+def run_together(model, tok, requests, monkeypatch, **kwargs):
+    """Every request submitted before the first round, as clients arriving together, to a Scheduler
+    made with `kwargs`: the results, and (rows, length) of each pass that computed several prompts at once."""
+    passes = []
+
+    def counted(model, caches, chunks):
+        passes.append((len(chunks), max(len(c) for c in chunks)))
+        extend_caches(model, caches, chunks)
+
+    monkeypatch.setattr(batch, "extend_caches", counted)
+    scheduler = Scheduler(model, tok, **kwargs)
+    chunks = [[] for _ in requests]
+    for i, (prompt, options) in enumerate(requests):
+        job = prepare(model, tok, prompt, options, rotating=scheduler.max_kv_size is not None)
+        scheduler.submit(Ticket(job, lambda chunk, last, i=i: chunks[i].append(chunk)))
+    while scheduler.busy:
+        scheduler.run_once()
+    return [collect(iter(c)) for c in chunks], passes
+
+
+@pytest.mark.filterwarnings("ignore:greedy decoding")
+def test_eight_newcomers_prefilled_in_one_pass_each_equal_generate(tiny, monkeypatch):
+    model, tok = tiny
+    conversation = [{"role": "user", "content": PROMPTS[1]}, {"role": "assistant", "content": "Once upon a time"},
+                    {"role": "user", "content": "And then?"}]
+    store = PrefixStore(10**8)  # holds the conversation's first turn: one newcomer starts from it
+    first = encode_prompt(tok, Prompt(conversation[:1]), think=False)[0]
+    cache = model.make_cache()
+    extend_cache(model, cache, first)
+    store.store(first, cache)
+    greedy = GenerationOptions(max_tokens=12, logit_bias=eot_bias(tok, 3.5), **GREEDY)
+    requests = [(Prompt(PROMPTS[i]), greedy) for i in (0, 2, 3, 7)] + [
+        (Prompt(conversation), greedy),
+        (Prompt(PROMPTS[4], prefill_response="<think>\n"), GenerationOptions(temp=0, thinking_budget=0, max_tokens=8)),
+        (Prompt(PROMPTS[5]), greedy.replace(max_tokens=1)),
+        (Prompt(PROMPTS[6]), GenerationOptions(seed=7, temp=0.8, max_tokens=10, think=False)),
+    ]
+    single = [generate(model, tok, p, o) for p, o in requests]
+    results, passes = run_together(model, tok, requests, monkeypatch, prefix_store=store)
+    assert [r.token_ids for r in results] == [r.token_ids for r in single]
+    assert [(r.reasoning, r.content) for r in results] == [(r.reasoning, r.content) for r in single]
+    assert [n for n, _ in passes] == [8]  # all eight at once: padded, fewer than the 256 tokens of a round
+    # Every prompt shares the template's first tokens with the stored one; the conversation, its whole first turn.
+    assert results[4].stats.cached_tokens > 20 and results[5].stats.budget_exhausted
+
+
+def test_eight_rotating_newcomers_prefilled_together_equal_the_single_stream_run(tiny, monkeypatch):
+    model, tok = tiny
+    never_end = {t: -1e9 for t in tok.eos_token_ids}
+    options = [GenerationOptions(max_tokens=24 + 3 * i, max_kv_size=48, logit_bias=never_end, **GREEDY)
+               for i in range(8)]
+    prompts = [Prompt(p, system=s) for p, s in zip(PROMPTS, SYSTEMS + SYSTEMS)]
+    prompts[2] = Prompt(" ".join(["knight"] * 70), system=SYSTEMS[1])  # longer than the window already
+    single = [generate(model, tok, p, o) for p, o in zip(prompts, options)]
+    assert sum(len(r.token_ids) + r.stats.prompt_tokens > 48 for r in single) >= 6  # most rows went round
+    results, passes = run_together(model, tok, list(zip(prompts, options)), monkeypatch, max_kv_size=48,
+                                   prefill_budget=1024)
+    assert [r.token_ids for r in results] == [r.token_ids for r in single]
+    assert passes[0][0] == 8
+
+
+@pytest.fixture(scope="module")
+def heads_of_32(tmp_path_factory):
+    """A tiny checkpoint whose heads of 32 dims take a quantized cache's groups of 32."""
+    from checkpoints import make_checkpoint
+
+    from qwen3_mlx.loader import load
+
+    return load(make_checkpoint(tmp_path_factory.mktemp("q32"), tokenizer=True, hidden_size=32, intermediate_size=64,
+                                num_attention_heads=2, num_key_value_heads=1, head_dim=32))
+
+
+@pytest.mark.parametrize("max_kv_size", [None, 40])
+def test_eight_quantized_newcomers_prefilled_together_equal_each_request_alone(heads_of_32, monkeypatch, max_kv_size):
+    model, tok = heads_of_32
+    q = KVQuantization(8, 32, 8)
+    options = GenerationOptions(max_tokens=20, kv_bits=8, kv_group_size=32, quantized_kv_start=8,
+                                max_kv_size=max_kv_size, logit_bias={t: -1e9 for t in tok.eos_token_ids}, **GREEDY)
+    prompts = [Prompt(p, system=s) for p, s in zip(PROMPTS, SYSTEMS + SYSTEMS)]
+
+    def alone(prompt):
+        ids = encode_prompt(tok, prompt, think=False)[0]
+        return generate(model, tok, prompt, options,
+                        cache=make_prompt_cache(model, tok, ids, prompt.system, max_kv_size, quantization=q))
+
+    single = [alone(p) for p in prompts]
+    results, passes = run_together(model, tok, [(p, options) for p in prompts], monkeypatch, quantization=q,
+                                   max_kv_size=max_kv_size, prefill_budget=1024)
+    assert [r.token_ids for r in results] == [r.token_ids for r in single]
+    assert sum(n for n, _ in passes[:2]) == 8  # in two passes: prompts of a few tokens attend another way (prefill.py)
+
+
+def test_newcomers_share_a_pass_only_within_the_round_budget(tiny, monkeypatch):
+    model, tok = tiny
+    options = GenerationOptions(max_tokens=5, **GREEDY)
+    single = alone(model, tok, PROMPTS, [options] * len(PROMPTS))
+    results, passes = run_together(model, tok, [(Prompt(p), options) for p in PROMPTS], monkeypatch,
+                                   prefill_budget=40)
+    assert [r.token_ids for r in results] == [r.token_ids for r in single]
+    # Prompts of 13 to 27 tokens: two at a time (a third would pass 40 tokens), some alone (not counted).
+    assert passes == [(2, 16), (2, 18), (2, 12)]
 
 
 # ---------------------------------------------------------------- the engine

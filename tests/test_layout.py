@@ -22,7 +22,7 @@ FLOORS = [
     ["batch", "chat"],
     ["generation"],
     ["speculative"],
-    ["request"],
+    ["request", "prefill"],
     ["response", "prompt_cache", "structured", "memory"],
     ["converter"],
     ["prompt", "loader"],
