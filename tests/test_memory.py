@@ -116,6 +116,31 @@ def test_the_prefix_store_gives_memory_back_before_a_request_waits(tiny):
     assert set(memory) == {"limit", "active", "peak", "kv", "prefix_store"} and memory["limit"] == limit
 
 
+def test_newcomers_share_a_pass_only_when_its_activations_fit_the_ceiling(tiny, monkeypatch):
+    from qwen3_mlx import batch
+
+    model, tok = tiny
+    reqs = requests(tok, 2, seed=3)
+    prompts = [len(encode_prompt(tok, Prompt(m), think=False)[0]) for m, _ in reqs]
+    longest, chunk = max(p + m for p, (_, m) in zip(prompts, reqs)), max(prompts)  # whole, in a budget of 1024
+    plan = MemoryPlan(model, limit=0)
+    alone_fits, together_fit = (plan.need(2, longest, max(prompts), chunk, n) + 1 for n in (1, 2))
+    assert together_fit > alone_fits  # the pass of two counts both rows' activations and padded keys
+    single = [generate(model, tok, m, options(n)).token_ids for m, n in reqs]
+    seen, extend_caches = [], batch.extend_caches
+
+    def counted(model, caches, chunks):
+        seen.append(len(chunks))
+        extend_caches(model, caches, chunks)
+
+    monkeypatch.setattr(batch, "extend_caches", counted)
+    for limit, passes in [(alone_fits, []), (together_fit, [2])]:  # one after the other; both in one pass
+        seen.clear()
+        results = batch_generate(model, tok, [m for m, _ in reqs], [options(n) for _, n in reqs],
+                                 memory_limit=limit, prefill_budget=1024)
+        assert [r.token_ids for r in results] == single and seen == passes
+
+
 # ---------------------------------------------------------------- the soaks
 
 
