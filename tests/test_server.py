@@ -396,10 +396,13 @@ def test_with_thinking_the_reasoning_is_apart_and_the_answer_valid(roomy, tiny):
 
 @pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
 def test_a_forced_tool_call_validates_against_the_tool(roomy, choice):
-    # One call: after a call, a random model would rather open another than end its turn.
+    # One call: after a call, a random model would rather open another than end its turn. Drawn from the
+    # whole masked distribution (temperature 1, no top-p or top-k): any token the grammar allows can come,
+    # and no sort of the vocabulary at every step.
     for seed in range(3):
         reply = roomy.chat.completions.create(model="tiny", messages=WEATHER_Q, tools=STRICT_WEATHER, seed=seed,
-                                              tool_choice=choice, parallel_tool_calls=False, extra_body=NO_THINK)
+                                              tool_choice=choice, parallel_tool_calls=False, temperature=1.0,
+                                              top_p=1.0, extra_body={**NO_THINK, "top_k": 0})
         choice_ = reply.choices[0]
         assert choice_.finish_reason == "tool_calls" and not choice_.message.content
         for call in choice_.message.tool_calls:
