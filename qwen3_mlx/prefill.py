@@ -6,8 +6,10 @@ Rows are padded on the right: row i's n_i tokens are the first of the pass's L, 
 values its own cache hands back are the first of the S columns every row attends over, the padding
 after them masked out. Padding on the right keeps each real score and product in the same place of
 its reductions as alone (what comes after adds exact zeros), so that on the CPU in float32 a row's
-tokens are those of the request alone. A padding query sees every column (a row that sees none
-would be NaN); its keys and values never reach a row's cache.
+caches are bitwise those of the chunk alone. (Not quite in one case: rotating quantized rows whose
+full-precision heads differ in length, kept prefixes shorter than quantized_kv_start, where a
+shorter head's padding sits before its packed part.) A padding query sees every column (one that
+sees none would be NaN); its keys and values never reach a row's cache.
 """
 
 from __future__ import annotations
