@@ -360,6 +360,26 @@ def test_a_draft_of_another_vocabulary_is_refused(tiny, tmp_path):
                             "same family and tokenizer")
 
 
+def test_a_draft_with_another_tokenizer_is_refused_in_one_line(tiny_checkpoint, tmp_path):
+    import json
+    import shutil
+
+    from click.testing import CliRunner
+
+    from qwen3_mlx import cli
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_checkpoint, other)
+    tokenizer = json.loads((other / "tokenizer.json").read_text())
+    tokenizer["added_tokens"].append({"id": 151700, "content": "<|zz|>", "single_word": False, "lstrip": False,
+                                      "rstrip": False, "normalized": False, "special": True})  # one id more
+    (other / "tokenizer.json").write_text(json.dumps(tokenizer))
+    run = CliRunner().invoke(cli.main, ["generate", "--model", str(tiny_checkpoint), "-p", "Hi", "--draft-model",
+                                        str(other), "-m", "2"])
+    assert run.exit_code == 2 and run.stderr.splitlines()[-1] == (
+        "Error: the draft model's tokenizer differs from the target's; give a draft of the same family")
+
+
 def test_stats_count_drafted_and_accepted_tokens(tok):
     model = stub(tok, cycler(tok, " la di da"))
     looked = generate(model, tok, "sing la di da la di da", think=False, max_tokens=30, **GREEDY, **LOOKUP)
