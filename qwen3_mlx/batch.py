@@ -246,8 +246,10 @@ class Scheduler:
     pass, eight of 200 one after the other. Never past the budget: on a compute-bound CPU a padded
     token costs what a real one does, so a larger pass computes no faster and every newcomer's first
     token waits for all of them. Measured with 8 clients of 200-token prompts arriving together
-    (benchmarks/serve_bench.py clients, tiny-vocab, 2 CPU cores): all eight in one pass gave a median
-    time to first token of 4.4 s against 3.7 s, a p95 of 5.4 s against 5.7 s, and the same tok/s.
+    (benchmarks/serve_bench.py clients, tiny-vocab, 2 shared CPU cores, medians of 6 to 12 runs): all
+    eight in one pass gave a median time to first token of 4.3 s against 3.4 s one after the other,
+    a p95 of 4.9 s against 5.6 s, and 22 against 24 tok/s; within the budget, eight of 20 words in
+    one pass gave 2.1 s against 2.3 s (p50) and 2.5 s against 2.9 s (p95).
 
     Admission: at most `max_batch` rows, first come first served, and a request is admitted only when
     the batch's worst case with it fits (memory.MemoryPlan): its KV cache in `kv_memory` bytes, and
