@@ -8,6 +8,7 @@ import json
 import anthropic
 import httpx
 import jsonschema
+import pydantic
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
@@ -299,16 +300,17 @@ def test_a_wrong_key_is_401_and_both_headers_pass(engine):
 
 
 REFUSALS = [
-    ({"model": "tiny", "messages": HI}, 400, "invalid_request_error", "max_tokens: Field required"),
-    ({"model": "tiny", "max_tokens": 4, "messages": []}, 400, "invalid_request_error", "messages: List should have"),
+    ({"model": "tiny", "messages": HI}, 400, "invalid_request_error", "max_tokens: "),
+    ({"model": "tiny", "max_tokens": 4, "messages": []}, 400, "invalid_request_error", "messages: "),
     ({"model": "claude-opus", "max_tokens": 4, "messages": HI}, 404, "not_found_error", "'claude-opus' does not exist"),
     ({"model": "tiny", "max_tokens": 4, "messages": [{"role": "user", "content": [
         {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AA=="}}]}]},
      400, "invalid_request_error", "messages[0].content[0] is type 'image'"),
     ({"model": "tiny", "max_tokens": 4, "messages": HI, "thinking": {"type": "enabled"}},
-     400, "invalid_request_error", "thinking.budget_tokens: "),
+     400, "invalid_request_error", 'thinking.budget_tokens: {"type": "enabled"} needs budget_tokens, the most thinking '
+                                   'tokens (or use {"type": "adaptive"})'),
     ({"model": "tiny", "max_tokens": 4, "messages": HI, "tools": TOOLS, "tool_choice": {"type": "tool"}},
-     400, "invalid_request_error", "tool_choice.name: "),
+     400, "invalid_request_error", 'tool_choice.name: {"type": "tool"} needs the name of the tool to call'),
     ({"model": "tiny", "max_tokens": 4, "messages": HI, "tools": TOOLS + TOOLS[:1]},
      400, "invalid_request_error", "tools: more than one tool is named 'get_weather'"),
     ({"model": "tiny", "max_tokens": 4, "messages": HI, "stop_sequences": [""]},
@@ -320,7 +322,12 @@ REFUSALS = [
 
 @pytest.mark.parametrize(("body", "status", "kind", "message"), REFUSALS, ids=range(len(REFUSALS)))
 def test_refusals_have_anthropics_error_body(live, body, status, kind, message):
-    assert message in anthropic_error(post(live.url, body), status, kind)
+    text = anthropic_error(post(live.url, body), status, kind)
+    assert message in text
+    if message.endswith(": ") and text.startswith(message):  # a pydantic reason, carried as pydantic gives it
+        with pytest.raises(pydantic.ValidationError) as e:
+            MessagesRequest.model_validate(body)
+        assert text == message + e.value.errors()[0]["msg"]
 
 
 def test_a_body_over_the_limit_and_bad_json_have_anthropics_shape(live, client):

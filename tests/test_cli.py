@@ -156,16 +156,27 @@ def test_json_schema_regex_and_grammar_files_constrain_the_answer(ckpt, tmp_path
                                                                                          "It is no.\n")
 
 
+def json_reason(text: str) -> str:
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as e:
+        return str(e)
+
+
 @pytest.mark.parametrize("text, message", [
-    ("{", "s.json: not JSON: Expecting property name enclosed in double quotes: line 1 column 2 (char 1)"),
+    ("{", "s.json: not JSON: " + json_reason("{")),  # Python's reason, carried
     ("[1]", "s.json: a JSON schema is an object ({...}), got list"),
-    ('{"type": "foo"}', "json_schema: Invalid type: foo"),
+    ('{"type": "foo"}', "json_schema: "),  # then llguidance's reason
 ])
 def test_a_bad_json_schema_file_is_one_line_before_the_run(ckpt, tmp_path, text, message):
     (tmp_path / "s.json").write_text(text)
     result = generate_cli(ckpt, "-p", "hi", "--json-schema", str(tmp_path / "s.json"))
     assert result.exit_code == 2 and "Traceback" not in result.output
-    assert result.stderr.rstrip().splitlines()[-1].endswith(message)
+    last = result.stderr.rstrip().splitlines()[-1]
+    if message == "json_schema: ":
+        assert "foo" in last.split(message, 1)[1]  # llguidance's reason, naming the bad value
+    else:
+        assert last.endswith(message)
 
 
 def test_two_constraints_at_once_are_refused(ckpt, tmp_path):
