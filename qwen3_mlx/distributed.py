@@ -48,6 +48,7 @@ from .parallel import WATCHDOG_SECONDS, Watchdog, broadcast, join
 from .prompt import Prompt
 from .request import prepare
 from .response import Chunk, GenerationResult
+from .speculative import check_draft
 from .tokenizer import Tokenizer
 
 T = TypeVar("T")
@@ -176,6 +177,15 @@ class Ranks:
                     raise
                 raise type(e)(f"rank {self.rank}: {e}") from None
 
+    def load_draft(self, path: str | Path | None, tokenizer: Tokenizer) -> Model | None:
+        """A draft model (--draft-model) as `load` loads the model (its part on each rank, so that every
+        rank drafts the same tokens); refused in one line when it does not share the model's tokenizer."""
+        if path is None:
+            return None
+        draft, draft_tokenizer = self.load(path)
+        check_draft(tokenizer, draft_tokenizer)
+        return draft
+
     # -- rank 0's input, on every rank
 
     def from_leader(self, read: Callable[[], T], share: bool = True) -> T:
@@ -229,19 +239,23 @@ class Ranks:
 
     def batch_generate(self, model: Model, tokenizer: Tokenizer, prompts: Sequence[Prompt],
                        options: Sequence[GenerationOptions], *, max_batch: int = DEFAULT_MAX_BATCH,
-                       progress: Callable[[int, int], None] | None = None) -> list[GenerationResult] | None:
+                       progress: Callable[[int, int], None] | None = None,
+                       draft_model: Model | None = None) -> list[GenerationResult] | None:
         """batch.batch_generate (each prompt with its options), launched or not. Launched, the requests
         go through a DistributedEngine, rank 0 submitting them all and the other ranks following, so that
         every rank admits them alike: every rank calls it, and rank 0 gets the results (in order), the
         others None. `progress(done, total)`: as the results come, in order."""
         if not self.launched:
-            return batch_generate(model, tokenizer, prompts, list(options), max_batch=max_batch, progress=progress)
+            return batch_generate(model, tokenizer, prompts, list(options), max_batch=max_batch, progress=progress,
+                                  draft_model=draft_model)
         run = run_option([o.kv_quantization for o in options], "kv_bits, kv_group_size, quantized_kv_start",
                          KVQuantization.describe)
         cache = {} if run is None else {"kv_bits": run.bits, "kv_group_size": run.group_size,
                                         "quantized_kv_start": run.start}
+        lookup = draft_model is None and any(o.prompt_lookup and o.num_draft_tokens for o in options)
         engine = DistributedEngine(model, tokenizer, self, max_batch=max_batch, prompt_cache_bytes=0,
-                                   max_queue=len(prompts) + 1, **cache)  # as batch_generate: no prefix store
+                                   max_queue=len(prompts) + 1, draft_model=draft_model, prompt_lookup=lookup,
+                                   **cache)  # as batch_generate: no prefix store
         if not self.leader:
             engine.follow()
             return None
@@ -487,7 +501,7 @@ class DistributedEngine(Engine):
 
     def _state(self) -> list[int]:
         s = self._scheduler
-        return [len(s.waiting), int(s.prefilling is not None), len(s.gen.rows), len(self._held),
+        return [len(s.waiting), len(s.prefilling), len(s.gen.rows), len(self._held),
                 len(s.prefixes) if s.prefixes is not None else 0]
 
     def _fail_all(self, line: str) -> None:

@@ -142,6 +142,10 @@ class Engine:
             (GenerationOptions' fields of these names; a request may leave them unset or repeat them).
         max_kv_size: every request's cache a rotating one of this many tokens, keeping its system
             prompt (as generate's; a request may leave it unset or repeat it).
+        draft_model: a smaller model of the same family that drafts for every request (speculative
+            decoding, speculative.py), up to each request's num_draft_tokens (0: that one does not).
+        prompt_lookup: every request drafts by prompt lookup instead (its prompt_lookup_min/max and
+            num_draft_tokens). Without either, a request that asks for prompt_lookup is refused.
 
     Raises:
         OptionError: kv_group_size does not divide the model's head_dim.
@@ -151,7 +155,8 @@ class Engine:
                  kv_memory: int | None = None, prompt_cache_bytes: int = DEFAULT_PREFIX_STORE_BYTES,
                  prefill_budget: int = DEFAULT_PREFILL_BUDGET, max_queue: int = 256, kv_bits: int | None = None,
                  kv_group_size: int = 64, quantized_kv_start: int = 0, memory_limit: int | None = None,
-                 max_kv_size: int | None = None) -> None:
+                 max_kv_size: int | None = None, draft_model: Model | None = None,
+                 prompt_lookup: bool = False) -> None:
         self.model, self.tokenizer, self.max_queue = model, tokenizer, max_queue
         self._prefixes = PrefixStore(prompt_cache_bytes) if prompt_cache_bytes > 0 else None
         run = GenerationOptions(kv_bits=kv_bits, kv_group_size=kv_group_size, quantized_kv_start=quantized_kv_start)
@@ -159,7 +164,8 @@ class Engine:
         self._scheduler = Scheduler(model, tokenizer, max_batch=max_batch, kv_memory=kv_memory,
                                     prefix_store=self._prefixes, prefill_budget=prefill_budget,
                                     quantization=run.kv_quantization, memory_limit=self.memory_limit,
-                                    max_kv_size=max_kv_size)
+                                    max_kv_size=max_kv_size, draft_model=draft_model,
+                                    prompt_lookup=prompt_lookup)
         self._inbox: list[Ticket] = []  # submitted, not yet seen by the engine's thread
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -235,8 +241,7 @@ class Engine:
         """Bytes: the ceiling (`limit`), MLX's memory in use now and at its peak since the process began
         or MLX's peak was last reset (`active`, `peak`), the KV caches held now (the batch's and the
         prompt being computed, `kv`), and the prefix store's (`prefix_store`). What /health reports."""
-        prefilling = self._scheduler.prefilling
-        kv = self.kv_bytes + (sum(c.nbytes for c in prefilling.cache) if prefilling is not None else 0)
+        kv = self.kv_bytes + sum(c.nbytes for p in self._scheduler.prefilling for c in p.cache)
         return {"limit": self.memory_limit, "active": mx.get_active_memory(), "peak": mx.get_peak_memory(),
                 "kv": kv, "prefix_store": self._prefixes.nbytes if self._prefixes is not None else 0}
 

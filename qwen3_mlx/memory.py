@@ -60,18 +60,29 @@ class MemoryPlan:
 
     Rows are left-padded to the longest, so the batch's cache at its worst is rows x (the longest
     worst case, prompt + response, or max_kv_size for a rotating cache, plus a growth step) x bytes per
-    token (packed ones when quantized, with each row's full-precision head)."""
+    token (packed ones when quantized, with each row's full-precision head).
+
+    Speculative decoding (`draft`: the draft model, or None) adds the draft's weights and a draft
+    cache per row that holds the whole text, and makes a decode step a pass of `width` positions a row
+    (1 + the longest draft or forced text, which Scheduler.check raises as requests come)."""
 
     def __init__(self, model: object, *, limit: int | None = None, kv_memory: int | None = None,
-                 quantization: KVQuantization | None = None, max_kv_size: int | None = None) -> None:
+                 quantization: KVQuantization | None = None, max_kv_size: int | None = None,
+                 draft: object | None = None) -> None:
         self.model, self.limit, self.kv_memory, self.quantization = model, limit, kv_memory, quantization
         self.max_kv_size = max_kv_size
-        self.weights = weight_bytes(model) if limit is not None else 0
+        self.weights = weight_bytes(model) + weight_bytes(draft) if limit is not None else 0
+        self.draft_per_token = draft.kv_bytes_per_token() if draft is not None else 0
+        self.width = 1
         self.per_token = model.kv_bytes_per_token()
         self.layers = len(model.layers)
 
     def kv(self, rows: int, most_tokens: int) -> int:
         """The KV cache of `rows` rows of at most `most_tokens` tokens, at its worst."""
+        drafts = rows * (most_tokens + BatchKVCache.step) * self.draft_per_token
+        return drafts + self._kv(rows, most_tokens)
+
+    def _kv(self, rows: int, most_tokens: int) -> int:
         if self.max_kv_size is not None:
             most_tokens = min(most_tokens, self.max_kv_size)
         q, tokens = self.quantization, most_tokens + BatchKVCache.step
@@ -80,14 +91,17 @@ class MemoryPlan:
         packed = q.bytes_per_token(self.per_token, self.model.dtype.size)
         return rows * math.ceil(tokens * packed + min(q.start, most_tokens) * self.per_token)
 
-    def need(self, rows: int, longest: int, prompt: int, chunk: int) -> int:
+    def need(self, rows: int, longest: int, prompt: int, chunk: int, newcomers: int = 1) -> int:
         """Everything but the prefix store, at its worst, for a batch of `rows` rows of at most `longest`
-        tokens while a prompt of `prompt` tokens is computed `chunk` tokens at a time: the weights, the
-        batch's cache and one layer of it more (a join, a leave or a growth replaces one layer's arrays
-        at a time), the prompt's own cache, a prefill pass's activations and a decode step's."""
-        kv = self.kv(rows, longest)
-        return (self.weights + kv + -(-kv // self.layers) + self.kv(1, prompt)
-                + forward_bytes(self.model, chunk, longest) + forward_bytes(self.model, 1, longest, rows))
+        tokens (the newcomers among them) while `newcomers` prompts of at most `prompt` tokens are
+        computed `chunk` tokens at a time in one pass: the weights, the batch's cache and one layer of
+        it more (a join, a leave or a growth replaces one layer's arrays at a time), the prompts' own
+        caches, a prefill pass's activations and a decode step's. Several newcomers' pass also holds
+        their keys and values padded and stacked (prefill.py): twice, as they are padded, then stacked."""
+        kv, prompts = self.kv(rows, longest), self.kv(newcomers, prompt)
+        stacked = 2 * prompts if newcomers > 1 else 0
+        return (self.weights + kv + -(-kv // self.layers) + prompts + stacked
+                + forward_bytes(self.model, chunk, longest, newcomers) + forward_bytes(self.model, self.width, longest, rows))
 
     def check(self, most_tokens: int, prompt: int, chunk: int) -> None:
         """Refuse a request that could never fit, even alone.
@@ -108,12 +122,12 @@ class MemoryPlan:
                 f"activations {human_size(self._activations(1, most_tokens, chunk))}) but the memory limit is "
                 f"{human_size(self.limit)}; lower max_tokens (or the thinking budget), or raise memory_limit")
 
-    def room(self, rows: int, longest: int, prompt: int, chunk: int) -> int | None:
+    def room(self, rows: int, longest: int, prompt: int, chunk: int, newcomers: int = 1) -> int | None:
         """The bytes the prefix store may keep beside such a batch (see need()): negative when the batch
         does not fit even without it, or its cache passes kv_memory; None when there is no limit."""
         if self.kv_memory is not None and self.kv(rows, longest) > self.kv_memory:
             return -1
-        return None if self.limit is None else self.limit - self.need(rows, longest, prompt, chunk)
+        return None if self.limit is None else self.limit - self.need(rows, longest, prompt, chunk, newcomers)
 
     def _activations(self, rows: int, longest: int, chunk: int) -> int:
-        return forward_bytes(self.model, chunk, longest) + forward_bytes(self.model, 1, longest, rows)
+        return forward_bytes(self.model, chunk, longest) + forward_bytes(self.model, self.width, longest, rows)
