@@ -118,7 +118,8 @@ def test_an_openai_batch_file_gets_openai_batch_output(tiny_checkpoint, tiny, tm
     assert completion["usage"] == {"prompt_tokens": alone.stats.prompt_tokens, "completion_tokens": n,
                                    "total_tokens": alone.stats.prompt_tokens + n,
                                    "prompt_tokens_details": {"cached_tokens": 0},
-                                   "completion_tokens_details": {"reasoning_tokens": 0}}
+                                   "completion_tokens_details": {"reasoning_tokens": 0, "accepted_prediction_tokens": 0,
+                                                                 "rejected_prediction_tokens": 0}}
 
 
 def test_an_openai_batch_line_with_a_response_format_answers_valid_json(tiny_checkpoint, tiny, tmp_path):
