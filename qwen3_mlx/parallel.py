@@ -324,13 +324,7 @@ def sync_random_state(group: mx.distributed.Group, seed: int | None = None) -> i
 def broadcast(value: object, group: mx.distributed.Group) -> object:
     """Rank 0's `value` (anything json.dumps takes) on every rank; the others pass None. Two all_sums
     (the length, then the UTF-8 bytes, zeros elsewhere): how rank 0, which owns input and output,
-    hands each decision to the others as data. A collective: every rank calls it.
-
-    Work queued before it (a pipeline's decode step, evaluated asynchronously on the generation
-    stream, sends and receives between the stages) is waited for first: the two streams' collectives
-    would otherwise interleave in a different order on each rank, one rank reading the other's
-    activations as this length (seen as a failure now and then, mid-round, in the two-rank server)."""
-    mx.synchronize()
+    hands each decision to the others as data. A collective: every rank calls it."""
     data = json.dumps(value).encode() if group.rank() == 0 else b""
     size = mx.distributed.all_sum(mx.array(len(data), mx.int32), group=group).item()
     mine = mx.array(list(data), mx.uint8) if data else mx.zeros((size,), mx.uint8)
