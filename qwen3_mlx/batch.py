@@ -453,7 +453,7 @@ class Scheduler:
     # -- chunks out
 
     def _read(self, draws: list[tuple[Row, Draw]]) -> None:
-        done: set[Row] = set()
+        done: list[Row] = []  # in the batch's order: a set's order is the process's own, and ranks must agree
         for row, draw in draws:
             if row.read:
                 row.read = False
@@ -464,14 +464,14 @@ class Scheduler:
             # With the last forced id in, the limits are asked before its draw is read, as the
             # single-stream loop asks them after feeding: forced text that reaches a cap ends the row.
             if not row.forced and not row.discard and not row.job.response.may_draw():
-                done.add(row)
+                done.append(row)
         for row in done:
             self._leave(row, "")
 
     def _read_given(self, given: list[tuple[Row, list[Given]]]) -> None:
         """A speculative batch's tokens, each row's read as the single-stream loop reads them
         (generation.run_speculative): those after the response ends or forces text in are handed back."""
-        done: set[Row] = set()
+        done: list[Row] = []  # in the batch's order: a set's order is the process's own, and ranks must agree
         for row, tokens in given:
             response, used = row.job.response, 0
             for token, logprob in tokens:
@@ -484,7 +484,7 @@ class Scheduler:
             if row.spec is not None:
                 response.stats.drafted_tokens, response.stats.accepted_tokens = row.spec.drafted, row.spec.accepted
             if not response.may_draw():  # forced text (read already) that reaches a cap ends it too
-                done.add(row)
+                done.append(row)
         for row in done:
             self._leave(row, "")
 
