@@ -214,6 +214,22 @@ def test_a_rotating_cache_that_wraps_while_drafting_gives_the_plain_tokens_alone
     assert sum(r.stats.drafted_tokens - r.stats.accepted_tokens for r in alone) > 10
 
 
+def test_the_context_ends_a_drafting_response_at_the_same_token_alone_and_in_a_batch(tmp_path):
+    """A model whose context (48 positions) ends the response: drafts checked past it are taken back, and
+    every path stops where the plain loop does, with finish_reason length."""
+    model, tok = load(make_checkpoint(tmp_path, tokenizer=True, max_position_embeddings=48))
+    prompts = ["one two three one two three one two", "Why is the sky blue?"]
+    options = dict(think=False, max_tokens=200, **GREEDY)
+    plain = [generate(model, tok, p, **options) for p in prompts]
+    assert [len(r.token_ids) + r.stats.prompt_tokens for r in plain] == [48, 48]
+    alone = [generate(model, tok, p, draft_model=model, **options) for p in prompts]
+    batched = batch_generate(model, tok, prompts, draft_model=model, **options)
+    for runs in (alone, batched):
+        assert [(r.token_ids, r.stats.finish_reason) for r in runs] == [(r.token_ids, "length") for r in plain]
+        # The model drafting for itself: every draft kept, the last ones checked at the context's end.
+        assert all(r.stats.accepted_tokens == r.stats.drafted_tokens > 0 for r in runs)
+
+
 def test_the_engine_and_the_server_draft_for_every_request_and_count_the_predictions(tiny, other_tiny):
     """serve --draft-model: each answer is the request's alone with that draft (the OpenAI SDK reads it),
     usage says how many drafts were kept and not; num_draft_tokens 0 turns it off for one request;

@@ -139,8 +139,8 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8080, served_model
     ranks = Ranks.start(parallel or ParallelOptions())
     sock = ranks.from_leader(functools.partial(listen, host, port), share=False)  # rank 0's; the others: None
     engine_args = {"max_batch": max_batch, "kv_memory": kv_memory, "prompt_cache_bytes": prompt_cache_bytes,
-                   "kv_bits": kv_bits, "memory_limit": memory_limit, "max_kv_size": max_kv_size}
-    engine_args["prompt_lookup"] = prompt_lookup
+                   "kv_bits": kv_bits, "memory_limit": memory_limit, "max_kv_size": max_kv_size,
+                   "prompt_lookup": prompt_lookup}
     if not ranks.leader:
         follow(model, ranks, engine_args, draft_model)
         return
