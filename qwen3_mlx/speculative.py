@@ -100,10 +100,6 @@ class DraftModel:
         self.held = list(context) + steps.tokens[:-1]
         return steps.proposal()
 
-    @property
-    def nbytes(self) -> int:
-        return sum(c.nbytes for c in self.cache if c.keys is not None)
-
 
 def shared(held: Sequence[int], context: Sequence[int]) -> int:
     """How many of the tokens a draft's cache holds it keeps: those it shares with the text, but the
@@ -363,11 +359,6 @@ class Speculation:
         self.length.update(len(drafts), kept)
         self.context += tokens
         return list(zip(tokens, logprobs)), unkept
-
-    @property
-    def nbytes(self) -> int:
-        """Its draft model's cache."""
-        return getattr(self.proposer, "nbytes", 0)
 
     def take_back(self, unused: int) -> None:
         """The caller did not use the latest `unused` tokens given out (the response ended, or forced
