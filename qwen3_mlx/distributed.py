@@ -252,9 +252,9 @@ class Ranks:
                          KVQuantization.describe)
         cache = {} if run is None else {"kv_bits": run.bits, "kv_group_size": run.group_size,
                                         "quantized_kv_start": run.start}
-        lookup = draft_model is None and any(o.prompt_lookup and o.num_draft_tokens for o in options)
+        lookup = any(o.prompt_lookup and o.num_draft_tokens for o in options)  # only those rows look up
         engine = DistributedEngine(model, tokenizer, self, max_batch=max_batch, prompt_cache_bytes=0,
-                                   max_queue=len(prompts) + 1, draft_model=draft_model, prompt_lookup=lookup,
+                                   max_queue=len(prompts) + 1, draft_model=draft_model, speculative=lookup,
                                    **cache)  # as batch_generate: no prefix store
         if not self.leader:
             engine.follow()

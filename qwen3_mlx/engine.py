@@ -145,7 +145,8 @@ class Engine:
         draft_model: a smaller model of the same family that drafts for every request (speculative
             decoding, speculative.py), up to each request's num_draft_tokens (0: that one does not).
         prompt_lookup: every request drafts by prompt lookup instead (its prompt_lookup_min/max and
-            num_draft_tokens). Without either, a request that asks for prompt_lookup is refused.
+            num_draft_tokens). Without either, a request that asks for prompt_lookup is refused, unless
+            `speculative`: then the requests that ask for it draft by prompt lookup (batch_generate's rule).
 
     Raises:
         OptionError: kv_group_size does not divide the model's head_dim.
@@ -156,7 +157,7 @@ class Engine:
                  prefill_budget: int = DEFAULT_PREFILL_BUDGET, max_queue: int = 256, kv_bits: int | None = None,
                  kv_group_size: int = 64, quantized_kv_start: int = 0, memory_limit: int | None = None,
                  max_kv_size: int | None = None, draft_model: Model | None = None,
-                 prompt_lookup: bool = False) -> None:
+                 prompt_lookup: bool = False, speculative: bool = False) -> None:
         self.model, self.tokenizer, self.max_queue = model, tokenizer, max_queue
         self._prefixes = PrefixStore(prompt_cache_bytes) if prompt_cache_bytes > 0 else None
         run = GenerationOptions(kv_bits=kv_bits, kv_group_size=kv_group_size, quantized_kv_start=quantized_kv_start)
@@ -165,7 +166,7 @@ class Engine:
                                     prefix_store=self._prefixes, prefill_budget=prefill_budget,
                                     quantization=run.kv_quantization, memory_limit=self.memory_limit,
                                     max_kv_size=max_kv_size, draft_model=draft_model,
-                                    prompt_lookup=prompt_lookup)
+                                    prompt_lookup=prompt_lookup, speculative=speculative)
         self._inbox: list[Ticket] = []  # submitted, not yet seen by the engine's thread
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
