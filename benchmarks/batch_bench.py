@@ -1,4 +1,4 @@
-"""Batched generation: qwen3_mlx.batch against mlx-lm's batch_generate, and time to first token under load.
+"""Batched generation: qwen3_mlx.generation.batch against mlx-lm's batch_generate, and time to first token under load.
 
     python benchmarks/batch_bench.py batch CHECKPOINT [--rows 1 8 [32]] [--prompt-tokens 32]
                                          [--decode-tokens 64] [--trials 3] [--out batch.json]
@@ -9,7 +9,7 @@ Checkpoints come from `bench.py make` (random weights); prompts are token ids dr
 model's vocabulary, one prompt per row, the same on both sides.
 
 batch: both models loaded once, in one process. For each row count, ours
-(qwen3_mlx.batch.batch_generate, max_batch = rows) and mlx-lm's (mlx_lm.batch_generate,
+(qwen3_mlx.generation.batch.batch_generate, max_batch = rows) and mlx-lm's (mlx_lm.batch_generate,
 completion_batch_size = rows) run alternately (which goes first switches each trial), after one
 untimed warm-up of each: greedy, no seed (mlx-lm would not batch one), the end-of-turn ids banned by
 a -inf logit bias (ours: logit_bias; mlx-lm: make_logits_processors) so that every row writes
@@ -75,7 +75,7 @@ def fresh() -> float:
 
 
 def run_ours(model, tokenizer, prompts: list[list[int]], n: int, bias: dict) -> tuple[float, list[list[int]]]:
-    from qwen3_mlx.batch import batch_generate
+    from qwen3_mlx.generation.batch import batch_generate
 
     start = time.perf_counter()
     results = batch_generate(model, tokenizer, prompts, max_batch=len(prompts), temp=0.0, think=False,
@@ -226,7 +226,7 @@ def cmd_ttft(a: argparse.Namespace) -> None:
     import mlx.core as mx
 
     import qwen3_mlx
-    from qwen3_mlx.engine import Engine
+    from qwen3_mlx.generation.engine import Engine
 
     path = Path(a.checkpoint).expanduser().absolute()
     config = json.loads((path / "config.json").read_text())

@@ -34,7 +34,7 @@ TokenGenerator (what stream_generate drives), mlx-lm's through mlx_lm.generate.g
 Ratios are ours / mlx-lm (above 1 is better for tok/s, below 1 for seconds and memory). Prints a
 markdown table; --out also writes every trial as JSON.
 
-convert: times our converter (qwen3_mlx.converter.convert) and `python -m mlx_lm convert` on the same
+convert: times our converter (qwen3_mlx.checkpoint.converter.convert) and `python -m mlx_lm convert` on the same
 source, each in a child process of its own: wall time and peak RSS (os.wait4's ru_maxrss). mlx-lm
 quantizes the embedding at --q-bits like the rest; ours keeps it at 8 bits.
 
@@ -144,7 +144,7 @@ def is_complete(path: Path, config: dict | None = None, tensors: int | None = No
     """A checkpoint folder whose config (when given) matches, whose safetensors files are whole and hold
     `tensors` tensors (when given), with the tokenizer."""
     from qwen3_mlx.errors import Qwen3Error
-    from qwen3_mlx.loader import check_safetensors, weight_files
+    from qwen3_mlx.checkpoint.loader import check_safetensors, weight_files
 
     try:
         found = json.loads((path / "config.json").read_text())
@@ -204,7 +204,7 @@ def make_4bit(out: Path, source: Path) -> Path:
         return out
     start = time.perf_counter()
     try:
-        from qwen3_mlx.converter import convert
+        from qwen3_mlx.checkpoint.converter import convert
     except ImportError:  # the converter is not there yet: mlx-lm's, same file format
         from mlx_lm import convert as mlx_lm_convert
 
@@ -265,12 +265,13 @@ def run_ours(path: Path, prompt: list[int], n: int, split_min_cost: int | None =
     import mlx.core as mx
 
     from qwen3_mlx import load
-    from qwen3_mlx.fast import speed_up
-    from qwen3_mlx.generation import TokenGenerator
-    from qwen3_mlx.loader import load_model
-    from qwen3_mlx.request import DrawState
-    from qwen3_mlx.sampling import SamplingParams, make_logits_processor, make_sampler
-    from qwen3_mlx.tokenizer import Tokenizer
+    from qwen3_mlx.model.fast import speed_up
+    from qwen3_mlx.generation.single import TokenGenerator
+    from qwen3_mlx.checkpoint.loader import load_model
+    from qwen3_mlx.generation.request import DrawState
+    from qwen3_mlx.checkpoint.sampling_defaults import SamplingParams
+    from qwen3_mlx.generation.sampling import make_logits_processor, make_sampler
+    from qwen3_mlx.text.tokenizer import Tokenizer
 
     start = time.perf_counter()
     if split_min_cost is None:
@@ -421,7 +422,7 @@ def cmd_convert(a: argparse.Namespace) -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-convert-", dir=a.work_dir))
     q = a.quantize
     argv = {
-        "ours": [sys.executable, "-c", "import sys; from qwen3_mlx.converter import convert; "
+        "ours": [sys.executable, "-c", "import sys; from qwen3_mlx.checkpoint.converter import convert; "
                  f"convert(sys.argv[1], sys.argv[2], quantize={q}, bits={a.q_bits})", str(src)],
         "mlx-lm": [sys.executable, "-m", "mlx_lm", "convert", "--hf-path", str(src)]
         + (["-q", "--q-bits", str(a.q_bits)] if q else []),

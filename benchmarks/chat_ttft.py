@@ -21,9 +21,9 @@ from pathlib import Path
 
 
 from qwen3_mlx import load
-from qwen3_mlx.cache import restore
-from qwen3_mlx.chat import ChatSession
-from qwen3_mlx.generation import extend_cache, generate
+from qwen3_mlx.model.cache import restore
+from qwen3_mlx.generation.chat import ChatSession
+from qwen3_mlx.generation.single import extend_cache, generate
 
 WORDS = ("the model reads the whole conversation at every turn unless the cache is kept between turns "
          "and only the new tokens are computed ").split()

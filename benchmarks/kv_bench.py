@@ -88,10 +88,11 @@ def timed(prefill, decode, n: int) -> dict:
 
 def run_ours(path: Path, bits: int | None, context: int, chunk: int, n: int, prompt: list[int]) -> dict:
     from qwen3_mlx import load
-    from qwen3_mlx.generation import TokenGenerator
-    from qwen3_mlx.kv_quant import KVQuantization
-    from qwen3_mlx.request import DrawState
-    from qwen3_mlx.sampling import SamplingParams, make_logits_processor, make_sampler
+    from qwen3_mlx.generation.single import TokenGenerator
+    from qwen3_mlx.model.kv_quant import KVQuantization
+    from qwen3_mlx.generation.request import DrawState
+    from qwen3_mlx.checkpoint.sampling_defaults import SamplingParams
+    from qwen3_mlx.generation.sampling import make_logits_processor, make_sampler
 
     model, tokenizer = load(path)
     a = model.args
@@ -170,7 +171,7 @@ def cmd_attention(a: argparse.Namespace) -> None:
     from mlx_lm.models.base import quantized_scaled_dot_product_attention
 
     from qwen3_mlx import kv_quant
-    from qwen3_mlx.kv_quant import KVQuantization
+    from qwen3_mlx.model.kv_quant import KVQuantization
 
     s = SHAPES[a.shape]
     H, H_kv, D, S = s["num_attention_heads"], s["num_key_value_heads"], s["head_dim"], a.context
@@ -224,8 +225,8 @@ def random_model(shape: dict, layers: int | None, outliers: int, seed: int = 0):
     layer scaled 10-30x."""
     from mlx.utils import tree_map
 
-    from qwen3_mlx.config import ModelArgs
-    from qwen3_mlx.model import Model
+    from qwen3_mlx.model.config import ModelArgs
+    from qwen3_mlx.model.model import Model
 
     config = dict(shape, model_type="qwen3", max_position_embeddings=40960, rms_norm_eps=1e-6, rope_theta=1e6,
                   tie_word_embeddings=True)
@@ -263,7 +264,7 @@ def greedy(model, cache, last: mx.array, steps: int) -> tuple[list[int], list[mx
 
 
 def cmd_quality(a: argparse.Namespace) -> None:
-    from qwen3_mlx.kv_quant import KVQuantization
+    from qwen3_mlx.model.kv_quant import KVQuantization
 
     shape = SHAPES[a.shape]
     rows = []

@@ -49,7 +49,7 @@ def count_collectives(model, cache) -> dict:
     """The collectives one uncompiled decode step runs: {name: [count, payload bytes]}."""
     import mlx.core as mx
 
-    from qwen3_mlx.model import Model
+    from qwen3_mlx.model.model import Model
 
     counts = {name: [0, 0] for name in COLLECTIVES}
     originals = {name: getattr(mx.distributed, name) for name in COLLECTIVES}
@@ -80,7 +80,7 @@ def rank_main(path: str, mode: str, prompt_tokens: int, decode_tokens: int, tria
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
-    from qwen3_mlx.loader import load
+    from qwen3_mlx.checkpoint.loader import load
 
     mx.reset_peak_memory()
     start = time.perf_counter()

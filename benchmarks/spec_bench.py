@@ -221,7 +221,7 @@ def cmd_lookup(a: argparse.Namespace) -> None:
 
 def cmd_batch(a: argparse.Namespace) -> None:
     from qwen3_mlx import load
-    from qwen3_mlx.batch import batch_generate
+    from qwen3_mlx.generation.batch import batch_generate
 
     target, tok = load(Path(a.pair) / "target")
     draft, _ = load(Path(a.pair) / "draft")

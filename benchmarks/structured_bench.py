@@ -70,7 +70,7 @@ def main() -> None:
     import mlx.core as mx
 
     from qwen3_mlx import GenerationOptions, generate, load
-    from qwen3_mlx.structured import compile_constraint, grammar_vocabulary
+    from qwen3_mlx.text.structured import compile_constraint, grammar_vocabulary
 
     model, tokenizer = load(a.checkpoint)
     vocab = model.args.vocab_size

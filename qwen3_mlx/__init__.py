@@ -8,13 +8,18 @@
     result = generate(model, tokenizer, Prompt("Hi", system="Be brief."), max_tokens=64)   # a request's parts
 """
 
-from .batch import batch_generate
-from .engine import Engine
+from .checkpoint.loader import load
 from .errors import ConfigError, OptionError, Qwen3Error
-from .generation import GenerationResult, GenerationStats, generate, stream_generate
-from .loader import load
-from .options import GenerationOptions
-from .prompt import Prompt
+from .generation.batch import batch_generate
+from .generation.engine import Engine
+from .generation.options import GenerationOptions
+from .generation.single import (
+           GenerationResult,
+           GenerationStats,
+           generate,
+           stream_generate,
+)
+from .text.prompt import Prompt
 
 __all__ = ["load", "generate", "stream_generate", "batch_generate", "Engine", "GenerationOptions", "Prompt",
            "GenerationResult", "GenerationStats", "Qwen3Error", "ConfigError", "OptionError"]

@@ -27,7 +27,7 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny(tiny_checkpoint):
     """tiny_checkpoint loaded: (model, tokenizer). Generation does not change a model, so tests share it."""
-    from qwen3_mlx.loader import load
+    from qwen3_mlx.checkpoint.loader import load
 
     return load(tiny_checkpoint)
 
@@ -38,7 +38,7 @@ def tok():
     (the tokenizer files alone name <|im_end|> only). Test modules about the tokenizer itself define their own."""
     from checkpoints import tokenizer_dir
 
-    from qwen3_mlx.tokenizer import Tokenizer
+    from qwen3_mlx.text.tokenizer import Tokenizer
 
     t = Tokenizer.from_dir(tokenizer_dir())
     t.eos_token_ids = frozenset({t.token_to_id("<|im_end|>"), t.token_to_id("<|endoftext|>")})

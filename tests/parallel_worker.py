@@ -20,15 +20,16 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from qwen3_mlx.batch import batch_generate
+from qwen3_mlx.generation.batch import batch_generate
 from qwen3_mlx.errors import Qwen3Error
-from qwen3_mlx.fast import cpu_threads, speed_up
-from qwen3_mlx.generation import generate
-from qwen3_mlx.loader import load, load_model
-from qwen3_mlx.model import Model
-from qwen3_mlx.options import GenerationOptions
-from qwen3_mlx.parallel import Watchdog, broadcast, join, shard, sync_random_state
-from qwen3_mlx.tokenizer import Tokenizer
+from qwen3_mlx.model.fast import cpu_threads, speed_up
+from qwen3_mlx.generation.single import generate
+from qwen3_mlx.checkpoint.loader import load, load_model
+from qwen3_mlx.model.model import Model
+from qwen3_mlx.generation.options import GenerationOptions
+from qwen3_mlx.collectives import Watchdog, broadcast, join, sync_random_state
+from qwen3_mlx.model.parallel import shard
+from qwen3_mlx.text.tokenizer import Tokenizer
 
 PROMPT = [1, 5, 9, 200, 33, 7, 11]
 BATCH = [[3 + i, 40 + 7 * i, 100 + i] for i in range(8)]  # 8 rows of 3 tokens

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import mlx.core as mx
 
-from qwen3_mlx.cache import KVCache
+from qwen3_mlx.model.cache import KVCache
 
 VOCAB = 151936
 
@@ -24,7 +24,7 @@ class BatchScriptedModel:
         self.layers = [None]
         self.dtype = mx.float32
 
-    def kv_bytes_per_token(self):  # qwen3_mlx.model.LanguageModel: the engine's admission reads it
+    def kv_bytes_per_token(self):  # qwen3_mlx.model.model.LanguageModel: the engine's admission reads it
         return 2 * 4
 
     def make_cache(self, max_kv_size=None, keep=0, quantization=None):

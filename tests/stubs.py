@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import mlx.core as mx
 
-from qwen3_mlx.cache import KVCache
+from qwen3_mlx.model.cache import KVCache
 
 VOCAB = 151936
 
@@ -47,7 +47,7 @@ class ScriptedModel:
     layers = [None]
     dtype = mx.float32
 
-    def kv_bytes_per_token(self):  # qwen3_mlx.model.LanguageModel
+    def kv_bytes_per_token(self):  # qwen3_mlx.model.model.LanguageModel
         return 2 * 2 * 4
 
 

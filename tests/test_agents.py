@@ -15,7 +15,7 @@ import pytest
 from server_live import LiveServer
 from server_stubs import VOCAB, BatchScriptedModel, replies
 
-from qwen3_mlx.engine import Engine
+from qwen3_mlx.generation.engine import Engine
 from qwen3_mlx.server import create_app
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -18,9 +18,9 @@ from server_live import LiveServer
 from server_stubs import BatchScriptedModel, by_prompt, replies
 
 from qwen3_mlx import GenerationOptions, generate
-from qwen3_mlx.engine import Engine
-from qwen3_mlx.prompt import encode_prompt
-from qwen3_mlx.response import EARLY_STOP_TEXT
+from qwen3_mlx.generation.engine import Engine
+from qwen3_mlx.text.prompt import encode_prompt
+from qwen3_mlx.generation.response import EARLY_STOP_TEXT
 from qwen3_mlx.server import create_app
 from qwen3_mlx.server.anthropic import MessagesRequest, messages_submission, with_pings
 from qwen3_mlx.server.params import Settings
@@ -188,7 +188,7 @@ def test_budget_tokens_bounds_the_reasoning_and_never_shows_tags(stub, stream):
 def stub_tokenizer():
     from checkpoints import tokenizer_dir
 
-    from qwen3_mlx.tokenizer import Tokenizer
+    from qwen3_mlx.text.tokenizer import Tokenizer
 
     return Tokenizer.from_dir(tokenizer_dir())
 

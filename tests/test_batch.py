@@ -7,16 +7,16 @@ import numpy as np
 import pytest
 
 from qwen3_mlx import GenerationOptions, batch, generate
-from qwen3_mlx.batch import Scheduler, Ticket, batch_generate
-from qwen3_mlx.batch_cache import BatchKVCache, BatchRotatingKVCache
-from qwen3_mlx.cache import KVCache, RotatingKVCache
-from qwen3_mlx.engine import Engine, EngineClosed, EngineFull
+from qwen3_mlx.generation.batch import Scheduler, Ticket, batch_generate
+from qwen3_mlx.model.batch_cache import BatchKVCache, BatchRotatingKVCache
+from qwen3_mlx.model.cache import KVCache, RotatingKVCache
+from qwen3_mlx.generation.engine import Engine, EngineClosed, EngineFull
 from qwen3_mlx.errors import OptionError, Qwen3Error
-from qwen3_mlx.kv_quant import KVQuantization
-from qwen3_mlx.prefill import extend_caches
-from qwen3_mlx.prompt import Prompt, encode_prompt, make_prompt_cache
-from qwen3_mlx.prompt_cache import PrefixStore
-from qwen3_mlx.request import collect, extend_cache, prepare
+from qwen3_mlx.model.kv_quant import KVQuantization
+from qwen3_mlx.generation.prefill import extend_caches
+from qwen3_mlx.text.prompt import Prompt, encode_prompt, make_prompt_cache
+from qwen3_mlx.generation.prompt_cache import PrefixStore
+from qwen3_mlx.generation.request import collect, extend_cache, prepare
 
 PROMPTS = ["Hello", "Tell me a long story about a dragon and a knight who meet at dawn", "Why?", "1 2 3",
            "a b c d e f", "What is 2+2?", "Name three colours.", "ok"]
@@ -280,7 +280,7 @@ def heads_of_32(tmp_path_factory):
     """A tiny checkpoint whose heads of 32 dims take a quantized cache's groups of 32."""
     from checkpoints import make_checkpoint
 
-    from qwen3_mlx.loader import load
+    from qwen3_mlx.checkpoint.loader import load
 
     return load(make_checkpoint(tmp_path_factory.mktemp("q32"), tokenizer=True, hidden_size=32, intermediate_size=64,
                                 num_attention_heads=2, num_key_value_heads=1, head_dim=32))

@@ -7,8 +7,8 @@ import pytest
 from click.testing import CliRunner
 
 from qwen3_mlx import GenerationOptions, Qwen3Error, cli, generate
-from qwen3_mlx.batch_files import LINE_OPTIONS, read_batch_lines
-from qwen3_mlx.prompt import Prompt
+from qwen3_mlx.cli.prompts_file import LINE_OPTIONS, read_batch_lines
+from qwen3_mlx.text.prompt import Prompt
 
 GREEDY = ["--temp", "0", "--no-think", "-m", "5"]
 

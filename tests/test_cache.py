@@ -4,7 +4,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from qwen3_mlx.cache import KVCache, RotatingKVCache
+from qwen3_mlx.model.cache import KVCache, RotatingKVCache
 
 H, D = 2, 4
 

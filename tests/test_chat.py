@@ -7,13 +7,13 @@ from checkpoints import make_checkpoint
 from click.testing import CliRunner
 from stubs import ScriptedModel, thinker
 
-from qwen3_mlx.chat import ChatSession
-from qwen3_mlx.cli import main
+from qwen3_mlx.generation.chat import ChatSession
+from qwen3_mlx.cli.commands import main
 from qwen3_mlx.errors import Qwen3Error
-from qwen3_mlx.generation import generate
-from qwen3_mlx.loader import load
-from qwen3_mlx.prompt import Prompt, encode_prompt
-from qwen3_mlx.prompt_cache import common_prefix, load_cache, save_cache
+from qwen3_mlx.generation.single import generate
+from qwen3_mlx.checkpoint.loader import load
+from qwen3_mlx.text.prompt import Prompt, encode_prompt
+from qwen3_mlx.generation.prompt_cache import common_prefix, load_cache, save_cache
 
 
 def small(path, **kw):
@@ -85,7 +85,7 @@ def test_eager_session_rereads_the_answer_without_reasoning_before_the_next_mess
 def tok_stub():
     from checkpoints import tokenizer_dir
 
-    from qwen3_mlx.tokenizer import Tokenizer
+    from qwen3_mlx.text.tokenizer import Tokenizer
 
     tok = Tokenizer.from_dir(tokenizer_dir())
     tok.eos_token_ids = frozenset({tok.token_to_id("<|im_end|>")})
@@ -249,7 +249,7 @@ def test_set_system_takes_effect_on_the_next_render(tiny):
 
 def test_options_and_keywords_make_the_session_options(tiny):
     from qwen3_mlx.errors import OptionError
-    from qwen3_mlx.options import GenerationOptions
+    from qwen3_mlx.generation.options import GenerationOptions
 
     model, tok = tiny
     base = GenerationOptions(think=False, max_tokens=7, temp=0.0)

@@ -7,7 +7,7 @@ import os
 import pytest
 from checkpoints import tokenizer_dir
 
-from qwen3_mlx.chat import ChatSession
+from qwen3_mlx.generation.chat import ChatSession
 from qwen3_mlx.errors import OptionError, Qwen3Error
 
 TOOLS = [{"type": "function", "function": {

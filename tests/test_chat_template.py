@@ -9,7 +9,7 @@ import tokenizers
 from tokenizers.models import WordLevel
 
 from qwen3_mlx.errors import OptionError, Qwen3Error
-from qwen3_mlx.tokenizer import Tokenizer
+from qwen3_mlx.text.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -15,9 +15,9 @@ import pytest
 from checkpoints import make_checkpoint
 from click.testing import CliRunner
 
-from qwen3_mlx import cli
-from qwen3_mlx.generation import GenerationStats, generate
-from qwen3_mlx.loader import load
+from qwen3_mlx.cli import commands as cli
+from qwen3_mlx.generation.single import GenerationStats, generate
+from qwen3_mlx.checkpoint.loader import load
 
 ROOT = Path(__file__).resolve().parent.parent
 VERSION = importlib.metadata.version("qwen3-mlx")
@@ -256,8 +256,8 @@ def fake_chat(monkeypatch):
         sessions.append(FakeSession(*args, **kwargs))
         return sessions[-1]
 
-    monkeypatch.setattr("qwen3_mlx.chat.ChatSession", make)
-    monkeypatch.setattr("qwen3_mlx.loader.load", lambda model: (None, None))
+    monkeypatch.setattr("qwen3_mlx.generation.chat.ChatSession", make)
+    monkeypatch.setattr("qwen3_mlx.checkpoint.loader.load", lambda model: (None, None))
 
     def chat(*lines: str):
         result = run("chat", input="\n".join(lines) + "\n")

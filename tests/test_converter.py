@@ -20,11 +20,11 @@ from mlx_lm.convert import QUANT_RECIPES, configure_parser
 from mlx_lm.utils import load_model as mlx_lm_load_model
 
 from qwen3_mlx import converter
-from qwen3_mlx.cli import main
-from qwen3_mlx.converter import convert
+from qwen3_mlx.cli.commands import main
+from qwen3_mlx.checkpoint.converter import convert
 from qwen3_mlx.errors import OptionError, Qwen3Error
-from qwen3_mlx.fast import RowSplit, speed_up
-from qwen3_mlx.loader import load_model
+from qwen3_mlx.model.fast import RowSplit, speed_up
+from qwen3_mlx.checkpoint.loader import load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 IDS = mx.array([[1, 5, 9, 100, 3, 511, 42, 7]])

@@ -25,10 +25,10 @@ from checkpoints import ONE_LAYER, make_checkpoint
 from click.testing import CliRunner
 from mlx.utils import tree_flatten
 
-from qwen3_mlx.cli import generate
+from qwen3_mlx.cli.commands import generate
 from qwen3_mlx.errors import Qwen3Error
-from qwen3_mlx.generation import stream_generate
-from qwen3_mlx.loader import load, load_model
+from qwen3_mlx.generation.single import stream_generate
+from qwen3_mlx.checkpoint.loader import load, load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 DELETE = object()  # a config value that removes its key

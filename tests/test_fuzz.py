@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 from mlx.utils import tree_flatten
 
 from qwen3_mlx.errors import Qwen3Error
-from qwen3_mlx.loader import load_model
-from qwen3_mlx.model import Model
+from qwen3_mlx.checkpoint.loader import load_model
+from qwen3_mlx.model.model import Model
 
 FUZZ = settings(derandomize=True, max_examples=200, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

@@ -11,7 +11,7 @@ from stubs import ScriptedModel, thinker
 
 from qwen3_mlx import GenerationOptions
 from qwen3_mlx.errors import OptionError
-from qwen3_mlx.generation import EARLY_STOP_TEXT, ThinkingBudget, generate, stream_generate
+from qwen3_mlx.generation.single import EARLY_STOP_TEXT, ThinkingBudget, generate, stream_generate
 
 
 def stub(tok, script):
@@ -281,7 +281,7 @@ def test_a_malformed_message_with_a_system_prompt_is_one_option_error(tok):
 
 
 def test_the_soft_switch_is_read_from_text_parts(tok):
-    from qwen3_mlx.prompt import Prompt, encode_prompt
+    from qwen3_mlx.text.prompt import Prompt, encode_prompt
 
     parts = [{"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "text", "text": "/no_think"}]}]
     ids, thinking = encode_prompt(tok, Prompt(parts))

@@ -8,17 +8,17 @@ import pytest
 from mlx.utils import tree_map
 
 from qwen3_mlx import GenerationOptions, generate, kv_quant
-from qwen3_mlx.batch import batch_generate
-from qwen3_mlx.batch_cache import BatchKVCache
-from qwen3_mlx.cache import KVCache, RotatingKVCache
-from qwen3_mlx.chat import ChatSession
-from qwen3_mlx.config import ModelArgs
-from qwen3_mlx.engine import Engine
+from qwen3_mlx.generation.batch import batch_generate
+from qwen3_mlx.model.batch_cache import BatchKVCache
+from qwen3_mlx.model.cache import KVCache, RotatingKVCache
+from qwen3_mlx.generation.chat import ChatSession
+from qwen3_mlx.model.config import ModelArgs
+from qwen3_mlx.generation.engine import Engine
 from qwen3_mlx.errors import OptionError, Qwen3Error
-from qwen3_mlx.kv_quant import KVQuantization, Packed
-from qwen3_mlx.model import Model
-from qwen3_mlx.prompt import Prompt, encode_prompt, make_prompt_cache
-from qwen3_mlx.prompt_cache import PrefixStore, load_cache, save_cache
+from qwen3_mlx.model.kv_quant import KVQuantization, Packed
+from qwen3_mlx.model.model import Model
+from qwen3_mlx.text.prompt import Prompt, encode_prompt, make_prompt_cache
+from qwen3_mlx.generation.prompt_cache import PrefixStore, load_cache, save_cache
 
 H, D = 2, 32
 Q4, Q8_64 = KVQuantization(4, 32), KVQuantization(8, 64)
@@ -50,7 +50,7 @@ def sdpa(q, k, v, mask):
 
 
 def attend(q, k, v, mask):
-    from qwen3_mlx.kv_quant import quantized_attention
+    from qwen3_mlx.model.kv_quant import quantized_attention
 
     return quantized_attention(q, k, v, D**-0.5, mask)
 
@@ -251,7 +251,7 @@ def small(tmp_path_factory):
     """A tiny checkpoint with the real tokenizer and heads of 32 dims (group size 32)."""
     from checkpoints import make_checkpoint
 
-    from qwen3_mlx.loader import load
+    from qwen3_mlx.checkpoint.loader import load
 
     path = make_checkpoint(tmp_path_factory.mktemp("kvq"), tokenizer=True, hidden_size=32, intermediate_size=64,
                            num_attention_heads=2, num_key_value_heads=1, head_dim=32)

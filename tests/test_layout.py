@@ -1,39 +1,27 @@
-"""The package's shape, checked: imports point down the floors only, no module reaches a sibling's
-underscore names, and no function has more than 60 lines of code."""
+"""The package's shape, checked: the sub-packages are the floors of the house and imports point down
+them only (relative and absolute imports alike), no module reaches a sibling's underscore names, no
+module has more than 400 lines and no function more than 60 lines of code."""
 
 import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "qwen3_mlx"
 
-# Top to bottom, as the README's file table lists them: a module imports modules of lower floors only.
-FLOORS = [
-    ["__main__", "__init__", "server.__init__"],  # entry points and the package's facades
-    ["cli"],
-    ["batch_files"],
-    ["server.serve"],
-    ["server.app"],
-    ["server.guard"],
-    ["server.anthropic", "server.responses"],
-    ["server.params", "server.replies"],
-    ["server.protocol"],
-    ["distributed"],
-    ["engine"],
-    ["batch", "chat"],
-    ["generation"],
-    ["speculative"],
-    ["request", "prefill"],
-    ["response", "prompt_cache", "structured", "memory"],
-    ["converter"],
-    ["prompt", "loader"],
-    ["sampling", "tools", "tokenizer", "options"],
-    ["parallel"],
-    ["fast"],
-    ["model", "batch_cache"],
-    ["cache", "config"],
-    ["kv_quant"],
-    ["device", "errors", "files"],
-]
+# Sub-packages top to bottom, as README's layout lists them ("" is the ground floor: the package's own
+# modules); inside each, its modules' floors top to bottom. A module imports modules on lower floors of
+# its own sub-package, and any module of a lower sub-package; never upward, never sideways.
+FLOORS = {
+    "cli": [["commands"], ["prompts_file"]],
+    "server": [["serve"], ["app"], ["guard"], ["anthropic", "responses"], ["params", "replies"], ["protocol"]],
+    "distributed": [["engine"]],
+    "generation": [["engine"], ["batch", "chat"], ["single"], ["speculative"], ["request", "prefill"],
+                   ["response", "prompt_cache", "memory", "sampling"], ["options"]],
+    "checkpoint": [["converter"], ["loader"], ["sampling_defaults"]],
+    "text": [["prompt", "structured"], ["tokenizer", "tools"]],
+    "model": [["parallel", "fast"], ["model", "batch_cache"], ["cache", "config"], ["kv_quant"]],
+    "": [["collectives"], ["device", "errors", "files"]],
+}
+FACADES = {"__init__", "__main__"}  # a package's front door re-exports what lies below it
 
 
 def modules() -> dict[str, ast.Module]:
@@ -45,35 +33,92 @@ def modules() -> dict[str, ast.Module]:
 
 
 def imports(name: str, tree: ast.Module) -> list[tuple[str, list[str]]]:
-    """(module, names) of every relative import in the module, at any depth."""
+    """(module, names) of every import of the package's own modules, relative or absolute, at any depth.
+    `from . import x` and `from qwen3_mlx.a import b` name a module when it is one."""
+    known = set(modules_cache())
     package = name.split(".")[:-1]
     out = []
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.level:
-            base = package[: len(package) - node.level + 1]
-            if node.module is None:
-                out += [(".".join(base + [alias.name]), []) for alias in node.names]
+        if isinstance(node, ast.Import):
+            out += [(alias.name.removeprefix("qwen3_mlx."), []) for alias in node.names
+                    if alias.name.startswith("qwen3_mlx.")]
+        elif isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("qwen3_mlx")):
+            if node.level:
+                base = package[: len(package) - node.level + 1] + ([node.module] if node.module else [])
             else:
-                out.append((".".join(base + [node.module]), [alias.name for alias in node.names]))
+                base = node.module.split(".")[1:]
+            target = ".".join(base)
+            for alias in node.names:
+                sub = ".".join(base + [alias.name])
+                if sub in known:
+                    out.append((sub, []))
+                else:
+                    out.append((target or "__init__", [alias.name]))
     return out
 
 
+_MODULES: dict[str, ast.Module] = {}
+
+
+def modules_cache() -> dict[str, ast.Module]:
+    if not _MODULES:
+        _MODULES.update(modules())
+    return _MODULES
+
+
+def place(name: str) -> tuple[int, int] | None:
+    """(sub-package's floor, module's floor within it), lower numbers higher up."""
+    package, _, leaf = name.rpartition(".")
+    order = list(FLOORS)
+    if package not in FLOORS:
+        return None
+    for i, floor in enumerate(FLOORS[package]):
+        if leaf in floor:
+            return order.index(package), i
+    return None
+
+
 def test_every_module_has_a_floor():
-    placed = [name for floor in FLOORS for name in floor]
-    assert sorted(placed) == sorted(modules()), "place the new module on a floor of FLOORS"
+    unplaced = [name for name in modules_cache() if name.rpartition(".")[2] not in FACADES and place(name) is None]
+    assert unplaced == [], "place each module on a floor of FLOORS"
 
 
 def test_imports_point_down_only():
-    floor = {name: i for i, names in enumerate(FLOORS) for name in names}
-    upward = [f"{name} imports {target}" for name, tree in modules().items() for target, _ in imports(name, tree)
-              if target in floor and floor[target] <= floor[name] and not name.endswith("__init__")]
-    assert upward == []
+    wrong = []
+    for name, tree in modules_cache().items():
+        if name.rpartition(".")[2] in FACADES:
+            continue
+        here = place(name)
+        for target, _ in imports(name, tree):
+            there = place(target) if target in modules_cache() else None
+            if target.rpartition(".")[2] in FACADES or there is None:
+                there = (list(FLOORS).index(target.removesuffix(".__init__")) if target.removesuffix(".__init__")
+                         in FLOORS else -1, -1)
+                if there[0] > here[0]:
+                    continue  # a lower sub-package's front door
+                wrong.append(f"{name} imports {target}")
+            elif not (there[0] > here[0] or (there[0] == here[0] and there[1] > here[1])):
+                wrong.append(f"{name} imports {target}")
+    assert wrong == []
+
+
+def test_the_checks_see_absolute_imports_too():
+    tree = ast.parse("from qwen3_mlx.errors import OptionError\nimport qwen3_mlx.model.cache\n"
+                     "from qwen3_mlx.generation import engine\n")
+    assert imports("text.tokenizer", tree) == [("errors", ["OptionError"]), ("model.cache", []),
+                                               ("generation.engine", [])]
 
 
 def test_no_module_imports_a_siblings_underscore_names():
-    private = [f"{name}: {target}.{n}" for name, tree in modules().items() for target, names in imports(name, tree)
+    private = [f"{name}: {target}.{n}" for name, tree in modules_cache().items() for target, names in imports(name, tree)
                for n in names if n.startswith("_")]
     assert private == []
+
+
+def test_no_module_has_more_than_400_lines():
+    long = [f"{path.relative_to(PACKAGE)}: {n} lines" for path in sorted(PACKAGE.rglob("*.py"))
+            if (n := len(path.read_text(encoding="utf-8").splitlines())) > 400]
+    assert long == []
 
 
 def code_lines(node: ast.FunctionDef | ast.AsyncFunctionDef, source: list[str]) -> int:
@@ -90,5 +135,5 @@ def test_no_function_has_more_than_60_lines_of_code():
         source = path.read_text(encoding="utf-8").splitlines()
         for node in ast.walk(ast.parse("\n".join(source))):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and code_lines(node, source) > 60:
-                long.append(f"{path.name}:{node.lineno} {node.name}: {code_lines(node, source)} lines")
+                long.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {node.name}: {code_lines(node, source)} lines")
     assert long == []

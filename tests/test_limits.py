@@ -3,9 +3,9 @@
 import pytest
 from stubs import ScriptedModel, thinker
 
-from qwen3_mlx.cache import RotatingKVCache
+from qwen3_mlx.model.cache import RotatingKVCache
 from qwen3_mlx.errors import OptionError, Qwen3Error
-from qwen3_mlx.generation import EARLY_STOP_TEXT, generate, stream_generate
+from qwen3_mlx.generation.single import EARLY_STOP_TEXT, generate, stream_generate
 
 
 def stub(tok, script, context=4096):

@@ -7,7 +7,7 @@ import pytest
 from checkpoints import ONE_LAYER, make_checkpoint
 
 from qwen3_mlx.errors import OptionError
-from qwen3_mlx.loader import load, load_model
+from qwen3_mlx.checkpoint.loader import load, load_model
 
 
 @pytest.fixture(scope="module")

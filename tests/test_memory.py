@@ -17,11 +17,11 @@ import pytest
 from server_live import LiveServer
 
 from qwen3_mlx import GenerationOptions, generate
-from qwen3_mlx.batch import batch_generate
-from qwen3_mlx.engine import Engine
+from qwen3_mlx.generation.batch import batch_generate
+from qwen3_mlx.generation.engine import Engine
 from qwen3_mlx.errors import MemoryLimitError
-from qwen3_mlx.memory import MemoryPlan, default_memory_limit, weight_bytes
-from qwen3_mlx.prompt import Prompt, encode_prompt
+from qwen3_mlx.generation.memory import MemoryPlan, default_memory_limit, weight_bytes
+from qwen3_mlx.text.prompt import Prompt, encode_prompt
 from qwen3_mlx.server import create_app
 
 GREEDY = dict(temp=0, think=False)

@@ -13,11 +13,11 @@ from mlx.utils import tree_flatten
 from transformers import Qwen3ForCausalLM
 
 from checkpoints import SHAPES, make_checkpoint
-from qwen3_mlx.config import ModelArgs
+from qwen3_mlx.model.config import ModelArgs
 from qwen3_mlx.errors import ConfigError
-from qwen3_mlx.fast import CompiledDecode, FusedMLP, RowSplit, RowSplitEmbedding, SplitMLP, speed_up
-from qwen3_mlx.loader import load_model
-from qwen3_mlx.model import Model
+from qwen3_mlx.model.fast import CompiledDecode, FusedMLP, RowSplit, RowSplitEmbedding, SplitMLP, speed_up
+from qwen3_mlx.checkpoint.loader import load_model
+from qwen3_mlx.model.model import Model
 
 TOL = 1e-4
 

@@ -8,11 +8,11 @@ import pytest
 from server_live import LiveServer
 from server_stubs import BatchScriptedModel, replies
 
-from qwen3_mlx.batch import batch_generate
-from qwen3_mlx.batch_files import openai_record, read_batch_lines
-from qwen3_mlx.engine import Engine
+from qwen3_mlx.generation.batch import batch_generate
+from qwen3_mlx.cli.prompts_file import openai_record, read_batch_lines
+from qwen3_mlx.generation.engine import Engine
 from qwen3_mlx.errors import Qwen3Error
-from qwen3_mlx.options import GenerationOptions
+from qwen3_mlx.generation.options import GenerationOptions
 from qwen3_mlx.server import create_app
 
 HI = [{"role": "user", "content": "Hello there"}]

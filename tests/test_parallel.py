@@ -1,4 +1,4 @@
-"""Tensor and pipeline parallelism (qwen3_mlx.parallel) against one process, on ranks spawned here.
+"""Tensor and pipeline parallelism (qwen3_mlx.model.parallel) against one process, on ranks spawned here.
 
 Each run starts its ranks as mlx.launch would (MLX_HOSTFILE, a ring hostfile on free localhost ports,
 and MLX_RANK), running tests/parallel_worker.py, which writes what it computed and how it ended to a
@@ -22,13 +22,14 @@ import numpy as np
 import pytest
 from checkpoints import make_checkpoint
 
-from qwen3_mlx.converter import convert
+from qwen3_mlx.checkpoint.converter import convert
 from qwen3_mlx.errors import OptionError
-from qwen3_mlx.fast import cpu_threads, local_ranks, speed_up
-from qwen3_mlx.generation import generate
-from qwen3_mlx.loader import load, load_model
-from qwen3_mlx.options import GenerationOptions
-from qwen3_mlx.parallel import Watchdog, layer_split, shard, sync_random_state
+from qwen3_mlx.model.fast import cpu_threads, local_ranks, speed_up
+from qwen3_mlx.generation.single import generate
+from qwen3_mlx.checkpoint.loader import load, load_model
+from qwen3_mlx.generation.options import GenerationOptions
+from qwen3_mlx.collectives import Watchdog, sync_random_state
+from qwen3_mlx.model.parallel import layer_split, shard
 
 WORKER = Path(__file__).with_name("parallel_worker.py")
 PROMPT = [1, 5, 9, 200, 33, 7, 11]  # as parallel_worker.py
@@ -275,7 +276,7 @@ def test_a_stopped_or_killed_rank_ends_the_others_within_the_bound(checkpoints, 
 
 
 def test_the_watchdog_ends_a_wait_past_its_bound_with_one_line(tmp_path):
-    code = ("import time; from qwen3_mlx.parallel import Watchdog\n"
+    code = ("import time; from qwen3_mlx.collectives import Watchdog\n"
             "with Watchdog(3, 0.5, on_timeout=lambda line: print('told:', line, flush=True)):\n"
             "    time.sleep(20)\n")
     start = time.monotonic()
@@ -382,7 +383,7 @@ def join_alone(tmp_path: Path, hostfile: str) -> subprocess.CompletedProcess:
     """Rank 0 of a 2-rank ring hostfile joining with nobody else started, with a 1 s bound."""
     (tmp_path / "hosts.json").write_text(hostfile)
     env = {**os.environ, "MLX_HOSTFILE": str(tmp_path / "hosts.json"), "MLX_RANK": "0"}
-    code = "from qwen3_mlx.parallel import join; join('ring', 1)"
+    code = "from qwen3_mlx.collectives import join; join('ring', 1)"
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=30)
 
 

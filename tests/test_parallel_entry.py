@@ -26,12 +26,12 @@ from click.testing import CliRunner
 from server_live import LiveServer, free_port
 from test_parallel import free_ports
 
-from qwen3_mlx import cli
-from qwen3_mlx.distributed import ErrorLines, request_json, request_from_json
-from qwen3_mlx.engine import Engine
-from qwen3_mlx.loader import load
-from qwen3_mlx.options import GenerationOptions
-from qwen3_mlx.prompt import Prompt
+from qwen3_mlx.cli import commands as cli
+from qwen3_mlx.distributed.engine import ErrorLines, request_json, request_from_json
+from qwen3_mlx.generation.engine import Engine
+from qwen3_mlx.checkpoint.loader import load
+from qwen3_mlx.generation.options import GenerationOptions
+from qwen3_mlx.text.prompt import Prompt
 from qwen3_mlx.server import create_app
 
 GREEDY = ["--temp", "0", "-m", "12", "--no-think"]

@@ -6,8 +6,8 @@ import mlx.core as mx
 import pytest
 
 from qwen3_mlx.errors import Qwen3Error
-from qwen3_mlx.prompt import Prompt, encode_prompt
-from qwen3_mlx.prompt_cache import common_prefix, load_cache, open_prompt_cache, save_prompt_cache
+from qwen3_mlx.text.prompt import Prompt, encode_prompt
+from qwen3_mlx.generation.prompt_cache import common_prefix, load_cache, open_prompt_cache, save_prompt_cache
 
 
 def filled(model, tok, question, path=None):

@@ -14,7 +14,7 @@ from checkpoints import make_checkpoint
 from server_live import LiveServer
 
 from qwen3_mlx import load
-from qwen3_mlx.engine import Engine
+from qwen3_mlx.generation.engine import Engine
 from qwen3_mlx.server import create_app
 
 README = Path(__file__).resolve().parent.parent / "README.md"

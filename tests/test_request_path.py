@@ -4,11 +4,11 @@ batch_generate and the Engine, whichever limit ends them, wherever forced text f
 import pytest
 from server_stubs import BatchScriptedModel, replies
 
-from qwen3_mlx.batch import batch_generate
-from qwen3_mlx.engine import Engine
-from qwen3_mlx.generation import EARLY_STOP_TEXT, generate
-from qwen3_mlx.options import GenerationOptions
-from qwen3_mlx.prompt import Prompt, encode_prompt
+from qwen3_mlx.generation.batch import batch_generate
+from qwen3_mlx.generation.engine import Engine
+from qwen3_mlx.generation.single import EARLY_STOP_TEXT, generate
+from qwen3_mlx.generation.options import GenerationOptions
+from qwen3_mlx.text.prompt import Prompt, encode_prompt
 
 GREEDY = dict(temp=0.0, top_k=0, top_p=1.0, min_p=0.0)
 

@@ -17,7 +17,7 @@ from server_live import LiveServer
 from server_stubs import BatchScriptedModel, by_prompt, replies
 
 from qwen3_mlx import GenerationOptions, generate
-from qwen3_mlx.engine import Engine
+from qwen3_mlx.generation.engine import Engine
 from qwen3_mlx.server import create_app
 from qwen3_mlx.server.params import ApiError
 from qwen3_mlx.server.responses import ResponseStore, ResponsesRequest, encrypt, input_messages, offered_tools

@@ -13,15 +13,13 @@ from transformers.generation.logits_process import (
 )
 
 from qwen3_mlx.errors import OptionError
-from qwen3_mlx.sampling import (
-    SamplingParams,
+from qwen3_mlx.checkpoint.sampling_defaults import SamplingParams, default_params, validate
+from qwen3_mlx.generation.sampling import (
     apply_min_p,
     apply_top_k,
     apply_top_p,
-    default_params,
     make_logits_processor,
     make_sampler,
-    validate,
     warp_logits,
 )
 

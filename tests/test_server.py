@@ -23,8 +23,8 @@ from server_live import LiveServer
 from server_stubs import BatchScriptedModel, by_prompt, replies
 
 from qwen3_mlx import GenerationOptions, generate
-from qwen3_mlx.engine import Engine
-from qwen3_mlx.response import EARLY_STOP_TEXT
+from qwen3_mlx.generation.engine import Engine
+from qwen3_mlx.generation.response import EARLY_STOP_TEXT
 from qwen3_mlx.server import create_app
 from qwen3_mlx.server.params import constraint
 from qwen3_mlx.server.protocol import ChatCompletionRequest
@@ -309,7 +309,7 @@ WEATHER_Q = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
 def test_tool_calls_whole_and_streamed_as_argument_fragments(stub):
-    pytest.importorskip("qwen3_mlx.tools")  # the library's parser
+    pytest.importorskip("qwen3_mlx.text.tools")  # the library's parser
     reply = stub.chat.completions.create(model="stub", messages=WEATHER_Q, tools=WEATHER)
     choice = reply.choices[0]
     assert choice.finish_reason == "tool_calls" and not choice.message.content
@@ -457,5 +457,5 @@ def fuzz_the_schema(live: LiveServer) -> None:
 
 
 def test_generate_does_not_import_the_server():
-    code = "import sys, qwen3_mlx.cli; assert 'fastapi' not in sys.modules and 'uvicorn' not in sys.modules"
+    code = "import sys, qwen3_mlx.cli.commands; assert 'fastapi' not in sys.modules and 'uvicorn' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent)

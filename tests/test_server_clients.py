@@ -12,7 +12,7 @@ import pytest
 from server_live import LiveServer
 from server_stubs import BatchScriptedModel, by_prompt, replies
 
-from qwen3_mlx.engine import Engine, EngineFull
+from qwen3_mlx.generation.engine import Engine, EngineFull
 from qwen3_mlx.errors import ContextLengthError, MemoryLimitError
 from qwen3_mlx.server import create_app
 from qwen3_mlx.server.params import thinking_budget

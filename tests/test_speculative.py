@@ -9,14 +9,15 @@ from checkpoints import make_checkpoint
 from server_stubs import BatchScriptedModel
 
 from qwen3_mlx import generate, load
-from qwen3_mlx.batch import batch_generate
+from qwen3_mlx.generation.batch import batch_generate
 from qwen3_mlx.errors import OptionError
-from qwen3_mlx.loader import load_model
-from qwen3_mlx.options import GenerationOptions
-from qwen3_mlx.request import DrawState
-from qwen3_mlx.response import EARLY_STOP_TEXT
-from qwen3_mlx.sampling import SamplingParams, make_sampler
-from qwen3_mlx.speculative import DraftLength, PromptLookup, accept
+from qwen3_mlx.checkpoint.loader import load_model
+from qwen3_mlx.generation.options import GenerationOptions
+from qwen3_mlx.generation.request import DrawState
+from qwen3_mlx.generation.response import EARLY_STOP_TEXT
+from qwen3_mlx.checkpoint.sampling_defaults import SamplingParams
+from qwen3_mlx.generation.sampling import make_sampler
+from qwen3_mlx.generation.speculative import DraftLength, PromptLookup, accept
 
 GREEDY = dict(temp=0.0, top_k=0, top_p=1.0, min_p=0.0)
 LOOKUP = dict(prompt_lookup=True, num_draft_tokens=4)
@@ -237,7 +238,7 @@ def test_the_engine_and_the_server_draft_for_every_request_and_count_the_predict
     import openai
     from server_live import LiveServer
 
-    from qwen3_mlx.engine import Engine
+    from qwen3_mlx.generation.engine import Engine
     from qwen3_mlx.server import create_app
 
     model, tok = tiny
@@ -265,8 +266,8 @@ def test_the_engine_and_the_server_draft_for_every_request_and_count_the_predict
         assert draft_cache > 0 and engine.memory()["kv"] >= draft_cache
         request.cancel()
     # The ceiling counts the draft: its weights, its cache per row, and a decode pass of 1 + k positions.
-    from qwen3_mlx.batch import Scheduler
-    from qwen3_mlx.memory import forward_bytes, weight_bytes
+    from qwen3_mlx.generation.batch import Scheduler
+    from qwen3_mlx.generation.memory import forward_bytes, weight_bytes
 
     plain, drafted = (Scheduler(model, tok, memory_limit=10**12, draft_model=d).plan for d in (None, draft))
     drafted.width = 5
@@ -284,7 +285,7 @@ def test_the_engine_and_the_server_draft_for_every_request_and_count_the_predict
 def test_serve_refuses_a_draft_in_a_pipeline(tiny_checkpoint):
     from click.testing import CliRunner
 
-    from qwen3_mlx import cli
+    from qwen3_mlx.cli import commands as cli
 
     run = CliRunner().invoke(cli.main, ["serve", "--model", str(tiny_checkpoint), "--draft-model",
                                         str(tiny_checkpoint), "--parallel", "pipeline"])
@@ -382,7 +383,7 @@ def test_a_draft_with_another_tokenizer_is_refused_in_one_line(tiny_checkpoint, 
 
     from click.testing import CliRunner
 
-    from qwen3_mlx import cli
+    from qwen3_mlx.cli import commands as cli
 
     other = tmp_path / "other"
     shutil.copytree(tiny_checkpoint, other)
@@ -411,7 +412,7 @@ def test_stats_count_drafted_and_accepted_tokens(tok):
 def test_generate_drafts_from_the_command_line_and_shows_the_acceptance(tiny_checkpoint, tiny, tmp_path):
     from click.testing import CliRunner
 
-    from qwen3_mlx import cli
+    from qwen3_mlx.cli import commands as cli
 
     args = ["generate", "--model", str(tiny_checkpoint), "-p", "one two three one two three one two", "--no-think",
             "--temp", "0", "-m", "20", "-v"]
@@ -436,8 +437,8 @@ def test_generate_drafts_from_the_command_line_and_shows_the_acceptance(tiny_che
 
 
 def test_a_chat_drafts_every_turn(tiny):
-    from qwen3_mlx.chat import ChatSession
-    from qwen3_mlx.request import collect
+    from qwen3_mlx.generation.chat import ChatSession
+    from qwen3_mlx.generation.request import collect
 
     model, tok = tiny
     options = dict(think=False, max_tokens=12, **GREEDY)

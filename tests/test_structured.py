@@ -12,7 +12,7 @@ import tokenizers
 from checkpoints import QWEN_VOCAB, tokenizer_dir
 
 from qwen3_mlx.errors import OptionError, Qwen3Error
-from qwen3_mlx.structured import (
+from qwen3_mlx.text.structured import (
     GrammarState,
     GrammarVocabulary,
     compile_constraint,

@@ -9,9 +9,9 @@ import pytest
 from test_structured import SCHEMAS
 
 from qwen3_mlx import GenerationOptions, generate
-from qwen3_mlx.batch import batch_generate
+from qwen3_mlx.generation.batch import batch_generate
 from qwen3_mlx.errors import OptionError
-from qwen3_mlx.response import EARLY_STOP_TEXT
+from qwen3_mlx.generation.response import EARLY_STOP_TEXT
 
 
 @pytest.mark.parametrize("name", SCHEMAS)

@@ -7,8 +7,8 @@ import random
 import pytest
 from stubs import ScriptedModel
 
-from qwen3_mlx.generation import generate, stream_generate
-from qwen3_mlx.tools import (
+from qwen3_mlx.generation.single import generate, stream_generate
+from qwen3_mlx.text.tools import (
     ToolCall,
     ToolCallDelta,
     ToolCallParser,

@@ -11,7 +11,7 @@ import pytest
 from server_live import LiveServer
 from server_stubs import BatchScriptedModel, by_prompt, replies
 
-from qwen3_mlx.engine import Engine
+from qwen3_mlx.generation.engine import Engine
 from qwen3_mlx.server import create_app
 
 REASONING = "The user greets me. I should answer kindly."

@@ -23,9 +23,17 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import Qwen3Error
-from ..prompt import Prompt
-from ..response import Chunk
-from .params import ApiError, Settings, Submission, check_model, check_tool_names, sampling_options, tool_constraint
+from ..generation.response import Chunk
+from ..text.prompt import Prompt
+from .params import (
+    ApiError,
+    Settings,
+    Submission,
+    check_model,
+    check_tool_names,
+    sampling_options,
+    tool_constraint,
+)
 from .replies import Reply, new_id
 
 log = logging.getLogger("qwen3_mlx.server")

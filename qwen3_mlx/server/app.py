@@ -24,14 +24,30 @@ from fastapi.responses import FileResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
 from ..errors import Qwen3Error
-from ..options import DEFAULT_MAX_TOKENS, GenerationOptions
-from ..response import Chunk, TokenLogprob
+from ..generation.options import DEFAULT_MAX_TOKENS, GenerationOptions
+from ..generation.response import Chunk, TokenLogprob
 from . import anthropic as a
 from . import protocol as p
 from . import responses as r
 from .guard import ERROR_DOCS, Guard, add_error_handlers, error_body
-from .params import ApiError, Settings, Submission, chat_submission, check_model, completion_submission, prompt_tokens
-from .replies import Reply, chat_completion, chat_logprobs, completion, dump_json, legacy_logprobs, new_id
+from .params import (
+    ApiError,
+    Settings,
+    Submission,
+    chat_submission,
+    check_model,
+    completion_submission,
+    prompt_tokens,
+)
+from .replies import (
+    Reply,
+    chat_completion,
+    chat_logprobs,
+    completion,
+    dump_json,
+    legacy_logprobs,
+    new_id,
+)
 
 DEFAULT_MAX_BODY_BYTES = 8 << 20
 WEB = Path(__file__).parent / "web"  # the chat page

@@ -14,8 +14,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException
 
-from ..engine import EngineClosed, EngineFull
 from ..errors import ContextLengthError, MemoryLimitError, Qwen3Error
+from ..generation.engine import EngineClosed, EngineFull
 from . import protocol as p
 from .anthropic import anthropic_error, is_anthropic
 from .params import ApiError, validation_problem

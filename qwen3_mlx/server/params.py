@@ -15,9 +15,13 @@ from typing import Any, Sequence
 from pydantic import ValidationError
 
 from ..errors import OptionError
-from ..options import DEFAULT_MAX_TOKENS, REASONING_EFFORTS, GenerationOptions
-from ..prompt import Prompt, encode_prompt
-from ..structured import response_format_schema, tool_call_grammar
+from ..generation.options import (
+    DEFAULT_MAX_TOKENS,
+    REASONING_EFFORTS,
+    GenerationOptions,
+)
+from ..text.prompt import Prompt, encode_prompt
+from ..text.structured import response_format_schema, tool_call_grammar
 from .protocol import (
     ChatCompletionRequest,
     CompletionRequest,

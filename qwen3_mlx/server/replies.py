@@ -8,7 +8,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..response import Chunk, GenerationResult, GenerationStats, TokenLogprob
+from ..generation.response import Chunk, GenerationResult, GenerationStats, TokenLogprob
 from . import protocol as p
 
 FINISH_REASONS = {"stop": "stop", "stop_string": "stop", "length": "length", "tool_calls": "tool_calls"}

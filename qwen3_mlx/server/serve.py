@@ -26,10 +26,15 @@ from typing import Any
 
 import uvicorn
 
-from ..distributed import DistributedEngine, ParallelOptions, Ranks
-from ..engine import Engine
+from ..distributed.engine import DistributedEngine, ParallelOptions, Ranks
 from ..errors import Qwen3Error
-from ..options import DEFAULT_MAX_BATCH, DEFAULT_MAX_TOKENS, DEFAULT_PREFIX_STORE_BYTES, GenerationOptions
+from ..generation.engine import Engine
+from ..generation.options import (
+    DEFAULT_MAX_BATCH,
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_PREFIX_STORE_BYTES,
+    GenerationOptions,
+)
 from .app import create_app
 
 log = logging.getLogger("uvicorn.error")  # uvicorn's own log, so the drain's lines read as its others

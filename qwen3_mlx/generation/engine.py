@@ -1,0 +1,286 @@
+"""The engine: one thread owns the model and runs the batch's decode loop (batch.Scheduler) for a
+long-running process such as the server. Any thread or asyncio task submits a request and gets a
+`Request` handle that streams its chunks and can cancel it.
+
+    with Engine(model, tokenizer, max_batch=8) as engine:
+        request = engine.submit("Why is the sky blue?", thinking_budget=256)
+        for chunk in request:            # or `async for`, in the event loop that submitted it
+            print(chunk.text, end="")
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any
+
+import mlx.core as mx
+
+from ..errors import Qwen3Error
+from ..model.model import Model
+from ..text.prompt import Messages, Prompt
+from ..text.tokenizer import Tokenizer
+from .batch import Scheduler, Ticket
+from .memory import default_memory_limit
+from .options import (
+    DEFAULT_MAX_BATCH,
+    DEFAULT_PREFILL_BUDGET,
+    DEFAULT_PREFIX_STORE_BYTES,
+    GenerationOptions,
+)
+from .prompt_cache import PrefixStore
+from .request import collect, prepare
+from .response import Chunk, GenerationResult
+
+
+class EngineFull(Qwen3Error):
+    """The queue of waiting requests is full; try again later."""
+
+
+class EngineClosed(Qwen3Error):
+    """The engine is shutting down (or was never started) and takes no more requests."""
+
+
+_END = object()  # after a request's last chunk
+
+
+class Request:
+    """A submitted request: its chunks as they come (`for`, from any thread but an event loop's; or
+    `async for`, in the event loop that submitted it), `cancel()`, and `result()`."""
+
+    def __init__(self, engine: Engine, prompt_tokens: int, loop: asyncio.AbstractEventLoop | None) -> None:
+        self.prompt_tokens = prompt_tokens
+        self._engine, self._loop = engine, loop
+        self._items: queue.SimpleQueue | asyncio.Queue = asyncio.Queue() if loop else queue.SimpleQueue()
+        self._cancelled = threading.Event()
+        self._seen: list[Chunk] = []  # the chunks read so far
+        self._ended = False
+        self._error: BaseException | None = None
+
+    def cancel(self) -> None:
+        """Stop the request: its row leaves the batch at the next step (its last chunk then says
+        finish_reason "cancelled"); a waiting request leaves the queue."""
+        self._cancelled.set()
+        self._engine._wake()
+
+    def __iter__(self) -> Iterator[Chunk]:
+        """Its chunks from the first: those read before, then the rest as they come."""
+        if self._loop is not None:
+            raise Qwen3Error("this request was submitted from an event loop: read it with `async for`")
+        yield from list(self._seen)
+        if self._error is not None:
+            raise self._error
+        while not self._ended:
+            item = self._items.get()
+            if self._keep(item):
+                yield item
+
+    async def __aiter__(self) -> AsyncIterator[Chunk]:
+        if self._loop is None:
+            raise Qwen3Error("this request was not submitted from an event loop: read it with `for`")
+        for chunk in list(self._seen):
+            yield chunk
+        if self._error is not None:
+            raise self._error
+        while not self._ended:
+            item = await self._items.get()
+            if self._keep(item):
+                yield item
+
+    def _keep(self, item: Any) -> bool:
+        """Whether `item`, from the queue, is a chunk (kept, for a later reading); raises an error."""
+        if item is _END:
+            self._ended = True
+            return False
+        if isinstance(item, BaseException):
+            self._ended, self._error = True, item
+            raise item
+        self._seen.append(item)
+        return True
+
+    def result(self) -> GenerationResult:
+        """The whole response (waits for it; the chunks already read count too)."""
+        return collect(iter(self))
+
+    def _put(self, item: Any) -> None:
+        """From the engine's thread."""
+        if self._loop is None:
+            self._items.put(item)
+        else:
+            try:
+                self._loop.call_soon_threadsafe(self._items.put_nowait, item)
+            except RuntimeError:  # the loop is closed: nobody is reading any more
+                self._cancelled.set()
+
+    def _sink(self, chunk: Chunk, last: bool) -> None:
+        self._put(chunk)
+        if last:
+            self._put(_END)
+
+    def _fail(self, error: BaseException) -> None:
+        self._put(Qwen3Error(f"generation failed: {error}"))
+        self._put(_END)
+
+
+class Engine:
+    """One thread that owns the model and decodes every admitted request together.
+
+    Leaving `with Engine(...)` normally waits for every request, read or not: one nobody reads runs to
+    its limits (max_tokens, 4096 by default, and any thinking budget). Cancel what you no longer want
+    (`request.cancel()`), or call `close(cancel=True)`; leaving on an exception cancels them all.
+
+    Args:
+        max_batch: the most rows decoded at once.
+        memory_limit: bytes the process may take in all: the weights, the batch's KV cache at its worst,
+            the prefix store and a round's activations (memory.py). A request waits while the batch
+            with it would not fit (the prefix store gives memory back first), and is refused at submit
+            if it could never fit alone. None: 75% of the device's (memory.default_memory_limit).
+        kv_memory: a finer bound, on the batch's KV cache alone (None: none beyond memory_limit).
+        prompt_cache_bytes: bytes of caches kept for prefix reuse across requests (0: none), within
+            memory_limit.
+        prefill_budget: prompt tokens computed between two decode steps (bounds how long the running
+            rows wait for a newcomer's prompt).
+        max_queue: the most requests waiting for a row; more is EngineFull.
+        kv_bits, kv_group_size, quantized_kv_start: the cache of every request stored in 8 or 4 bits
+            (GenerationOptions' fields of these names; a request may leave them unset or repeat them).
+        max_kv_size: every request's cache a rotating one of this many tokens, keeping its system
+            prompt (as generate's; a request may leave it unset or repeat it).
+        draft_model: a smaller model of the same family that drafts for every request (speculative
+            decoding, speculative.py), up to each request's num_draft_tokens (0: that one does not).
+        prompt_lookup: every request drafts by prompt lookup instead (its prompt_lookup_min/max and
+            num_draft_tokens). Without either, a request that asks for prompt_lookup is refused, unless
+            `speculative`: then the requests that ask for it draft by prompt lookup (batch_generate's rule).
+
+    Raises:
+        OptionError: kv_group_size does not divide the model's head_dim.
+    """
+
+    def __init__(self, model: Model, tokenizer: Tokenizer, *, max_batch: int = DEFAULT_MAX_BATCH,
+                 kv_memory: int | None = None, prompt_cache_bytes: int = DEFAULT_PREFIX_STORE_BYTES,
+                 prefill_budget: int = DEFAULT_PREFILL_BUDGET, max_queue: int = 256, kv_bits: int | None = None,
+                 kv_group_size: int = 64, quantized_kv_start: int = 0, memory_limit: int | None = None,
+                 max_kv_size: int | None = None, draft_model: Model | None = None,
+                 prompt_lookup: bool = False, speculative: bool = False) -> None:
+        self.model, self.tokenizer, self.max_queue = model, tokenizer, max_queue
+        self._prefixes = PrefixStore(prompt_cache_bytes) if prompt_cache_bytes > 0 else None
+        run = GenerationOptions(kv_bits=kv_bits, kv_group_size=kv_group_size, quantized_kv_start=quantized_kv_start)
+        self.memory_limit = default_memory_limit() if memory_limit is None else memory_limit
+        self._scheduler = Scheduler(model, tokenizer, max_batch=max_batch, kv_memory=kv_memory,
+                                    prefix_store=self._prefixes, prefill_budget=prefill_budget,
+                                    quantization=run.kv_quantization, memory_limit=self.memory_limit,
+                                    max_kv_size=max_kv_size, draft_model=draft_model,
+                                    prompt_lookup=prompt_lookup, speculative=speculative)
+        self._inbox: list[Ticket] = []  # submitted, not yet seen by the engine's thread
+        self._lock = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closing = False
+        self._cancel_all = False
+
+    # -- life
+
+    def start(self) -> Engine:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="qwen3-mlx-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def close(self, cancel: bool = False) -> None:
+        """Take no more requests; finish the ones there are (or cancel them) and stop the thread."""
+        with self._lock:
+            self._closing, self._cancel_all = True, self._cancel_all or cancel
+            self._lock.notify()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+
+    def __enter__(self) -> Engine:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close(cancel=exc[0] is not None)
+
+    # -- requests
+
+    def submit(self, prompt: Prompt | str | Messages | Sequence[int], options: GenerationOptions | None = None, *,
+               system: str | None = None, raw: bool = False, tools: list[dict] | None = None,
+               prefill_response: str | None = None, loop: asyncio.AbstractEventLoop | None = None,
+               **kwargs: Any) -> Request:
+        """Queue a request (a Prompt and GenerationOptions; takes the arguments of `generate`).
+        Checked here, in the caller's thread.
+
+        `loop`: the event loop that reads the request (`async for`); by default the running loop of
+        the calling thread, if any (give it when submitting from a worker thread for a loop).
+
+        Raises:
+            OptionError, Qwen3Error: as `generate`; MemoryLimitError: a request that could never fit in
+                memory_limit (or kv_memory), even alone; the message gives the numbers.
+            EngineFull: `max_queue` requests are waiting already.
+            EngineClosed: the engine is not running.
+        """
+        request_prompt = Prompt.of(prompt, system=system, raw=raw, tools=tools, prefill_response=prefill_response)
+        job = prepare(self.model, self.tokenizer, request_prompt, GenerationOptions.of(options, **kwargs),
+                      rotating=self._scheduler.max_kv_size is not None)
+        most = self._scheduler.check(job)
+        if loop is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                pass
+        request = Request(self, len(job.prompt_ids), loop)
+        ticket = Ticket(job, request._sink, request._cancelled, most, request._fail)
+        with self._lock:
+            if self._closing or self._thread is None:
+                raise EngineClosed("the engine is not running (closed, or not started): no more requests")
+            if len(self._inbox) + len(self._scheduler.waiting) >= self.max_queue:
+                raise EngineFull(f"{self.max_queue} requests are waiting already; try again later")
+            self._inbox.append(ticket)
+            self._lock.notify()
+        return request
+
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes the batch's KV cache holds now."""
+        return self._scheduler.gen.nbytes
+
+    def memory(self) -> dict[str, int]:
+        """Bytes: the ceiling (`limit`), MLX's memory in use now and at its peak since the process began
+        or MLX's peak was last reset (`active`, `peak`), the KV caches held now (the batch's and the
+        prompt being computed, `kv`), and the prefix store's (`prefix_store`). What /health reports."""
+        kv = self.kv_bytes + sum(c.nbytes for p in self._scheduler.prefilling for c in p.cache)
+        return {"limit": self.memory_limit, "active": mx.get_active_memory(), "peak": mx.get_peak_memory(),
+                "kv": kv, "prefix_store": self._prefixes.nbytes if self._prefixes is not None else 0}
+
+    @property
+    def rows(self) -> int:
+        """Requests being decoded now."""
+        return len(self._scheduler.gen.rows)
+
+    def _wake(self) -> None:
+        with self._lock:
+            self._lock.notify()
+
+    # -- the thread
+
+    def _run(self) -> None:
+        scheduler = self._scheduler
+        try:
+            while True:
+                with self._lock:
+                    while not (self._inbox or scheduler.busy or self._closing):
+                        self._lock.wait()
+                    for ticket in self._inbox:
+                        scheduler.submit(ticket, checked=True)
+                    self._inbox.clear()
+                    if self._cancel_all:
+                        for ticket in scheduler.tickets_all():
+                            ticket.cancelled.set()
+                    if self._closing and not scheduler.busy:
+                        return
+                try:
+                    scheduler.run_once()
+                except Exception as error:  # a fault of ours or the device's: tell every caller
+                    for ticket in scheduler.fail():
+                        ticket.fail(error)
+        finally:
+            mx.clear_streams()  # MLX's rule for a thread that ran work, before it ends
