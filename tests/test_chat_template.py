@@ -239,7 +239,7 @@ def test_template_globals_match_transformers(tmp_path):
     assert tok.apply_chat_template(USER) == '012|{"b": 1, "a": "ü"}|[\n 1\n]|{\'k\': 1}|4'
 
 
-# The sandbox's refusals are our words: tokenizer._Sandbox and _TemplateNamespace write them.
+# The sandbox's refusals are our words: template._Sandbox and _TemplateNamespace write them.
 
 
 def test_sandbox_refuses_reaching_python_internals(tmp_path):

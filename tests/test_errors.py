@@ -533,7 +533,7 @@ def test_a_prompt_longer_than_the_context_names_max_kv_size(chat_ckpt):
     ("{{ ''.__class__ }}", "__class__", "str"),  # jinja's sandbox alone would print "" and carry on
 ])
 def test_a_template_reaching_python_internals_is_refused(chat_ckpt, tmp_path, template, attribute, owner):
-    # These words are ours: tokenizer._Sandbox writes them.
+    # These words are ours: template._Sandbox writes them.
     path = variant(chat_ckpt, tmp_path / "c", files={"chat_template.jinja": template})
     assert one_line_error(cli(path, "-p", "hi")) == (
         f"{path}/chat_template.jinja: chat template refused by the sandbox: access to attribute "

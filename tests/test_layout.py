@@ -17,8 +17,8 @@ FLOORS = {
     "generation": [["engine"], ["batch", "chat"], ["single"], ["speculative"], ["request", "prefill"],
                    ["response", "prompt_cache", "memory", "sampling"], ["options"]],
     "checkpoint": [["converter"], ["loader"], ["sampling_defaults"]],
-    "text": [["prompt", "structured"], ["tokenizer", "tools"]],
-    "model": [["parallel", "fast"], ["model", "batch_cache"], ["cache", "config"], ["kv_quant"]],
+    "text": [["prompt", "tool_grammar"], ["structured"], ["tokenizer"], ["template", "tools"]],
+    "model": [["parallel", "fast"], ["compiled"], ["model", "batch_cache"], ["cache", "config"], ["kv_quant"]],
     "": [["collectives"], ["device", "errors", "files"]],
 }
 FACADES = {"__init__", "__main__"}  # a package's front door re-exports what lies below it

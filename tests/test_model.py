@@ -15,7 +15,8 @@ from transformers import Qwen3ForCausalLM
 from checkpoints import SHAPES, make_checkpoint
 from qwen3_mlx.model.config import ModelArgs
 from qwen3_mlx.errors import ConfigError
-from qwen3_mlx.model.fast import CompiledDecode, FusedMLP, RowSplit, RowSplitEmbedding, SplitMLP, speed_up
+from qwen3_mlx.model.compiled import CompiledDecode
+from qwen3_mlx.model.fast import FusedMLP, RowSplit, RowSplitEmbedding, SplitMLP, speed_up
 from qwen3_mlx.checkpoint.loader import load_model
 from qwen3_mlx.model.model import Model
 

@@ -16,8 +16,8 @@ from qwen3_mlx.text.structured import (
     GrammarState,
     GrammarVocabulary,
     compile_constraint,
-    tool_call_grammar,
 )
+from qwen3_mlx.text.tool_grammar import tool_call_grammar
 
 IM_END, END_OF_TEXT, THINK, END_THINK = 151645, 151643, 151667, 151668  # <|im_end|> <|endoftext|> <think> </think>
 EARLY_STOP = ("\n\nConsidering the limited time by the user, I have to give the solution based on the thinking "

@@ -155,7 +155,7 @@ class KVCache:
 
 
 class Slots:
-    """A KVCache as the compiled decode step sees it (fast.CompiledDecode): the whole preallocated
+    """A KVCache as the compiled decode step sees it (compiled.CompiledDecode): the whole preallocated
     buffer (KVCache.buffers) and the position as an array, so one compiled graph serves every step
     until the buffer grows. Writes one token at `offset`; attends to the slots up to it (the ones
     after hold nothing yet); the caller hands the buffers back with KVCache.commit."""

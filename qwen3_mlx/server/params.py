@@ -21,7 +21,8 @@ from ..generation.options import (
     GenerationOptions,
 )
 from ..text.prompt import Prompt, encode_prompt
-from ..text.structured import response_format_schema, tool_call_grammar
+from ..text.structured import response_format_schema
+from ..text.tool_grammar import tool_call_grammar
 from .protocol import (
     ChatCompletionRequest,
     CompletionRequest,

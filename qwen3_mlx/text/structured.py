@@ -18,12 +18,11 @@ from llguidance.gbnf_to_lark import gbnf_to_lark
 
 from ..errors import OptionError, Qwen3Error
 from .tokenizer import Tokenizer
-from .tools import CLOSE, OPEN
 
 # JSON whitespace in a gap: what formatting needs and no more, so that a weak or random model cannot
 # spend its tokens on it (llguidance's default, [ \t\n\r]+, lets it loop on whitespace forever): none,
 # one space, or a newline and two spaces a level, ten levels deep (json.dumps' indent=2 or 4).
-_JSON_WHITESPACE = r"(?:\x20|\x0A(?:\x20\x20){0,10})?"
+JSON_WHITESPACE = r"(?:\x20|\x0A(?:\x20\x20){0,10})?"
 # A GBNF rule definition (`name ::= ...`) at the start of a line; Lark has no `::=`.
 _GBNF_RULE = re.compile(r"(?m)^\s*[A-Za-z][A-Za-z0-9_-]*\s*::=")
 # llguidance's "at line(column): " before a message.
@@ -149,7 +148,7 @@ def _json_schema_grammar(schema: Any) -> dict:
     try:
         # defaults, not overrides: a schema's own "x-guidance" options still win.
         text = llguidance.LLMatcher.grammar_from_json_schema(dict(schema),
-                                                             defaults={"whitespace_pattern": _JSON_WHITESPACE})
+                                                             defaults={"whitespace_pattern": JSON_WHITESPACE})
     except (ValueError, TypeError) as e:  # a value json cannot serialize
         raise OptionError(f"json_schema: {_first_line(str(e))}") from e
     return _one_grammar(text)
@@ -235,80 +234,7 @@ def response_format_schema(response_format: Mapping[str, Any] | None) -> Mapping
     return spec.get("schema", {"type": "object"})
 
 
-# ---------------------------------------------------------------- tool calls
-
-# Free text in which the model may not spell <tool_call> with ordinary tokens: a call starts only with the
-# real token, where the grammar takes over (the library's parser reads the text, so a spelled-out tag
-# would be an unconstrained call).
-_FREE_TEXT = f"/(?s:.*)/ & ~/(?s:.*){re.escape(OPEN)}(?s:.*)/"
-
-
-def tool_call_grammar(tools: Sequence[Mapping[str, Any]], *, choice: str = "required", parallel: bool = True,
-                      answer_schema: Mapping[str, Any] | None = None) -> str:
-    """A Lark grammar (give it as `grammar=`) for answers that call the tools as Qwen3 writes calls:
-    `<tool_call>` newline `{"name": ..., "arguments": ...}` newline `</tool_call>`, the tags being the
-    tokenizer's own tokens.
-
-    Args:
-        tools: OpenAI's tools ({"type": "function", "function": {"name", "parameters", "strict"}}, or the
-            function objects alone), as given to the chat template.
-        choice: "required": the answer is tool calls only, each call's arguments valid against its tool's
-            parameters. A tool's name: one call of that tool. "auto": free text, then optionally calls; a
-            grammar that starts when the model writes <tool_call> (llama.cpp's lazy grammars), checking the
-            arguments of tools marked `"strict": true` (the others' are any JSON object).
-        parallel: several calls may follow each other (with "required" and "auto"); False allows one.
-        answer_schema: with "auto": instead of free text, the answer is either JSON valid against this
-            schema or the calls (OpenAI's response_format together with tools).
-
-    Raises:
-        OptionError: no tools, an unknown tool name in `choice`, a tool without a name, or a tool's
-            parameters llguidance rejects (the message names the tool).
-    """
-    functions = {i: _function(tool, i) for i, tool in enumerate(tools)}  # by index in tools
-    if not functions:
-        raise OptionError("tools: a tool-call grammar needs at least one tool, and none were given")
-    if answer_schema is not None and choice != "auto":
-        raise OptionError(f"tool_choice: {choice!r} forces a tool call, which leaves no room for a JSON answer "
-                          "(response_format); use 'auto'")
-    names = [f["name"] for f in functions.values()]
-    if choice not in ("auto", "required"):
-        if choice not in names:
-            raise OptionError(f"tool_choice: no tool is named {choice!r}; the tools are {', '.join(map(repr, names))}")
-        functions, parallel = {i: f for i, f in functions.items() if f["name"] == choice}, False
-    rules = [f"call_{i}: %json {json.dumps(_call_schema(f, i, strict=choice != 'auto' or f.get('strict') is True))}"
-             for i, f in functions.items()]
-    call = f"call: {OPEN} \"\\n\" ({' | '.join(f'call_{i}' for i in functions)}) \"\\n\" {CLOSE}"
-    calls = "calls: call (SEPARATOR call)*" if parallel else "calls: call"
-    if choice != "auto":
-        start = "start: calls"
-    elif answer_schema is None:
-        start = "start: TEXT calls?"
-    else:
-        start = "start: answer | calls"
-        rules.append(f"answer: %json {json.dumps(_with_whitespace(_checked_schema(answer_schema, 'response_format')))}")
-    return "\n".join([start, calls, call, *rules, f"SEPARATOR: /{_JSON_WHITESPACE}/", f"TEXT: {_FREE_TEXT}", ""])
-
-
-def _function(tool: Mapping[str, Any], i: int) -> Mapping[str, Any]:
-    function = tool.get("function", tool) if isinstance(tool, Mapping) else None
-    if not isinstance(function, Mapping) or not isinstance(function.get("name"), str) or not function["name"]:
-        raise OptionError(f"tools[{i}]: a tool is {{\"type\": \"function\", \"function\": {{\"name\": ..., "
-                          "\"parameters\": {...}}}, and this one has no name")
-    return function
-
-
-def _call_schema(function: Mapping[str, Any], i: int, *, strict: bool) -> dict:
-    """The JSON of one call: {"name": the tool's name, "arguments": its parameters (or any object)}."""
-    name = function["name"]
-    parameters = _checked_schema(function.get("parameters") or {"type": "object"}, f"tools[{i}] ({name!r}): parameters")
-    arguments = dict(parameters) if strict else {"type": "object"}
-    # The parameters' definitions go to the top, where their "#/$defs/..." references point from here.
-    hoisted = {key: arguments.pop(key) for key in ("$defs", "definitions") if key in arguments}
-    return _with_whitespace({"type": "object", "properties": {"name": {"const": name}, "arguments": arguments},
-                             "required": ["name", "arguments"], "additionalProperties": False, **hoisted})
-
-
-def _checked_schema(schema: Any, where: str) -> Mapping[str, Any]:
+def checked_schema(schema: Any, where: str) -> Mapping[str, Any]:
     if not isinstance(schema, Mapping):
         raise OptionError(f"{where}: a JSON schema is an object, got {type(schema).__name__}")
     try:
@@ -320,9 +246,9 @@ def _checked_schema(schema: Any, where: str) -> Mapping[str, Any]:
     return schema
 
 
-def _with_whitespace(schema: Mapping[str, Any]) -> dict:
+def with_whitespace(schema: Mapping[str, Any]) -> dict:
     """The schema with our bounded JSON whitespace, unless it sets its own llguidance options."""
-    return {"x-guidance": {"whitespace_pattern": _JSON_WHITESPACE}, **schema}
+    return {"x-guidance": {"whitespace_pattern": JSON_WHITESPACE}, **schema}
 
 
 # ---------------------------------------------------------------- one sequence's matcher

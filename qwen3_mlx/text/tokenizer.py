@@ -4,23 +4,19 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import jinja2
-import jinja2.ext
 import tokenizers
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from ..errors import OptionError, Qwen3Error
+from .template import TemplateRaised, alias_reasoning, plain, template_environment
 
 # The named special tokens transformers hands to every chat template (its SPECIAL_TOKENS_ATTRIBUTES).
 _SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 # The roles Qwen3's templates render; a message with another role would vanish from the prompt.
 ROLES = ("system", "user", "assistant", "tool")
-# Older names for a message's reasoning; transformers copies them into `reasoning_content` (and `thinking`).
-_REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
 
 
 # ---------------------------------------------------------------- the tokenizer
@@ -158,14 +154,14 @@ class Tokenizer:
         if self._compiled is None:
             self._compiled = self._compile()
         # transformers drops None-valued keys and rebuilds the inputs from plain JSON types before rendering.
-        chat = [_alias_reasoning({k: _plain(v) for k, v in m.items()}) for m in checked_messages(messages)]
-        variables = {**self._special_tokens, **_plain(extra), "enable_thinking": enable_thinking}
+        chat = [alias_reasoning({k: plain(v) for k, v in m.items()}) for m in checked_messages(messages)]
+        variables = {**self._special_tokens, **plain(extra), "enable_thinking": enable_thinking}
         try:
-            return self._compiled.render(messages=chat, tools=_plain(tools), documents=None,
+            return self._compiled.render(messages=chat, tools=plain(tools), documents=None,
                                          add_generation_prompt=add_generation_prompt, **variables)
         except jinja2.exceptions.SecurityError as e:
             raise Qwen3Error(f"{self._template_source}: chat template refused by the sandbox: {_one_line(e)}") from e
-        except _TemplateRaised as e:
+        except TemplateRaised as e:
             raise Qwen3Error(f"{self._template_source}: the chat template rejected the conversation: "
                              f"{_one_line(e)}") from e
         except Exception as e:  # the template is untrusted code: any failure is a bad template or bad messages
@@ -174,7 +170,7 @@ class Tokenizer:
 
     def _compile(self) -> jinja2.Template:
         try:
-            return _template_environment().from_string(self.chat_template)
+            return template_environment().from_string(self.chat_template)
         except jinja2.exceptions.TemplateSyntaxError as e:
             raise Qwen3Error(f"{self._template_source}: chat template syntax error at line {e.lineno}: "
                              f"{_one_line(e)}") from e
@@ -278,94 +274,6 @@ class StreamDetokenizer:
     def _release(self, piece: str) -> str:
         self._text += piece
         return piece
-
-
-# ---------------------------------------------------------------- the template environment
-
-
-class _TemplateRaised(jinja2.exceptions.TemplateError):
-    """raise_exception() called by the template itself."""
-
-
-def _raise_exception(message: str) -> None:
-    raise _TemplateRaised(message)
-
-
-def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
-            sort_keys: bool = False) -> str:
-    # Jinja's own tojson escapes HTML characters and sorts keys; templates are written against transformers'.
-    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-class _TemplateDict:
-    """dict() for templates, without the class itself being reachable (as in transformers)."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> dict:
-        return dict(*args, **kwargs)
-
-    def fromkeys(self, *args: Any, **kwargs: Any) -> dict:
-        return dict.fromkeys(*args, **kwargs)
-
-
-class _TemplateNamespace(jinja2.utils.Namespace):
-    """namespace() that refuses underscore names, which could shadow internals (as in transformers)."""
-
-    def __init__(*args: Any, **kwargs: Any) -> None:  # no named self: `namespace(self=...)` must still work
-        self, attrs = args[0], dict(*args[1:], **kwargs)
-        for name in attrs:
-            _TemplateNamespace._check(name)
-        jinja2.utils.Namespace.__init__(self, attrs)
-
-    def __setitem__(self, name: str, value: Any) -> None:
-        _TemplateNamespace._check(name)
-        jinja2.utils.Namespace.__setitem__(self, name, value)
-
-    @staticmethod
-    def _check(name: Any) -> None:
-        if isinstance(name, str) and name.startswith("_"):
-            raise jinja2.exceptions.SecurityError(f"namespace attribute {name!r} starts with an underscore")
-
-
-class _Sandbox(ImmutableSandboxedEnvironment):
-    """transformers' sandbox, but an unsafe attribute fails at once: by default `{{ x.__class__ }}` renders as ""."""
-
-    def unsafe_undefined(self, obj: Any, attribute: str) -> jinja2.Undefined:
-        raise jinja2.exceptions.SecurityError(
-            f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe.")
-
-
-def _template_environment() -> ImmutableSandboxedEnvironment:
-    # Mirrors transformers' _compile_jinja_template (less its {% generation %} tracker, which only marks spans).
-    env = _Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    env.globals["dict"] = _TemplateDict()
-    env.globals["namespace"] = _TemplateNamespace
-    return env
-
-
-def _plain(value: Any) -> Any:
-    # Only plain JSON values reach the template: other objects carry methods the sandbox does not know to block.
-    if value is None or type(value) in (str, int, float, bool):
-        return value
-    for base in (str, int, float):
-        if isinstance(value, base):
-            return base(value)
-    if isinstance(value, Mapping):
-        return {_plain(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    if isinstance(value, tuple):
-        return tuple(_plain(v) for v in value)
-    return f"<{type(value).__name__}>"
-
-
-def _alias_reasoning(message: dict) -> dict:
-    reasoning = next((message[k] for k in _REASONING_KEYS if message.get(k) is not None), None)
-    if reasoning is None:
-        return message
-    return {"thinking": reasoning, **message, "reasoning_content": reasoning}
 
 
 def _one_line(e: Exception) -> str:
