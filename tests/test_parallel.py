@@ -28,7 +28,7 @@ from qwen3_mlx.model.fast import cpu_threads, local_ranks, speed_up
 from qwen3_mlx.generation.single import generate
 from qwen3_mlx.checkpoint.loader import load, load_model
 from qwen3_mlx.generation.options import GenerationOptions
-from qwen3_mlx.collectives import Watchdog, sync_random_state
+from qwen3_mlx.collectives import sync_random_state
 from qwen3_mlx.model.parallel import layer_split, shard
 
 WORKER = Path(__file__).with_name("parallel_worker.py")
@@ -288,10 +288,16 @@ def test_the_watchdog_ends_a_wait_past_its_bound_with_one_line(tmp_path):
 
 
 def test_the_watchdog_lets_steps_within_the_bound_through():
-    watchdog = Watchdog(0, 0.3)
-    for _ in range(3):
-        with watchdog:
-            time.sleep(0.2)  # 0.6 s in all, each step within 0.3 s
+    # In a process of its own: a watchdog that fired here would end the whole test run (os._exit), not
+    # fail this test. Three steps of 0.2 s against a bound of 1 s: 0.6 s in all, each step within it.
+    code = ("import time; from qwen3_mlx.collectives import Watchdog\n"
+            "watchdog = Watchdog(0, 1.0)\n"
+            "for _ in range(3):\n"
+            "    with watchdog:\n"
+            "        time.sleep(0.2)\n"
+            "print('through', flush=True)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout, done.stderr) == (0, "through\n", "")
 
 
 # ---------------------------------------------------------------- refusals, splits, threads, seeds
