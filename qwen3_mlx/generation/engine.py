@@ -2,7 +2,7 @@
 long-running process such as the server. Any thread or asyncio task submits a request and gets a
 `Request` handle that streams its chunks and can cancel it.
 
-    with Engine(model, tokenizer, max_batch=8) as engine:
+    with Engine(model, tokenizer, EngineOptions(max_batch=8)) as engine:
         request = engine.submit("Why is the sky blue?", thinking_budget=256)
         for chunk in request:            # or `async for`, in the event loop that submitted it
             print(chunk.text, end="")
@@ -23,13 +23,7 @@ from ..model.model import Model
 from ..text.prompt import Messages, Prompt
 from ..text.tokenizer import Tokenizer
 from .batch import Scheduler, Ticket
-from .memory import default_memory_limit
-from .options import (
-    DEFAULT_MAX_BATCH,
-    DEFAULT_PREFILL_BUDGET,
-    DEFAULT_PREFIX_STORE_BYTES,
-    GenerationOptions,
-)
+from .options import EngineOptions, GenerationOptions
 from .prompt_cache import PrefixStore
 from .request import collect, prepare
 from .response import Chunk, GenerationResult
@@ -132,46 +126,24 @@ class Engine:
     (`request.cancel()`), or call `close(cancel=True)`; leaving on an exception cancels them all.
 
     Args:
-        max_batch: the most rows decoded at once.
-        memory_limit: bytes the process may take in all: the weights, the batch's KV cache at its worst,
-            the prefix store and a round's activations (memory.py). A request waits while the batch
-            with it would not fit (the prefix store gives memory back first), and is refused at submit
-            if it could never fit alone. None: 75% of the device's (memory.default_memory_limit).
-        kv_memory: a finer bound, on the batch's KV cache alone (None: none beyond memory_limit).
-        prompt_cache_bytes: bytes of caches kept for prefix reuse across requests (0: none), within
-            memory_limit.
-        prefill_budget: prompt tokens computed between two decode steps (bounds how long the running
-            rows wait for a newcomer's prompt).
-        max_queue: the most requests waiting for a row; more is EngineFull.
-        kv_bits, kv_group_size, quantized_kv_start: the cache of every request stored in 8 or 4 bits
-            (GenerationOptions' fields of these names; a request may leave them unset or repeat them).
-        max_kv_size: every request's cache a rotating one of this many tokens, keeping its system
-            prompt (as generate's; a request may leave it unset or repeat it).
+        options: how the engine runs (EngineOptions: the batch's rows, queue and memory bounds, the
+            prefix store, the cache's kind); `**changes`: EngineOptions fields that override them.
         draft_model: a smaller model of the same family that drafts for every request (speculative
             decoding, speculative.py), up to each request's num_draft_tokens (0: that one does not).
-        prompt_lookup: every request drafts by prompt lookup instead (its prompt_lookup_min/max and
-            num_draft_tokens). Without either, a request that asks for prompt_lookup is refused, unless
-            `speculative`: then the requests that ask for it draft by prompt lookup (batch_generate's rule).
+            Without it or `prompt_lookup`, a request that asks for prompt_lookup is refused, unless
+            `speculative`: then the requests that ask for it draft by prompt lookup.
 
     Raises:
-        OptionError: kv_group_size does not divide the model's head_dim.
+        OptionError: a bad option; kv_group_size does not divide the model's head_dim.
     """
 
-    def __init__(self, model: Model, tokenizer: Tokenizer, *, max_batch: int = DEFAULT_MAX_BATCH,
-                 kv_memory: int | None = None, prompt_cache_bytes: int = DEFAULT_PREFIX_STORE_BYTES,
-                 prefill_budget: int = DEFAULT_PREFILL_BUDGET, max_queue: int = 256, kv_bits: int | None = None,
-                 kv_group_size: int = 64, quantized_kv_start: int = 0, memory_limit: int | None = None,
-                 max_kv_size: int | None = None, draft_model: Model | None = None,
-                 prompt_lookup: bool = False, speculative: bool = False) -> None:
-        self.model, self.tokenizer, self.max_queue = model, tokenizer, max_queue
-        self._prefixes = PrefixStore(prompt_cache_bytes) if prompt_cache_bytes > 0 else None
-        run = GenerationOptions(kv_bits=kv_bits, kv_group_size=kv_group_size, quantized_kv_start=quantized_kv_start)
-        self.memory_limit = default_memory_limit() if memory_limit is None else memory_limit
-        self._scheduler = Scheduler(model, tokenizer, max_batch=max_batch, kv_memory=kv_memory,
-                                    prefix_store=self._prefixes, prefill_budget=prefill_budget,
-                                    quantization=run.kv_quantization, memory_limit=self.memory_limit,
-                                    max_kv_size=max_kv_size, draft_model=draft_model,
-                                    prompt_lookup=prompt_lookup, speculative=speculative)
+    def __init__(self, model: Model, tokenizer: Tokenizer, options: EngineOptions | None = None, *,
+                 draft_model: Model | None = None, **changes: Any) -> None:
+        options = EngineOptions.of(options, **changes)
+        self.model, self.tokenizer, self.options, self.max_queue = model, tokenizer, options, options.max_queue
+        self._prefixes = PrefixStore(options.prefix_store_bytes) if options.prefix_store_bytes > 0 else None
+        self._scheduler = Scheduler(model, tokenizer, options, draft_model=draft_model, prefix_store=self._prefixes)
+        self.memory_limit = self._scheduler.plan.limit
         self._inbox: list[Ticket] = []  # submitted, not yet seen by the engine's thread
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None

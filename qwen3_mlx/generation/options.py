@@ -1,10 +1,11 @@
-"""The generation options: one frozen value that travels from the CLI, the chat and the API to the loop."""
+"""The options, each written once: GenerationOptions (how one response is generated), a frozen value that
+travels from the CLI, the chat and the API to the loop; EngineOptions (how a batch or an engine runs)."""
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 from ..errors import OptionError
 from ..model.kv_quant import KV_BITS, KV_GROUP_SIZES, KVQuantization
@@ -15,6 +16,8 @@ DEFAULT_PREFILL_STEP = 2048  # prompt tokens a prefill chunk computes: bounds a 
 DEFAULT_PREFILL_BUDGET = 256  # prompt tokens a batch computes between two decode steps: bounds the others' wait
 DEFAULT_MAX_BATCH = 8  # rows decoded together
 DEFAULT_PREFIX_STORE_BYTES = 10**9  # caches of recent prompts kept for prefix reuse (1 GB, as --prompt-cache-gb)
+DEFAULT_MAX_QUEUE = 256  # requests an engine keeps waiting for a row
+DEFAULT_KV_GROUP_SIZE = 64  # elements of a quantized KV cache sharing a scale and a bias
 
 # Reasoning effort by name, as thinking budgets (None: no limit): OpenAI's reasoning_effort (none to
 # xhigh), Anthropic's output_config.effort (low to max). The one table every API reads.
@@ -77,7 +80,7 @@ class GenerationOptions:
     regex: str | None = None
     grammar: str | None = None
     kv_bits: int | None = None
-    kv_group_size: int = 64
+    kv_group_size: int = DEFAULT_KV_GROUP_SIZE
     quantized_kv_start: int = 0
     num_draft_tokens: int = 4
     prompt_lookup: bool = False
@@ -99,14 +102,7 @@ class GenerationOptions:
             _check_int("logprobs", self.logprobs, 0)
         if self.max_kv_size is not None:
             _check_int("max_kv_size", self.max_kv_size, 1)
-        if self.kv_bits is not None:
-            _check_int("kv_bits", self.kv_bits, None)
-        if self.kv_bits is not None and self.kv_bits not in KV_BITS:
-            raise OptionError(f"kv_bits must be one of {', '.join(map(str, KV_BITS))} (or unset), got {self.kv_bits!r}")
-        if self.kv_group_size not in KV_GROUP_SIZES:
-            raise OptionError(f"kv_group_size must be one of {', '.join(map(str, KV_GROUP_SIZES))}, "
-                              f"got {self.kv_group_size!r}")
-        _check_int("quantized_kv_start", self.quantized_kv_start, 0)
+        _check_kv(self)
         _check_int("num_draft_tokens", self.num_draft_tokens, 0)
         _check_int("prompt_lookup_min", self.prompt_lookup_min, 1)
         _check_int("prompt_lookup_max", self.prompt_lookup_max, self.prompt_lookup_min)
@@ -124,22 +120,144 @@ class GenerationOptions:
     @property
     def kv_quantization(self) -> KVQuantization | None:
         """How the cache stores keys and values (None: in the model's dtype)."""
-        if self.kv_bits is None:
-            return None
-        return KVQuantization(self.kv_bits, self.kv_group_size, self.quantized_kv_start)
+        return _kv_quantization(self)
 
     def replace(self, **changes: Any) -> GenerationOptions:
         """A copy with `changes`; an unknown name is an OptionError that lists the known ones."""
-        known = {f.name for f in dataclasses.fields(self)}
-        unknown = sorted(set(changes) - known)
-        if unknown:
-            raise OptionError(f"unknown generation option {unknown[0]!r}; expected one of {', '.join(sorted(known))}")
-        return dataclasses.replace(self, **changes)
+        return _replace(self, "generation", changes)
 
     @classmethod
     def of(cls, options: GenerationOptions | None = None, **changes: Any) -> GenerationOptions:
         """`options` (or the defaults) with keyword changes: how the API's keyword arguments arrive."""
         return (options or cls()).replace(**changes) if changes else (options or cls())
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How a batch of requests runs together: engine.Engine, batch.Scheduler, batch_generate, the
+    distributed engine and the server take it. Every field has a default.
+
+    max_batch: the most rows decoded at once; the others wait their turn.
+    max_queue: the most requests waiting for a row in an engine; more is EngineFull (a batch_generate
+        run has no queue bound).
+    memory_limit: bytes the process may take in all: the weights, the batch's KV cache at its worst,
+        the prefix store and a round's activations (memory.py). A request waits while the batch with it
+        would not fit (the prefix store gives memory back first), and is refused at submit if it could
+        never fit alone. None: 75% of the device's (memory.default_memory_limit).
+    kv_memory: a finer bound, on the batch's KV cache alone (None: none beyond memory_limit).
+    prefix_store_bytes: bytes of an engine's caches kept for prefix reuse across requests (0: none),
+        within memory_limit (a batch_generate run keeps none).
+    prefill_budget: prompt tokens computed between two decode steps (bounds how long the running rows
+        wait for a newcomer's prompt); each prompt in chunks of its options' prefill_step_size.
+    kv_bits, kv_group_size, quantized_kv_start: every request's cache stored in 8 or 4 bits
+        (GenerationOptions' fields of these names; a request may leave them unset or repeat them).
+    max_kv_size: every request's cache a rotating one of this many tokens, keeping its system prompt
+        (a request may leave it unset or repeat it).
+    prompt_lookup: every request drafts by prompt lookup (its prompt_lookup_min/max and
+        num_draft_tokens), unless a draft model is given beside these options.
+    speculative: the requests that ask for prompt_lookup draft by it (batch_generate's rule); without
+        it, prompt_lookup or a draft model, such a request is refused.
+    """
+
+    max_batch: int = DEFAULT_MAX_BATCH
+    max_queue: int = DEFAULT_MAX_QUEUE
+    memory_limit: int | None = None
+    kv_memory: int | None = None
+    prefix_store_bytes: int = DEFAULT_PREFIX_STORE_BYTES
+    prefill_budget: int = DEFAULT_PREFILL_BUDGET
+    kv_bits: int | None = None
+    kv_group_size: int = DEFAULT_KV_GROUP_SIZE
+    quantized_kv_start: int = 0
+    max_kv_size: int | None = None
+    prompt_lookup: bool = False
+    speculative: bool = False
+
+    def __post_init__(self) -> None:
+        _check_int("max_batch", self.max_batch, 1)
+        _check_int("max_queue", self.max_queue, 0)
+        for name in ("memory_limit", "kv_memory", "max_kv_size"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), 1)
+        _check_int("prefix_store_bytes", self.prefix_store_bytes, 0)
+        _check_int("prefill_budget", self.prefill_budget, 1)
+        _check_kv(self)
+        for name in ("prompt_lookup", "speculative"):
+            if not isinstance(getattr(self, name), bool):
+                raise OptionError(f"{name}={getattr(self, name)!r} must be true or false")
+
+    @property
+    def kv_quantization(self) -> KVQuantization | None:
+        """How every request's cache stores keys and values (None: in the model's dtype)."""
+        return _kv_quantization(self)
+
+    def replace(self, **changes: Any) -> EngineOptions:
+        """A copy with `changes`; an unknown name is an OptionError that lists the known ones."""
+        return _replace(self, "engine", changes)
+
+    @classmethod
+    def of(cls, options: EngineOptions | None = None, **changes: Any) -> EngineOptions:
+        """`options` (or the defaults) with keyword changes: how Engine's keyword arguments arrive."""
+        return (options or cls()).replace(**changes) if changes else (options or cls())
+
+    def for_requests(self, requests: Sequence[GenerationOptions]) -> EngineOptions:
+        """These options for one run of `requests` (batch_generate's rule): the cache's kind and size,
+        when these leave them unset, are the ones every request gives; the rows that ask for
+        prompt_lookup draft by it.
+
+        Raises:
+            OptionError: requests that give different kinds or sizes of cache.
+        """
+        changes: dict[str, Any] = {}
+        if self.kv_bits is None:
+            asked = run_option([o.kv_quantization for o in requests], "kv_bits, kv_group_size, quantized_kv_start",
+                               KVQuantization.describe)
+            if asked is not None:
+                changes.update(kv_bits=asked.bits, kv_group_size=asked.group_size, quantized_kv_start=asked.start)
+        if self.max_kv_size is None:
+            changes["max_kv_size"] = run_option([o.max_kv_size for o in requests], "max_kv_size")
+        if any(o.prompt_lookup and o.num_draft_tokens for o in requests):
+            changes["speculative"] = True
+        return self.replace(**changes)
+
+
+def run_option(values: Sequence[Any], name: str, text: Callable[[Any], str] = str) -> Any:
+    """A whole-run option's value (a property of the batch's cache): the one every request gives.
+
+    Raises:
+        OptionError: requests that give different values.
+    """
+    distinct = list(dict.fromkeys(values))
+    if len(distinct) > 1:
+        raise OptionError(f"{name}: the batch's, not a request's; give every prompt the same, "
+                          f"got {text(distinct[0])} and {text(distinct[1])}")
+    return distinct[0] if distinct else None
+
+
+def _check_kv(options: GenerationOptions | EngineOptions) -> None:
+    """The KV cache's storage fields, the same in both kinds of options."""
+    if options.kv_bits is not None:
+        _check_int("kv_bits", options.kv_bits, None)
+        if options.kv_bits not in KV_BITS:
+            raise OptionError(f"kv_bits must be one of {', '.join(map(str, KV_BITS))} (or unset), "
+                              f"got {options.kv_bits!r}")
+    if options.kv_group_size not in KV_GROUP_SIZES:
+        raise OptionError(f"kv_group_size must be one of {', '.join(map(str, KV_GROUP_SIZES))}, "
+                          f"got {options.kv_group_size!r}")
+    _check_int("quantized_kv_start", options.quantized_kv_start, 0)
+
+
+def _kv_quantization(options: GenerationOptions | EngineOptions) -> KVQuantization | None:
+    if options.kv_bits is None:
+        return None
+    return KVQuantization(options.kv_bits, options.kv_group_size, options.quantized_kv_start)
+
+
+def _replace(options: Any, kind: str, changes: dict[str, Any]) -> Any:
+    known = {f.name for f in dataclasses.fields(options)}
+    unknown = sorted(set(changes) - known)
+    if unknown:
+        raise OptionError(f"unknown {kind} option {unknown[0]!r}; expected one of {', '.join(sorted(known))}")
+    return dataclasses.replace(options, **changes)
 
 
 def _check_int(name: str, value: Any, minimum: int | None) -> None:
