@@ -268,7 +268,7 @@ def run_ours(path: Path, prompt: list[int], n: int, split_min_cost: int | None =
     from qwen3_mlx.model.fast import speed_up
     from qwen3_mlx.generation.single import TokenGenerator
     from qwen3_mlx.checkpoint.loader import load_model
-    from qwen3_mlx.generation.request import DrawState
+    from qwen3_mlx.generation.picker import Picker
     from qwen3_mlx.checkpoint.sampling_defaults import SamplingParams
     from qwen3_mlx.generation.sampling import make_logits_processor, make_sampler
     from qwen3_mlx.text.tokenizer import Tokenizer
@@ -285,7 +285,7 @@ def run_ours(path: Path, prompt: list[int], n: int, split_min_cost: int | None =
     vocab = model.args.vocab_size
     params = SamplingParams(temperature=0.0, top_p=1.0, top_k=0, min_p=0.0,
                             logit_bias={t: float("-inf") for t in EOS_IDS if t < vocab})
-    draws = DrawState(make_sampler(params, tokenizer.vocab_size), make_logits_processor(params, vocab))
+    draws = Picker(make_sampler(params, tokenizer.vocab_size), make_logits_processor(params, vocab))
     gen = TokenGenerator(model, model.make_cache(), draws)
     t0 = time.perf_counter()
     gen.prefill(prompt)

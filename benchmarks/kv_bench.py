@@ -90,7 +90,7 @@ def run_ours(path: Path, bits: int | None, context: int, chunk: int, n: int, pro
     from qwen3_mlx import load
     from qwen3_mlx.generation.single import TokenGenerator
     from qwen3_mlx.model.kv_quant import KVQuantization
-    from qwen3_mlx.generation.request import DrawState
+    from qwen3_mlx.generation.picker import Picker
     from qwen3_mlx.checkpoint.sampling_defaults import SamplingParams
     from qwen3_mlx.generation.sampling import make_logits_processor, make_sampler
 
@@ -100,7 +100,7 @@ def run_ours(path: Path, bits: int | None, context: int, chunk: int, n: int, pro
     fill(cache, context - chunk, a.num_key_value_heads, a.head_dim, model.dtype)
     params = SamplingParams(temperature=0.0, top_p=1.0, top_k=0, min_p=0.0,
                             logit_bias={t: float("-inf") for t in EOS_IDS if t < a.vocab_size})
-    draws = DrawState(make_sampler(params, tokenizer.vocab_size), make_logits_processor(params, a.vocab_size))
+    draws = Picker(make_sampler(params, tokenizer.vocab_size), make_logits_processor(params, a.vocab_size))
     gen = TokenGenerator(model, cache, draws)
 
     def prefill() -> None:

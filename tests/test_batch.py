@@ -16,7 +16,8 @@ from qwen3_mlx.model.kv_quant import KVQuantization
 from qwen3_mlx.generation.prefill import extend_caches
 from qwen3_mlx.text.prompt import Prompt, encode_prompt, make_prompt_cache
 from qwen3_mlx.generation.prompt_cache import PrefixStore
-from qwen3_mlx.generation.request import collect, extend_cache, prepare
+from qwen3_mlx.generation.passes import extend_cache
+from qwen3_mlx.generation.request import collect, prepare
 
 PROMPTS = ["Hello", "Tell me a long story about a dragon and a knight who meet at dawn", "Why?", "1 2 3",
            "a b c d e f", "What is 2+2?", "Name three colours.", "ok"]

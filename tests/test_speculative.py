@@ -13,11 +13,12 @@ from qwen3_mlx.generation.batch import batch_generate
 from qwen3_mlx.errors import OptionError
 from qwen3_mlx.checkpoint.loader import load_model
 from qwen3_mlx.generation.options import GenerationOptions
-from qwen3_mlx.generation.request import DrawState
+from qwen3_mlx.generation.picker import Picker
 from qwen3_mlx.generation.response import EARLY_STOP_TEXT
 from qwen3_mlx.checkpoint.sampling_defaults import SamplingParams
 from qwen3_mlx.generation.sampling import make_sampler
-from qwen3_mlx.generation.speculative import DraftLength, PromptLookup, accept
+from qwen3_mlx.generation.proposers import PromptLookup
+from qwen3_mlx.generation.verification import DraftLength, accept
 
 GREEDY = dict(temp=0.0, top_k=0, top_p=1.0, min_p=0.0)
 LOOKUP = dict(prompt_lookup=True, num_draft_tokens=4)
@@ -301,7 +302,7 @@ def test_the_acceptance_rule_keeps_the_targets_distribution():
     p = mx.array([0.5, 0.2, 0.2, 0.1, 0.0])
     q = mx.array([0.1, 0.1, 0.3, 0.2, 0.3])
     params = SamplingParams(temperature=1.0, top_p=1.0, top_k=0, min_p=0.0)
-    draws = DrawState(make_sampler(params, None), params=params)
+    draws = Picker(make_sampler(params, None), params=params)
     n, counts = 4000, Counter()
     drafts = mx.random.categorical(mx.broadcast_to(mx.log(q), (n, 5)), key=mx.random.key(1)).tolist()
     keys = mx.random.split(mx.random.key(2), n)
@@ -317,7 +318,7 @@ def test_the_acceptance_rule_keeps_the_targets_distribution():
 def test_a_point_mass_draft_is_kept_with_its_target_probability():
     p = mx.array([0.25, 0.75])
     params = SamplingParams(temperature=1.0, top_p=1.0, top_k=0, min_p=0.0)
-    draws = DrawState(make_sampler(params, None), params=params)
+    draws = Picker(make_sampler(params, None), params=params)
     keys = mx.random.split(mx.random.key(3), 2000)
     kept = sum(accept(draws, [1], mx.stack([p, p]), None, keys[i])[0] for i in range(2000))
     assert abs(kept / 2000 - 0.75) < 0.04

@@ -49,7 +49,7 @@ from ..generation.options import (
 )
 from ..generation.request import prepare
 from ..generation.response import Chunk, GenerationResult
-from ..generation.speculative import check_draft
+from ..generation.proposers import check_draft
 from ..model.kv_quant import KVQuantization
 from ..model.model import Model
 from ..text.prompt import Prompt

@@ -2,7 +2,7 @@
 
 - BatchGenerator: token ids for many rows. A decode step runs every row's next token through the
   model as one batch (B, 1) over a BatchKVCache; each row draws from its own logits with its own
-  DrawState (processors over its own tokens, its own key), so its tokens never depend on its
+  Picker (processors over its own tokens, its own key), so its tokens never depend on its
   neighbours. The thinking budget's forced text goes into its row one token a step, while the other
   rows keep sampling.
 - Scheduler: requests in, chunks out, between decode steps: admission (a row limit and a KV-memory
@@ -31,18 +31,14 @@ from ..text.prompt import Messages, Prompt, make_prompt_cache
 from ..text.tokenizer import Tokenizer
 from .memory import MemoryPlan, default_memory_limit
 from .options import DEFAULT_MAX_BATCH, DEFAULT_PREFILL_BUDGET, GenerationOptions
+from .passes import extend_cache, step
+from .picker import Draw
 from .prefill import extend_caches
 from .prompt_cache import PrefixStore
-from .request import Draw, Job, collect, extend_cache, prepare, step
+from .proposers import BatchDraft, Proposal, check_proposers, make_proposer
+from .request import Job, collect, prepare
 from .response import Chunk, GenerationResult, TokenLogprob
-from .speculative import (
-    BatchDraft,
-    Given,
-    Proposal,
-    Speculation,
-    check_proposers,
-    make_proposer,
-)
+from .verification import Given, Speculation
 
 Sink = Callable[[Chunk, bool], None]  # (chunk, whether it is the request's last)
 
@@ -126,13 +122,12 @@ class BatchGenerator:
         return before
 
     def _draw_together(self, logits: mx.array, rows: list[int]) -> None:
-        """One draw for rows whose DrawStates share a key (DrawState.shared_key): the same function of
+        """One draw for rows whose Pickers share a key (Picker.shared_key): the same function of
         each row's logits, made once for all of them."""
-        draws = self.rows[rows[0]].job.draws
+        picker = self.rows[rows[0]].job.draws
         part = logits if len(rows) == len(self.rows) else logits[mx.array(rows)]
-        if draws.processor is not None:
-            part = draws.processor(part, mx.zeros((0,), mx.int32))  # no penalties: the bias alone
-        tokens = draws.sampler(part, None)  # (G,)
+        part = picker.process(part, None)  # no penalties, no grammar: the bias alone
+        tokens = picker.sample(part, None)  # (G,)
         for j, i in enumerate(rows):
             self.rows[i].draw = Draw(tokens[j : j + 1])
 

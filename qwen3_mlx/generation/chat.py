@@ -18,7 +18,7 @@ from ..text.prompt import Prompt, make_prompt_cache, thinking_requested
 from ..text.tokenizer import Tokenizer
 from .options import GenerationOptions
 from .prompt_cache import SavedCache, load_cache, reuse, save_cache
-from .request import extend_cache
+from .passes import extend_cache
 from .response import Chunk, GenerationStats
 from .single import stream_generate
 

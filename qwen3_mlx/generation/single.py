@@ -1,5 +1,5 @@
-"""The single-stream loop, in three layers (the batch loop, batch.py, sits beside it; both draw on
-request.py's toolkit):
+"""The single-stream loop, in three layers (the batch loop, batch.py, sits beside it; both start from
+request.py's Job, run passes.py's passes and draw with picker.py's Picker):
 
 1. TokenGenerator: token ids from the model, one step ahead (the next step's graph is built and
    queued with mx.async_eval while the host looks at the current token), with chunked prefill,
@@ -14,7 +14,7 @@ tools=, prefill_response=, and the options' fields) are a thin layer over the tw
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import mlx.core as mx
 
@@ -23,7 +23,9 @@ from ..model.model import Model
 from ..text.prompt import Messages, Prompt, make_prompt_cache
 from ..text.tokenizer import Tokenizer
 from .options import GenerationOptions
-from .request import Draw, DrawState, collect, prefill, prepare, reuse_cache, step
+from .passes import Progress, prefill, reuse_cache, step
+from .picker import Draw, Picker
+from .request import collect, prepare
 from .response import (
     EARLY_STOP_TEXT,
     Chunk,
@@ -33,7 +35,8 @@ from .response import (
     ThinkingBudget,
     TokenLogprob,
 )
-from .speculative import SpeculativeGenerator, make_proposer
+from .proposers import make_proposer
+from .verification import SpeculativeGenerator
 
 __all__ = [
     "EARLY_STOP_TEXT",
@@ -47,8 +50,6 @@ __all__ = [
     "generate",
     "stream_generate",
 ]
-
-Progress = Callable[[int, int], None]
 PromptLike = Prompt | str | Messages | Sequence[int]
 
 
@@ -61,27 +62,27 @@ class TokenGenerator:
     Args:
         model: anything with `decode(ids (1, L) int32, cache) -> logits (1, V)`.
         cache: the per-layer caches the model reads and extends.
-        draws: how the request draws its tokens.
+        picker: how the request draws its tokens.
     """
 
-    def __init__(self, model: Model, cache: list[KVCache], draws: DrawState) -> None:
-        self.model, self.cache, self.draws = model, cache, draws
+    def __init__(self, model: Model, cache: list[KVCache], picker: Picker) -> None:
+        self.model, self.cache, self.picker = model, cache, picker
         self._pending: Draw | None = None  # the next token, being computed
 
     def prefill(self, ids: Sequence[int], step_size: int = 2048, progress: Progress | None = None) -> None:
         """Run the prompt through the model (see `prefill`); the first token is then on its way."""
-        self._pending = prefill(self.model, self.cache, self.draws, ids, step_size, progress)
+        self._pending = prefill(self.model, self.cache, self.picker, ids, step_size, progress)
 
     def next_token(self) -> tuple[int, TokenLogprob | None]:
         """The next token (and its log-probabilities, when asked for); the one after it is queued
         before this returns."""
         draw = self._pending
-        self._pending = step(self.model, self.cache, self.draws, draw.token)
+        self._pending = step(self.model, self.cache, self.picker, draw.token)
         return draw.read()
 
     def feed(self, ids: Sequence[int]) -> None:
         """Force `ids` as the next tokens, in one pass (the queued token is dropped); sampling resumes after them."""
-        self._pending = step(self.model, self.cache, self.draws, mx.array(list(ids), mx.int32))
+        self._pending = step(self.model, self.cache, self.picker, mx.array(list(ids), mx.int32))
 
 
 def feed_forced(gen: TokenGenerator | SpeculativeGenerator, response: Response) -> Iterator[Chunk]:
@@ -155,7 +156,7 @@ def stream_generate(
             It is used as it is: options.max_kv_size only shapes a new cache.
         progress: called with (tokens done, total) once per prefill chunk.
         draft_model: a smaller model of the same family (from `load()`) that drafts tokens for
-            speculative decoding (options.num_draft_tokens, the longest draft; see speculative.py).
+            speculative decoding (options.num_draft_tokens, the longest draft; see verification.py).
         **kwargs: GenerationOptions fields, which override those of `options` (the keyword API:
             `stream_generate(model, tok, "q", max_tokens=5, thinking_budget=3)`).
 
