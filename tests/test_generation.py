@@ -108,7 +108,15 @@ def test_stop_string_ends_the_answer_and_is_not_shown(tok):
 def test_stop_string_that_never_comes_lets_the_answer_finish(tok):
     script = thinker(tok, tok.encode(" t"), tok.encode("Hello world."), reasoning_len=2)
     _, r = run(tok, script, stop=["never"])
-    assert (r.content, r.stats.finish_reason) == ("Hello world.", "stop")
+    assert (r.content, r.stats.finish_reason, r.stats.stop_string) == ("Hello world.", "stop", None)
+
+
+def test_the_stop_string_met_reaches_the_last_chunk_and_the_result(tok):
+    # " world" comes in one token: "wor" and "world" both start where the answer is cut; the longer is met.
+    script = thinker(tok, tok.encode(" t"), tok.encode("Hello world. STOP here"), reasoning_len=2)
+    chunks = list(stream_generate(stub(tok, script), tok, "q", stop=["STOP", "wor", "world"]))
+    _, r = run(tok, script, stop=["STOP", "wor", "world"])
+    assert (chunks[-1].stats.stop_string, r.stats.stop_string, r.content) == ("world", "world", "Hello ")
 
 
 def test_reasoning_and_answer_are_separated_by_token_id(tok):

@@ -16,7 +16,7 @@ FLOORS = {
     "distributed": [["engine"]],
     "generation": [["engine"], ["batch", "chat"], ["single"], ["verification"], ["proposers"],
                    ["request", "prefill"], ["passes"], ["picker"], ["response", "prompt_cache", "memory", "sampling"],
-                   ["options"]],
+                   ["stops", "options"]],
     "checkpoint": [["converter"], ["loader"], ["sampling_defaults"]],
     "text": [["prompt", "tool_grammar"], ["structured"], ["tokenizer"], ["template", "tools"]],
     "model": [["parallel", "fast"], ["compiled"], ["model", "batch_cache"], ["cache", "config"], ["kv_quant"]],

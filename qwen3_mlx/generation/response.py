@@ -5,8 +5,8 @@ thinking budget's cut, the stop rules, the counts and the timings.
 one request, batch.BatchGenerator for rows of a batch) and tells that loop what to feed next when the
 thinking budget forces text in. It consults small parts, each with one job: Limits (when no more
 tokens may be drawn), ThinkingBudget (where the reasoning is cut), PartText (text of the reasoning or
-the answer, with the template's newlines trimmed), StopStrings (answer text held back while it may
-start a stop string) and Clock (time to first token and the decode rate).
+the answer, with the template's newlines trimmed), StopStrings (stops.py: answer text held back while
+it may start a stop string) and Clock (time to first token and the decode rate).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from ..errors import OptionError
 from ..text.prompt import EMPTY_THINKING_TEXT
 from ..text.tokenizer import Tokenizer
 from ..text.tools import ToolCall, ToolCallDelta, ToolCallParser
+from .stops import StopStrings
 
 # Qwen3 technical report, section 4.3: the text that ends reasoning early when the budget runs out.
 EARLY_STOP_TEXT = (
@@ -63,7 +64,6 @@ class ThinkingBudget:
         return EMPTY_THINKING_TEXT if self.tokens == 0 else EARLY_STOP_TEXT
 
 
-
 @dataclass
 class GenerationStats:
     """Counts and timings. reasoning_tokens: tokens the model wrote inside <think>...</think>
@@ -85,6 +85,7 @@ class GenerationStats:
     prompt_seconds: float = 0.0
     generation_seconds: float = 0.0  # from the first token to the end
     finish_reason: str | None = None  # "stop", "length", "stop_string", "interrupted"
+    stop_string: str | None = None  # the stop string that ended the answer (finish_reason "stop_string")
     budget_exhausted: bool = False  # the thinking budget ended the reasoning
     peak_memory_gb: float = 0.0
     drafted_tokens: int = 0  # speculative decoding: tokens proposed and checked by the target
@@ -256,41 +257,6 @@ class PartText:
         return kept
 
 
-class StopStrings:
-    """Answer text, held back while it could be the start of a stop string; `found` once one appears."""
-
-    def __init__(self, stop: Sequence[str]) -> None:
-        self.stop, self.held, self.found = tuple(stop), "", False
-
-    def push(self, text: str) -> str:
-        """The text that can be shown now; none of it from a stop string on."""
-        text = self.held + text
-        at = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
-        if at >= 0:
-            self.held, self.found = "", True
-            return text[:at]
-        safe = len(text) - _longest_stop_prefix(text, self.stop)
-        self.held = text[safe:]
-        return text[:safe]
-
-    def finish(self, text: str) -> str:
-        """The last text: what was held, unless it starts a stop string."""
-        shown = self.push(text)
-        shown, self.held = shown + self.held, ""
-        return shown
-
-
-def _longest_stop_prefix(text: str, stop: Sequence[str]) -> int:
-    """Length of the longest suffix of `text` that starts some stop string."""
-    best = 0
-    for s in stop:
-        for n in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:n]):
-                best = n
-                break
-    return best
-
-
 class Response:
     """One response as its tokens arrive: which part it is in, what is shown, and when it ends.
 
@@ -338,6 +304,7 @@ class Response:
         chunks = list(self._read(token, forced))
         if self.stops.found:
             self.stats.finish_reason, self.ended = "stop_string", True
+            self.stats.stop_string = self.stops.matched
         return chunks
 
     def last_chunks(self) -> list[Chunk]:
