@@ -12,7 +12,11 @@ PACKAGE = Path(__file__).resolve().parent.parent / "qwen3_mlx"
 # its own sub-package, and any module of a lower sub-package; never upward, never sideways.
 FLOORS = {
     "cli": [["commands"], ["prompts_file"]],
-    "server": [["serve"], ["app"], ["guard"], ["anthropic", "responses"], ["params", "replies"], ["protocol"]],
+    "server": [["serve"], ["app"], ["guard", "relay"], ["settings"]],
+    "server.openai": [["events"], ["mapping"], ["protocol"]],
+    "server.anthropic": [["events"], ["mapping"], ["protocol"]],
+    "server.responses": [["events"], ["mapping"], ["protocol", "store"]],
+    "server.submission": [["outcome", "reading"], ["parameters", "refusal"]],
     "distributed": [["engine"]],
     "generation": [["engine"], ["batch", "chat"], ["single"], ["verification"], ["proposers"],
                    ["request", "prefill"], ["passes"], ["picker"], ["response", "prompt_cache", "memory", "sampling"],

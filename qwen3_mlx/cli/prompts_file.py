@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -233,13 +233,11 @@ def _logit_bias(value: Any) -> dict[int, float] | None:
 
 def _openai_request(n: int, obj: dict, context: _Context) -> BatchRequest:
     """The envelope checked here; the body read as the server reads the same body sent to CHAT_URL
-    (server.params: its budgets, caps, defaults and refusals), with the command line's options as the
-    defaults and its --max-tokens as the cap."""
-    from ..server.params import (  # pydantic only, no FastAPI
-        ApiError,
-        Settings,
-        chat_body_submission,
-    )
+    (server.submission.reading: its budgets, caps, defaults and refusals), with the command line's options as
+    the defaults and its --max-tokens as the cap."""
+    from ..server.openai.mapping import chat_body_submission  # pydantic only, no FastAPI
+    from ..server.submission.reading import Settings
+    from ..server.submission.refusal import ApiError
 
     custom_id = _custom_id(obj)
     if not custom_id:
@@ -280,8 +278,8 @@ def result_record(fmt: str, index: int, request: BatchRequest, result: Generatio
 def plain_record(index: int, request: BatchRequest, result: GenerationResult, tokenizer: Any,
                  hide_reasoning: bool = False) -> dict:
     """{"index", "custom_id"?, "reasoning", "content", "finish_reason", "budget_exhausted", "usage", "logprobs"?};
-    usage as the server counts it (server.replies.usage), with our per-part counts beside."""
-    from ..server.replies import usage
+    usage as the server counts it (server.openai.mapping.usage), with our per-part counts beside."""
+    from ..server.openai.mapping import usage
 
     s = result.stats
     record: dict[str, Any] = {"index": index}
@@ -303,13 +301,12 @@ def openai_record(request: BatchRequest, result: GenerationResult, tokenizer: An
                   hide_reasoning: bool = False) -> dict:
     """OpenAI's batch output line: {"id", "custom_id", "response": {"status_code": 200, "request_id",
     "body": the chat.completion the server would answer}, "error": null}."""
-    from ..server.replies import Reply, chat_completion, dump_json
+    from ..server.openai.mapping import chat_completion, dump_json
 
     body = request.body or {}
-    reply = Reply.of(result, parallel_tool_calls=body.get("parallel_tool_calls") is not False)
-    if hide_reasoning:
-        reply.reasoning = []
-    completion = chat_completion(reply, request.model or "", bool(body.get("logprobs")), tokenizer)
+    shown = replace(result, reasoning="") if hide_reasoning else result
+    completion = chat_completion(shown, request.model or "", logprobs=bool(body.get("logprobs")),
+                                 parallel=body.get("parallel_tool_calls") is not False, tokenizer=tokenizer)
     request_id = completion.id.removeprefix("chatcmpl-")
     return {"id": f"batch_req_{request_id}", "custom_id": request.custom_id,
             "response": {"status_code": 200, "request_id": request_id,

@@ -16,9 +16,10 @@ from starlette.exceptions import HTTPException
 
 from ..errors import ContextLengthError, MemoryLimitError, Qwen3Error
 from ..generation.engine import EngineClosed, EngineFull
-from . import protocol as p
-from .anthropic import anthropic_error, is_anthropic
-from .params import ApiError, validation_problem
+from .anthropic.mapping import anthropic_error, is_anthropic
+from .openai import protocol as p
+from .openai.mapping import error_json
+from .submission.refusal import ApiError, validation_problem
 
 log = logging.getLogger("qwen3_mlx.server")
 
@@ -34,7 +35,7 @@ def error_body(status: int, message: str, *, type: str = "invalid_request_error"
     (its type follows the status), OpenAI's {"error": {"message", "type", "param", "code"}} elsewhere."""
     if is_anthropic(path):
         return anthropic_error(status, message)
-    return p.ErrorResponse(error=p.ErrorDetail(message=message, type=type, param=param, code=code)).model_dump_json()
+    return error_json(message, type=type, param=param, code=code)
 
 
 def error(request: Request, status: int, message: str, headers: dict[str, str] | None = None,
@@ -44,7 +45,7 @@ def error(request: Request, status: int, message: str, headers: dict[str, str] |
 
 
 def _validation_message(exc: RequestValidationError, content_type: str) -> tuple[str, str | None]:
-    """The first problem, as `param: what is wrong` (params.validation_problem); a body that is not an
+    """The first problem, as `param: what is wrong` (submission/refusal.py's validation_problem); a body that is not an
     object because it was not sent as JSON (curl -d sends a form's content type) is told what to send."""
     message, param = validation_problem(exc.errors())
     if message == "the body must be a JSON object" and "json" not in content_type:

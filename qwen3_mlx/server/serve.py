@@ -36,6 +36,7 @@ from ..generation.options import (
     GenerationOptions,
 )
 from .app import create_app
+from .settings import ServerSettings
 
 log = logging.getLogger("uvicorn.error")  # uvicorn's own log, so the drain's lines read as its others
 
@@ -156,11 +157,10 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8080, served_model
             engine = DistributedEngine(loaded, tokenizer, ranks, **engine_args).start()
         else:
             engine = Engine(loaded, tokenizer, **engine_args).start()
-        names = list(served_model_names) or [model]
-        app = create_app(engine, model_id=names[0], aliases=names[1:], api_key=api_key, max_tokens_cap=max_tokens,
-                         default_thinking_budget=thinking_budget, cors_origin=cors_origin, ui=ui,
-                         defaults=GenerationOptions().replace(num_draft_tokens=num_draft_tokens)
-                         if num_draft_tokens is not None else None)
+        settings = ServerSettings(tuple(served_model_names) or (model,), api_key=api_key, max_tokens=max_tokens,
+                                  thinking_budget=thinking_budget, num_draft_tokens=num_draft_tokens,
+                                  cors_origin=cors_origin, ui=ui)
+        app = create_app(engine, settings)
         config = uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=_FLUSH_SECONDS,
                                 log_level=log_level)
         server = _Server(config, app, grace)

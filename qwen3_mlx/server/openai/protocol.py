@@ -1,8 +1,8 @@
-"""The OpenAI-compatible API's request and response bodies, as pydantic models (the serving logic is app.py's).
+"""OpenAI's chat and text completions: the request and response bodies, as pydantic models (the
+sampling parameters they share are submission/parameters.py's; the reading is mapping.py's).
 
 Requests ignore parameter names they do not know (clients send many); a known parameter whose value
-the server cannot honour is refused by app.py with a 400 that names it. Bounds that JSON alone can
-break (NaN, a negative token count) are checked here, so that /openapi.json states them.
+the server cannot honour is refused by mapping.py with a 400 that names it.
 """
 
 from __future__ import annotations
@@ -10,29 +10,9 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
-Count = Annotated[int, Field(ge=1)]
-Probability = Annotated[float, Field(ge=0, le=1)]
-Seed = Annotated[int, Field(ge=0, lt=1 << 64)]  # MLX's random key takes an unsigned 64-bit seed
-Budget = Annotated[int, Field(ge=0)]
-
-
-class _Request(BaseModel):
-    """A request body. An explicit null on an optional field means "not given" (OpenAI's SDKs and proxies
-    send null for fields they leave unset), so a field typed `X | None` with another default never holds
-    None: the type says, in /openapi.json, that null is accepted."""
-
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _null_is_not_given(cls, data: Any) -> Any:
-        if not isinstance(data, dict):
-            return data
-        optional = {key for name, f in cls.model_fields.items() if not f.is_required() for key in (name, f.alias)}
-        return {key: value for key, value in data.items() if value is not None or key not in optional}
-
+from ..submission.parameters import Count, RequestBody, SamplingParameters
 
 class _Body(BaseModel):
     """A response body: every field is sent, null when empty, as OpenAI sends it."""
@@ -43,11 +23,7 @@ class _Body(BaseModel):
 # ---------------------------------------------------------------- requests
 
 
-class StreamOptions(_Request):
-    include_usage: bool | None = False
-
-
-class FunctionDefinition(_Request):
+class FunctionDefinition(RequestBody):
     name: str = Field(min_length=1)
     description: str | None = None
     parameters: dict[str, Any] | None = None
@@ -55,37 +31,37 @@ class FunctionDefinition(_Request):
                                                   "its parameters schema (with 'required' or a name, every call is).")
 
 
-class Tool(_Request):
+class Tool(RequestBody):
     type: Literal["function"] | None = "function"
     function: FunctionDefinition
 
 
-class NamedFunction(_Request):
+class NamedFunction(RequestBody):
     name: str
 
 
-class NamedToolChoice(_Request):
+class NamedToolChoice(RequestBody):
     type: Literal["function"] | None = "function"
     function: NamedFunction
 
 
-class ContentPart(_Request):
+class ContentPart(RequestBody):
     type: str
     text: str | None = None
 
 
-class ToolCallFunction(_Request):
+class ToolCallFunction(RequestBody):
     name: str
     arguments: str | dict[str, Any] | None = ""
 
 
-class MessageToolCall(_Request):
+class MessageToolCall(RequestBody):
     id: str | None = None
     type: Literal["function"] | None = "function"
     function: ToolCallFunction
 
 
-class ChatMessage(_Request):
+class ChatMessage(RequestBody):
     """A message sent in: system, user, assistant (maybe with tool_calls) or tool (a tool's result)."""
 
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)  # the template may read more (e.g. name)
@@ -98,7 +74,7 @@ class ChatMessage(_Request):
     name: str | None = None
 
 
-class JsonSchemaFormat(_Request):
+class JsonSchemaFormat(RequestBody):
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False, populate_by_name=True)
 
     name: str = Field(min_length=1)
@@ -108,40 +84,9 @@ class JsonSchemaFormat(_Request):
     strict: bool | None = Field(None, description="Ignored: the answer always follows the schema.")
 
 
-class ResponseFormat(_Request):
+class ResponseFormat(RequestBody):
     type: Literal["text", "json_object", "json_schema"] | None = "text"
     json_schema: JsonSchemaFormat | None = None
-
-
-class SamplingParameters(_Request):
-    """What chat and text completions share."""
-
-    model: str | None = None
-    max_tokens: Count | None = Field(None, description="The most tokens generated, reasoning and forced text "
-                                                       "included; capped by the server's --max-tokens.")
-    temperature: Annotated[float, Field(ge=0)] | None = None
-    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
-    top_k: Annotated[int, Field(ge=-1)] | None = Field(None, description="0 or -1: no top-k filter.")
-    min_p: Probability | None = None
-    presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
-    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = Field(
-        None, description="Not implemented: only 0 is accepted; use presence_penalty or repetition_penalty.")
-    repetition_penalty: Annotated[float, Field(gt=0)] | None = None
-    seed: Seed | None = None
-    stop: str | list[str] | None = None
-    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
-    stream: bool | None = False
-    stream_options: StreamOptions | None = None
-    n: Count | None = 1
-    thinking_budget: Budget | None = Field(None, description="The most reasoning tokens (0: no reasoning).")
-    thinking_budget_tokens: Budget | None = Field(None, description="llama.cpp's name for thinking_budget.")
-    thinking_token_budget: Budget | None = Field(None, description="vLLM's name for thinking_budget.")
-    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = Field(
-        None, description="A thinking budget by name (options.REASONING_EFFORTS): none 0, minimal 256, low 1024, "
-                          "medium 4096, high 16384, xhigh 32768, max no limit.")
-    num_draft_tokens: Annotated[int, Field(ge=0, le=64)] | None = Field(
-        None, description="On a server that speculates (serve --draft-model or --prompt-lookup): the longest draft "
-                          "for this request; 0: none.")
 
 
 class ChatCompletionRequest(SamplingParameters):

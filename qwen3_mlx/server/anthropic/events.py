@@ -1,0 +1,123 @@
+"""Anthropic's event stream: a reply's chunks as content blocks (thinking, text, tool_use), each with
+its start, deltas and stop, between message_start and message_stop; pings while a long prompt is
+prefilled."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from ...errors import Qwen3Error
+from ...generation.response import Chunk, GenerationStats
+from ...text.tools import ToolCallDelta
+from ..submission.outcome import call_delta, check_finished, new_id, tool_calls
+from ..submission.refusal import ApiError
+from .mapping import anthropic_error, matched_stop, signature, stop_reason, usage
+from .protocol import Message, Usage
+
+PING_SECONDS = 5.0  # a ping event after this long without a chunk (a long prompt's prefill)
+
+Event = tuple[str, dict]  # (the event's name, its data)
+
+
+async def with_pings(items: AsyncIterator[Chunk], seconds: float) -> AsyncIterator[Chunk | None]:
+    """`items`, with a None whenever `seconds` pass without one (while a long prompt is prefilled)."""
+    source = items.__aiter__()
+    pending = asyncio.ensure_future(source.__anext__())
+    try:
+        while True:
+            done, _ = await asyncio.wait({pending}, timeout=seconds)
+            if not done:
+                yield None
+                continue
+            try:
+                item = pending.result()
+            except StopAsyncIteration:
+                return
+            yield item
+            pending = asyncio.ensure_future(source.__anext__())
+    finally:
+        if not pending.done():
+            pending.cancel()
+
+
+class _Blocks:
+    """The content blocks of a stream as the chunks arrive: one open at a time, closed when the kind
+    changes (a thinking block closes with its signature)."""
+
+    def __init__(self, show_thinking: bool) -> None:
+        self.show_thinking, self.index, self.open, self.thinking = show_thinking, -1, None, []
+
+    def start(self, kind: str, block: dict) -> list[Event]:
+        events = self.close()
+        self.index, self.open = self.index + 1, kind
+        return events + [("content_block_start", {"type": "content_block_start", "index": self.index,
+                                                  "content_block": block})]
+
+    def delta(self, delta: dict) -> Event:
+        return "content_block_delta", {"type": "content_block_delta", "index": self.index, "delta": delta}
+
+    def close(self) -> list[Event]:
+        if self.open is None:
+            return []
+        events = []
+        if self.open == "thinking":
+            events.append(self.delta({"type": "signature_delta", "signature": signature("".join(self.thinking))}))
+        self.open = None
+        return events + [("content_block_stop", {"type": "content_block_stop", "index": self.index})]
+
+    def feed(self, chunk: Chunk, call: ToolCallDelta | None) -> list[Event]:
+        events: list[Event] = []
+        if call is not None:
+            if call.id:
+                events += self.start("tool_use", {"type": "tool_use", "id": call.id, "name": call.name, "input": {}})
+            if call.arguments:
+                events.append(self.delta({"type": "input_json_delta", "partial_json": call.arguments}))
+        elif chunk.text and chunk.kind == "reasoning":
+            if self.open != "thinking":
+                events += self.start("thinking", {"type": "thinking", "thinking": "", "signature": ""})
+            self.thinking.append(chunk.text)
+            if self.show_thinking:
+                events.append(self.delta({"type": "thinking_delta", "thinking": chunk.text}))
+        elif chunk.text and chunk.kind == "answer":
+            if self.open != "text":
+                events += self.start("text", {"type": "text", "text": ""})
+            events.append(self.delta({"type": "text_delta", "text": chunk.text}))
+        return events
+
+
+async def message_events(chunks: AsyncIterator[Chunk], model_id: str, *, prompt_tokens: int, stop: Sequence[str],
+                         show_thinking: bool, parallel: bool, tokenizer: Any,
+                         ping_seconds: float = PING_SECONDS) -> AsyncIterator[Event]:
+    """Anthropic's stream: message_start, ping, each block's start, deltas and stop, message_delta
+    (stop_reason, usage), message_stop; a failure is an error event."""
+    blocks, stats, content = _Blocks(show_thinking), GenerationStats(), []
+    start = Message(id=new_id("msg"), model=model_id, content=[], stop_reason=None,
+                    usage=Usage(input_tokens=prompt_tokens, output_tokens=0)).model_dump()
+    yield "message_start", {"type": "message_start", "message": start}
+    yield "ping", {"type": "ping"}
+    try:
+        async for chunk in with_pings(chunks, ping_seconds):
+            if chunk is None:
+                yield "ping", {"type": "ping"}
+                continue
+            stats = chunk.stats
+            if chunk.kind == "answer":
+                content.append(chunk.text)
+            for event in blocks.feed(chunk, call_delta(chunk, parallel)):
+                yield event
+        check_finished(stats)
+    except ApiError as e:
+        yield "error", json.loads(anthropic_error(e.status, e.message))
+        return
+    except Qwen3Error as e:
+        yield "error", json.loads(anthropic_error(500, str(e)))
+        return
+    for event in blocks.close():
+        yield event
+    delta = {"stop_reason": stop_reason(stats, tool_calls(stats, parallel)),
+             "stop_sequence": matched_stop(stats, "".join(content), stop, tokenizer)}
+    yield "message_delta", {"type": "message_delta", "delta": delta, "usage": usage(stats).model_dump()}
+    yield "message_stop", {"type": "message_stop"}

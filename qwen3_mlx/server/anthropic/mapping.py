@@ -1,0 +1,258 @@
+"""Anthropic's Messages API (POST /v1/messages and /v1/messages/count_tokens), as Claude Code and the
+`anthropic` SDK speak it, mapped onto the one request path: a body made into the one Submission
+(submission/reading.py), and a whole result made into a message.
+
+    thinking {"type": "enabled", "budget_tokens": N}   our thinking budget, N (a hard limit)
+    thinking {"type": "adaptive" | "between_tools"}    thinking; output_config.effort names a budget
+    thinking {"type": "disabled"}                      no reasoning; absent: the server's default
+    tool_choice any / tool                             calls constrained by the tool-call grammar
+
+Unknown fields (metadata, context_management, cache_control, ...) are ignored; server tools without an
+input_schema (web_search_...) are left out with a log line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from ...generation.response import GenerationResult, GenerationStats
+from ...text.prompt import Prompt
+from ...text.tools import ToolCall
+from ..submission.outcome import new_id, tool_calls
+from ..submission.reading import (
+    Settings,
+    Submission,
+    check_model,
+    check_tool_names,
+    sampling_options,
+    tool_constraint,
+)
+from ..submission.refusal import ApiError
+from .protocol import (
+    Block,
+    CountTokensRequest,
+    Message,
+    MessagesRequest,
+    TextBlock,
+    ThinkingBlock,
+    ToolDefinition,
+    ToolUseBlock,
+    Usage,
+)
+
+log = logging.getLogger("qwen3_mlx.server")
+
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+               404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 500: "api_error",
+               503: "overloaded_error", 529: "overloaded_error"}
+STOP_REASONS = {"length": "max_tokens", "stop_string": "stop_sequence"}
+
+
+def is_anthropic(path: str) -> bool:
+    """Whether a path is this API's (its errors then take Anthropic's shape)."""
+    return path == "/v1/messages" or path.startswith("/v1/messages/")
+
+
+def anthropic_error(status: int, message: str) -> str:
+    """Anthropic's error body: {"type": "error", "error": {"type", "message"}}, its type by status."""
+    return json.dumps({"type": "error", "error": {"type": ERROR_TYPES.get(status, "api_error"), "message": message}})
+
+
+# ---------------------------------------------------------------- a body -> the one Submission
+
+
+def messages_submission(body: CountTokensRequest, settings: Settings) -> Submission:
+    """The Prompt and GenerationOptions of a Messages body (or a count_tokens body: no max_tokens)."""
+    check_model(body.model, settings)
+    tools = _tools(body.tools) if body.tools else None
+    choice = body.tool_choice.type if body.tool_choice else "auto"
+    if choice == "none":
+        tools = None
+    name = {"any": "required", "tool": body.tool_choice.name if body.tool_choice else None}.get(choice, choice)
+    if name is None:
+        raise ApiError(400, 'tool_choice.name: {"type": "tool"} needs the name of the tool to call',
+                       param="tool_choice")
+    parallel = parallel_calls(body)
+    fmt = body.output_config.format if body.output_config else None
+    constraint = tool_constraint(tools, name, parallel=parallel, schema=fmt.schema_ if fmt else None,
+                                 format_param="output_config.format")
+    think, fields = _thinking(body, settings)
+    request = body if isinstance(body, MessagesRequest) else None
+    if request is not None:
+        fields.update(temperature=request.temperature, top_p=request.top_p, top_k=request.top_k, seed=request.seed,
+                      stop=request.stop_sequences)
+    options = sampling_options(fields, settings, request.max_tokens if request else None, think=think)
+    messages, prefill = chat_messages(body)
+    prompt = Prompt(messages, tools=tools, prefill_response=prefill)
+    return Submission(prompt, options.replace(**constraint))
+
+
+def _thinking(body: CountTokensRequest, settings: Settings) -> tuple[bool, dict[str, Any]]:
+    """(think, the budget's fields): enabled gives budget_tokens; adaptive and between_tools think (Qwen3
+    thinks at every turn, tool results included) within output_config.effort's budget; disabled does not."""
+    effort = body.output_config.effort if body.output_config else None
+    thinking = body.thinking
+    if thinking is None:
+        return settings.defaults.think, {"reasoning_effort": effort}
+    if thinking.type == "disabled":
+        return False, {}
+    if thinking.type == "enabled":
+        if thinking.budget_tokens is None:
+            raise ApiError(400, 'thinking.budget_tokens: {"type": "enabled"} needs budget_tokens, the most thinking '
+                                'tokens (or use {"type": "adaptive"})', param="thinking")
+        return True, {"thinking_budget": thinking.budget_tokens}
+    return True, {"reasoning_effort": effort}
+
+
+def _tools(tools: Sequence[ToolDefinition]) -> list[dict] | None:
+    """Anthropic's tools in OpenAI's function format (what the template and the grammar read)."""
+    out = []
+    for tool in tools:
+        if tool.input_schema is None and tool.type not in (None, "custom"):
+            log.info("tools: %r (type %s) left out: server tools do not run here", tool.name, tool.type)
+            continue
+        function = {"name": tool.name, "parameters": tool.input_schema or {"type": "object"}}
+        if tool.description:
+            function["description"] = tool.description
+        if tool.strict:
+            function["strict"] = True
+        out.append({"type": "function", "function": function})
+    check_tool_names(out)
+    return out or None
+
+
+def chat_messages(body: CountTokensRequest) -> tuple[list[dict], str | None]:
+    """(the messages as the chat template reads them, the prefill): `system` first; each message's
+    blocks made into chat messages; a last assistant message of text alone is the answer's start."""
+    messages = []
+    if body.system:
+        messages.append({"role": "system", "content": _text(body.system, "system")})
+    for i, m in enumerate(body.messages):
+        where = f"messages[{i}]"
+        if isinstance(m.content, str):
+            messages.append({"role": m.role, "content": m.content})
+        elif m.role == "assistant":
+            messages.append(_assistant(m.content, where))
+        else:
+            messages += _user(m.role, m.content, where)
+    last = messages[-1] if messages else {}
+    if last.get("role") == "assistant" and not last.get("tool_calls") and not last.get("reasoning_content"):
+        messages.pop()
+        return messages, last["content"] or None
+    return messages, None
+
+
+def _refused(block: Block, where: str) -> ApiError:
+    return ApiError(400, f"{where} is type {block.type!r}; Qwen3 reads text only here: send text blocks "
+                         '({"type": "text", "text": "..."})', param="messages")
+
+
+def _text(content: str | list[Block], where: str) -> str:
+    if isinstance(content, str):
+        return content
+    for j, block in enumerate(content):
+        if block.type != "text" or block.text is None:
+            raise _refused(block, f"{where}[{j}]")
+    return "\n".join(block.text for block in content)  # type: ignore[misc]
+
+
+def _assistant(blocks: list[Block], where: str) -> dict:
+    text, reasoning, calls = [], [], []
+    for j, block in enumerate(blocks):
+        if block.type == "text" and block.text is not None:
+            text.append(block.text)
+        elif block.type == "thinking" and block.thinking is not None:
+            reasoning.append(block.thinking)
+        elif block.type == "tool_use" and block.name:
+            arguments = json.dumps(block.input or {}, ensure_ascii=False)  # as the model writes them
+            calls.append({"id": block.id, "type": "function", "function": {"name": block.name, "arguments": arguments}})
+        elif block.type != "redacted_thinking":
+            raise _refused(block, f"{where}.content[{j}]")
+    message: dict[str, Any] = {"role": "assistant", "content": "".join(text)}
+    if reasoning:
+        message["reasoning_content"] = "\n".join(reasoning)
+    if calls:
+        message["tool_calls"] = calls
+    return message
+
+
+def _user(role: str, blocks: list[Block], where: str) -> list[dict]:
+    """Tool results become tool messages, where they stand; text blocks between them, one message each run."""
+    out: list[dict] = []
+    text: list[str] = []
+    for j, block in enumerate(blocks):
+        if block.type == "tool_result" and role == "user":
+            if text:
+                out.append({"role": role, "content": "\n".join(text)})
+                text = []
+            result = _text(block.content or "", f"{where}.content[{j}].content")
+            out.append({"role": "tool", "tool_call_id": block.tool_use_id, "content": result})
+        elif block.type == "text" and block.text is not None:
+            text.append(block.text)
+        else:
+            raise _refused(block, f"{where}.content[{j}]")
+    if text or not out:
+        out.append({"role": role, "content": "\n".join(text)})
+    return out
+
+
+# ---------------------------------------------------------------- a result -> a message
+
+
+def signature(thinking: str) -> str:
+    """An opaque signature for a thinking block (clients send it back; it is not checked)."""
+    return "qwen3-mlx-" + hashlib.sha256(thinking.encode()).hexdigest()[:32]
+
+
+def matched_stop(stats: GenerationStats, content: str, stop: Sequence[str], tokenizer: Any) -> str | None:
+    """The stop sequence that ended the answer: the one found right after the answer's text."""
+    if stats.finish_reason != "stop_string" or not stop:
+        return None
+    text = tokenizer.decode(stats.token_ids)
+    found = [(text.find(content + s), -len(s), s) for s in stop if content + s in text]
+    return min(found)[2] if found else stop[0]
+
+
+def stop_reason(stats: GenerationStats, calls: list[ToolCall]) -> str:
+    reason = stats.finish_reason or "stop"
+    if reason != "length" and calls:
+        return "tool_use"
+    return STOP_REASONS.get(reason, "end_turn")
+
+
+def usage(stats: GenerationStats) -> Usage:
+    """Anthropic's usage: input_tokens are the prompt's computed tokens, cache_read_input_tokens those a
+    reused prefix held (their sum is the prompt); output_tokens every token of the response."""
+    return Usage(input_tokens=stats.prompt_tokens - stats.cached_tokens, output_tokens=len(stats.token_ids),
+                 cache_read_input_tokens=stats.cached_tokens)
+
+
+def message(result: GenerationResult, model_id: str, *, stop: Sequence[str], show_thinking: bool, parallel: bool,
+            tokenizer: Any) -> Message:
+    """The whole result as a message: thinking (its text left out when display is "omitted"), text, tool_use."""
+    content: list[ThinkingBlock | TextBlock | ToolUseBlock] = []
+    if result.reasoning:
+        content.append(ThinkingBlock(thinking=result.reasoning if show_thinking else "",
+                                     signature=signature(result.reasoning)))
+    if result.content:
+        content.append(TextBlock(text=result.content))
+    calls = tool_calls(result.stats, parallel)
+    content += [ToolUseBlock(id=c.id, name=c.name, input=json.loads(c.arguments)) for c in calls]
+    return Message(id=new_id("msg"), model=model_id, content=content, stop_reason=stop_reason(result.stats, calls),
+                   stop_sequence=matched_stop(result.stats, result.content, stop, tokenizer),
+                   usage=usage(result.stats))
+
+
+def show_thinking(body: CountTokensRequest) -> bool:
+    return not (body.thinking and body.thinking.display == "omitted")
+
+
+
+
+def parallel_calls(body: CountTokensRequest) -> bool:
+    """Whether the reply may hold several calls (unless tool_choice.disable_parallel_tool_use)."""
+    return not (body.tool_choice and body.tool_choice.disable_parallel_tool_use)

@@ -1,0 +1,2 @@
+"""OpenAI's Responses API: protocol (pydantic models), mapping (items -> Submission, result -> output
+items), events (the stream), store (finished responses for previous_response_id)."""

@@ -1,0 +1,299 @@
+"""OpenAI's Responses API (POST /v1/responses), as Codex CLI and the `openai` SDK's
+`client.responses.create` speak it, mapped onto the one request path: input items made into the
+one Submission (submission/reading.py), and a result made into output items and the response's body
+(stored, when asked, in store.py's ResponseStore).
+
+Input items: messages (user, assistant, system, developer), function_call, function_call_output and
+reasoning (its text, or our `encrypted_content`, read back). Function tools are offered to the model;
+a namespace tool's functions under "namespace.name" (mapped back as the call's `namespace` and `name`);
+tool types that cannot run here (web_search, ...) are left out with a log line.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ...generation.response import GenerationResult, GenerationStats
+from ...text.prompt import Prompt
+from ..submission.outcome import new_id, tool_calls
+from ..submission.reading import (
+    Settings,
+    Submission,
+    check_model,
+    check_tool_names,
+    sampling_options,
+    tool_constraint,
+)
+from ..submission.refusal import ApiError
+from .protocol import ResponseObject, ResponsesRequest, TextConfig
+from .store import ResponseStore
+
+log = logging.getLogger("qwen3_mlx.server")
+
+ENCRYPTED_PREFIX = "qwen3-mlx:"  # our encrypted_content: the reasoning's text, base64-encoded
+
+
+# ---------------------------------------------------------------- a body -> the one Submission
+
+
+@dataclass
+class Turn:
+    """One request as the mapping reads it: its id, the conversation's items, the tools' names."""
+
+    body: ResponsesRequest
+    items: list[dict]  # the whole conversation's input items (a stored one's first)
+    names: dict[str, tuple[str | None, str]] = field(default_factory=dict)  # the model's name -> (namespace, name)
+    id: str = field(default_factory=lambda: new_id("resp"))
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def parallel(self) -> bool:
+        return self.body.parallel_tool_calls is not False
+
+    @property
+    def encrypted(self) -> bool:
+        return "reasoning.encrypted_content" in (self.body.include or ())
+
+
+def turn(body: ResponsesRequest, store: ResponseStore) -> Turn:
+    """The request with its conversation: a stored response's first, when it continues one."""
+    items = [{"type": "message", "role": "user", "content": body.input}] if isinstance(body.input, str) \
+        else list(body.input)
+    if body.previous_response_id:
+        items = store.get(body.previous_response_id)[0] + items
+    return Turn(body, items)
+
+
+def responses_submission(t: Turn, settings: Settings) -> Submission:
+    """The Prompt and GenerationOptions of a Responses request."""
+    body = t.body
+    check_model(body.model or None, settings)
+    tools, t.names = offered_tools(body.tools or [])
+    choice = _choice(body.tool_choice, t.names)
+    if choice == "none":
+        tools = None
+    constraint = tool_constraint(tools, choice, parallel=t.parallel, schema=_schema(body.text),
+                                 format_param="text.format")
+    effort = body.reasoning.effort if body.reasoning else None
+    fields = dict(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, seed=body.seed,
+                  thinking_budget=body.thinking_budget, reasoning_effort=effort)
+    options = sampling_options(fields, settings, body.max_output_tokens, think=settings.defaults.think)
+    messages = input_messages(t.items, {name: q for q, name in t.names.items()})
+    if body.instructions:
+        messages.insert(0, {"role": "system", "content": body.instructions})
+    return Submission(Prompt(messages, tools=tools), options.replace(**constraint))
+
+
+def offered_tools(tools: Sequence[dict]) -> tuple[list[dict] | None, dict[str, tuple[str | None, str]]]:
+    """(function tools in OpenAI's chat format, the model's name of each -> (namespace, name))."""
+    out, names = [], {}
+    for i, tool in enumerate(tools):
+        kind = tool.get("type", "function")
+        nested = tool.get("tools") if kind == "namespace" else [tool]
+        if kind not in ("function", "namespace") or not isinstance(nested, list):
+            log.info("tools[%d]: type %r left out: it does not run here", i, kind)
+            continue
+        namespace = tool.get("name") if kind == "namespace" else None
+        for j, function in enumerate(nested):
+            if not isinstance(function, dict) or function.get("type", "function") != "function":
+                log.info("tools[%d]: a %r tool left out: it does not run here", i, function.get("type"))
+                continue
+            if not isinstance(function.get("name"), str) or not function["name"]:
+                raise ApiError(400, f"tools[{i}]{f'.tools[{j}]' if namespace else ''}.name: a function tool needs "
+                                    "a name", param="tools")
+            name = f"{namespace}.{function['name']}" if namespace else function["name"]
+            names[name] = (namespace, function["name"])
+            spec = {"name": name, "parameters": function.get("parameters") or {"type": "object"}}
+            spec.update({k: function[k] for k in ("description", "strict") if function.get(k)})
+            out.append({"type": "function", "function": spec})
+    check_tool_names(out)
+    return out or None, names
+
+
+def _choice(choice: str | dict | None, names: dict[str, tuple[str | None, str]]) -> str:
+    if choice is None or isinstance(choice, str):
+        return choice or "auto"
+    if choice.get("type") == "function" and isinstance(choice.get("name"), str):
+        wanted = (choice.get("namespace"), choice["name"])
+        return next((q for q, name in names.items() if name == wanted), choice["name"])
+    raise ApiError(400, f"tool_choice: {json.dumps(choice)[:80]} cannot be honoured here; give \"auto\", \"none\", "
+                        '"required" or {"type": "function", "name": ...}', param="tool_choice")
+
+
+def _schema(text: TextConfig | None) -> dict | None:
+    fmt = text.format if text else None
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return {"type": "object"}
+    return fmt.schema_ or {"type": "object"}
+
+
+# ---------------------------------------------------------------- input items -> chat messages
+
+
+def input_messages(items: Sequence[Any], qualified: dict[tuple[str | None, str], str]) -> list[dict]:
+    """The conversation's items as the chat template reads them: a reasoning item goes with the
+    assistant message or calls after it; consecutive calls are one assistant message."""
+    messages: list[dict] = []
+    reasoning: str | None = None
+    for i, item in enumerate(items):
+        where = f"input[{i}]"
+        if not isinstance(item, dict):
+            raise ApiError(400, f"{where}: an item is an object with a type; got {type(item).__name__}", param="input")
+        kind = item.get("type", "message")
+        if kind == "reasoning":
+            reasoning = _reasoning_text(item)
+        elif kind == "message" and item.get("role") != "assistant":
+            role = {"developer": "system"}.get(item.get("role"), item.get("role"))
+            if role not in ("user", "system"):
+                raise ApiError(400, f"{where}.role: {item.get('role')!r} is not user, assistant, system or developer",
+                               param="input")
+            messages.append({"role": role, "content": _content(item.get("content"), f"{where}.content")})
+        elif kind in ("message", "function_call"):
+            last = messages[-1] if messages else {}
+            if kind == "message" or last.get("role") != "assistant":
+                last = {"role": "assistant", "content": ""}
+                messages.append(last)
+            if reasoning is not None:
+                last["reasoning_content"], reasoning = reasoning, None
+            if kind == "message":
+                last["content"] = _content(item.get("content"), f"{where}.content")
+            else:
+                last.setdefault("tool_calls", []).append(_call(item, where, qualified))
+        elif kind == "function_call_output":
+            output = item.get("output")
+            text = output if isinstance(output, str) else _content(output, f"{where}.output")
+            messages.append({"role": "tool", "tool_call_id": item.get("call_id"), "content": text})
+        else:
+            log.info("%s: a %r item left out: it means nothing to this model", where, kind)
+    return messages
+
+
+def _content(content: Any, where: str) -> str:
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise ApiError(400, f"{where}: give text or a list of {{\"type\": \"input_text\", \"text\": ...}} parts",
+                       param="input")
+    texts = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in ("input_text", "output_text", "text", "summary_text", "reasoning_text") \
+                or not isinstance(part.get("text"), str):
+            raise ApiError(400, f"{where}[{j}] is type {kind!r}; Qwen3 reads text parts only: "
+                                '{"type": "input_text", "text": "..."}', param="input")
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+def _call(item: dict, where: str, qualified: dict[tuple[str | None, str], str]) -> dict:
+    name, arguments = item.get("name"), item.get("arguments", "{}")
+    if not isinstance(name, str) or not isinstance(arguments, str):
+        raise ApiError(400, f"{where}: a function_call needs a name and its arguments as a JSON string",
+                       param="input")
+    namespace = item.get("namespace")
+    name = qualified.get((namespace, name), f"{namespace}.{name}" if namespace else name)
+    return {"id": item.get("call_id"), "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+def _reasoning_text(item: dict) -> str | None:
+    """A reasoning item's text: its content, else our encrypted_content (another server's is not ours
+    to read, and is dropped)."""
+    content = item.get("content")
+    if isinstance(content, list) and content:
+        return _content(content, "reasoning.content")
+    encrypted = item.get("encrypted_content")
+    if isinstance(encrypted, str) and encrypted.startswith(ENCRYPTED_PREFIX):
+        try:
+            return base64.b64decode(encrypted[len(ENCRYPTED_PREFIX):], validate=True).decode()
+        except ValueError:
+            pass
+    return None
+
+
+def encrypt(reasoning: str) -> str:
+    return ENCRYPTED_PREFIX + base64.b64encode(reasoning.encode()).decode()
+
+
+# ---------------------------------------------------------------- a reply -> output items and the response
+
+
+def reasoning_item(t: Turn, text: str, status: str = "completed") -> dict:
+    item = {"id": new_id("rs"), "type": "reasoning", "summary": [],
+            "content": [{"type": "reasoning_text", "text": text}], "status": status}
+    if t.encrypted:
+        item["encrypted_content"] = encrypt(text)
+    return item
+
+
+def message_item(text: str, status: str = "completed") -> dict:
+    return {"id": new_id("msg"), "type": "message", "role": "assistant", "status": status,
+            "content": [text_part(text)]}
+
+
+def text_part(text: str) -> dict:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+
+def call_item(t: Turn, call_id: str, name: str, arguments: str, status: str = "completed") -> dict:
+    namespace, plain = t.names.get(name, (None, name))
+    item = {"id": new_id("fc"), "type": "function_call", "call_id": call_id, "name": plain, "arguments": arguments,
+            "status": status}
+    if namespace:
+        item["namespace"] = namespace
+    return item
+
+
+def output_items(t: Turn, result: GenerationResult) -> list[dict]:
+    """A whole result's items: reasoning, the message (when it has text), the complete calls."""
+    items = []
+    calls = tool_calls(result.stats, t.parallel)
+    if result.reasoning:
+        items.append(reasoning_item(t, result.reasoning))
+    if result.content or not calls:
+        items.append(message_item(result.content))
+    items += [call_item(t, c.id, c.name, c.arguments) for c in calls]
+    return items
+
+
+def usage(stats: GenerationStats) -> dict:
+    """The one rule of usage (openai/mapping.usage's): output_tokens counts every token of the response."""
+    output = len(stats.token_ids)
+    return {"input_tokens": stats.prompt_tokens, "input_tokens_details": {"cached_tokens": stats.cached_tokens},
+            "output_tokens": output, "output_tokens_details": {"reasoning_tokens": stats.reasoning_tokens},
+            "total_tokens": stats.prompt_tokens + output}
+
+
+def response_object(t: Turn, model_id: str, status: str, output: list[dict], stats: GenerationStats | None = None,
+                    error: dict | None = None) -> dict:
+    """The response's body: the request's settings echoed, the output, status and usage."""
+    body = t.body
+    fmt = body.text.format.model_dump(by_alias=True, exclude_none=True) if body.text and body.text.format else None
+    incomplete = {"reason": "max_output_tokens"} if status == "incomplete" else None
+    return ResponseObject(
+        id=t.id, created_at=t.created, status=status, error=error, incomplete_details=incomplete,
+        instructions=body.instructions, max_output_tokens=body.max_output_tokens, model=model_id, output=output,
+        parallel_tool_calls=t.parallel, previous_response_id=body.previous_response_id,
+        reasoning={"effort": body.reasoning.effort if body.reasoning else None, "summary": None},
+        store=body.store is not False, temperature=body.temperature, text={"format": fmt or {"type": "text"}},
+        tool_choice=body.tool_choice or "auto", tools=body.tools or [], top_p=body.top_p,
+        usage=usage(stats) if stats else None, metadata=body.metadata or {}).model_dump()
+
+
+def status(stats: GenerationStats) -> str:
+    return "incomplete" if stats.finish_reason == "length" else "completed"
+
+
+def finish(t: Turn, model_id: str, stats: GenerationStats, output: list[dict], store: ResponseStore) -> dict:
+    """The finished response's body, stored (with its conversation) unless store is false."""
+    body = response_object(t, model_id, status(stats), output, stats)
+    if t.body.store is not False:
+        store.put(t.id, t.items + output, body)
+    return body
