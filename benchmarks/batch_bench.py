@@ -76,10 +76,11 @@ def fresh() -> float:
 
 def run_ours(model, tokenizer, prompts: list[list[int]], n: int, bias: dict) -> tuple[float, list[list[int]]]:
     from qwen3_mlx.generation.batch import batch_generate
+    from qwen3_mlx.generation.options import EngineOptions
 
     start = time.perf_counter()
-    results = batch_generate(model, tokenizer, prompts, max_batch=len(prompts), temp=0.0, think=False,
-                             max_tokens=n, logit_bias=bias)
+    results = batch_generate(model, tokenizer, prompts, engine_options=EngineOptions(max_batch=len(prompts)),
+                             temp=0.0, think=False, max_tokens=n, logit_bias=bias)
     wall = time.perf_counter() - start
     return wall, [r.token_ids for r in results]
 
@@ -236,7 +237,7 @@ def cmd_ttft(a: argparse.Namespace) -> None:
     rng = np.random.default_rng(a.seed)
     short = prompts_of(rng, vocab, a.running, 32)
     trials: dict[str, list] = {"alone": [], "loaded": []}
-    with Engine(model, tokenizer, max_batch=a.running + 1, prompt_cache_bytes=0,
+    with Engine(model, tokenizer, max_batch=a.running + 1, prefix_store_bytes=0,
                 prefill_budget=a.prefill_step_size) as engine:
         ttft_loaded(engine, prompts_of(rng, vocab, 1, a.prompt_tokens)[0], short, bias)  # warm-up
         first_chunk(engine, prompts_of(rng, vocab, 1, a.prompt_tokens)[0], bias)

@@ -222,6 +222,7 @@ def cmd_lookup(a: argparse.Namespace) -> None:
 def cmd_batch(a: argparse.Namespace) -> None:
     from qwen3_mlx import load
     from qwen3_mlx.generation.batch import batch_generate
+    from qwen3_mlx.generation.options import EngineOptions
 
     target, tok = load(Path(a.pair) / "target")
     draft, _ = load(Path(a.pair) / "draft")
@@ -234,7 +235,8 @@ def cmd_batch(a: argparse.Namespace) -> None:
         times, results = [], None
         for _ in range(a.trials):
             start = time.perf_counter()
-            results = batch_generate(target, tok, prompts, max_batch=a.rows, **options, **more)
+            results = batch_generate(target, tok, prompts, engine_options=EngineOptions(max_batch=a.rows), **options,
+                                     **more)
             times.append(time.perf_counter() - start)
         tokens = sum(len(r.token_ids) for r in results)
         return (tokens / statistics.median(times), [r.token_ids for r in results],

@@ -6,11 +6,13 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from qwen3_mlx import GenerationOptions, batch, generate
+from qwen3_mlx import GenerationOptions, generate
+from qwen3_mlx.generation import batch
 from qwen3_mlx.generation.batch import Scheduler, Ticket, batch_generate
 from qwen3_mlx.model.batch_cache import BatchKVCache, BatchRotatingKVCache
 from qwen3_mlx.model.cache import KVCache, RotatingKVCache
 from qwen3_mlx.generation.engine import Engine, EngineClosed, EngineFull
+from qwen3_mlx.generation.options import EngineOptions
 from qwen3_mlx.errors import OptionError, Qwen3Error
 from qwen3_mlx.model.kv_quant import KVQuantization
 from qwen3_mlx.generation.prefill import extend_caches
@@ -79,7 +81,8 @@ def test_rows_join_a_running_batch_as_others_leave(tiny):
     options = [GenerationOptions(max_tokens=4 + 5 * (i % 3), **GREEDY) for i in range(len(PROMPTS))]
     single = alone(model, tok, PROMPTS, options)
     done = []
-    batched = batch_generate(model, tok, PROMPTS, options, max_batch=3, progress=lambda d, t: done.append((d, t)))
+    batched = batch_generate(model, tok, PROMPTS, options, engine_options=EngineOptions(max_batch=3),
+                             progress=lambda d, t: done.append((d, t)))
     assert [r.token_ids for r in batched] == [r.token_ids for r in single]
     assert done == [(i, len(PROMPTS)) for i in range(1, len(PROMPTS) + 1)]
 
@@ -116,7 +119,7 @@ def test_rows_that_end_at_their_first_token_leave_as_they_join(tiny):
     model, tok = tiny
     options = [GenerationOptions(max_tokens=1 if i % 2 else 6, **GREEDY) for i in range(6)]
     single = alone(model, tok, PROMPTS[:6], options)
-    batched = batch_generate(model, tok, PROMPTS[:6], options, max_batch=2)
+    batched = batch_generate(model, tok, PROMPTS[:6], options, engine_options=EngineOptions(max_batch=2))
     assert [r.token_ids for r in batched] == [r.token_ids for r in single]
     assert [len(r.token_ids) for r in batched[1::2]] == [1, 1, 1]
 
@@ -129,7 +132,7 @@ def test_a_seeded_row_draws_the_same_text_alone_and_among_seven_others(tiny):
     batched = batch_generate(model, tok, PROMPTS, options)
     assert [r.token_ids for r in batched] == [r.token_ids for r in single]
     # The same request among other rows: its own seed alone decides what it draws.
-    shuffled = batch_generate(model, tok, PROMPTS[::-1], options[::-1], max_batch=5)
+    shuffled = batch_generate(model, tok, PROMPTS[::-1], options[::-1], engine_options=EngineOptions(max_batch=5))
     assert shuffled[-1].token_ids == batched[0].token_ids
 
 
@@ -205,7 +208,7 @@ def test_rotating_rows_equal_the_single_stream_rotating_run_through_a_wrap(tiny,
     prompts = [Prompt(p, system=s) for p, s in zip(PROMPTS, SYSTEMS)]
     single = [generate(model, tok, p, o) for p, o in zip(prompts, options)]
     assert all(len(r.token_ids) + r.stats.prompt_tokens > 48 + 30 for r in single)  # every row went round
-    batched = batch_generate(model, tok, prompts, options, max_batch=3)
+    batched = batch_generate(model, tok, prompts, options, engine_options=EngineOptions(max_batch=3))
     assert [r.token_ids for r in batched] == [r.token_ids for r in single]
     with Engine(model, tok, max_kv_size=48) as engine:
         served = [engine.submit(p, o.replace(max_kv_size=None)) for p, o in zip(prompts, options)]
@@ -301,7 +304,8 @@ def test_eight_quantized_newcomers_prefilled_together_equal_each_request_alone(h
                         cache=make_prompt_cache(model, tok, ids, prompt.system, max_kv_size, quantization=q))
 
     single = [alone(p) for p in prompts]
-    results, passes = run_together(model, tok, [(p, options) for p in prompts], monkeypatch, quantization=q,
+    results, passes = run_together(model, tok, [(p, options) for p in prompts], monkeypatch, kv_bits=q.bits,
+                                   kv_group_size=q.group_size, quantized_kv_start=q.start,
                                    max_kv_size=max_kv_size, prefill_budget=1024)
     assert [r.token_ids for r in results] == [r.token_ids for r in single]
     assert sum(n for n, _ in passes[:2]) == 8  # in two passes: prompts of a few tokens attend another way (prefill.py)
@@ -325,7 +329,7 @@ def test_engine_rows_submitted_while_others_run_equal_generate(tiny):
     model, tok = tiny
     options = [GenerationOptions(max_tokens=10 + i, **GREEDY) for i in range(len(PROMPTS))]
     single = alone(model, tok, PROMPTS, options)
-    with Engine(model, tok, max_batch=3, prompt_cache_bytes=0) as engine:
+    with Engine(model, tok, max_batch=3, prefix_store_bytes=0) as engine:
         first = [engine.submit(p, o) for p, o in zip(PROMPTS[:2], options[:2])]
         next(iter(first[0]))  # the batch is running
         rest = [engine.submit(p, o) for p, o in zip(PROMPTS[2:], options[2:])]
@@ -361,7 +365,7 @@ def test_engine_streams_to_asyncio_tasks(tiny):
 
 def test_cancelling_frees_the_row_and_its_memory_and_admits_the_next(tiny):
     model, tok = tiny
-    with Engine(model, tok, max_batch=1, prompt_cache_bytes=0) as engine:
+    with Engine(model, tok, max_batch=1, prefix_store_bytes=0) as engine:
         long = engine.submit(PROMPTS[1], max_tokens=4000, **GREEDY)
         chunks = iter(long)
         next(chunks)
@@ -392,7 +396,7 @@ def test_the_kv_budget_queues_requests_until_their_worst_case_fits(tiny):
     single = alone(model, tok, PROMPTS[:4], options)
     longest = max(len(encode_prompt(tok, Prompt(p), think=False)[0]) for p in PROMPTS[:4]) + 40
     two_rows = 2 * (longest + 256) * model.kv_bytes_per_token()
-    with Engine(model, tok, kv_memory=two_rows, prompt_cache_bytes=0) as engine:
+    with Engine(model, tok, kv_memory=two_rows, prefix_store_bytes=0) as engine:
         requests = [engine.submit(p, o) for p, o in zip(PROMPTS[:4], options)]
         seen = set()
         for r in requests:

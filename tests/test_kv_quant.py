@@ -7,13 +7,15 @@ import numpy as np
 import pytest
 from mlx.utils import tree_map
 
-from qwen3_mlx import GenerationOptions, generate, kv_quant
+from qwen3_mlx import GenerationOptions, generate
+from qwen3_mlx.model import kv_quant
 from qwen3_mlx.generation.batch import batch_generate
 from qwen3_mlx.model.batch_cache import BatchKVCache
 from qwen3_mlx.model.cache import KVCache, RotatingKVCache
 from qwen3_mlx.generation.chat import ChatSession
 from qwen3_mlx.model.config import ModelArgs
 from qwen3_mlx.generation.engine import Engine
+from qwen3_mlx.generation.options import EngineOptions
 from qwen3_mlx.errors import OptionError, Qwen3Error
 from qwen3_mlx.model.kv_quant import KVQuantization, Packed
 from qwen3_mlx.model.model import Model
@@ -309,7 +311,7 @@ def test_quantized_batch_rows_equal_each_request_alone(small, start):
     model, tok = small
     options = GenerationOptions(max_tokens=12, kv_bits=8, kv_group_size=32, quantized_kv_start=start, **GREEDY)
     single = [alone(model, tok, p, options) for p in PROMPTS]
-    batched = batch_generate(model, tok, PROMPTS, options, max_batch=3)
+    batched = batch_generate(model, tok, PROMPTS, options, engine_options=EngineOptions(max_batch=3))
     assert [r.token_ids for r in batched] == [r.token_ids for r in single]
     with Engine(model, tok, kv_bits=8, kv_group_size=32, quantized_kv_start=start) as engine:
         served = [engine.submit(p, options.replace(kv_bits=None)) for p in PROMPTS]
@@ -330,7 +332,7 @@ def test_quantized_rotating_batch_rows_equal_each_request_alone(small, monkeypat
         return generate(model, tok, prompt, options, cache=cache)
 
     single = [alone_rotating(p) for p in prompts]
-    batched = batch_generate(model, tok, prompts, options, max_batch=3)
+    batched = batch_generate(model, tok, prompts, options, engine_options=EngineOptions(max_batch=3))
     assert [r.token_ids for r in batched] == [r.token_ids for r in single]
 
 

@@ -10,6 +10,7 @@ from test_structured import SCHEMAS
 
 from qwen3_mlx import GenerationOptions, generate
 from qwen3_mlx.generation.batch import batch_generate
+from qwen3_mlx.generation.options import EngineOptions
 from qwen3_mlx.errors import OptionError
 from qwen3_mlx.generation.response import EARLY_STOP_TEXT
 
@@ -22,7 +23,8 @@ def test_twenty_sampled_answers_per_schema_end_and_validate(tiny, name):
     # and no sort over the vocabulary per row and step (top-p's), which made this test a third slower.
     options = [GenerationOptions(json_schema=schema, think=False, seed=i, max_tokens=400, temp=1.0, top_k=0,
                                  top_p=1.0) for i in range(20)]
-    results = batch_generate(model, tok, ["Answer in JSON."] * 20, options, max_batch=20)
+    results = batch_generate(model, tok, ["Answer in JSON."] * 20, options,
+                             engine_options=EngineOptions(max_batch=20))
     for r in results:
         assert r.stats.finish_reason == "stop" and not r.incomplete
         jsonschema.validate(json.loads(r.content), schema)

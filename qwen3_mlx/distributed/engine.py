@@ -40,17 +40,12 @@ import mlx.core as mx
 from ..checkpoint import loader
 from ..collectives import WATCHDOG_SECONDS, Watchdog, broadcast, join
 from ..errors import OptionError, Qwen3Error
-from ..generation.batch import Ticket, batch_generate, run_option
+from ..generation.batch import Ticket, batch_generate
 from ..generation.engine import Engine
-from ..generation.options import (
-    DEFAULT_MAX_BATCH,
-    DEFAULT_PREFIX_STORE_BYTES,
-    GenerationOptions,
-)
+from ..generation.options import EngineOptions, GenerationOptions
 from ..generation.request import prepare
 from ..generation.response import Chunk, GenerationResult
 from ..generation.proposers import check_draft
-from ..model.kv_quant import KVQuantization
 from ..model.model import Model
 from ..text.prompt import Prompt
 from ..text.tokenizer import Tokenizer
@@ -242,7 +237,7 @@ class Ranks:
     # -- many requests
 
     def batch_generate(self, model: Model, tokenizer: Tokenizer, prompts: Sequence[Prompt],
-                       options: Sequence[GenerationOptions], *, max_batch: int = DEFAULT_MAX_BATCH,
+                       options: Sequence[GenerationOptions], *, engine_options: EngineOptions | None = None,
                        progress: Callable[[int, int], None] | None = None,
                        draft_model: Model | None = None) -> list[GenerationResult] | None:
         """batch.batch_generate (each prompt with its options), launched or not. Launched, the requests
@@ -250,16 +245,12 @@ class Ranks:
         every rank admits them alike: every rank calls it, and rank 0 gets the results (in order), the
         others None. `progress(done, total)`: as the results come, in order."""
         if not self.launched:
-            return batch_generate(model, tokenizer, prompts, list(options), max_batch=max_batch, progress=progress,
-                                  draft_model=draft_model)
-        run = run_option([o.kv_quantization for o in options], "kv_bits, kv_group_size, quantized_kv_start",
-                         KVQuantization.describe)
-        cache = {} if run is None else {"kv_bits": run.bits, "kv_group_size": run.group_size,
-                                        "quantized_kv_start": run.start}
-        lookup = any(o.prompt_lookup and o.num_draft_tokens for o in options)  # only those rows look up
-        engine = DistributedEngine(model, tokenizer, self, max_batch=max_batch, prompt_cache_bytes=0,
-                                   max_queue=len(prompts) + 1, draft_model=draft_model, speculative=lookup,
-                                   **cache)  # as batch_generate: no prefix store
+            return batch_generate(model, tokenizer, prompts, list(options), engine_options=engine_options,
+                                  progress=progress, draft_model=draft_model)
+        # As batch_generate: the requests' cache, only the rows that ask look up, no prefix store.
+        run = (engine_options or EngineOptions()).for_requests(options)
+        run = run.replace(prefix_store_bytes=0, max_queue=len(prompts) + 1)
+        engine = DistributedEngine(model, tokenizer, self, run, draft_model=draft_model)
         if not self.leader:
             engine.follow()
             return None
@@ -387,20 +378,21 @@ class DistributedEngine(Engine):
     Memory: rank 0's plan (memory.MemoryPlan, over its own weights and KV cache) decides for every rank
     whether a request joins and how much the prefix stores keep, handed over as data at each decision;
     every rank's store keeps the same entries (rank 0's room, in this rank's bytes), at most
-    `prompt_cache_bytes` on the rank with the most KV heads x layers. So all ranks admit, store and
+    `prefix_store_bytes` on the rank with the most KV heads x layers. So all ranks admit, store and
     evict alike. Any error in a round ends the job: the requests in flight end with it, and
     `on_fault(line)` is called (the server then exits).
     """
 
-    def __init__(self, model: Model, tokenizer: Tokenizer, ranks: Ranks, *,
-                 prompt_cache_bytes: int = DEFAULT_PREFIX_STORE_BYTES, **kwargs: Any) -> None:
+    def __init__(self, model: Model, tokenizer: Tokenizer, ranks: Ranks, options: EngineOptions | None = None, *,
+                 draft_model: Model | None = None, **changes: Any) -> None:
+        options = EngineOptions.of(options, **changes)
         with ranks.watchdog:
             units = mx.distributed.all_gather(mx.array([_kv_units(model)]), group=ranks.group).tolist()
         # Every entry of a rank's store takes (its KV heads x layers) x s bytes, s the same on every rank:
         # bounds of s x units make every rank keep and drop the same entries.
         self._units = units
-        super().__init__(model, tokenizer, prompt_cache_bytes=prompt_cache_bytes // max(units) * units[ranks.rank],
-                         **kwargs)
+        store = options.prefix_store_bytes // max(units) * units[ranks.rank]
+        super().__init__(model, tokenizer, options.replace(prefix_store_bytes=store), draft_model=draft_model)
         plan = self._scheduler.plan
         self._plan_room, plan.room = plan.room, self._room
         self.ranks = ranks

@@ -30,7 +30,7 @@ from ..model.model import Model
 from ..text.prompt import Messages, Prompt, make_prompt_cache
 from ..text.tokenizer import Tokenizer
 from .memory import MemoryPlan, default_memory_limit
-from .options import DEFAULT_MAX_BATCH, DEFAULT_PREFILL_BUDGET, GenerationOptions
+from .options import EngineOptions, GenerationOptions
 from .passes import extend_cache, step
 from .picker import Draw
 from .prefill import extend_caches
@@ -267,29 +267,25 @@ class Scheduler:
     proposer. `speculative` alone: only the rows that ask for prompt_lookup draft.
     """
 
-    def __init__(self, model: Model, tokenizer: Tokenizer, *, max_batch: int = DEFAULT_MAX_BATCH,
-                 kv_memory: int | None = None, prefix_store: PrefixStore | None = None,
-                 prefill_budget: int = DEFAULT_PREFILL_BUDGET, quantization: KVQuantization | None = None,
-                 memory_limit: int | None = None, max_kv_size: int | None = None,
-                 draft_model: Model | None = None, prompt_lookup: bool = False, speculative: bool = False) -> None:
-        if max_batch < 1:
-            raise OptionError(f"max_batch must be >= 1, got {max_batch}")
-        if prefill_budget < 1:
-            raise OptionError(f"prefill_budget must be >= 1, got {prefill_budget}")
-        self.model, self.tokenizer = model, tokenizer
-        self.max_batch, self.prefill_budget = max_batch, prefill_budget
+    def __init__(self, model: Model, tokenizer: Tokenizer, options: EngineOptions | None = None, *,
+                 draft_model: Model | None = None, prefix_store: PrefixStore | None = None, **changes: Any) -> None:
+        options = EngineOptions.of(options, **changes)
+        self.model, self.tokenizer, self.options = model, tokenizer, options
+        self.max_batch, self.prefill_budget = options.max_batch, options.prefill_budget
         self.prefixes = prefix_store
-        self.quantization, self.max_kv_size = quantization, max_kv_size
+        quantization = options.kv_quantization
+        self.quantization, self.max_kv_size = quantization, options.max_kv_size
         if quantization is not None:
             quantization.check(model.args.head_dim)
-        self.plan = MemoryPlan(model, limit=memory_limit, kv_memory=kv_memory, quantization=quantization,
-                               max_kv_size=max_kv_size, draft=draft_model)
+        limit = default_memory_limit() if options.memory_limit is None else options.memory_limit
+        self.plan = MemoryPlan(model, limit=limit, kv_memory=options.kv_memory, quantization=quantization,
+                               max_kv_size=self.max_kv_size, draft=draft_model)
         # Speculative (a draft model, prompt lookup for every row, or `speculative`: for the rows that ask
         # for prompt lookup): every row takes its tokens from speculate(), drafting when its own options
         # and these say so (make_proposer).
-        self.draft_model, self.prompt_lookup = draft_model, prompt_lookup
-        self.speculative = speculative or prompt_lookup or draft_model is not None
-        self.gen = BatchGenerator(model, quantization, max_kv_size, self.speculative, draft_model)
+        self.draft_model, self.prompt_lookup = draft_model, options.prompt_lookup
+        self.speculative = options.speculative or options.prompt_lookup or draft_model is not None
+        self.gen = BatchGenerator(model, quantization, self.max_kv_size, self.speculative, draft_model)
         self.waiting: deque[Ticket] = deque()
         self.prefilling: list[_Prefill] = []  # newcomers whose prompts are being computed, in arrival order
         self.tickets: dict[Row, Ticket] = {}
@@ -588,10 +584,7 @@ def batch_generate(
     prompts: Sequence[Prompt | str | Messages | Sequence[int]],
     options: GenerationOptions | Sequence[GenerationOptions] | None = None,
     *,
-    max_batch: int = DEFAULT_MAX_BATCH,
-    kv_memory: int | None = None,
-    memory_limit: int | None = None,
-    prefill_budget: int = DEFAULT_PREFILL_BUDGET,
+    engine_options: EngineOptions | None = None,
     system: str | None = None,
     raw: bool = False,
     tools: list[dict] | None = None,
@@ -609,12 +602,9 @@ def batch_generate(
     Args:
         prompts: Prompts, or their contents (user messages, lists of chat messages, or token ids).
         options: GenerationOptions for all prompts, or a list with one per prompt.
-        max_batch: the most rows decoded at once; the others wait their turn.
-        kv_memory: bytes the batch's KV cache may take (None: no bound beyond memory_limit).
-        memory_limit: bytes the process may take in all, weights included (see engine.Engine); None:
-            75% of the device's (memory.default_memory_limit).
-        prefill_budget: prompt tokens computed between two decode steps (each prompt in chunks of
-            its options' prefill_step_size).
+        engine_options: how the batch runs (EngineOptions: max_batch, the memory bounds, the prefill
+            budget, the cache's kind); the cache's kind and size, where these leave them unset, are the
+            ones every request gives (EngineOptions.for_requests). No prefix store, no queue bound.
         system, raw, tools, prefill_response: Prompt parts for every prompt given as its content.
         progress: called with (responses done, total) as each one ends.
         draft_model: a smaller model of the same family that drafts for every request whose
@@ -638,14 +628,8 @@ def batch_generate(
     parts = {"system": system, "raw": raw, "tools": tools, "prefill_response": prefill_response}
     requests = [(Prompt.of(prompt, **parts), GenerationOptions.of(opts, **kwargs))
                 for prompt, opts in zip(prompts, options)]
-    quantization = run_option([opts.kv_quantization for _, opts in requests],
-                              "kv_bits, kv_group_size, quantized_kv_start", KVQuantization.describe)
-    max_kv_size = run_option([opts.max_kv_size for _, opts in requests], "max_kv_size")
-    lookup = any(opts.prompt_lookup and opts.num_draft_tokens for _, opts in requests)
-    scheduler = Scheduler(model, tokenizer, max_batch=max_batch, kv_memory=kv_memory, prefill_budget=prefill_budget,
-                          quantization=quantization, max_kv_size=max_kv_size, draft_model=draft_model,
-                          speculative=lookup,
-                          memory_limit=default_memory_limit() if memory_limit is None else memory_limit)
+    run = (engine_options or EngineOptions()).for_requests([opts for _, opts in requests])
+    scheduler = Scheduler(model, tokenizer, run, draft_model=draft_model)
     chunks: list[list[Chunk]] = [[] for _ in prompts]
     ended = [0]
 
@@ -658,22 +642,9 @@ def batch_generate(
                     progress(ended[0], len(prompts))
         return sink
 
-    jobs = [prepare(model, tokenizer, prompt, opts, rotating=max_kv_size is not None) for prompt, opts in requests]
+    jobs = [prepare(model, tokenizer, prompt, opts, rotating=run.max_kv_size is not None) for prompt, opts in requests]
     for i, job in enumerate(jobs):
         scheduler.submit(Ticket(job, sink_of(i)))
     while scheduler.busy:
         scheduler.run_once()
     return [collect(iter(c)) for c in chunks]
-
-
-def run_option(values: Sequence[Any], name: str, text: Callable[[Any], str] = str) -> Any:
-    """A whole-run option's value (a property of the batch's cache): the one every request gives.
-
-    Raises:
-        OptionError: requests that give different values.
-    """
-    distinct = list(dict.fromkeys(values))
-    if len(distinct) > 1:
-        raise OptionError(f"{name}: the batch's, not a request's; give every prompt the same, "
-                          f"got {text(distinct[0])} and {text(distinct[1])}")
-    return distinct[0] if distinct else None
