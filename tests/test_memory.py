@@ -19,6 +19,7 @@ from server_live import LiveServer
 from qwen3_mlx import GenerationOptions, generate
 from qwen3_mlx.generation.batch import batch_generate
 from qwen3_mlx.generation.engine import Engine
+from qwen3_mlx.generation.options import EngineOptions
 from qwen3_mlx.errors import MemoryLimitError
 from qwen3_mlx.generation.memory import MemoryPlan, default_memory_limit, weight_bytes
 from qwen3_mlx.text.prompt import Prompt, encode_prompt
@@ -96,14 +97,15 @@ def test_a_request_that_could_never_fit_alone_is_refused_with_the_numbers(tiny):
                                 "budget), or raise memory_limit")
         assert engine.submit("Hello", max_tokens=500, **GREEDY).result().stats.finish_reason in ("stop", "length")
     with pytest.raises(MemoryLimitError):
-        batch_generate(model, tok, ["Hello"], max_tokens=4000, memory_limit=limit, **GREEDY)
+        batch_generate(model, tok, ["Hello"], max_tokens=4000, engine_options=EngineOptions(memory_limit=limit),
+                       **GREEDY)
 
 
 def test_the_prefix_store_gives_memory_back_before_a_request_waits(tiny):
     model, tok = tiny
     reqs = requests(tok, 3, seed=1)
     limit = limit_for(model, tok, reqs, rows=1)
-    with Engine(model, tok, memory_limit=limit, prompt_cache_bytes=10**9) as engine:
+    with Engine(model, tok, memory_limit=limit, prefix_store_bytes=10**9) as engine:
         first = engine.submit(reqs[0][0], options(reqs[0][1])).result()
         held = engine.memory()["prefix_store"]
         assert held > 0  # the first prompt and its answer are kept for reuse
@@ -137,7 +139,7 @@ def test_newcomers_share_a_pass_only_when_its_activations_fit_the_ceiling(tiny, 
     for limit, passes in [(alone_fits, []), (together_fit, [2])]:  # one after the other; both in one pass
         seen.clear()
         results = batch_generate(model, tok, [m for m, _ in reqs], [options(n) for _, n in reqs],
-                                 memory_limit=limit, prefill_budget=1024)
+                                 engine_options=EngineOptions(memory_limit=limit, prefill_budget=1024))
         assert [r.token_ids for r in results] == single and seen == passes
 
 
@@ -203,7 +205,8 @@ def test_batch_generate_under_a_low_ceiling_never_passes_it(tiny):
     limit = limit_for(model, tok, reqs, rows=2)
     idle, other = mx.get_active_memory(), others(model)
     mx.reset_peak_memory()
-    results = batch_generate(model, tok, [m for m, _ in reqs], [options(n) for _, n in reqs], memory_limit=limit)
+    results = batch_generate(model, tok, [m for m, _ in reqs], [options(n) for _, n in reqs],
+                             engine_options=EngineOptions(memory_limit=limit))
     peak = mx.get_peak_memory()
     gc.collect()
     assert peak - other <= limit

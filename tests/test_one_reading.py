@@ -23,7 +23,7 @@ ANSWER = "The answer is 4."
 @pytest.fixture(scope="module")
 def served(tok):
     model = BatchScriptedModel(replies(tok, REASONING, ANSWER), tok.encode("<|im_start|>assistant\n"))
-    with Engine(model, tok, prompt_cache_bytes=0) as engine, \
+    with Engine(model, tok, prefix_store_bytes=0) as engine, \
             LiveServer(create_app(engine, model_id="stub", max_tokens_cap=4096)) as server:
         yield model, server
 

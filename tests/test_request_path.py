@@ -29,7 +29,7 @@ def three_paths(model, tok, prompt, opts):
     """The response's ids alone, as row 1 of a batch of 2, and through the engine."""
     alone = generate(model, tok, prompt, opts)
     batched = batch_generate(model, tok, [Prompt("a neighbour"), prompt], opts)[1]
-    with Engine(model, tok, prompt_cache_bytes=0) as engine:
+    with Engine(model, tok, prefix_store_bytes=0) as engine:
         served = engine.submit(prompt, opts).result()
     return alone, batched, served
 

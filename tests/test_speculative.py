@@ -12,7 +12,7 @@ from qwen3_mlx import generate, load
 from qwen3_mlx.generation.batch import batch_generate
 from qwen3_mlx.errors import OptionError
 from qwen3_mlx.checkpoint.loader import load_model
-from qwen3_mlx.generation.options import GenerationOptions
+from qwen3_mlx.generation.options import EngineOptions, GenerationOptions
 from qwen3_mlx.generation.picker import Picker
 from qwen3_mlx.generation.response import EARLY_STOP_TEXT
 from qwen3_mlx.checkpoint.sampling_defaults import SamplingParams
@@ -332,8 +332,9 @@ def test_sampling_with_a_mismatched_draft_follows_the_target(tiny, other_tiny):
                    num_draft_tokens=2)
     n = 200  # in batches of 64 (a speculative batch's row draws as it does alone, tests above)
     seeds = [GenerationOptions(seed=s, **options) for s in range(n)]
-    plain = Counter(tuple(r.token_ids) for r in batch_generate(model, tok, ["Hi"] * n, seeds, max_batch=64))
-    drafted = Counter(tuple(r.token_ids) for r in batch_generate(model, tok, ["Hi"] * n, seeds, max_batch=64,
+    rows = EngineOptions(max_batch=64)
+    plain = Counter(tuple(r.token_ids) for r in batch_generate(model, tok, ["Hi"] * n, seeds, engine_options=rows))
+    drafted = Counter(tuple(r.token_ids) for r in batch_generate(model, tok, ["Hi"] * n, seeds, engine_options=rows,
                                                                  draft_model=other_tiny[0]))
     cells = [c for c in set(plain) | set(drafted) if plain[c] + drafted[c] >= 10]
     chi2 = sum((plain[c] - drafted[c]) ** 2 / (plain[c] + drafted[c]) for c in cells)

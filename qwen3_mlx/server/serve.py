@@ -29,12 +29,7 @@ import uvicorn
 from ..distributed.engine import DistributedEngine, ParallelOptions, Ranks
 from ..errors import Qwen3Error
 from ..generation.engine import Engine
-from ..generation.options import (
-    DEFAULT_MAX_BATCH,
-    DEFAULT_MAX_TOKENS,
-    DEFAULT_PREFIX_STORE_BYTES,
-    GenerationOptions,
-)
+from ..generation.options import DEFAULT_MAX_TOKENS, EngineOptions, GenerationOptions
 from .app import create_app
 from .settings import ServerSettings
 
@@ -122,19 +117,17 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 def serve(model: str, *, host: str = "127.0.0.1", port: int = 8080, served_model_names: Sequence[str] = (),
-          api_key: str | None = None, max_batch: int = DEFAULT_MAX_BATCH, kv_memory: int | None = None,
-          prompt_cache_bytes: int = DEFAULT_PREFIX_STORE_BYTES, thinking_budget: int | None = None,
+          api_key: str | None = None, engine_options: EngineOptions | None = None, thinking_budget: int | None = None,
           max_tokens: int = DEFAULT_MAX_TOKENS,
           cors_origin: str | None = None, grace: float = 30.0, log_level: str = "info",
-          kv_bits: int | None = None, parallel: ParallelOptions | None = None, ui: bool = True,
-          memory_limit: int | None = None, max_kv_size: int | None = None, draft_model: str | None = None,
-          prompt_lookup: bool = False, num_draft_tokens: int | None = None) -> None:
+          parallel: ParallelOptions | None = None, ui: bool = True, draft_model: str | None = None,
+          num_draft_tokens: int | None = None) -> None:
     """Serve `model` (a checkpoint folder or Hub repo id) until a signal; see the module's docstring.
 
     `served_model_names`: the names a request's `model` may give, the first one reported in responses;
     none: `model` as given. `parallel`: the split of the model over the ranks of a launched job.
-    `ui`: serve the chat page at / (create_app). `memory_limit`, `kv_memory`, `kv_bits`, `max_kv_size`,
-    `prompt_lookup`: the engine's (engine.Engine; memory_limit None: 75% of the device's).
+    `ui`: serve the chat page at / (create_app). `engine_options`: the engine's (EngineOptions; None: its
+    defaults).
     `draft_model`: a checkpoint folder or Hub id of a smaller model of the same family that drafts
     for every request; `num_draft_tokens`: the longest draft of a request that gives none.
 
@@ -144,19 +137,17 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8080, served_model
     """
     ranks = Ranks.start(parallel or ParallelOptions())
     sock = ranks.from_leader(functools.partial(listen, host, port), share=False)  # rank 0's; the others: None
-    engine_args = {"max_batch": max_batch, "kv_memory": kv_memory, "prompt_cache_bytes": prompt_cache_bytes,
-                   "kv_bits": kv_bits, "memory_limit": memory_limit, "max_kv_size": max_kv_size,
-                   "prompt_lookup": prompt_lookup}
+    engine_options = engine_options or EngineOptions()
     if not ranks.leader:
-        follow(model, ranks, engine_args, draft_model)
+        follow(model, ranks, engine_options, draft_model)
         return
     try:
         loaded, tokenizer = ranks.load(model)
-        engine_args["draft_model"] = ranks.load_draft(draft_model, tokenizer)
+        draft = ranks.load_draft(draft_model, tokenizer)
         if ranks.launched:
-            engine = DistributedEngine(loaded, tokenizer, ranks, **engine_args).start()
+            engine = DistributedEngine(loaded, tokenizer, ranks, engine_options, draft_model=draft).start()
         else:
-            engine = Engine(loaded, tokenizer, **engine_args).start()
+            engine = Engine(loaded, tokenizer, engine_options, draft_model=draft).start()
         settings = ServerSettings(tuple(served_model_names) or (model,), api_key=api_key, max_tokens=max_tokens,
                                   thinking_budget=thinking_budget, num_draft_tokens=num_draft_tokens,
                                   cors_origin=cors_origin, ui=ui)
@@ -178,10 +169,10 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8080, served_model
         raise KeyboardInterrupt
 
 
-def follow(model: str, ranks: Ranks, engine_args: dict, draft_model: str | None = None) -> None:
+def follow(model: str, ranks: Ranks, engine_options: EngineOptions, draft_model: str | None = None) -> None:
     """A rank other than 0: its part of the model, and rank 0's engine rounds until its server ends.
     Ctrl-C (sent to every rank of a terminal's launcher) is rank 0's to act on."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     loaded, tokenizer = ranks.load(model)
-    engine_args = {**engine_args, "draft_model": ranks.load_draft(draft_model, tokenizer)}
-    DistributedEngine(loaded, tokenizer, ranks, **engine_args).follow()
+    draft = ranks.load_draft(draft_model, tokenizer)
+    DistributedEngine(loaded, tokenizer, ranks, engine_options, draft_model=draft).follow()
