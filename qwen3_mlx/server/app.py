@@ -133,14 +133,12 @@ def _anthropic_routes() -> APIRouter:
     async def messages(body: ap.MessagesRequest, request: Request) -> Response:
         settings, engine = request.app.state.settings, request.app.state.engine
         handle = await submit(engine, am.messages_submission, body, settings)
-        parallel, stop, show = am.parallel_calls(body), body.stop_sequences or [], am.show_thinking(body)
+        parallel, show = am.parallel_calls(body), am.show_thinking(body)
         if body.stream:
             return named_sse(message_events(chunks(handle, request), settings.model_id,
-                                               prompt_tokens=handle.prompt_tokens, stop=stop, show_thinking=show,
-                                               parallel=parallel, tokenizer=engine.tokenizer))
+                                            prompt_tokens=handle.prompt_tokens, show_thinking=show, parallel=parallel))
         result = await gather(chunks(handle, request))
-        message = am.message(result, settings.model_id, stop=stop, show_thinking=show, parallel=parallel,
-                             tokenizer=engine.tokenizer)
+        message = am.message(result, settings.model_id, show_thinking=show, parallel=parallel)
         return json_response(message.model_dump_json())
 
     @router.post("/v1/messages/count_tokens", response_model=ap.TokenCount, responses=_ANTHROPIC_DOCS)

@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from collections.abc import AsyncIterator
 
 from ...errors import Qwen3Error
 from ...generation.response import Chunk, GenerationStats
 from ...text.tools import ToolCallDelta
 from ..submission.outcome import call_delta, check_finished, new_id, tool_calls
 from ..submission.refusal import ApiError
-from .mapping import anthropic_error, matched_stop, signature, stop_reason, usage
+from .mapping import anthropic_error, signature, stop_reason, usage
 from .protocol import Message, Usage
 
 PING_SECONDS = 5.0  # a ping event after this long without a chunk (a long prompt's prefill)
@@ -88,12 +87,11 @@ class _Blocks:
         return events
 
 
-async def message_events(chunks: AsyncIterator[Chunk], model_id: str, *, prompt_tokens: int, stop: Sequence[str],
-                         show_thinking: bool, parallel: bool, tokenizer: Any,
-                         ping_seconds: float = PING_SECONDS) -> AsyncIterator[Event]:
+async def message_events(chunks: AsyncIterator[Chunk], model_id: str, *, prompt_tokens: int, show_thinking: bool,
+                         parallel: bool, ping_seconds: float = PING_SECONDS) -> AsyncIterator[Event]:
     """Anthropic's stream: message_start, ping, each block's start, deltas and stop, message_delta
     (stop_reason, usage), message_stop; a failure is an error event."""
-    blocks, stats, content = _Blocks(show_thinking), GenerationStats(), []
+    blocks, stats = _Blocks(show_thinking), GenerationStats()
     start = Message(id=new_id("msg"), model=model_id, content=[], stop_reason=None,
                     usage=Usage(input_tokens=prompt_tokens, output_tokens=0)).model_dump()
     yield "message_start", {"type": "message_start", "message": start}
@@ -104,8 +102,6 @@ async def message_events(chunks: AsyncIterator[Chunk], model_id: str, *, prompt_
                 yield "ping", {"type": "ping"}
                 continue
             stats = chunk.stats
-            if chunk.kind == "answer":
-                content.append(chunk.text)
             for event in blocks.feed(chunk, call_delta(chunk, parallel)):
                 yield event
         check_finished(stats)
@@ -117,7 +113,6 @@ async def message_events(chunks: AsyncIterator[Chunk], model_id: str, *, prompt_
         return
     for event in blocks.close():
         yield event
-    delta = {"stop_reason": stop_reason(stats, tool_calls(stats, parallel)),
-             "stop_sequence": matched_stop(stats, "".join(content), stop, tokenizer)}
+    delta = {"stop_reason": stop_reason(stats, tool_calls(stats, parallel)), "stop_sequence": stats.stop_string}
     yield "message_delta", {"type": "message_delta", "delta": delta, "usage": usage(stats).model_dump()}
     yield "message_stop", {"type": "message_stop"}

@@ -208,15 +208,6 @@ def signature(thinking: str) -> str:
     return "qwen3-mlx-" + hashlib.sha256(thinking.encode()).hexdigest()[:32]
 
 
-def matched_stop(stats: GenerationStats, content: str, stop: Sequence[str], tokenizer: Any) -> str | None:
-    """The stop sequence that ended the answer: the one found right after the answer's text."""
-    if stats.finish_reason != "stop_string" or not stop:
-        return None
-    text = tokenizer.decode(stats.token_ids)
-    found = [(text.find(content + s), -len(s), s) for s in stop if content + s in text]
-    return min(found)[2] if found else stop[0]
-
-
 def stop_reason(stats: GenerationStats, calls: list[ToolCall]) -> str:
     reason = stats.finish_reason or "stop"
     if reason != "length" and calls:
@@ -231,8 +222,7 @@ def usage(stats: GenerationStats) -> Usage:
                  cache_read_input_tokens=stats.cached_tokens)
 
 
-def message(result: GenerationResult, model_id: str, *, stop: Sequence[str], show_thinking: bool, parallel: bool,
-            tokenizer: Any) -> Message:
+def message(result: GenerationResult, model_id: str, *, show_thinking: bool, parallel: bool) -> Message:
     """The whole result as a message: thinking (its text left out when display is "omitted"), text, tool_use."""
     content: list[ThinkingBlock | TextBlock | ToolUseBlock] = []
     if result.reasoning:
@@ -243,7 +233,7 @@ def message(result: GenerationResult, model_id: str, *, stop: Sequence[str], sho
     calls = tool_calls(result.stats, parallel)
     content += [ToolUseBlock(id=c.id, name=c.name, input=json.loads(c.arguments)) for c in calls]
     return Message(id=new_id("msg"), model=model_id, content=content, stop_reason=stop_reason(result.stats, calls),
-                   stop_sequence=matched_stop(result.stats, result.content, stop, tokenizer),
+                   stop_sequence=result.stats.stop_string,
                    usage=usage(result.stats))
 
 
