@@ -43,3 +43,12 @@ def tok():
     t = Tokenizer.from_dir(tokenizer_dir())
     t.eos_token_ids = frozenset({t.token_to_id("<|im_end|>"), t.token_to_id("<|endoftext|>")})
     return t
+
+
+@pytest.fixture(scope="module")
+def engine(tiny):
+    """An engine over the tiny checkpoint (8 rows), for a module's live servers (server_live.served)."""
+    from qwen3_mlx.generation.engine import Engine
+
+    with Engine(*tiny, max_batch=8) as e:
+        yield e

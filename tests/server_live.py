@@ -1,5 +1,6 @@
 """Live servers for the server tests: an app served by uvicorn in a thread, or `qwen3-mlx serve` in a
-subprocess, each on a free port."""
+subprocess, each on a free port; the app built as `serve` builds it (served), over an engine or the
+scripted stub model (stub_server)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,14 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 
 import httpx
 import uvicorn
+from stubs import ScriptedModel, by_prompt, replies
+
+from qwen3_mlx.generation.engine import Engine
+from qwen3_mlx.server import ServerSettings, create_app
 
 
 class LiveServer:
@@ -80,3 +86,27 @@ class ServeProcess:
     def log(self) -> str:
         self.output.seek(0)
         return self.output.read().decode(errors="replace")
+
+
+# ---------------------------------------------------------------- apps as `serve` builds them
+
+
+HEADER = "<|im_start|>assistant\n"  # a response is what the model writes after this
+REASONING = "Let me think about it carefully. The user asks for a sum."
+ANSWER = "The answer is 4."
+
+
+def served(engine, *names: str, response_store=None, **settings) -> LiveServer:
+    """A live server over `engine`, its app built as `serve` builds it: create_app from a ServerSettings
+    (`names`: --served-model-name's; `settings`: the other fields, max_tokens=... for --max-tokens)."""
+    return LiveServer(create_app(engine, ServerSettings(names, **settings), response_store=response_store))
+
+
+@contextmanager
+def stub_server(tok, calls: str, *, reasoning: str = REASONING, answer: str = ANSWER, **settings):
+    """A live server named "stub" over the scripted model (4 rows): it reasons then answers or, asked
+    about the weather, writes `calls` (tool-call blocks) after a short reasoning."""
+    script = by_prompt(tok, {"weather": replies(tok, "I should call the tools.", calls)}, replies(tok, reasoning, answer))
+    with Engine(ScriptedModel(script, tok.encode(HEADER)), tok, max_batch=4) as engine, \
+            served(engine, "stub", **settings) as server:
+        yield server

@@ -10,13 +10,11 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import mlx.core as mx
 import pytest
-from server_live import LiveServer
-from server_stubs import VOCAB, BatchScriptedModel, replies
+from server_live import HEADER, served as serving
+from stubs import ScriptedModel, replies
 
 from qwen3_mlx.generation.engine import Engine
-from qwen3_mlx.server import create_app
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -28,31 +26,23 @@ def agent(name: str) -> str | None:
     return str(local) if local.exists() else shutil.which(name)
 
 
-class LastPositionModel(BatchScriptedModel):
-    """Scripts a pass's last position alone: an agent's prompt is some 12,000 tokens, and scripting each of
-    its positions would take minutes (the engine reads the last one; nothing drafts here)."""
-
-    def __call__(self, ids, cache):
-        B, L = ids.shape
-        c = cache[0]
-        keys, _ = c.update_and_fetch(*(ids.astype(mx.float32).reshape(B, 1, L, 1),) * 2)
-        lengths = getattr(c, "lengths", None) or [c.offset]
-        rows = []
-        for i, length in enumerate(lengths):
-            history = [int(t) for t in keys[i, 0, keys.shape[2] - length :, 0].tolist()]
-            token = self.script(*self.split(history))
-            rows.append(mx.broadcast_to(mx.where(mx.arange(VOCAB) == token, 50.0, 0.0), (L, VOCAB)))
-        return mx.stack(rows)
+def readme_serve_flags() -> dict[str, str]:
+    """The README's `serve` line for the agents: its flags, --served-model-name and --max-tokens among them."""
+    line = next(line for line in README.splitlines() if line.startswith("qwen3-mlx serve") and "--max-tokens" in line)
+    return dict(re.findall(r"--([\w-]+) (\S+)", line))
 
 
 @pytest.fixture(scope="module")
 def served(tiny):
-    """The server as the README's set-ups name it: model "qwen3"."""
+    """The server as the README's set-up runs it, its app built by the function `serve` calls, from the
+    README's flags (the model itself a scripted one: its prompt of some 12,000 tokens is read to its end)."""
+    flags = readme_serve_flags()
+    assert set(flags) == {"model", "served-model-name", "max-tokens"}, "map each of the README's flags here"
     tok = tiny[1]
-    model = LastPositionModel(replies(tok, "The user greets me.", ANSWER), tok.encode("<|im_start|>assistant\n"))
+    model = ScriptedModel(replies(tok, "The user greets me.", ANSWER), tok.encode(HEADER))
     model.args.max_position_embeddings = 131072
     with Engine(model, tok, max_batch=4) as engine, \
-            LiveServer(create_app(engine, model_id="qwen3", max_tokens_cap=512)) as server:
+            serving(engine, flags["served-model-name"], max_tokens=int(flags["max-tokens"])) as server:
         yield server
 
 

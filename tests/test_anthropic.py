@@ -14,22 +14,21 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
-from server_live import LiveServer
-from server_stubs import BatchScriptedModel, by_prompt, replies
+from server_live import ANSWER, REASONING, served, stub_server
+from stubs import ScriptedModel
 
 from qwen3_mlx import GenerationOptions, generate
 from qwen3_mlx.generation.engine import Engine
 from qwen3_mlx.text.prompt import encode_prompt
 from qwen3_mlx.generation.response import EARLY_STOP_TEXT
-from qwen3_mlx.server import create_app
-from qwen3_mlx.server.anthropic import MessagesRequest, messages_submission, with_pings
-from qwen3_mlx.server.params import Settings
+from qwen3_mlx.server.anthropic.events import with_pings
+from qwen3_mlx.server.anthropic.mapping import messages_submission
+from qwen3_mlx.server.anthropic.protocol import MessagesRequest
+from qwen3_mlx.server.submission.reading import Settings
 
 CAP = 32
 HI = [{"role": "user", "content": "Hello there"}]
 OFF = {"type": "disabled"}
-REASONING = "Let me think about it carefully. The user asks for a sum."
-ANSWER = "The answer is 4."
 CALLS = ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "C"}}\n</tool_call>\n'
          '<tool_call>\n{"name": "get_time", "arguments": {"zone": "CET"}}\n</tool_call>')
 CITY = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}, "unit": {"enum": ["C", "F"]}},
@@ -41,14 +40,8 @@ WEATHER_Q = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
 @pytest.fixture(scope="module")
-def engine(tiny):
-    with Engine(*tiny, max_batch=8) as e:
-        yield e
-
-
-@pytest.fixture(scope="module")
 def live(engine):
-    with LiveServer(create_app(engine, model_id="tiny", max_tokens_cap=CAP, max_body_bytes=1 << 20)) as server:
+    with served(engine, "tiny", max_tokens=CAP, max_body_bytes=1 << 20) as server:
         yield server
 
 
@@ -60,18 +53,14 @@ def client(live):
 @pytest.fixture(scope="module")
 def roomy(engine):
     """The tiny checkpoint with room for a random model's JSON."""
-    with LiveServer(create_app(engine, model_id="tiny", max_tokens_cap=400)) as server:
+    with served(engine, "tiny", max_tokens=400) as server:
         yield anthropic.Anthropic(base_url=server.url, api_key="unused", max_retries=0, timeout=120)
 
 
 @pytest.fixture(scope="module")
 def stub(tiny):
     """A scripted model that reasons then answers, or calls two tools when asked about the weather."""
-    tok = tiny[1]
-    tools = replies(tok, "I should call the tools.", CALLS)
-    model = BatchScriptedModel(by_prompt(tok, {"weather": tools}, replies(tok, REASONING, ANSWER)),
-                               tok.encode("<|im_start|>assistant\n"))
-    with Engine(model, tok, max_batch=4) as e, LiveServer(create_app(e, model_id="stub", max_tokens_cap=200)) as s:
+    with stub_server(tiny[1], CALLS, max_tokens=200) as s:
         yield anthropic.Anthropic(base_url=s.url, api_key="unused", max_retries=0, timeout=60)
 
 
@@ -287,7 +276,7 @@ def anthropic_error(response, status, kind):
 
 
 def test_a_wrong_key_is_401_and_both_headers_pass(engine):
-    with LiveServer(create_app(engine, model_id="tiny", api_key="s3cret")) as server:
+    with served(engine, "tiny", api_key="s3cret") as server:
         ask = dict(model="tiny", max_tokens=2, messages=HI)
         with pytest.raises(anthropic.AuthenticationError, match="invalid or missing API key"):
             anthropic.Anthropic(base_url=server.url, api_key="guess", max_retries=0).messages.create(**ask)
@@ -357,14 +346,6 @@ def test_no_input_makes_a_server_error(live):
     check()
 
 
-def test_the_readmes_example_runs(engine, capsys):
-    from test_readme import block_with
-
-    with LiveServer(create_app(engine, model_id="qwen3", max_tokens_cap=16)) as server:
-        exec(block_with("python", "client = anthropic.Anthropic(").replace("http://127.0.0.1:8080", server.url), {})
-    assert capsys.readouterr().out
-
-
 @pytest.mark.parametrize(("path", "body"), [
     ("/v1/messages", {"model": "tiny", "max_tokens": 4000, "stream": True,
                       "messages": [{"role": "user", "content": "Talk forever"}]}),
@@ -376,9 +357,8 @@ def test_a_stream_whose_client_goes_away_frees_its_row(tiny, path, body):
 
     from test_web import endless
 
-    model = BatchScriptedModel(endless(tiny[1]), tiny[1].encode("<|im_start|>assistant\n"))
-    with Engine(model, tiny[1], max_batch=1) as engine, \
-            LiveServer(create_app(engine, model_id="tiny", max_tokens_cap=4000)) as server:
+    model = ScriptedModel(endless(tiny[1]), tiny[1].encode("<|im_start|>assistant\n"))
+    with Engine(model, tiny[1], max_batch=1) as engine, served(engine, "tiny", max_tokens=4000) as server:
         with httpx.Client(timeout=30) as http, http.stream("POST", server.url + path, json=body) as response:
             lines = response.iter_lines()
             while "delta" not in next(lines):

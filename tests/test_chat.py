@@ -205,7 +205,7 @@ def test_ctrl_c_mid_answer_keeps_the_exchange_marked_and_its_figures(tok_stub):
     header = tok.encode("<|im_start|>assistant\n<think>\n\n</think>\n\n")
     answer = tok.encode("One two three four five six")
 
-    def script(response):
+    def script(prompt, response):
         if len(response) == 4:
             raise KeyboardInterrupt  # Ctrl-C while the fifth token is computed
         return answer[len(response)]
@@ -287,7 +287,7 @@ def test_a_chat_stops_at_the_context_and_refuses_a_turn_past_it_keeping_the_conv
 
     tok, header = tok_stub
     (word,) = tok.encode(" word")
-    model = ScriptedModel(lambda response: word, header=header)
+    model = ScriptedModel(lambda prompt, response: word, header=header)
     model.args.max_position_embeddings = 40
     session = ChatSession(model, tok, think=False, max_tokens=100, eager=False)
     drain(session.send("question"))
@@ -305,7 +305,7 @@ def test_a_chat_stops_at_the_context_and_refuses_a_turn_past_it_keeping_the_conv
 def test_ctrl_c_before_the_first_token_keeps_the_message_with_an_empty_interrupted_answer(tok_stub):
     tok, header = tok_stub
 
-    def script(response):
+    def script(prompt, response):
         raise KeyboardInterrupt  # while the prompt is read
 
     session = ChatSession(ScriptedModel(script, header=header), tok, think=False, eager=False)

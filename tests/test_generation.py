@@ -131,7 +131,7 @@ def continuing(tok, seen, continuation):
     """A model that writes `continuation`, then ends its turn, after a response that began with `seen`."""
     eot = tok.token_to_id("<|im_end|>")
 
-    def script(response):
+    def script(prompt, response):
         i = len(response) - len(seen)
         return continuation[i] if 0 <= i < len(continuation) else eot
 
@@ -157,7 +157,7 @@ def test_a_prefill_that_opens_the_reasoning_is_continued_as_reasoning(tok):
 
 
 def test_a_prefill_after_token_ids_is_appended_as_it_is(tok):
-    model = stub(tok, lambda response: tok.token_to_id("<|im_end|>"))
+    model = stub(tok, lambda prompt, response: tok.token_to_id("<|im_end|>"))
     ids = tok.encode("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
     r = generate(model, tok, ids, prefill_response="Hello")
     assert model.fed == ids + tok.encode("Hello") + [tok.token_to_id("<|im_end|>")]
@@ -176,7 +176,7 @@ def test_options_and_keywords_set_the_same_fields(tok):
 
 def test_an_unknown_keyword_is_an_option_error_that_lists_the_options(tok):
     with pytest.raises(OptionError) as e:
-        generate(stub(tok, lambda r: 0), tok, "q", max_token=5)
+        generate(stub(tok, lambda prompt, response: 0), tok, "q", max_token=5)
     known = sorted(f.name for f in dataclasses.fields(GenerationOptions))
     assert "max_tokens" in known and "thinking_budget" in known
     assert str(e.value) == f"unknown generation option 'max_token'; expected one of {', '.join(known)}"
@@ -184,7 +184,7 @@ def test_an_unknown_keyword_is_an_option_error_that_lists_the_options(tok):
 
 def test_prefill_progress_is_reported_once_per_chunk(tok):
     calls = []
-    generate(stub(tok, lambda r: 0), tok, list(range(5, 15)), max_tokens=1, prefill_step_size=4,
+    generate(stub(tok, lambda prompt, response: 0), tok, list(range(5, 15)), max_tokens=1, prefill_step_size=4,
              progress=lambda done, total: calls.append((done, total)))
     assert calls == [(4, 10), (8, 10), (10, 10)]
 
@@ -222,7 +222,7 @@ def test_empty_prompt_is_refused_in_raw_mode(tok):
     from qwen3_mlx.errors import Qwen3Error
 
     with pytest.raises(Qwen3Error, match="^the prompt is empty; give some text$"):
-        generate(stub(tok, lambda r: 0), tok, "", raw=True)
+        generate(stub(tok, lambda prompt, response: 0), tok, "", raw=True)
 
 
 def test_budget_must_not_be_negative():

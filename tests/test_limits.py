@@ -17,7 +17,7 @@ def stub(tok, script, context=4096):
 def always(token):
     """A model that writes `token` forever (and fails the test past 300 tokens, rather than hang)."""
 
-    def script(response):
+    def script(prompt, response):
         assert len(response) < 300, "the generation did not stop"
         return token
 

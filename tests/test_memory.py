@@ -23,7 +23,7 @@ from qwen3_mlx.generation.options import EngineOptions
 from qwen3_mlx.errors import MemoryLimitError
 from qwen3_mlx.generation.memory import MemoryPlan, default_memory_limit, weight_bytes
 from qwen3_mlx.text.prompt import Prompt, encode_prompt
-from qwen3_mlx.server import create_app
+from qwen3_mlx.server import ServerSettings, create_app
 
 GREEDY = dict(temp=0, think=False)
 NO_EOT = {151645: -100.0, 151643: -100.0}  # long answers: the end of turn is never drawn
@@ -172,7 +172,7 @@ def test_streaming_clients_under_a_low_ceiling_never_pass_it(tiny):
     limit = limit_for(model, tok, reqs, rows=3)
     leaving = {i for i in range(len(reqs)) if i % 4 == 3}
     with Engine(model, tok, max_batch=8, memory_limit=limit) as engine, \
-            LiveServer(create_app(engine, model_id="tiny", max_tokens_cap=4096)) as server:
+            LiveServer(create_app(engine, ServerSettings(("tiny",), max_tokens=4096))) as server:
         idle, other = mx.get_active_memory(), others(model)
         mx.reset_peak_memory()
 

@@ -6,14 +6,14 @@ import json
 import httpx
 import pytest
 from server_live import LiveServer
-from server_stubs import BatchScriptedModel, replies
+from stubs import ScriptedModel, replies
 
 from qwen3_mlx.generation.batch import batch_generate
 from qwen3_mlx.cli.prompts_file import openai_record, read_batch_lines
 from qwen3_mlx.generation.engine import Engine
 from qwen3_mlx.errors import Qwen3Error
 from qwen3_mlx.generation.options import GenerationOptions
-from qwen3_mlx.server import create_app
+from qwen3_mlx.server import ServerSettings, create_app
 
 HI = [{"role": "user", "content": "Hello there"}]
 REASONING = "Let me think about it carefully. The user asks for a sum."
@@ -22,9 +22,9 @@ ANSWER = "The answer is 4."
 
 @pytest.fixture(scope="module")
 def served(tok):
-    model = BatchScriptedModel(replies(tok, REASONING, ANSWER), tok.encode("<|im_start|>assistant\n"))
+    model = ScriptedModel(replies(tok, REASONING, ANSWER), tok.encode("<|im_start|>assistant\n"))
     with Engine(model, tok, prefix_store_bytes=0) as engine, \
-            LiveServer(create_app(engine, model_id="stub", max_tokens_cap=4096)) as server:
+            LiveServer(create_app(engine, ServerSettings(("stub",), max_tokens=4096))) as server:
         yield model, server
 
 

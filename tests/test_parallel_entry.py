@@ -32,7 +32,7 @@ from qwen3_mlx.generation.engine import Engine
 from qwen3_mlx.checkpoint.loader import load
 from qwen3_mlx.generation.options import GenerationOptions
 from qwen3_mlx.text.prompt import Prompt
-from qwen3_mlx.server import create_app
+from qwen3_mlx.server import ServerSettings, create_app
 
 GREEDY = ["--temp", "0", "-m", "12", "--no-think"]
 # Seconds, the server's: how soon a stopped rank would end it. Generous: on a loaded 2-core machine (CI,
@@ -185,7 +185,7 @@ def three(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def alone(three):
     """One process serving the checkpoint: what the ranks must answer."""
-    with Engine(*load(three), max_batch=8) as engine, LiveServer(create_app(engine, model_id="m")) as server:
+    with Engine(*load(three), max_batch=8) as engine, LiveServer(create_app(engine, ServerSettings(("m",)))) as server:
         yield openai.OpenAI(base_url=server.url + "/v1", api_key="-", max_retries=0, timeout=60)
 
 

@@ -2,7 +2,7 @@
 batch_generate and the Engine, whichever limit ends them, wherever forced text falls."""
 
 import pytest
-from server_stubs import BatchScriptedModel, replies
+from stubs import ScriptedModel, replies
 
 from qwen3_mlx.generation.batch import batch_generate
 from qwen3_mlx.generation.engine import Engine
@@ -41,7 +41,7 @@ def early_stop_length(tok):
 @pytest.mark.parametrize("prefill", [None, "<think>\nhm"])
 @pytest.mark.parametrize("limit", ["max_total_tokens", "context"])
 def test_forced_text_that_reaches_a_cap_ends_the_response_in_every_path(tok, prefill, limit):
-    model = BatchScriptedModel(reasoner(tok), header=tok.encode("<|im_start|>assistant\n"))
+    model = ScriptedModel(reasoner(tok), header=tok.encode("<|im_start|>assistant\n"))
     prompt = Prompt("Why?", prefill_response=prefill)
     prompt_ids, _ = encode_prompt(tok, prompt)
     opened = prefill is not None  # the prompt opened the block: no <think> drawn
@@ -61,7 +61,7 @@ def test_forced_text_that_reaches_a_cap_ends_the_response_in_every_path(tok, pre
 
 @pytest.mark.parametrize("budget", [0, 7])
 def test_max_tokens_after_forced_text_is_kept_in_every_path(tok, budget):
-    model = BatchScriptedModel(reasoner(tok), header=tok.encode("<|im_start|>assistant\n"))
+    model = ScriptedModel(reasoner(tok), header=tok.encode("<|im_start|>assistant\n"))
     for answer in (1, 2, 3):
         opts = GenerationOptions(thinking_budget=budget, max_tokens=answer, **GREEDY)
         results = three_paths(model, tok, Prompt("Why?"), opts)
@@ -82,7 +82,7 @@ def test_the_thinking_budget_is_a_hard_limit_and_a_cut_character_is_not_shown(to
             return tok.token_to_id("<|im_end|>")
         return reasoning[min(len(response) - 1, len(reasoning) - 1)]
 
-    model = BatchScriptedModel(script, header=tok.encode("<|im_start|>assistant\n"))
+    model = ScriptedModel(script, header=tok.encode("<|im_start|>assistant\n"))
     for budget in (3, 4, 5):
         results = three_paths(model, tok, Prompt("Why?"), GenerationOptions(thinking_budget=budget, **GREEDY))
         for r in results:
@@ -99,7 +99,7 @@ TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {"type": "
 def test_a_tool_call_cut_by_the_cap_is_neither_a_call_nor_text(tok):
     answer = ('<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call>\n'
               '<tool_call>\n{"name": "f", "arguments": {"a": 2, "b": 3}}\n</tool_call>')
-    model = BatchScriptedModel(replies(tok, "", answer), header=tok.encode("<|im_start|>assistant\n"))
+    model = ScriptedModel(replies(tok, "", answer), header=tok.encode("<|im_start|>assistant\n"))
     prompt = Prompt("Call f twice.", tools=TOOLS)
     whole = generate(model, tok, prompt, think=False, **GREEDY)
     assert [c.arguments for c in whole.tool_calls] == ['{"a": 1}', '{"a": 2, "b": 3}']
@@ -114,7 +114,7 @@ def test_a_tool_call_cut_by_the_cap_is_neither_a_call_nor_text(tok):
 
 
 def test_the_keyword_api_is_a_prompt_value(tok):
-    model = BatchScriptedModel(replies(tok, "", "yes"), header=tok.encode("<|im_start|>assistant\n"))
+    model = ScriptedModel(replies(tok, "", "yes"), header=tok.encode("<|im_start|>assistant\n"))
     by_keywords = generate(model, tok, "Sure?", system="Be brief.", tools=TOOLS, think=False)
     by_value = generate(model, tok, Prompt("Sure?", system="Be brief.", tools=TOOLS), think=False)
     assert by_keywords.token_ids == by_value.token_ids and by_value.content == "yes"

@@ -13,19 +13,16 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
-from server_live import LiveServer
-from server_stubs import BatchScriptedModel, by_prompt, replies
+from server_live import ANSWER, REASONING, served, stub_server
 
 from qwen3_mlx import GenerationOptions, generate
-from qwen3_mlx.generation.engine import Engine
-from qwen3_mlx.server import create_app
-from qwen3_mlx.server.params import ApiError
-from qwen3_mlx.server.responses import ResponseStore, ResponsesRequest, encrypt, input_messages, offered_tools
+from qwen3_mlx.server.responses.mapping import encrypt, input_messages, offered_tools
+from qwen3_mlx.server.responses.protocol import ResponsesRequest
+from qwen3_mlx.server.responses.store import ResponseStore
+from qwen3_mlx.server.submission.refusal import ApiError
 
 CAP = 32
 HI = [{"role": "user", "content": "Hello there"}]
-REASONING = "Let me think about it carefully. The user asks for a sum."
-ANSWER = "The answer is 4."
 CALLS = ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
          '<tool_call>\n{"name": "clock.now", "arguments": {"zone": "CET"}}\n</tool_call>')
 WEATHER = {"type": "function", "name": "get_weather", "description": "Weather in a city",
@@ -36,21 +33,15 @@ NO_THINK = {"reasoning": {"effort": "none"}}
 
 
 @pytest.fixture(scope="module")
-def engine(tiny):
-    with Engine(*tiny, max_batch=8) as e:
-        yield e
-
-
-@pytest.fixture(scope="module")
 def live(engine):
-    with LiveServer(create_app(engine, model_id="tiny", max_tokens_cap=400)) as server:
+    with served(engine, "tiny", max_tokens=400) as server:
         yield server
 
 
 @pytest.fixture(scope="module")
 def small(engine):
     """A cap of 8 tokens, for bodies that ask for many (refusals, fuzzing)."""
-    with LiveServer(create_app(engine, model_id="tiny", max_tokens_cap=8)) as server:
+    with served(engine, "tiny", max_tokens=8) as server:
         yield server
 
 
@@ -62,11 +53,7 @@ def client(live):
 @pytest.fixture(scope="module")
 def stub(tiny):
     """A scripted model that reasons then answers, or calls a tool and a namespaced one about the weather."""
-    tok = tiny[1]
-    tools = replies(tok, "I should call the tools.", CALLS)
-    model = BatchScriptedModel(by_prompt(tok, {"weather": tools}, replies(tok, REASONING, ANSWER)),
-                               tok.encode("<|im_start|>assistant\n"))
-    with Engine(model, tok, max_batch=4) as e, LiveServer(create_app(e, model_id="stub", max_tokens_cap=200)) as s:
+    with stub_server(tiny[1], CALLS, max_tokens=200) as s:
         yield openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=60)
 
 
@@ -118,7 +105,7 @@ def test_previous_response_id_equals_sending_the_whole_history(client):
 
 def test_an_evicted_response_says_so(engine):
     store = ResponseStore(max_count=1)
-    with LiveServer(create_app(engine, model_id="tiny", response_store=store)) as server:
+    with served(engine, "tiny", response_store=store) as server:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
         ask = dict(model="tiny", max_output_tokens=2, **NO_THINK)
         first = client.responses.create(input="one", **ask)
@@ -270,11 +257,3 @@ def test_no_input_makes_a_server_error(small):
         assert response.status_code < 500, f"{case.method} {case.path} {case.body!r}: {response.text}"
 
     check()
-
-
-def test_the_readmes_example_runs(engine, capsys):
-    from test_readme import block_with
-
-    with LiveServer(create_app(engine, model_id="qwen3", max_tokens_cap=16)) as server:
-        exec(block_with("python", "client.responses.create(").replace("http://127.0.0.1:8080", server.url), {})
-    assert capsys.readouterr().out

@@ -9,14 +9,12 @@ import json
 import httpx
 import openai
 import pytest
-from server_live import LiveServer
-from server_stubs import BatchScriptedModel, by_prompt, replies
+from server_live import served, stub_server
 
-from qwen3_mlx.generation.engine import Engine, EngineFull
+from qwen3_mlx.generation.engine import EngineFull
 from qwen3_mlx.errors import ContextLengthError, MemoryLimitError
-from qwen3_mlx.server import create_app
-from qwen3_mlx.server.params import thinking_budget
-from qwen3_mlx.server.protocol import ChatCompletionRequest, CompletionRequest
+from qwen3_mlx.server.openai.protocol import ChatCompletionRequest, CompletionRequest
+from qwen3_mlx.server.submission.reading import thinking_budget
 
 HI = [{"role": "user", "content": "Hello there"}]
 WEATHER_Q = [{"role": "user", "content": "What is the weather in Paris?"}]
@@ -42,15 +40,9 @@ class RefusingEngine:
 
 
 @pytest.fixture(scope="module")
-def engine(tiny):
-    with Engine(*tiny, max_batch=8) as e:
-        yield e
-
-
-@pytest.fixture(scope="module")
 def live(engine):
     """The tiny checkpoint, served under a Hub id and, as an alias, a path."""
-    with LiveServer(create_app(engine, model_id=HUB_ID, aliases=[PATH_ID], max_tokens_cap=16)) as server:
+    with served(engine, HUB_ID, PATH_ID, max_tokens=16) as server:
         yield server
 
 
@@ -62,11 +54,7 @@ def client(live):
 @pytest.fixture(scope="module")
 def stub(tiny):
     """A scripted model that reasons then answers, or calls two tools (CALLS) when asked about the weather."""
-    tok = tiny[1]
-    script = by_prompt(tok, {"weather": replies(tok, "I should call the tools.", CALLS)},
-                       replies(tok, "Let me think.", "The answer is 4."))
-    model = BatchScriptedModel(script, tok.encode("<|im_start|>assistant\n"))
-    with Engine(model, tok, max_batch=4) as e, LiveServer(create_app(e, model_id="stub")) as s:
+    with stub_server(tiny[1], CALLS, reasoning="Let me think.", answer="The answer is 4.") as s:
         yield s
 
 
@@ -272,7 +260,7 @@ def test_a_form_encoded_body_is_told_the_content_type(live):
 ])
 def test_library_refusals_get_openai_codes(error, path, status, param, code, message, headers):
     body = {"messages": HI} if path == "/v1/chat/completions" else {"prompt": "x"}
-    with LiveServer(create_app(RefusingEngine(error), model_id="m")) as server:
+    with served(RefusingEngine(error), "m") as server:
         response = post(server.url, body, path)
     assert response.status_code == status
     assert response.json()["error"]["param"] == param and response.json()["error"]["code"] == code

@@ -6,7 +6,7 @@ from collections import Counter
 import mlx.core as mx
 import pytest
 from checkpoints import make_checkpoint
-from server_stubs import BatchScriptedModel
+from stubs import ScriptedModel
 
 from qwen3_mlx import generate, load
 from qwen3_mlx.generation.batch import batch_generate
@@ -45,7 +45,7 @@ def cycler(tok, text, stop_after=None):
 
 
 def stub(tok, script):
-    return BatchScriptedModel(script, tok.encode("<|im_start|>assistant\n"))
+    return ScriptedModel(script, tok.encode("<|im_start|>assistant\n"))
 
 
 # ---------------------------------------------------------------- greedy: the target's own tokens
@@ -240,11 +240,11 @@ def test_the_engine_and_the_server_draft_for_every_request_and_count_the_predict
     from server_live import LiveServer
 
     from qwen3_mlx.generation.engine import Engine
-    from qwen3_mlx.server import create_app
+    from qwen3_mlx.server import ServerSettings, create_app
 
     model, tok = tiny
     draft = other_tiny[0]
-    with Engine(model, tok, draft_model=draft) as engine, LiveServer(create_app(engine, model_id="m")) as server:
+    with Engine(model, tok, draft_model=draft) as engine, LiveServer(create_app(engine, ServerSettings(("m",)))) as server:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="-", max_retries=0)
 
         def ask(prompt, **extra):

@@ -221,7 +221,7 @@ def test_generate_parses_the_calls_and_streams_them_as_chunks(tok):
     header = tok.encode("<|im_start|>assistant\n<think>\n\n</think>\n\n")  # think=False: the block is closed
 
     def model():
-        return ScriptedModel(lambda response: script_ids[min(len(response), len(script_ids) - 1)], header=header)
+        return ScriptedModel(lambda prompt, response: script_ids[min(len(response), len(script_ids) - 1)], header=header)
 
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
     chunks = list(stream_generate(model(), tok, "weather?", think=False, tools=tools))
@@ -240,7 +240,7 @@ def test_a_call_announced_then_found_malformed_is_not_in_the_result(tok):
     answer = '<tool_call>\n{"name": "f", "arguments": {"a": 1}, }\n</tool_call>'  # a trailing comma, after streaming
     script_ids = tok.encode(answer) + [tok.token_to_id("<|im_end|>")]
     header = tok.encode("<|im_start|>assistant\n<think>\n\n</think>\n\n")
-    model = ScriptedModel(lambda response: script_ids[min(len(response), len(script_ids) - 1)], header=header)
+    model = ScriptedModel(lambda prompt, response: script_ids[min(len(response), len(script_ids) - 1)], header=header)
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
     chunks = list(stream_generate(model, tok, "q", think=False, tools=tools))
     assert [c.tool_call.name for c in chunks if c.tool_call and c.tool_call.id] == ["f"]  # it was announced

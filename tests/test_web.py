@@ -8,11 +8,10 @@ import time
 
 import httpx
 import pytest
-from server_live import LiveServer
-from server_stubs import BatchScriptedModel, by_prompt, replies
+from server_live import served as serving
+from stubs import ScriptedModel, by_prompt, replies
 
 from qwen3_mlx.generation.engine import Engine
-from qwen3_mlx.server import create_app
 
 REASONING = "The user greets me. I should answer kindly."
 ANSWER = "Hello! Here is **bold** text and `code`."
@@ -39,10 +38,10 @@ def endless(tok, seconds_per_token=0.02):
 @pytest.fixture(scope="module")
 def served(tiny):
     tok = tiny[1]
-    model = BatchScriptedModel(by_prompt(tok, {"forever": endless(tok)}, replies(tok, REASONING, ANSWER)),
+    model = ScriptedModel(by_prompt(tok, {"forever": endless(tok)}, replies(tok, REASONING, ANSWER)),
                                tok.encode("<|im_start|>assistant\n"))
     with Engine(model, tok, max_batch=2) as engine, \
-            LiveServer(create_app(engine, model_id="stub", max_tokens_cap=4000)) as server:
+            serving(engine, "stub", max_tokens=4000) as server:
         yield engine, server
 
 
@@ -123,7 +122,7 @@ def test_the_stop_button_cancels_the_request_on_the_server(browser, served, tmp_
 
 def test_a_401_asks_for_the_key_and_the_key_then_works(browser, served):
     engine, _ = served
-    with LiveServer(create_app(engine, model_id="stub", api_key="s3cret")) as server:
+    with serving(engine, "stub", api_key="s3cret") as server:
         browser.get(server.url + "/")
         browser.execute_script("localStorage.clear()")
         browser.get(server.url + "/")
@@ -144,6 +143,6 @@ def test_the_page_is_served_with_its_vendored_libraries_and_no_ui_turns_it_off(s
     for path in ("/ui/vendor/marked.umd.js", "/ui/vendor/purify.min.js", "/ui/style.css"):
         assert httpx.get(server.url + path).status_code == 200
     assert "http" not in page.text.replace("http-equiv", "")  # nothing fetched from elsewhere
-    with LiveServer(create_app(engine, model_id="stub", ui=False)) as bare:
+    with serving(engine, "stub", ui=False) as bare:
         assert httpx.get(bare.url + "/").status_code == 404
         assert httpx.get(bare.url + "/ui/app.js").status_code == 404
