@@ -1,6 +1,6 @@
 """Convert a Qwen3 checkpoint to MLX: `python convert.py SOURCE OUTPUT [-q] ...` (see --help)."""
 
-from qwen3_mlx.cli.commands import convert
+from qwen3_mlx.cli.convert_command import convert
 
 if __name__ == "__main__":
     convert()

@@ -15,7 +15,7 @@ import pytest
 from checkpoints import make_checkpoint
 from click.testing import CliRunner
 
-from qwen3_mlx.cli import commands as cli
+from qwen3_mlx.cli import chat_command, commands, convert_command, display, generate_command, serve_command
 from qwen3_mlx.generation.single import GenerationStats, generate
 from qwen3_mlx.checkpoint.loader import load
 
@@ -44,7 +44,7 @@ def thinking_ckpt(ckpt, tmp_path_factory):
 
 
 def run(*args: str, input: str | bytes | None = None):
-    return CliRunner().invoke(cli.main, list(args), input=input)
+    return CliRunner().invoke(commands.main, list(args), input=input)
 
 
 def generate_cli(model: Path, *args: str):
@@ -65,14 +65,15 @@ def test_python_dash_m_runs_the_commands():
     assert (done.returncode, done.stdout) == (0, f"qwen3-mlx {VERSION}\n")
 
 
-@pytest.mark.parametrize("command", [cli.generate, cli.chat, cli.convert])
+@pytest.mark.parametrize("command", [generate_command.generate, chat_command.chat, convert_command.convert,
+                                     serve_command.serve])
 def test_every_option_has_help(command):
     missing = [p.name for p in command.params if isinstance(p, click.Option) and not p.help]
     assert missing == []
 
 
 def test_the_sampling_help_says_the_defaults_depend_on_the_mode():
-    helps = {p.name: p.help for p in cli.generate.params}
+    helps = {p.name: p.help for p in generate_command.generate.params}
     assert all("for the mode" in helps[name] for name in ("temp", "top_p"))
 
 
@@ -80,10 +81,12 @@ def test_the_sampling_help_says_the_defaults_depend_on_the_mode():
 
 
 @pytest.mark.parametrize("command, names", [
-    (cli.generate, ["-p", "-m", "--max-tokens", "--system-prompt", "--ignore-chat-template", "--prompt-cache-file",
-                    "--extra-eos-token", "--chat-template-config", "--prefill-response", "--max-kv-size",
-                    "--prefill-step-size", "--temp", "--top-p", "--top-k", "--min-p", "--seed", "--model"]),
-    (cli.convert, ["--hf-path", "--model", "--mlx-path", "-q", "--q-bits", "--q-group-size", "--dtype", "-d"]),
+    (generate_command.generate, ["-p", "-m", "--max-tokens", "--system-prompt", "--ignore-chat-template",
+                                 "--prompt-cache-file", "--extra-eos-token", "--chat-template-config",
+                                 "--prefill-response", "--max-kv-size", "--prefill-step-size", "--temp", "--top-p",
+                                 "--top-k", "--min-p", "--seed", "--model"]),
+    (convert_command.convert, ["--hf-path", "--model", "--mlx-path", "-q", "--q-bits", "--q-group-size", "--dtype",
+                               "-d"]),
 ])
 def test_mlx_lm_option_names_are_accepted(command, names):
     known = {opt for p in command.params for opt in p.opts}
@@ -218,7 +221,7 @@ def test_a_response_without_reasoning_has_no_think_tags(ckpt):
 
 
 def test_the_prompt_rate_is_given_for_the_tokens_computed(capsys):
-    cli.print_stats(GenerationStats(prompt_tokens=502, cached_tokens=480, prompt_seconds=22 / 210.3))
+    display.print_stats(GenerationStats(prompt_tokens=502, cached_tokens=480, prompt_seconds=22 / 210.3))
     assert capsys.readouterr().err.startswith("prompt: 502 tokens (480 cached), 22 computed at 210.3 tok/s\n")
 
 
@@ -315,7 +318,7 @@ def test_a_file_error_in_chat_is_one_line_and_the_chat_goes_on(fake_chat, monkey
 def test_interactive_input_continues_with_a_second_prompt(monkeypatch):
     lines, prompts = iter(["one\\", "two"]), []
     monkeypatch.setattr("builtins.input", lambda prompt: prompts.append(prompt) or next(lines))
-    assert cli.read_message(interactive=True) == "one\ntwo"
+    assert chat_command.read_message(interactive=True) == "one\ntwo"
     assert prompts == [">>> ", "... "]
 
 

@@ -25,7 +25,7 @@ from checkpoints import ONE_LAYER, make_checkpoint
 from click.testing import CliRunner
 from mlx.utils import tree_flatten
 
-from qwen3_mlx.cli.commands import generate
+from qwen3_mlx.cli.generate_command import generate
 from qwen3_mlx.errors import Qwen3Error
 from qwen3_mlx.generation.single import stream_generate
 from qwen3_mlx.checkpoint.loader import load, load_model

@@ -11,14 +11,15 @@ PACKAGE = Path(__file__).resolve().parent.parent / "qwen3_mlx"
 # modules); inside each, its modules' floors top to bottom. A module imports modules on lower floors of
 # its own sub-package, and any module of a lower sub-package; never upward, never sideways.
 FLOORS = {
-    "cli": [["commands"], ["prompts_file"]],
+    "cli": [["commands"], ["generate_command", "chat_command", "convert_command", "serve_command"],
+            ["options", "prompts_file"], ["display"]],
     "server": [["serve"], ["app"], ["guard", "relay"], ["settings"]],
     "server.openai": [["events"], ["mapping"], ["protocol"]],
     "server.anthropic": [["events"], ["mapping"], ["protocol"]],
     "server.responses": [["events"], ["mapping"], ["protocol", "store"]],
     "server.submission": [["outcome", "reading"], ["parameters", "refusal"]],
     "distributed": [["engine"]],
-    "generation": [["engine"], ["batch", "chat"], ["single"], ["verification"], ["proposers"],
+    "generation": [["engine"], ["batch", "chat", "batch_check"], ["single"], ["verification"], ["proposers"],
                    ["request", "prefill"], ["passes"], ["picker"], ["response", "prompt_cache", "memory", "sampling"],
                    ["stops", "options"]],
     "checkpoint": [["converter"], ["loader"], ["sampling_defaults"]],

@@ -17,8 +17,9 @@ from ..files import written_atomically
 from ..model.cache import KVCache, restore
 from ..model.kv_quant import KVQuantization, Packed, Stored, prefix, stored_map
 from ..model.model import Model
-from ..text.prompt import make_prompt_cache
+from ..text.prompt import Prompt, encode_prompt, make_prompt_cache
 from ..text.tokenizer import Tokenizer
+from .options import GenerationOptions
 
 CACHE_FORMAT = "qwen3-mlx-kv-cache/1"
 
@@ -189,6 +190,45 @@ def save_prompt_cache(path: Path, cache: list[KVCache], prompt: list[int], model
         c.trim(c.offset - len(prompt))
     save_cache(path, cache, prompt, model)
     return True
+
+
+@dataclass
+class CachedPrompt:
+    """One prompt and the cache file it reuses (`generate --prompt-cache`): the prompt encoded to the
+    token ids the file's cache is matched against (the template applied, the prefill included), the
+    options it runs with (`think` as the template decided), and `cache`: the one saved in `path`
+    trimmed to the prefix they share, or a new one (None without a file)."""
+
+    prompt: Prompt  # its content the token ids
+    options: GenerationOptions
+    path: Path | None
+    cache: list[KVCache] | None
+
+    @classmethod
+    def open(cls, model: Model, tokenizer: Tokenizer, prompt: Prompt, options: GenerationOptions,
+             path: Path | None) -> CachedPrompt:
+        """Encode `prompt`, and open `path`'s cache for it (when given).
+
+        Raises:
+            Qwen3Error: as encode_prompt and load_cache.
+        """
+        ids, thinking = encode_prompt(tokenizer, prompt, think=options.think)
+        cache = None
+        if path is not None:
+            cache = open_prompt_cache(path, model, tokenizer, ids, prompt.system, options.max_kv_size,
+                                      options.kv_quantization)
+        return cls(Prompt(ids, system=prompt.system), options.replace(think=thinking), path, cache)
+
+    def save(self, model: Model) -> bool:
+        """Save the prompt's cache to the file, once the response is done; False when the rotating cache
+        has moved past the prompt (nothing is saved). True without a file.
+
+        Raises:
+            Qwen3Error: as save_cache.
+        """
+        if self.path is None or self.cache is None:
+            return True
+        return save_prompt_cache(self.path, self.cache, list(self.prompt.content), model)
 
 
 class PrefixStore:
