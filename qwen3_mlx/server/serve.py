@@ -29,7 +29,7 @@ import uvicorn
 from ..distributed.engine import DistributedEngine, ParallelOptions, Ranks
 from ..errors import Qwen3Error
 from ..generation.engine import Engine
-from ..generation.options import DEFAULT_MAX_TOKENS, EngineOptions, GenerationOptions
+from ..generation.options import DEFAULT_MAX_TOKENS, EngineOptions
 from .app import create_app
 from .settings import ServerSettings
 
