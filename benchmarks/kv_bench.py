@@ -170,7 +170,7 @@ def cmd_run(a: argparse.Namespace) -> None:
 def cmd_attention(a: argparse.Namespace) -> None:
     from mlx_lm.models.base import quantized_scaled_dot_product_attention
 
-    from qwen3_mlx import kv_quant
+    from qwen3_mlx.model import kv_quant
     from qwen3_mlx.model.kv_quant import KVQuantization
 
     s = SHAPES[a.shape]

@@ -233,7 +233,8 @@ def test_hide_thinking_leaves_the_reasoning_out(tiny_checkpoint, tmp_path):
 
 
 def test_output_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
-    from qwen3_mlx import batch_files, files
+    from qwen3_mlx import files
+    from qwen3_mlx.cli import prompts_file as batch_files
 
     out = tmp_path / "results.jsonl"
     out.write_text("the last run's\n")

@@ -19,7 +19,7 @@ from mlx_lm import convert as mlx_lm_convert
 from mlx_lm.convert import QUANT_RECIPES, configure_parser
 from mlx_lm.utils import load_model as mlx_lm_load_model
 
-from qwen3_mlx import converter
+from qwen3_mlx.checkpoint import converter
 from qwen3_mlx.cli.commands import main
 from qwen3_mlx.checkpoint.converter import convert
 from qwen3_mlx.errors import OptionError, Qwen3Error

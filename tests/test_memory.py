@@ -119,7 +119,7 @@ def test_the_prefix_store_gives_memory_back_before_a_request_waits(tiny):
 
 
 def test_newcomers_share_a_pass_only_when_its_activations_fit_the_ceiling(tiny, monkeypatch):
-    from qwen3_mlx import batch
+    from qwen3_mlx.generation import batch
 
     model, tok = tiny
     reqs = requests(tok, 2, seed=3)
