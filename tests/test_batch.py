@@ -7,19 +7,21 @@ import numpy as np
 import pytest
 
 from qwen3_mlx import GenerationOptions, generate
-from qwen3_mlx.generation import batch
-from qwen3_mlx.generation.batch import Scheduler, Ticket, batch_generate
-from qwen3_mlx.model.batch_cache import BatchKVCache, BatchRotatingKVCache
-from qwen3_mlx.model.cache import KVCache, RotatingKVCache
+from qwen3_mlx.errors import OptionError, Qwen3Error
+from qwen3_mlx.generation import scheduler as scheduling
+from qwen3_mlx.generation.batch import batch_generate
+from qwen3_mlx.generation.caches import new_cache
 from qwen3_mlx.generation.engine import Engine, EngineClosed, EngineFull
 from qwen3_mlx.generation.options import EngineOptions
-from qwen3_mlx.errors import OptionError, Qwen3Error
-from qwen3_mlx.model.kv_quant import KVQuantization
-from qwen3_mlx.generation.prefill import extend_caches
-from qwen3_mlx.text.prompt import Prompt, encode_prompt, make_prompt_cache
-from qwen3_mlx.generation.prompt_cache import PrefixStore
 from qwen3_mlx.generation.passes import extend_cache
+from qwen3_mlx.generation.prefill import extend_caches
+from qwen3_mlx.generation.prompt_cache import PrefixStore
 from qwen3_mlx.generation.request import collect, prepare
+from qwen3_mlx.generation.scheduler import Scheduler, Ticket
+from qwen3_mlx.model.batch_cache import BatchKVCache, BatchRotatingKVCache
+from qwen3_mlx.model.cache import KVCache, RotatingKVCache
+from qwen3_mlx.model.kv_quant import KVQuantization
+from qwen3_mlx.text.prompt import Prompt, encode_prompt
 
 PROMPTS = ["Hello", "Tell me a long story about a dragon and a knight who meet at dawn", "Why?", "1 2 3",
            "a b c d e f", "What is 2+2?", "Name three colours.", "ok"]
@@ -227,7 +229,7 @@ def run_together(model, tok, requests, monkeypatch, **kwargs):
         passes.append((len(chunks), max(len(c) for c in chunks)))
         extend_caches(model, caches, chunks)
 
-    monkeypatch.setattr(batch, "extend_caches", counted)
+    monkeypatch.setattr(scheduling, "extend_caches", counted)
     scheduler = Scheduler(model, tok, **kwargs)
     chunks = [[] for _ in requests]
     for i, (prompt, options) in enumerate(requests):
@@ -301,7 +303,7 @@ def test_eight_quantized_newcomers_prefilled_together_equal_each_request_alone(h
     def alone(prompt):
         ids = encode_prompt(tok, prompt, think=False)[0]
         return generate(model, tok, prompt, options,
-                        cache=make_prompt_cache(model, tok, ids, prompt.system, max_kv_size, quantization=q))
+                        cache=new_cache(model, tok, ids, prompt.system, options))
 
     single = [alone(p) for p in prompts]
     results, passes = run_together(model, tok, [(p, options) for p in prompts], monkeypatch, kv_bits=q.bits,

@@ -8,19 +8,20 @@ import pytest
 from mlx.utils import tree_map
 
 from qwen3_mlx import GenerationOptions, generate
-from qwen3_mlx.model import kv_quant
+from qwen3_mlx.errors import OptionError, Qwen3Error
 from qwen3_mlx.generation.batch import batch_generate
-from qwen3_mlx.model.batch_cache import BatchKVCache
-from qwen3_mlx.model.cache import KVCache, RotatingKVCache
+from qwen3_mlx.generation.caches import new_cache
 from qwen3_mlx.generation.chat import ChatSession
-from qwen3_mlx.model.config import ModelArgs
 from qwen3_mlx.generation.engine import Engine
 from qwen3_mlx.generation.options import EngineOptions
-from qwen3_mlx.errors import OptionError, Qwen3Error
+from qwen3_mlx.generation.prompt_cache import PrefixStore, load_cache, save_cache
+from qwen3_mlx.model import kv_quant
+from qwen3_mlx.model.batch_cache import BatchKVCache
+from qwen3_mlx.model.cache import KVCache, RotatingKVCache
+from qwen3_mlx.model.config import ModelArgs
 from qwen3_mlx.model.kv_quant import KVQuantization, Packed
 from qwen3_mlx.model.model import Model
-from qwen3_mlx.text.prompt import Prompt, encode_prompt, make_prompt_cache
-from qwen3_mlx.generation.prompt_cache import PrefixStore, load_cache, save_cache
+from qwen3_mlx.text.prompt import Prompt, encode_prompt
 
 H, D = 2, 32
 Q4, Q8_64 = KVQuantization(4, 32), KVQuantization(8, 64)
@@ -328,7 +329,7 @@ def test_quantized_rotating_batch_rows_equal_each_request_alone(small, monkeypat
 
     def alone_rotating(prompt):
         ids = encode_prompt(tok, prompt, think=False)[0]
-        cache = make_prompt_cache(model, tok, ids, prompt.system, 40, quantization=options.kv_quantization)
+        cache = new_cache(model, tok, ids, prompt.system, options)
         return generate(model, tok, prompt, options, cache=cache)
 
     single = [alone_rotating(p) for p in prompts]

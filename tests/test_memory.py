@@ -17,13 +17,13 @@ import pytest
 from server_live import LiveServer
 
 from qwen3_mlx import GenerationOptions, generate
+from qwen3_mlx.errors import MemoryLimitError
 from qwen3_mlx.generation.batch import batch_generate
 from qwen3_mlx.generation.engine import Engine
-from qwen3_mlx.generation.options import EngineOptions
-from qwen3_mlx.errors import MemoryLimitError
 from qwen3_mlx.generation.memory import MemoryPlan, default_memory_limit, weight_bytes
-from qwen3_mlx.text.prompt import Prompt, encode_prompt
+from qwen3_mlx.generation.options import EngineOptions
 from qwen3_mlx.server import ServerSettings, create_app
+from qwen3_mlx.text.prompt import Prompt, encode_prompt
 
 GREEDY = dict(temp=0, think=False)
 NO_EOT = {151645: -100.0, 151643: -100.0}  # long answers: the end of turn is never drawn
@@ -119,7 +119,7 @@ def test_the_prefix_store_gives_memory_back_before_a_request_waits(tiny):
 
 
 def test_newcomers_share_a_pass_only_when_its_activations_fit_the_ceiling(tiny, monkeypatch):
-    from qwen3_mlx.generation import batch
+    from qwen3_mlx.generation import scheduler as batch
 
     model, tok = tiny
     reqs = requests(tok, 2, seed=3)

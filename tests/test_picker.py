@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import mlx.core as mx
 import pytest
 
-from qwen3_mlx.generation.batch import BatchGenerator, Row
+from qwen3_mlx.generation.batch_decode import BatchGenerator, Row
 from qwen3_mlx.generation.options import GenerationOptions
 from qwen3_mlx.generation.passes import step
 from qwen3_mlx.generation.picker import Draw, Picker, make_picker

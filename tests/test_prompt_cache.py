@@ -6,14 +6,20 @@ import mlx.core as mx
 import pytest
 
 from qwen3_mlx.errors import Qwen3Error
+from qwen3_mlx.generation.options import GenerationOptions
+from qwen3_mlx.generation.prompt_cache import (
+    common_prefix,
+    load_cache,
+    open_prompt_cache,
+    save_prompt_cache,
+)
 from qwen3_mlx.text.prompt import Prompt, encode_prompt
-from qwen3_mlx.generation.prompt_cache import common_prefix, load_cache, open_prompt_cache, save_prompt_cache
 
 
 def filled(model, tok, question, path=None):
     """The prompt ids of `question` and a cache holding them (opened from `path` when given)."""
     ids, _ = encode_prompt(tok, Prompt(question), think=False)
-    cache = open_prompt_cache(path, model, tok, ids, None, None) if path else model.make_cache()
+    cache = open_prompt_cache(path, model, tok, ids, None, GenerationOptions()) if path else model.make_cache()
     model(mx.array([ids[cache[0].offset :]]), cache)
     return ids, cache
 
@@ -26,15 +32,15 @@ def test_a_saved_prompt_cache_is_opened_trimmed_to_the_shared_prefix(tiny, tmp_p
     assert save_prompt_cache(path, cache, first, model)
     assert load_cache(path, model)[1] == first
     second, _ = encode_prompt(tok, Prompt("second question"), think=False)
-    reopened = open_prompt_cache(path, model, tok, second, None, None)
+    reopened = open_prompt_cache(path, model, tok, second, None, GenerationOptions())
     assert reopened[0].offset == common_prefix(first, second) > 0
 
 
 def test_a_missing_prompt_cache_file_gives_a_new_cache(tiny, tmp_path):
     model, tok = tiny
     ids, _ = encode_prompt(tok, Prompt("q"), think=False)
-    assert open_prompt_cache(tmp_path / "none.safetensors", model, tok, ids, None, None)[0].offset == 0
-    rotating = open_prompt_cache(tmp_path / "none.safetensors", model, tok, ids, None, 64)
+    assert open_prompt_cache(tmp_path / "none.safetensors", model, tok, ids, None, GenerationOptions())[0].offset == 0
+    rotating = open_prompt_cache(tmp_path / "none.safetensors", model, tok, ids, None, GenerationOptions(max_kv_size=64))
     assert rotating[0].max_size == 64
 
 

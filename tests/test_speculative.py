@@ -267,7 +267,7 @@ def test_the_engine_and_the_server_draft_for_every_request_and_count_the_predict
         assert draft_cache > 0 and engine.memory()["kv"] >= draft_cache
         request.cancel()
     # The ceiling counts the draft: its weights, its cache per row, and a decode pass of 1 + k positions.
-    from qwen3_mlx.generation.batch import Scheduler
+    from qwen3_mlx.generation.scheduler import Scheduler
     from qwen3_mlx.generation.memory import forward_bytes, weight_bytes
 
     plain, drafted = (Scheduler(model, tok, memory_limit=10**12, draft_model=d).plan for d in (None, draft))

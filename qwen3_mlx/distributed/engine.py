@@ -40,7 +40,8 @@ import mlx.core as mx
 from ..checkpoint import loader
 from ..collectives import WATCHDOG_SECONDS, Watchdog, broadcast, join
 from ..errors import OptionError, Qwen3Error
-from ..generation.batch import Ticket, batch_generate
+from ..generation.batch import batch_generate
+from ..generation.scheduler import Ticket
 from ..generation.engine import Engine
 from ..generation.options import EngineOptions, GenerationOptions
 from ..generation.request import prepare

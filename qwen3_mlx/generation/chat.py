@@ -14,11 +14,12 @@ from typing import Any, Iterator
 from ..errors import OptionError, Qwen3Error
 from ..model.cache import KVCache
 from ..model.model import Model
-from ..text.prompt import Prompt, make_prompt_cache, thinking_requested
+from ..text.prompt import Prompt, thinking_requested
 from ..text.tokenizer import Tokenizer
+from .caches import new_cache
 from .options import GenerationOptions
-from .prompt_cache import SavedCache, load_cache, reuse, save_cache
 from .passes import extend_cache
+from .prompt_cache import SavedCache, load_cache, reuse, save_cache
 from .response import Chunk, GenerationStats
 from .single import stream_generate
 
@@ -166,8 +167,7 @@ class ChatSession:
             else:
                 self.cached = self.cached[:kept]
         if self.cache is None:
-            self.cache = make_prompt_cache(self.model, self.tokenizer, prompt, self.system, self.options.max_kv_size,
-                                           quantization=self.options.kv_quantization)
+            self.cache = new_cache(self.model, self.tokenizer, prompt, self.system, self.options)
 
     def prepare_next_turn(self) -> None:
         """Read the last answer again as the next turn's template will show it (without its reasoning)

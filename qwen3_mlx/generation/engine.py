@@ -1,4 +1,4 @@
-"""The engine: one thread owns the model and runs the batch's decode loop (batch.Scheduler) for a
+"""The engine: one thread owns the model and runs the batch's decode loop (scheduler.Scheduler) for a
 long-running process such as the server. Any thread or asyncio task submits a request and gets a
 `Request` handle that streams its chunks and can cancel it.
 
@@ -22,7 +22,7 @@ from ..errors import Qwen3Error
 from ..model.model import Model
 from ..text.prompt import Messages, Prompt
 from ..text.tokenizer import Tokenizer
-from .batch import Scheduler, Ticket
+from .scheduler import Scheduler, Ticket
 from .options import EngineOptions, GenerationOptions
 from .prompt_cache import PrefixStore
 from .request import collect, prepare

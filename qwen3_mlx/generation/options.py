@@ -7,6 +7,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
+from ..checkpoint.sampling_defaults import check_sampling
 from ..errors import OptionError
 from ..model.kv_quant import KV_BITS, KV_GROUP_SIZES, KVQuantization
 
@@ -106,6 +107,9 @@ class GenerationOptions:
         _check_int("num_draft_tokens", self.num_draft_tokens, 0)
         _check_int("prompt_lookup_min", self.prompt_lookup_min, 1)
         _check_int("prompt_lookup_max", self.prompt_lookup_max, self.prompt_lookup_min)
+        check_sampling(temperature=self.temp, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
+                       presence_penalty=self.presence_penalty, repetition_penalty=self.repetition_penalty,
+                       logit_bias=self.logit_bias)
         if self.seed is not None:
             _check_int("seed", self.seed, 0)
             if self.seed >= 2**64:
@@ -134,7 +138,7 @@ class GenerationOptions:
 
 @dataclass(frozen=True)
 class EngineOptions:
-    """How a batch of requests runs together: engine.Engine, batch.Scheduler, batch_generate, the
+    """How a batch of requests runs together: engine.Engine, scheduler.Scheduler, batch_generate, the
     distributed engine and the server take it. Every field has a default.
 
     max_batch: the most rows decoded at once; the others wait their turn.

@@ -17,8 +17,9 @@ from ..files import written_atomically
 from ..model.cache import KVCache, restore
 from ..model.kv_quant import KVQuantization, Packed, Stored, prefix, stored_map
 from ..model.model import Model
-from ..text.prompt import Prompt, encode_prompt, make_prompt_cache
+from ..text.prompt import Prompt, encode_prompt
 from ..text.tokenizer import Tokenizer
+from .caches import CacheOptions, new_cache
 from .options import GenerationOptions
 
 CACHE_FORMAT = "qwen3-mlx-kv-cache/1"
@@ -164,18 +165,17 @@ def reuse(cache: list[KVCache], cached: list[int], ids: list[int], *, prompt: bo
 
 
 def open_prompt_cache(path: Path, model: Model, tokenizer: Tokenizer, prompt: list[int],
-                      system: str | None, max_kv_size: int | None,
-                      quantization: KVQuantization | None = None) -> list[KVCache]:
+                      system: str | None, options: CacheOptions) -> list[KVCache]:
     """A cache for `prompt`: the one saved in `path` trimmed to the shared prefix, or a new one.
 
     Raises:
         Qwen3Error: as load_cache.
     """
     if Path(path).exists():
-        cache, cached, _ = load_cache(path, model, quantization)
+        cache, cached, _ = load_cache(path, model, options.kv_quantization)
         if reuse(cache, cached, prompt) >= 0:
             return cache
-    return make_prompt_cache(model, tokenizer, prompt, system, max_kv_size, quantization=quantization)
+    return new_cache(model, tokenizer, prompt, system, options)
 
 
 def save_prompt_cache(path: Path, cache: list[KVCache], prompt: list[int], model: Model) -> bool:
@@ -215,8 +215,7 @@ class CachedPrompt:
         ids, thinking = encode_prompt(tokenizer, prompt, think=options.think)
         cache = None
         if path is not None:
-            cache = open_prompt_cache(path, model, tokenizer, ids, prompt.system, options.max_kv_size,
-                                      options.kv_quantization)
+            cache = open_prompt_cache(path, model, tokenizer, ids, prompt.system, options)
         return cls(Prompt(ids, system=prompt.system), options.replace(think=thinking), path, cache)
 
     def save(self, model: Model) -> bool:

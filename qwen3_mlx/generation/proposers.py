@@ -25,6 +25,7 @@ from .options import GenerationOptions
 from .passes import extend_cache
 from .picker import Picker
 
+
 @dataclass
 class Proposal:
     """Drafted tokens, and the proposer's distributions over them: (n, V) probabilities, or None when
@@ -135,7 +136,7 @@ class DraftSteps:
 
 
 class BatchDraft:
-    """A draft model drafting for every row of a speculative batch at once (batch.BatchGenerator): one
+    """A draft model drafting for every row of a speculative batch at once (batch_decode.BatchGenerator): one
     cache for all rows, in which each row follows its own text and takes back its own tokens
     (BatchRotatingKVCache without a window), and a pass of the batch a draft step, where DraftModel
     per row would take a pass a row. A row drafts what it drafts alone with DraftModel: the same

@@ -2,7 +2,7 @@
 thinking budget's cut, the stop rules, the counts and the timings.
 
 `Response` is fed the tokens one at a time by a loop that draws them (generation.TokenGenerator for
-one request, batch.BatchGenerator for rows of a batch) and tells that loop what to feed next when the
+one request, batch_decode.BatchGenerator for rows of a batch) and tells that loop what to feed next when the
 thinking budget forces text in. It consults small parts, each with one job: Limits (when no more
 tokens may be drawn), ThinkingBudget (where the reasoning is cut), PartText (text of the reasoning or
 the answer, with the template's newlines trimmed), StopStrings (stops.py: answer text held back while

@@ -20,11 +20,13 @@ import mlx.core as mx
 
 from ..model.cache import KVCache, RotatingKVCache
 from ..model.model import Model
-from ..text.prompt import Messages, Prompt, make_prompt_cache
+from ..text.prompt import Messages, Prompt
 from ..text.tokenizer import Tokenizer
+from .caches import new_cache
 from .options import GenerationOptions
 from .passes import Progress, prefill, reuse_cache, step
 from .picker import Draw, Picker
+from .proposers import make_proposer
 from .request import collect, prepare
 from .response import (
     EARLY_STOP_TEXT,
@@ -35,7 +37,6 @@ from .response import (
     ThinkingBudget,
     TokenLogprob,
 )
-from .proposers import make_proposer
 from .verification import SpeculativeGenerator
 
 __all__ = [
@@ -181,7 +182,7 @@ def stream_generate(
         yield Chunk("", "answer", None, stats)
         return
     if cache is None:
-        cache = make_prompt_cache(model, tokenizer, job.prompt_ids, request.system, opts.max_kv_size, keep)
+        cache = new_cache(model, tokenizer, job.prompt_ids, request.system, opts, keep)
     ids = job.prompt_ids
     stats.cached_tokens = reuse_cache(cache, ids[: cache[0].offset], ids)  # it holds a prefix of them
     proposer = make_proposer(model, opts, draft_model)

@@ -31,6 +31,7 @@ from .picker import Draw, Picker
 from .proposers import BatchDraft, DraftModel, PromptLookup, Proposal
 from .response import TokenLogprob
 
+
 def accept(picker: Picker, drafts: list[int], p: mx.array, q: mx.array | None,
            key: mx.array | None) -> tuple[int, mx.array]:
     """How many drafts are kept, and the token after them (1,).

@@ -9,9 +9,6 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from ..errors import OptionError, Qwen3Error
-from ..model.cache import KVCache
-from ..model.kv_quant import KVQuantization
-from ..model.model import Model
 from .tokenizer import Tokenizer, checked_messages
 
 # What Qwen3's template writes for enable_thinking=False: an empty reasoning block.
@@ -126,22 +123,6 @@ def system_prefix_length(tokenizer: Tokenizer, prompt_ids: Sequence[int], system
         if list(prompt_ids[: len(head)]) == head:
             return len(head)
     return min(4, len(prompt_ids))
-
-
-def make_prompt_cache(model: Model, tokenizer: Tokenizer, prompt_ids: Sequence[int], system: str | None,
-                      max_kv_size: int | None, keep: int | None = None,
-                      quantization: KVQuantization | None = None) -> list[KVCache]:
-    """A plain cache, or a rotating one of max_kv_size tokens that keeps the system turn; either one
-    quantized when given a quantization (GenerationOptions.kv_quantization)."""
-    if max_kv_size is None:
-        return model.make_cache(quantization=quantization)
-    if keep is None:
-        keep = system_prefix_length(tokenizer, prompt_ids, system)
-    if max_kv_size <= keep:
-        what = "the system prompt" if system is not None else "the first tokens, kept as attention sinks"
-        raise OptionError(f"max_kv_size={max_kv_size} must be larger than the kept prefix ({keep} tokens: {what}); "
-                          f"raise it{' or shorten the system prompt' if system is not None else ''}")
-    return model.make_cache(max_kv_size, keep, quantization)
 
 
 def starts_in_reasoning(tokenizer: Tokenizer, ids: Sequence[int]) -> bool:
