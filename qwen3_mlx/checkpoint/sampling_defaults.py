@@ -4,8 +4,10 @@ checkpoint; the samplers (generation/sampling.py) take them.
 """
 
 import math
+import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
+from typing import Any
 
 from ..errors import OptionError
 
@@ -70,28 +72,61 @@ def default_params(thinking: bool, generation_config: Mapping | None = None, **o
 
 
 def validate(params: SamplingParams) -> None:
-    """Check every field's range.
+    """Check every field's type and range (check_sampling's words).
 
     Raises:
         OptionError: one line naming the field, its allowed range and the value given.
     """
-    p = params
-    if not p.temperature >= 0:  # written this way so NaN fails too
-        raise OptionError(f"temperature must be >= 0, got {p.temperature}")
-    if math.isinf(p.temperature):
-        raise OptionError(f"temperature must be finite, got {p.temperature}")
-    if not 0 < p.top_p <= 1:
-        raise OptionError(f"top_p must be in (0, 1], got {p.top_p}")
-    if isinstance(p.top_k, bool) or not isinstance(p.top_k, int) or p.top_k < 0:
-        raise OptionError(f"top_k must be an integer >= 0 (0 = off), got {p.top_k!r}")
-    if not 0 <= p.min_p <= 1:
-        raise OptionError(f"min_p must be in [0, 1], got {p.min_p}")
-    if not math.isfinite(p.presence_penalty):
-        raise OptionError(f"presence_penalty must be finite, got {p.presence_penalty}")
-    if not (p.repetition_penalty > 0 and math.isfinite(p.repetition_penalty)):
-        raise OptionError(f"repetition_penalty must be > 0 and finite, got {p.repetition_penalty}")
-    for token, bias in (p.logit_bias or {}).items():
+    check_sampling(**{f.name: getattr(params, f.name) for f in fields(params)})
+
+
+def check_sampling(*, temperature: Any = None, top_p: Any = None, top_k: Any = None, min_p: Any = None,
+                   presence_penalty: Any = None, repetition_penalty: Any = None, logit_bias: Any = None) -> None:
+    """Check each sampling value given (None: not given): the one owner of their bounds and of their
+    words, which GenerationOptions, the loader and the samplers all call.
+
+    Raises:
+        OptionError: one line naming the value, its allowed range and the value given.
+    """
+    if temperature is not None:
+        t = _number("temperature", temperature)
+        if not t >= 0:  # written this way so NaN fails too
+            raise OptionError(f"temperature must be >= 0, got {t}")
+        if math.isinf(t):
+            raise OptionError(f"temperature must be finite, got {t}")
+    if top_p is not None and not 0 < _number("top_p", top_p) <= 1:
+        raise OptionError(f"top_p must be in (0, 1], got {float(top_p)}")
+    if top_k is not None:
+        if isinstance(top_k, bool) or not isinstance(top_k, int):
+            raise OptionError(f"top_k={top_k!r} must be an integer")
+        if top_k < 0:
+            raise OptionError(f"top_k must be >= 0 (0 = off), got {top_k}")
+    if min_p is not None and not 0 <= _number("min_p", min_p) <= 1:
+        raise OptionError(f"min_p must be in [0, 1], got {float(min_p)}")
+    if presence_penalty is not None and not math.isfinite(_number("presence_penalty", presence_penalty)):
+        raise OptionError(f"presence_penalty must be finite, got {float(presence_penalty)}")
+    if repetition_penalty is not None:
+        r = _number("repetition_penalty", repetition_penalty)
+        if not (r > 0 and math.isfinite(r)):
+            raise OptionError(f"repetition_penalty must be > 0 and finite, got {r}")
+    if logit_bias is not None:
+        _check_logit_bias(logit_bias)
+
+
+def _check_logit_bias(logit_bias: Any) -> None:
+    if not isinstance(logit_bias, Mapping):
+        raise OptionError(f"logit_bias={logit_bias!r} must be a mapping of token ids to biases")
+    for token, bias in logit_bias.items():
         if isinstance(token, bool) or not isinstance(token, int) or token < 0:
             raise OptionError(f"logit_bias: token ids must be integers >= 0, got {token!r}")
+        if isinstance(bias, bool) or not isinstance(bias, numbers.Real):
+            raise OptionError(f"logit_bias: the bias of token {token} must be a number, got {bias!r}")
         if math.isnan(bias) or bias == math.inf:
-            raise OptionError(f"logit_bias: bias for token {token} must be finite or -inf, got {bias}")
+            raise OptionError(f"logit_bias: bias for token {token} must be finite or -inf, got {float(bias)}")
+
+
+def _number(name: str, value: Any) -> float:
+    """`value` as a float, or an OptionError in the words every path uses for a value that is no number."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise OptionError(f"{name}={value!r} must be a number")
+    return float(value)
