@@ -102,14 +102,14 @@ def test_a_tool_call_cut_by_the_cap_is_neither_a_call_nor_text(tok):
     model = ScriptedModel(replies(tok, "", answer), header=tok.encode("<|im_start|>assistant\n"))
     prompt = Prompt("Call f twice.", tools=TOOLS)
     whole = generate(model, tok, prompt, think=False, **GREEDY)
-    assert [c.arguments for c in whole.tool_calls] == ['{"a": 1}', '{"a": 2, "b": 3}']
+    assert [c.arguments_json for c in whole.tool_calls] == ['{"a": 1}', '{"a": 2, "b": 3}']
     assert whole.stats.finish_reason == "tool_calls"
     first_call = len(tok.encode(answer.split("\n<tool_call>")[0]))
     cut = first_call + 8  # inside the second call's arguments
     results = three_paths(model, tok, prompt, GenerationOptions(think=False, max_tokens=cut, **GREEDY))
     for r in results:
         assert r.stats.finish_reason == "length"
-        assert [c.arguments for c in r.tool_calls] == ['{"a": 1}']
+        assert [c.arguments_json for c in r.tool_calls] == ['{"a": 1}']
         assert "<tool_call>" not in r.content and r.content == ""
 
 

@@ -22,8 +22,10 @@ ANSWER = ('I will look both up.\n<tool_call>\n{"name": "get_weather", "arguments
           '"days": [1, 2]}}\n</tool_call>\nThen the time.\n<tool_call>\n{"name": "get_time", "arguments": '
           '"{\\"zone\\": \\"CET\\"}"}\n</tool_call>\n')
 CONTENT = "I will look both up.\nThen the time."
-CALLS = [ToolCall("call_0", "get_weather", '{"city": "Zürich \\"old\\" {town}", "days": [1, 2]}'),
-         ToolCall("call_1", "get_time", '{"zone": "CET"}')]
+CALLS = [ToolCall("call_0", "get_weather", {"city": 'Zürich "old" {town}', "days": [1, 2]}),
+         ToolCall("call_1", "get_time", {"zone": "CET"})]
+# Their arguments' text, as it streams and as OpenAI's `arguments` carries it.
+CALLS_JSON = ['{"city": "Zürich \\"old\\" {town}", "days": [1, 2]}', '{"zone": "CET"}']
 
 
 def ids():
@@ -54,11 +56,17 @@ def arguments_of(events, index):
 
 def test_one_call_whole():
     text = '<tool_call>\n{"name": "get_time", "arguments": {"zone": "CET"}}\n</tool_call>'
-    assert parse_tool_calls(text, ids()) == ("", [ToolCall("call_0", "get_time", '{"zone": "CET"}')])
+    assert parse_tool_calls(text, ids()) == ("", [ToolCall("call_0", "get_time", {"zone": "CET"})])
 
 
 def test_several_calls_with_text_before_and_between():
     assert parse_tool_calls(ANSWER, ids()) == (CONTENT, CALLS)
+
+
+def test_a_call_carries_its_arguments_as_an_object_and_as_the_json_text_it_streams():
+    _, calls = parse_tool_calls(ANSWER, ids())
+    assert [c.arguments for c in calls] == [{"city": 'Zürich "old" {town}', "days": [1, 2]}, {"zone": "CET"}]
+    assert [c.arguments_json for c in calls] == CALLS_JSON
 
 
 def test_the_openai_form_of_a_call():
@@ -75,18 +83,20 @@ def test_arguments_are_written_as_json_dumps_writes_them():
     # No spaces, a trailing zero, an exponent, escaped unicode with a surrogate pair, an escaped slash.
     text = '<tool_call>{"name":"f","arguments":{"a":1.50,"b":"\\u00fc\\ud83d\\ude00\\/","c":1E2,"d":[true,null]}}</tool_call>'
     arguments = '{"a": 1.5, "b": "ü😀/", "c": 100.0, "d": [true, null]}'
-    assert parse_tool_calls(text, ids()) == ("", [ToolCall("call_0", "f", arguments)])
+    call = ToolCall("call_0", "f", {"a": 1.5, "b": "ü😀/", "c": 100.0, "d": [True, None]})
+    assert (parse_tool_calls(text, ids()), call.arguments_json) == (("", [call]), arguments)
     for size in range(1, len(text) + 1):
         parser, events = streamed(split(text, size))
-        assert (parser.calls, arguments_of(events, 0)) == ([ToolCall("call_0", "f", arguments)], arguments)
+        assert (parser.calls, arguments_of(events, 0)) == ([call], arguments)
 
 
 def test_unicode_arguments_stay_unescaped():
     text = '<tool_call>{"name": "translate", "arguments": {"text": "日本語 — ça va? 🙂", "to": "Ελληνικά"}}</tool_call>'
     arguments = '{"text": "日本語 — ça va? 🙂", "to": "Ελληνικά"}'
-    assert parse_tool_calls(text, ids()) == ("", [ToolCall("call_0", "translate", arguments)])
+    call = ToolCall("call_0", "translate", {"text": "日本語 — ça va? 🙂", "to": "Ελληνικά"})
+    assert (parse_tool_calls(text, ids()), call.arguments_json) == (("", [call]), arguments)
     parser, events = streamed(list(text))
-    assert arguments_of(events, 0) == arguments and parser.calls == [ToolCall("call_0", "translate", arguments)]
+    assert arguments_of(events, 0) == arguments and parser.calls == [call]
 
 
 # ---------------------------------------------------------------- streamed
@@ -99,7 +109,7 @@ def test_streamed_in_pieces_of_any_size_it_gives_what_the_whole_answer_gives(siz
     assert text_of(events) == CONTENT
     firsts = [(d.index, d.id, d.name) for d in events if isinstance(d, ToolCallDelta) and d.id is not None]
     assert firsts == [(0, "call_0", "get_weather"), (1, "call_1", "get_time")]
-    assert [arguments_of(events, i) for i in (0, 1)] == [c.arguments for c in CALLS]
+    assert [arguments_of(events, i) for i in (0, 1)] == CALLS_JSON
 
 
 def test_char_by_char_the_call_is_announced_then_its_arguments_stream_token_by_token():
@@ -124,7 +134,7 @@ def test_token_by_token_as_the_detokenizer_releases_it(tok):
     pieces = [detok.add(t) for t in token_ids] + [detok.flush()]
     parser, events = streamed(pieces)
     assert (parser.calls, text_of(events)) == (CALLS, CONTENT)
-    assert [arguments_of(events, i) for i in (0, 1)] == [c.arguments for c in CALLS]
+    assert [arguments_of(events, i) for i in (0, 1)] == CALLS_JSON
 
 
 def test_random_arguments_in_random_pieces_stream_exactly_as_json_dumps_writes_them():
@@ -146,8 +156,9 @@ def test_random_arguments_in_random_pieces_stream_exactly_as_json_dumps_writes_t
         cuts = sorted(rng.sample(range(1, len(text)), min(len(text) - 1, rng.randrange(1, 40))))
         parser, events = streamed([text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)])
         expected = json.dumps(arguments, ensure_ascii=False)
-        assert (parser.calls, arguments_of(events, 0), text_of(events)) == ([ToolCall("call_0", "f", expected)],
+        assert (parser.calls, arguments_of(events, 0), text_of(events)) == ([ToolCall("call_0", "f", arguments)],
                                                                             expected, "")
+        assert parser.calls[0].arguments_json == expected
 
 
 # ---------------------------------------------------------------- blocks that are not calls
@@ -165,11 +176,11 @@ def test_random_arguments_in_random_pieces_stream_exactly_as_json_dumps_writes_t
 def test_a_block_that_is_not_a_call_is_left_as_text_whole_and_streamed(block, abandoned):
     text = f'Before <tool_call>{block}</tool_call> after\n<tool_call>{{"name": "g", "arguments": {{}}}}</tool_call>'
     content = f"Before <tool_call>{block}</tool_call> after"
-    assert parse_tool_calls(text, ids()) == (content, [ToolCall(f"call_{len(abandoned)}", "g", "{}")])
+    assert parse_tool_calls(text, ids()) == (content, [ToolCall(f"call_{len(abandoned)}", "g", {})])
     for size in (1, 2, 7, len(text)):
         parser, events = streamed(split(text, size))
         assert (text_of(events), parser.calls, parser.abandoned) == (
-            content, [ToolCall(f"call_{len(abandoned)}", "g", "{}")], abandoned)
+            content, [ToolCall(f"call_{len(abandoned)}", "g", {})], abandoned)
         # The block comes back whole, as one piece of text at its end.
         assert f" <tool_call>{block}</tool_call>" in events
         # The next call takes the next index, after the abandoned one's.
@@ -228,7 +239,8 @@ def test_generate_parses_the_calls_and_streams_them_as_chunks(tok):
     assert {c.kind for c in chunks} == {"answer", "tool_call"}
     result = generate(model(), tok, "weather?", think=False, tools=tools)
     assert result.content == CONTENT
-    assert [(c.name, c.arguments) for c in result.tool_calls] == [(c.name, c.arguments) for c in CALLS]
+    assert [(c.name, c.arguments, c.arguments_json) for c in result.tool_calls] == [
+        (c.name, c.arguments, c.arguments_json) for c in CALLS]
     assert result.tool_calls[0].id.startswith("call_") and len(result.tool_calls[0].id) == 29
     assert result.stats.finish_reason == "tool_calls"
     # Without tools, the same answer is text.

@@ -20,7 +20,7 @@ import json
 import re
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 # The start of a block whose arguments can stream: the name first, then "arguments": {
@@ -29,12 +29,17 @@ _HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\
 
 @dataclass(frozen=True)
 class ToolCall:
-    """A complete call: `arguments` is the JSON text of its arguments object, as
-    `json.dumps(arguments, ensure_ascii=False)` writes it (what OpenAI's API carries)."""
+    """A complete call: `arguments` is its arguments object, parsed; `arguments_json` its JSON text as
+    `json.dumps(arguments, ensure_ascii=False)` writes it, which is what the call's streamed fragments
+    add up to (and what OpenAI's and the Responses API's `arguments` string carries)."""
 
     id: str
     name: str
-    arguments: str
+    arguments: dict
+    arguments_json: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "arguments_json", json.dumps(self.arguments, ensure_ascii=False))
 
 
 @dataclass(frozen=True)
@@ -169,24 +174,23 @@ class ToolCallParser:
             out.append(ToolCallDelta(self._call.index, None, None, fragment))
 
     def _end_block(self, body: str, out: list[Event]) -> None:
-        call = self._call
-        parsed = _parse_call(body)
-        if parsed is None or (call is not None and (parsed[0] != call.name or
-                                                    not parsed[1].startswith(call.arguments.sent))):
+        call, parsed = self._call, _parse_call(body)
+        # A block not announced gets its id only once it is known to be a call.
+        found = None if parsed is None else ToolCall(self._new_id() if call is None else call.id, *parsed)
+        if found is None or (call is not None and (found.name != call.name or
+                                                   not found.arguments_json.startswith(call.arguments.sent))):
             self._abandon()
             self._text(OPEN + body + CLOSE, out)
             return
-        name, arguments = parsed
         self._call = None
         if call is None:
-            call_id = self._new_id()
-            out.append(ToolCallDelta(self._index, call_id, name, arguments))
+            out.append(ToolCallDelta(self._index, found.id, found.name, found.arguments_json))
             self._index += 1
         else:
-            call_id, rest = call.id, arguments[len(call.arguments.sent) :]
+            rest = found.arguments_json[len(call.arguments.sent) :]
             if rest:
                 out.append(ToolCallDelta(call.index, None, None, rest))
-        self.calls.append(ToolCall(call_id, name, arguments))
+        self.calls.append(found)
         self._space = ""  # whitespace before and after a call is the template's
 
     def _abandon(self) -> None:
@@ -324,8 +328,8 @@ class _ArgumentWriter:
 # ---------------------------------------------------------------- helpers
 
 
-def _parse_call(body: str) -> tuple[str, str] | None:
-    """(name, arguments JSON text) of a block's body, or None when it is not a call."""
+def _parse_call(body: str) -> tuple[str, dict] | None:
+    """(name, arguments object) of a block's body, or None when it is not a call."""
     try:
         obj = json.loads(body)
     except ValueError:
@@ -340,7 +344,7 @@ def _parse_call(body: str) -> tuple[str, str] | None:
             return None
     if not isinstance(arguments, dict):
         return None
-    return obj["name"], json.dumps(arguments, ensure_ascii=False)
+    return obj["name"], arguments
 
 
 def _tag_prefix(text: str, tag: str) -> int:
@@ -368,4 +372,4 @@ def parse_tool_calls(text: str, id_factory: Callable[[], str] = new_call_id) -> 
 
 def tool_call_openai(call: ToolCall) -> dict:
     """A call as OpenAI's API writes it in a message's tool_calls."""
-    return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+    return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments_json}}

@@ -231,7 +231,7 @@ def message(result: GenerationResult, model_id: str, *, show_thinking: bool, par
     if result.content:
         content.append(TextBlock(text=result.content))
     calls = tool_calls(result.stats, parallel)
-    content += [ToolUseBlock(id=c.id, name=c.name, input=json.loads(c.arguments)) for c in calls]
+    content += [ToolUseBlock(id=c.id, name=c.name, input=c.arguments) for c in calls]
     return Message(id=new_id("msg"), model=model_id, content=content, stop_reason=stop_reason(result.stats, calls),
                    stop_sequence=result.stats.stop_string,
                    usage=usage(result.stats))

@@ -154,7 +154,7 @@ def chat_completion(result: GenerationResult, model_id: str, *, logprobs: bool, 
     reasoning = result.reasoning or None
     calls = tool_calls(result.stats, parallel)
     content = result.content
-    wire = [p.ToolCall(id=c.id, function=p.FunctionCall(name=c.name, arguments=c.arguments)) for c in calls]
+    wire = [p.ToolCall(id=c.id, function=p.FunctionCall(name=c.name, arguments=c.arguments_json)) for c in calls]
     message = p.AssistantMessage(content=content if content or not calls else None, reasoning_content=reasoning,
                                  reasoning=reasoning, tool_calls=wire or None)
     choice = p.ChatChoice(message=message, finish_reason=finish_reason(result.stats, calls),

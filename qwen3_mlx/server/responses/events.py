@@ -59,7 +59,7 @@ class _Items:
             return []
         item, text = self.open, "".join(self.text)
         if item["type"] == "function_call":
-            complete = {c.id: c.arguments for c in tool_calls(self.stats, self.t.parallel)}
+            complete = {c.id: c.arguments_json for c in tool_calls(self.stats, self.t.parallel)}
             done = call_item(self.t, item["call_id"], self.call_name, complete.get(item["call_id"], text),
                              "completed" if item["call_id"] in complete else "incomplete")
             events = [self.event("response.function_call_arguments.done", **self._where(), name=item["name"],

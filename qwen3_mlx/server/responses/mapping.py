@@ -259,7 +259,7 @@ def output_items(t: Turn, result: GenerationResult) -> list[dict]:
         items.append(reasoning_item(t, result.reasoning))
     if result.content or not calls:
         items.append(message_item(result.content))
-    items += [call_item(t, c.id, c.name, c.arguments) for c in calls]
+    items += [call_item(t, c.id, c.name, c.arguments_json) for c in calls]
     return items
 
 
