@@ -18,7 +18,7 @@ FLOORS = {
     "server.anthropic": [["events"], ["mapping"], ["protocol"]],
     "server.responses": [["events"], ["mapping"], ["protocol", "store"]],
     "server.submission": [["outcome", "reading"], ["parameters", "refusal"]],
-    "distributed": [["engine"]],
+    "distributed": [["batch"], ["engine"], ["ranks"], ["launch", "wire"]],
     "generation": [["engine", "batch", "chat", "batch_check"], ["scheduler", "single"], ["batch_decode"],
                    ["verification"], ["proposers"], ["request", "prefill"], ["passes"], ["picker"],
                    ["response", "prompt_cache", "memory", "sampling"], ["caches", "stops", "options"]],

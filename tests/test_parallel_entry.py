@@ -27,7 +27,8 @@ from server_live import LiveServer, free_port
 from test_parallel import free_ports
 
 from qwen3_mlx.cli import commands as cli
-from qwen3_mlx.distributed.engine import ErrorLines, request_json, request_from_json
+from qwen3_mlx.distributed.launch import ErrorLines
+from qwen3_mlx.distributed.wire import request_from_json, request_json
 from qwen3_mlx.generation.engine import Engine
 from qwen3_mlx.checkpoint.loader import load
 from qwen3_mlx.generation.options import GenerationOptions

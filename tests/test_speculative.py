@@ -263,7 +263,7 @@ def test_the_engine_and_the_server_draft_for_every_request_and_count_the_predict
         assert (details.accepted_prediction_tokens, details.rejected_prediction_tokens) == (0, 0)
         request = engine.submit("Count to a hundred", think=False, max_tokens=200, **GREEDY)
         next(iter(request))  # in the batch: its cache and its draft's
-        draft_cache = engine._scheduler.gen.draft.nbytes
+        draft_cache = engine.scheduler.gen.draft.nbytes
         assert draft_cache > 0 and engine.memory()["kv"] >= draft_cache
         request.cancel()
     # The ceiling counts the draft: its weights, its cache per row, and a decode pass of 1 + k positions.

@@ -24,7 +24,7 @@ from .serve_command import serve
 def main() -> None:
     """Run Qwen3 models with MLX: convert, generate, chat."""
     if any(os.environ.get(name, "0") != "0" for name in ("MLX_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")):
-        from ..distributed.engine import launched_rank, quiet
+        from ..distributed.launch import launched_rank, quiet
 
         quiet(launched_rank())  # a launched rank other than 0: its error lines only, even for a usage error
 

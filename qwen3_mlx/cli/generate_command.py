@@ -111,7 +111,7 @@ def generate_one(model: str, parts: tuple[str, str | None, bool, str | None], pr
     to `prompt_cache` when given."""
     import warnings
 
-    from ..distributed.engine import request_json
+    from ..distributed.wire import request_json
     from ..generation.prompt_cache import CachedPrompt
     from ..generation.single import stream_generate
     from ..text.prompt import Prompt
@@ -141,7 +141,8 @@ def generate_batch(model: str, path: Path, output: Path | None, engine: EngineOp
     import time
     import warnings
 
-    from ..distributed.engine import request_json
+    from ..distributed.batch import batch_generate_across
+    from ..distributed.wire import request_json
     from ..generation.batch_check import check_requests
     from .prompts_file import read_batch_file, result_record, write_jsonl
 
@@ -160,9 +161,9 @@ def generate_batch(model: str, path: Path, output: Path | None, engine: EngineOp
     with click.progressbar(length=len(batch.requests), label="generating", file=sys.stderr, show_pos=True) as bar:
         # Prompts go in chunks of --prefill-step-size (their options'), 256 tokens between two decode
         # steps (EngineOptions' default prefill_budget), as the server computes them.
-        results = ranks.batch_generate(loaded, tokenizer, [r.prompt for r in batch.requests],
-                                       [r.options for r in batch.requests], engine_options=engine,
-                                       progress=lambda done, total: bar.update(done - bar.pos), draft_model=draft)
+        results = batch_generate_across(ranks, loaded, tokenizer, [r.prompt for r in batch.requests],
+                                        [r.options for r in batch.requests], engine_options=engine,
+                                        progress=lambda done, total: bar.update(done - bar.pos), draft_model=draft)
     if results is None:  # a rank other than 0: rank 0 writes them
         return
     seconds = time.perf_counter() - start

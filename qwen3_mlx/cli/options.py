@@ -265,7 +265,7 @@ def parallel_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(command)
     def collect(*args: Any, **kwargs: Any) -> Any:
-        from ..distributed.engine import ParallelOptions
+        from ..distributed.ranks import ParallelOptions
 
         kwargs["parallel"] = ParallelOptions(kwargs.pop("parallel"), kwargs.pop("layers_per_rank"),
                                              kwargs.pop("watchdog"))
@@ -279,7 +279,7 @@ def start_ranks(parallel: Any, draft_model: str | None = None, prompt_cache: Pat
     refused in one line: a cache file (it would hold one rank's part of the cache), a draft model in a
     pipeline (a stage's receive waits on no earlier step, so a draft's k steps, evaluated together,
     could cross between the ranks)."""
-    from ..distributed.engine import Ranks
+    from ..distributed.ranks import Ranks
 
     if parallel.mode is not None and prompt_cache is not None:
         raise click.UsageError("--prompt-cache does not go with --parallel: each rank holds only its part of the "

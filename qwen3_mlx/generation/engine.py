@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import mlx.core as mx
@@ -22,11 +24,11 @@ from ..errors import Qwen3Error
 from ..model.model import Model
 from ..text.prompt import Messages, Prompt
 from ..text.tokenizer import Tokenizer
-from .scheduler import Scheduler, Ticket
 from .options import EngineOptions, GenerationOptions
 from .prompt_cache import PrefixStore
 from .request import collect, prepare
 from .response import Chunk, GenerationResult
+from .scheduler import Room, Scheduler, Ticket
 
 
 class EngineFull(Qwen3Error):
@@ -38,6 +40,16 @@ class EngineClosed(Qwen3Error):
 
 
 _END = object()  # after a request's last chunk
+
+
+@dataclass(frozen=True)
+class Taken:
+    """What the engine's thread takes at once (Engine.take): the requests submitted since, and whether
+    every request is to be cancelled and whether the engine is closing."""
+
+    new: list[Ticket]
+    cancel_all: bool
+    closing: bool
 
 
 class Request:
@@ -138,12 +150,13 @@ class Engine:
     """
 
     def __init__(self, model: Model, tokenizer: Tokenizer, options: EngineOptions | None = None, *,
-                 draft_model: Model | None = None, **changes: Any) -> None:
+                 draft_model: Model | None = None, room: Room | None = None, **changes: Any) -> None:
         options = EngineOptions.of(options, **changes)
         self.model, self.tokenizer, self.options, self.max_queue = model, tokenizer, options, options.max_queue
         self._prefixes = PrefixStore(options.prefix_store_bytes) if options.prefix_store_bytes > 0 else None
-        self._scheduler = Scheduler(model, tokenizer, options, draft_model=draft_model, prefix_store=self._prefixes)
-        self.memory_limit = self._scheduler.plan.limit
+        self.scheduler = Scheduler(model, tokenizer, options, draft_model=draft_model, prefix_store=self._prefixes,
+                                   room=room)
+        self.memory_limit = self.scheduler.plan.limit
         self._inbox: list[Ticket] = []  # submitted, not yet seen by the engine's thread
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -154,7 +167,7 @@ class Engine:
 
     def start(self) -> Engine:
         if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="qwen3-mlx-engine", daemon=True)
+            self._thread = threading.Thread(target=self.run, name="qwen3-mlx-engine", daemon=True)
             self._thread.start()
         return self
 
@@ -192,8 +205,8 @@ class Engine:
         """
         request_prompt = Prompt.of(prompt, system=system, raw=raw, tools=tools, prefill_response=prefill_response)
         job = prepare(self.model, self.tokenizer, request_prompt, GenerationOptions.of(options, **kwargs),
-                      rotating=self._scheduler.max_kv_size is not None)
-        most = self._scheduler.check(job)
+                      rotating=self.scheduler.max_kv_size is not None)
+        most = self.scheduler.check(job)
         if loop is None:
             try:
                 loop = asyncio.get_running_loop()
@@ -204,7 +217,7 @@ class Engine:
         with self._lock:
             if self._closing or self._thread is None:
                 raise EngineClosed("the engine is not running (closed, or not started): no more requests")
-            if len(self._inbox) + len(self._scheduler.waiting) >= self.max_queue:
+            if len(self._inbox) + len(self.scheduler.waiting) >= self.max_queue:
                 raise EngineFull(f"{self.max_queue} requests are waiting already; try again later")
             self._inbox.append(ticket)
             self._lock.notify()
@@ -213,20 +226,20 @@ class Engine:
     @property
     def kv_bytes(self) -> int:
         """Bytes the batch's KV cache holds now."""
-        return self._scheduler.gen.nbytes
+        return self.scheduler.gen.nbytes
 
     def memory(self) -> dict[str, int]:
         """Bytes: the ceiling (`limit`), MLX's memory in use now and at its peak since the process began
         or MLX's peak was last reset (`active`, `peak`), the KV caches held now (the batch's and the
         prompt being computed, `kv`), and the prefix store's (`prefix_store`). What /health reports."""
-        kv = self.kv_bytes + sum(c.nbytes for p in self._scheduler.prefilling for c in p.cache)
+        kv = self.kv_bytes + sum(c.nbytes for p in self.scheduler.prefilling for c in p.cache)
         return {"limit": self.memory_limit, "active": mx.get_active_memory(), "peak": mx.get_peak_memory(),
                 "kv": kv, "prefix_store": self._prefixes.nbytes if self._prefixes is not None else 0}
 
     @property
     def rows(self) -> int:
         """Requests being decoded now."""
-        return len(self._scheduler.gen.rows)
+        return len(self.scheduler.gen.rows)
 
     def _wake(self) -> None:
         with self._lock:
@@ -234,21 +247,39 @@ class Engine:
 
     # -- the thread
 
-    def _run(self) -> None:
-        scheduler = self._scheduler
+    def take(self, timeout: float | None = None) -> Taken:
+        """What the engine's thread has to act on: waits until a request is submitted, the scheduler has
+        work, or the engine closes (or `timeout` seconds pass), then takes the submitted requests."""
+        with self._lock:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while not (self._inbox or self.scheduler.busy or self._closing):
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    break
+                self._lock.wait(left)
+            new, self._inbox = self._inbox, []
+            return Taken(new, self._cancel_all, self._closing)
+
+    def refuse_new(self) -> list[Ticket]:
+        """Take no more requests: returns those submitted that the thread has not taken yet."""
+        with self._lock:
+            self._closing = True
+            new, self._inbox = self._inbox, []
+            return new
+
+    def run(self) -> None:
+        """The engine's thread: take what was submitted, run a round of the scheduler, until it closes."""
+        scheduler = self.scheduler
         try:
             while True:
-                with self._lock:
-                    while not (self._inbox or scheduler.busy or self._closing):
-                        self._lock.wait()
-                    for ticket in self._inbox:
-                        scheduler.submit(ticket, checked=True)
-                    self._inbox.clear()
-                    if self._cancel_all:
-                        for ticket in scheduler.tickets_all():
-                            ticket.cancelled.set()
-                    if self._closing and not scheduler.busy:
-                        return
+                taken = self.take()
+                for ticket in taken.new:
+                    scheduler.submit(ticket, checked=True)
+                if taken.cancel_all:
+                    for ticket in scheduler.tickets_all():
+                        ticket.cancelled.set()
+                if taken.closing and not scheduler.busy:
+                    return
                 try:
                     scheduler.run_once()
                 except Exception as error:  # a fault of ours or the device's: tell every caller

@@ -33,6 +33,9 @@ from .response import Chunk, TokenLogprob
 from .verification import Given, Speculation
 
 Sink = Callable[[Chunk, bool], None]  # (chunk, whether it is the request's last)
+# The admission rule: MemoryPlan.room's arguments -> bytes left (negative: the batch does not fit; None: no
+# limit). By default the scheduler's own plan; the ranks of a launched job inject rank 0's (distributed/).
+Room = Callable[[int, int, int, int, int], int | None]
 
 
 @dataclass(eq=False)
@@ -65,7 +68,8 @@ class Scheduler:
     Admission: at most `max_batch` rows, first come first served, and a request is admitted only when
     the batch's worst case with it fits (memory.MemoryPlan): its KV cache in `kv_memory` bytes, and
     everything the process holds in `memory_limit` bytes, the prefix store giving memory back first.
-    A request that could never fit, even alone, is refused at submit.
+    A request that could never fit, even alone, is refused at submit. `room` replaces the plan's rule
+    for what fits (Room), as the ranks of a launched job do with rank 0's.
 
     The cache's kind is the run's: every request's keys and values stored alike (`quantization`), in
     a rotating cache of `max_kv_size` tokens if given, each row keeping its own system prompt.
@@ -77,7 +81,8 @@ class Scheduler:
     """
 
     def __init__(self, model: Model, tokenizer: Tokenizer, options: EngineOptions | None = None, *,
-                 draft_model: Model | None = None, prefix_store: PrefixStore | None = None, **changes: Any) -> None:
+                 draft_model: Model | None = None, prefix_store: PrefixStore | None = None, room: Room | None = None,
+                 **changes: Any) -> None:
         options = EngineOptions.of(options, **changes)
         self.model, self.tokenizer, self.options = model, tokenizer, options
         self.max_batch, self.prefill_budget = options.max_batch, options.prefill_budget
@@ -89,6 +94,7 @@ class Scheduler:
         limit = default_memory_limit() if options.memory_limit is None else options.memory_limit
         self.plan = MemoryPlan(model, limit=limit, kv_memory=options.kv_memory, quantization=quantization,
                                max_kv_size=self.max_kv_size, draft=draft_model)
+        self.room: Room = room or self.plan.room
         # Speculative (a draft model, prompt lookup for every row, or `speculative`: for the rows that ask
         # for prompt lookup): every row takes its tokens from speculate(), drafting when its own options
         # and these say so (make_proposer).
@@ -162,8 +168,8 @@ class Scheduler:
         if rows > self.max_batch or not self._shares_pass(ticket, budget):
             return False
         longest = max([t.most_tokens for t in group] + [self.tickets[row].most_tokens for row in self.gen.rows])
-        room = self.plan.room(rows, longest, max(len(t.job.prompt_ids) for t in group),
-                              max(self._chunk(t.job) for t in group), len(group))
+        room = self.room(rows, longest, max(len(t.job.prompt_ids) for t in group),
+                         max(self._chunk(t.job) for t in group), len(group))
         if room is not None and room < 0:
             return False
         if room is not None and self.prefixes is not None:
@@ -174,7 +180,7 @@ class Scheduler:
         """Bytes the prefix store may hold now, beside the rows there are and the newcomers (and `extra`)."""
         tickets = ([self.tickets[row] for row in self.gen.rows] + [p.ticket for p in self.prefilling]
                    + ([extra] if extra else []))
-        room = self.plan.room(len(tickets), max((t.most_tokens for t in tickets), default=0), 0, 1)
+        room = self.room(len(tickets), max((t.most_tokens for t in tickets), default=0), 0, 1, 1)
         return None if room is None else max(room, 0)
 
     def _shares_pass(self, ticket: Ticket, budget: int) -> bool:

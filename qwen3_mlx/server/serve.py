@@ -26,7 +26,8 @@ from typing import Any
 
 import uvicorn
 
-from ..distributed.engine import DistributedEngine, ParallelOptions, Ranks
+from ..distributed.engine import DistributedEngine
+from ..distributed.ranks import ParallelOptions, Ranks
 from ..errors import Qwen3Error
 from ..generation.engine import Engine
 from ..generation.options import DEFAULT_MAX_TOKENS, EngineOptions
