@@ -8,18 +8,19 @@
     result = generate(model, tokenizer, Prompt("Hi", system="Be brief."), max_tokens=64)   # a request's parts
 """
 
+from .checkpoint.converter import convert
 from .checkpoint.loader import load
 from .errors import ConfigError, OptionError, Qwen3Error
 from .generation.batch import batch_generate
+from .generation.chat import ChatSession
 from .generation.engine import Engine
-from .generation.options import GenerationOptions
-from .generation.single import (
-           GenerationResult,
-           GenerationStats,
-           generate,
-           stream_generate,
-)
+from .generation.options import REASONING_EFFORTS, EngineOptions, GenerationOptions
+from .generation.response import GenerationResult, GenerationStats
+from .generation.single import generate, stream_generate
 from .text.prompt import Prompt
+from .text.tool_grammar import tool_call_grammar
+from .text.tools import ToolCall, parse_tool_calls
 
-__all__ = ["load", "generate", "stream_generate", "batch_generate", "Engine", "GenerationOptions", "Prompt",
-           "GenerationResult", "GenerationStats", "Qwen3Error", "ConfigError", "OptionError"]
+__all__ = ["load", "convert", "generate", "stream_generate", "batch_generate", "Engine", "ChatSession",
+           "GenerationOptions", "EngineOptions", "REASONING_EFFORTS", "Prompt", "GenerationResult", "GenerationStats",
+           "ToolCall", "parse_tool_calls", "tool_call_grammar", "Qwen3Error", "ConfigError", "OptionError"]

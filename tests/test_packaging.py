@@ -35,3 +35,14 @@ def test_the_wheel_holds_and_imports_every_sub_package_and_the_page(tmp_path):
     run = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, timeout=300,
                          cwd=tmp_path, env={"PYTHONPATH": path, "PATH": "/usr/bin:/bin"})
     assert (run.returncode, run.stdout) == (0, "True\n"), run.stderr
+
+
+def test_the_public_api_is_the_package_s_own_names():
+    import qwen3_mlx
+
+    assert sorted(qwen3_mlx.__all__) == sorted([
+        "load", "convert", "generate", "stream_generate", "batch_generate", "Engine", "ChatSession",
+        "GenerationOptions", "EngineOptions", "REASONING_EFFORTS", "Prompt", "GenerationResult", "GenerationStats",
+        "ToolCall", "parse_tool_calls", "tool_call_grammar", "Qwen3Error", "ConfigError", "OptionError"])
+    assert all(getattr(qwen3_mlx, name) is not None for name in qwen3_mlx.__all__)
+    assert qwen3_mlx.REASONING_EFFORTS["none"] == 0 and qwen3_mlx.REASONING_EFFORTS["max"] is None
