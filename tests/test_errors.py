@@ -459,7 +459,7 @@ def test_corrupt_tokenizer_files_are_named(chat_ckpt, tmp_path, name, content, m
 
 @pytest.mark.parametrize("change, message", [
     ({"temperature": "hot"}, "temperature='hot' must be a number"),
-    ({"top_p": 5}, "top_p must be in (0, 1], got 5"),
+    ({"top_p": 5}, "top_p must be in (0, 1], got 5.0"),
     ({"top_k": -3}, "top_k must be >= 0 (0 = off), got -3"),
 ])
 def test_generation_config_values_are_checked_when_loaded(chat_ckpt, tmp_path, change, message):

@@ -223,7 +223,7 @@ REFUSALS = [
      'tool_choice: {"type": "web_search"} cannot be honoured here; give "auto", "none", "required" or {"type": '
      '"function", "name": ...}'),
     ({"input": "x", "tools": [WEATHER, WEATHER]}, 400, "tools: more than one tool is named 'get_weather'"),
-    ({"input": "x", "max_output_tokens": 0}, 400, "max_output_tokens: "),
+    ({"input": "x", "max_output_tokens": 0}, 400, "max_output_tokens must be >= 1, got 0"),
     ({"input": "x " * 5000}, 400, "context is 4096"),
 ]
 

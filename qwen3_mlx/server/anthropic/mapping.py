@@ -31,7 +31,7 @@ from ..submission.reading import (
     sampling_options,
     tool_constraint,
 )
-from ..submission.refusal import ApiError
+from ..submission.refusal import ApiError, check_range
 from .protocol import (
     Block,
     CountTokensRequest,
@@ -83,6 +83,7 @@ def messages_submission(body: CountTokensRequest, settings: Settings) -> Submiss
     think, fields = _thinking(body, settings)
     request = body if isinstance(body, MessagesRequest) else None
     if request is not None:
+        check_range("max_tokens", request.max_tokens, 1)
         fields.update(temperature=request.temperature, top_p=request.top_p, top_k=request.top_k, seed=request.seed,
                       stop=request.stop_sequences)
     options = sampling_options(fields, settings, request.max_tokens if request else None, think=think)

@@ -3,12 +3,15 @@ response bodies, as pydantic models (the reading is mapping.py's, the stream eve
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+
 class _In(BaseModel):
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, populate_by_name=True)
+    """A request body's part: types only (a value's bounds are GenerationOptions' or the mapping's)."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
 
 
 class Block(_In):
@@ -48,7 +51,7 @@ class ToolChoice(_In):
 
 class Thinking(_In):
     type: Literal["enabled", "adaptive", "disabled", "between_tools"]
-    budget_tokens: Annotated[int, Field(ge=0)] | None = None
+    budget_tokens: int | None = None
     display: Literal["summarized", "omitted"] | None = None
 
 
@@ -73,14 +76,14 @@ class CountTokensRequest(_In):
 
 
 class MessagesRequest(CountTokensRequest):
-    max_tokens: Annotated[int, Field(ge=1)] = Field(description="The most tokens generated, thinking included; "
+    max_tokens: int = Field(description="The most tokens generated, thinking included; "
                                                                 "lowered to the server's --max-tokens.")
     stop_sequences: list[str] | None = None
     stream: bool | None = False
-    temperature: Annotated[float, Field(ge=0)] | None = None
-    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
-    top_k: Annotated[int, Field(ge=0)] | None = None
-    seed: Annotated[int, Field(ge=0, lt=1 << 64)] | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
 
 
 # ---------------------------------------------------------------- responses

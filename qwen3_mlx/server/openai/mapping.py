@@ -24,7 +24,7 @@ from ..submission.reading import (
     generation_options,
     tool_constraint,
 )
-from ..submission.refusal import ApiError, unsupported, validation_problem
+from ..submission.refusal import ApiError, check_range, unsupported, validation_problem
 from . import protocol as p
 
 FINISH_REASONS = {"stop": "stop", "stop_string": "stop", "length": "length", "tool_calls": "tool_calls"}
@@ -44,12 +44,17 @@ def chat_body_submission(body: dict, settings: Settings) -> Submission:
     except ValidationError as e:
         message, param = validation_problem(e.errors())
         raise ApiError(400, message, param=param) from None
-    return chat_submission(request, settings)
+    try:
+        return chat_submission(request, settings)
+    except OptionError as e:  # GenerationOptions' refusal of a value, as the route answers it
+        raise ApiError(400, str(e)) from None
 
 
 def chat_submission(body: p.ChatCompletionRequest, settings: Settings) -> Submission:
     check_model(body.model or None, settings)
     _check_common(body)
+    check_range("max_completion_tokens", body.max_completion_tokens, 1)
+    check_range("top_logprobs", body.top_logprobs, 0, 20)
     if body.tool_choice is not None and not body.tools:
         raise ApiError(400, "tool_choice: given without tools; send tools, or leave tool_choice out",
                        param="tool_choice")
@@ -65,6 +70,7 @@ def chat_submission(body: p.ChatCompletionRequest, settings: Settings) -> Submis
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     asked = body.max_completion_tokens or body.max_tokens
     options = generation_options(body, settings, asked, think=think, logprobs=logprobs)
+    _check_ranges(body)
     name = choice.function.name if isinstance(choice, p.NamedToolChoice) else choice or "auto"
     constraint = tool_constraint(tools, name, parallel=body.parallel_tool_calls, schema=_schema(body))
     return Submission(Prompt(chat_messages(body), tools=tools), options.replace(**constraint))
@@ -82,6 +88,7 @@ def _schema(body: p.ChatCompletionRequest) -> dict | None:
 def completion_submission(body: p.CompletionRequest, settings: Settings) -> Submission:
     check_model(body.model or None, settings)
     _check_common(body)
+    check_range("best_of", body.best_of, 1)
     if body.echo:
         raise unsupported("echo", "echoing the prompt is not supported; leave it false")
     if body.suffix:
@@ -98,6 +105,8 @@ def completion_submission(body: p.CompletionRequest, settings: Settings) -> Subm
     # Text completion uses the non-thinking sampling defaults; a prompt that ends inside <think> is
     # still read as reasoning, and the thinking budget applies to it.
     options = generation_options(body, settings, body.max_tokens, think=False, logprobs=body.logprobs)
+    _check_ranges(body)
+    check_range("logprobs", body.logprobs, high=20)
     return Submission(Prompt(prompt, raw=isinstance(prompt, str)), options)
 
 
@@ -113,11 +122,25 @@ def chat_messages(body: p.ChatCompletionRequest) -> list[dict]:
 
 
 def _check_common(body: SamplingParameters) -> None:
+    """OpenAI's rules on what GenerationOptions does not hold (its counts of tokens and choices start at 1)."""
+    check_range("n", body.n, 1)
+    check_range("max_tokens", body.max_tokens, 1)
     if body.n > 1:
         raise unsupported("n", f"{body.n} choices asked; this server gives one per request: send {body.n} requests "
                                "(they are batched)")
     if body.frequency_penalty:
         raise unsupported("frequency_penalty", "not implemented; use presence_penalty or repetition_penalty")
+
+
+def _check_ranges(body: SamplingParameters) -> None:
+    """OpenAI's own bounds on values GenerationOptions checks too, checked after it, so that a value both
+    refuse (an infinite penalty) is told in GenerationOptions' words."""
+    check_range("presence_penalty", body.presence_penalty, -2, 2)
+    for token, bias in (body.logit_bias or {}).items():
+        if not -100 <= bias <= 100:
+            raise ApiError(400, f"logit_bias: the bias of token {token} must be in [-100, 100], got {bias}",
+                           param="logit_bias")
+    check_range("num_draft_tokens", body.num_draft_tokens, high=64)
 
 
 # ---------------------------------------------------------------- a result -> its body

@@ -12,7 +12,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
-from ..submission.parameters import Count, RequestBody, SamplingParameters
+from ..submission.parameters import RequestBody, SamplingParameters
+
 
 class _Body(BaseModel):
     """A response body: every field is sent, null when empty, as OpenAI sends it."""
@@ -64,7 +65,7 @@ class MessageToolCall(RequestBody):
 class ChatMessage(RequestBody):
     """A message sent in: system, user, assistant (maybe with tool_calls) or tool (a tool's result)."""
 
-    model_config = ConfigDict(extra="allow", allow_inf_nan=False)  # the template may read more (e.g. name)
+    model_config = ConfigDict(extra="allow")  # the template may read more (e.g. name)
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
@@ -75,7 +76,7 @@ class ChatMessage(RequestBody):
 
 
 class JsonSchemaFormat(RequestBody):
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, populate_by_name=True)
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
 
     name: str = Field(min_length=1)
     description: str | None = None
@@ -91,9 +92,9 @@ class ResponseFormat(RequestBody):
 
 class ChatCompletionRequest(SamplingParameters):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: Count | None = Field(None, description="OpenAI's newer name for max_tokens (wins).")
+    max_completion_tokens: int | None = Field(None, description="OpenAI's newer name for max_tokens (wins).")
     logprobs: bool | None = False
-    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    top_logprobs: int | None = None
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = True
@@ -104,10 +105,10 @@ class ChatCompletionRequest(SamplingParameters):
 
 class CompletionRequest(SamplingParameters):
     prompt: str | list[Annotated[int, Field(ge=0)]] | list[str] | list[list[Annotated[int, Field(ge=0)]]]
-    logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    logprobs: int | None = None
     echo: bool | None = False
     suffix: str | None = None
-    best_of: Count | None = None
+    best_of: int | None = None
 
 
 # ---------------------------------------------------------------- responses

@@ -30,7 +30,7 @@ from ..submission.reading import (
     sampling_options,
     tool_constraint,
 )
-from ..submission.refusal import ApiError
+from ..submission.refusal import ApiError, check_range
 from .protocol import ResponseObject, ResponsesRequest, TextConfig
 from .store import ResponseStore
 
@@ -83,6 +83,7 @@ def responses_submission(t: Turn, settings: Settings) -> Submission:
     effort = body.reasoning.effort if body.reasoning else None
     fields = dict(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, seed=body.seed,
                   thinking_budget=body.thinking_budget, reasoning_effort=effort)
+    check_range("max_output_tokens", body.max_output_tokens, 1)
     options = sampling_options(fields, settings, body.max_output_tokens, think=settings.defaults.think)
     messages = input_messages(t.items, {name: q for q, name in t.names.items()})
     if body.instructions:

@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+
 class _In(BaseModel):
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, populate_by_name=True)
+    """A request body's part: types only (a value's bounds are GenerationOptions' or the mapping's)."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
 
 
 class Reasoning(_In):
@@ -36,13 +39,13 @@ class ResponsesRequest(_In):
     tool_choice: Literal["auto", "none", "required"] | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     reasoning: Reasoning | None = None
-    max_output_tokens: Annotated[int, Field(ge=1)] | None = Field(
+    max_output_tokens: int | None = Field(
         None, description="The most tokens generated, reasoning included; lowered to the server's --max-tokens.")
-    temperature: Annotated[float, Field(ge=0)] | None = None
-    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
-    top_k: Annotated[int, Field(ge=-1)] | None = None
-    seed: Annotated[int, Field(ge=0, lt=1 << 64)] | None = None
-    thinking_budget: Annotated[int, Field(ge=0)] | None = Field(None, description="The most reasoning tokens.")
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    thinking_budget: int | None = Field(None, description="The most reasoning tokens.")
     text: TextConfig | None = None
     include: list[str] | None = None
     store: bool | None = None
