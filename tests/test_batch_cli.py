@@ -145,7 +145,7 @@ def test_an_openai_batch_line_with_a_response_format_answers_valid_json(tiny_che
     (['{"messages": [{"role": "user", "content": "a"}]}', '{"messages": ['],
      ("2: not JSON (Expecting value, column 15); this is a JSON lines file (its first request is a JSON object), "
      "so every line must be one JSON object")),
-    (['{"messages": [{"role": "user", "content": "a"}], "temp": "hot"}'], "1: temp='hot' must be a number"),
+    (['{"messages": [{"role": "user", "content": "a"}], "temp": "hot"}'], "1: temperature='hot' must be a number"),
     (['{"messages": [{"role": "user", "content": "a"}], "max_kv_size": 8}'],
      ("1: unknown key 'max_kv_size' (the whole run's: --max-kv-size); a chat line takes messages, custom_id "
      f"and the options {', '.join(LINE_OPTIONS)}")),
@@ -158,10 +158,10 @@ def test_an_openai_batch_line_with_a_response_format_answers_valid_json(tiny_che
     (['{"custom_id": "x", "body": {"messages": [{"role": "user", "content": "a"}], "stream": true}}'],
      "1: body.stream: a batch response is not streamed; leave it false"),
     (['{"messages": [{"role": "developer", "content": "a"}, {"role": "user", "content": "b"}], "temp": "x"}'],
-     "1: temp='x' must be a number"),
+     "1: temperature='x' must be a number"),
     (['{"custom_id": "x", "url": "/v1/embeddings", "body": {}}'],
      "1: url='/v1/embeddings': only /v1/chat/completions requests are run here"),
-    (['{"messages": [{"role": "user", "content": "a"}], "temp": -1}'], "1: temperature must be >= 0, got -1"),
+    (['{"messages": [{"role": "user", "content": "a"}], "temp": -1}'], "1: temperature must be >= 0, got -1.0"),
     (['{"messages": [{"role": "user", "content": "a"}], "max_tokens": -1}'], "1: max_tokens must be >= 0, got -1"),
     (['{"custom_id": "x", "body": {"messages": [{"role": "user", "content": "a"}]}}',
       '{"custom_id": "y", "body": {"messages": [{"role": "user", "content": "a"}], "response_format": '
@@ -222,7 +222,7 @@ def test_a_run_that_fails_leaves_no_output_file(tiny_checkpoint, tmp_path):
     path = write(tmp_path / "bad.jsonl", {"messages": [{"role": "user", "content": "a"}], "top_p": 0})
     out = tmp_path / "results.jsonl"
     result = run_file(tiny_checkpoint, path, "--output", str(out))
-    assert result.exit_code == 1 and "bad.jsonl:1: top_p must be in (0, 1], got 0" in result.stderr
+    assert result.exit_code == 1 and "bad.jsonl:1: top_p must be in (0, 1], got 0.0\n" in result.stderr
     assert list(tmp_path.iterdir()) == [path]
 
 

@@ -15,7 +15,6 @@ is one Qwen3Error, "FILE:LINE: the problem; what to do", raised before anything 
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -34,7 +33,6 @@ FORMATS = ("text", "chat", "openai")
 # line for every line. A new GenerationOptions field is a line option unless it is added here.
 RUN_OPTIONS = ("max_kv_size", "prefill_step_size", "kv_bits", "kv_group_size", "quantized_kv_start")
 LINE_OPTIONS = tuple(f.name for f in fields(GenerationOptions) if f.name not in RUN_OPTIONS)
-_FLOATS = ("temp", "top_p", "min_p", "presence_penalty", "repetition_penalty")
 CHAT_URL = "/v1/chat/completions"
 _NAMES = {"chat": ("a chat request", "chat requests"), "openai": ("an OpenAI batch request", "OpenAI batch requests")}
 
@@ -193,11 +191,9 @@ def _developer_as_system(messages: Any) -> Any:
 
 
 def _option(name: str, value: Any) -> Any:
-    """A JSON value as the option's type; GenerationOptions and the sampler check the ranges."""
+    """A JSON value as the option's type; GenerationOptions checks the numbers' types and ranges."""
     if name == "think" and not isinstance(value, bool):
         raise LineError(f"think={value!r} must be true or false")
-    if name in _FLOATS and value is not None and not _is_number(value):
-        raise LineError(f"{name}={value!r} must be a number")
     if name == "stop":
         stop = [value] if isinstance(value, str) else value if isinstance(value, list) else None
         if value is not None and (stop is None or not all(isinstance(s, str) for s in stop)):
@@ -206,10 +202,6 @@ def _option(name: str, value: Any) -> Any:
     if name == "logit_bias":
         return _logit_bias(value)
     return value
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _logit_bias(value: Any) -> dict[int, float] | None:
@@ -222,7 +214,7 @@ def _logit_bias(value: Any) -> dict[int, float] | None:
     for key, b in value.items():
         if not (key.isascii() and key.isdecimal()):
             raise LineError(f"logit_bias: key {key!r} is not a token id (a decimal integer)")
-        if not _is_number(b) and b != -math.inf:
+        if isinstance(b, bool) or not isinstance(b, (int, float)):  # its range is GenerationOptions' to check
             raise LineError(f"logit_bias: the bias of token {key} must be a number, got {b!r}")
         bias[int(key)] = float(b)
     return bias
@@ -235,7 +227,9 @@ def _openai_request(n: int, obj: dict, context: _Context) -> BatchRequest:
     """The envelope checked here; the body read as the server reads the same body sent to CHAT_URL
     (server.submission.reading: its budgets, caps, defaults and refusals), with the command line's options as
     the defaults and its --max-tokens as the cap."""
-    from ..server.openai.mapping import chat_body_submission  # pydantic only, no FastAPI
+    from ..server.openai.mapping import (
+        chat_body_submission,  # pydantic only, no FastAPI
+    )
     from ..server.submission.reading import Settings
     from ..server.submission.refusal import ApiError
 
