@@ -15,7 +15,7 @@ from qwen3_mlx.generation.engine import Engine, EngineClosed, EngineFull
 from qwen3_mlx.generation.options import EngineOptions
 from qwen3_mlx.generation.passes import extend_cache
 from qwen3_mlx.generation.prefill import extend_caches
-from qwen3_mlx.generation.prompt_cache import PrefixStore
+from qwen3_mlx.generation.prefix_store import PrefixStore
 from qwen3_mlx.generation.request import collect, prepare
 from qwen3_mlx.generation.scheduler import Scheduler, Ticket
 from qwen3_mlx.model.batch_cache import BatchKVCache, BatchRotatingKVCache

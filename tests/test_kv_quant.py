@@ -14,7 +14,8 @@ from qwen3_mlx.generation.caches import new_cache
 from qwen3_mlx.generation.chat import ChatSession
 from qwen3_mlx.generation.engine import Engine
 from qwen3_mlx.generation.options import EngineOptions
-from qwen3_mlx.generation.prompt_cache import PrefixStore, load_cache, save_cache
+from qwen3_mlx.generation.prefix_store import PrefixStore
+from qwen3_mlx.generation.prompt_cache import load_cache, save_cache
 from qwen3_mlx.model import kv_quant
 from qwen3_mlx.model.batch_cache import BatchKVCache
 from qwen3_mlx.model.cache import KVCache, RotatingKVCache

@@ -11,7 +11,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "qwen3_mlx"
 # modules); inside each, its modules' floors top to bottom. A module imports modules on lower floors of
 # its own sub-package, and any module of a lower sub-package; never upward, never sideways.
 FLOORS = {
-    "cli": [["commands"], ["generate_command", "chat_command", "convert_command", "serve_command"],
+    "cli": [["commands"], ["generate_command", "chat_command", "convert_command", "serve_command",
+                         "perplexity_command"],
             ["options", "prompts_file"], ["display"]],
     "server": [["serve"], ["app"], ["guard", "relay"], ["settings"]],
     "server.openai": [["events"], ["mapping"], ["protocol"]],
@@ -19,9 +20,11 @@ FLOORS = {
     "server.responses": [["events"], ["mapping"], ["protocol", "store"]],
     "server.submission": [["outcome", "reading"], ["parameters", "refusal"]],
     "distributed": [["batch"], ["engine"], ["ranks"], ["launch", "wire"]],
+    "evaluation": [["perplexity"], ["documents"]],
     "generation": [["engine", "batch", "chat", "batch_check"], ["scheduler", "single"], ["batch_decode"],
-                   ["verification"], ["proposers"], ["request", "prefill"], ["passes"], ["picker"],
+                   ["verification"], ["proposers"], ["request", "prefill", "prefix_store"], ["passes"], ["picker"],
                    ["response", "prompt_cache", "memory", "sampling"], ["caches", "stops", "options"]],
+    "embedding": [["embed", "rerank"], ["padded"]],
     "checkpoint": [["converter"], ["loader"], ["sampling_defaults"]],
     "text": [["prompt", "tool_grammar"], ["structured"], ["tokenizer"], ["template", "tools"]],
     "model": [["parallel", "fast"], ["compiled"], ["model", "batch_cache"], ["cache", "config"], ["kv_quant"]],

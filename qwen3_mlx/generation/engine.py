@@ -25,7 +25,7 @@ from ..model.model import Model
 from ..text.prompt import Messages, Prompt
 from ..text.tokenizer import Tokenizer
 from .options import EngineOptions, GenerationOptions
-from .prompt_cache import PrefixStore
+from .prefix_store import PrefixStore
 from .request import collect, prepare
 from .response import Chunk, GenerationResult
 from .scheduler import Room, Scheduler, Ticket

@@ -26,7 +26,7 @@ from .options import EngineOptions
 from .passes import extend_cache, step
 from .picker import Draw
 from .prefill import extend_caches
-from .prompt_cache import PrefixStore
+from .prefix_store import PrefixStore
 from .proposers import check_proposers, make_proposer
 from .request import Job
 from .response import Chunk, TokenLogprob
