@@ -16,7 +16,7 @@ from qwen3_mlx.generation.options import EngineOptions
 from qwen3_mlx.generation.passes import extend_cache
 from qwen3_mlx.generation.prefill import extend_caches
 from qwen3_mlx.generation.prefix_store import PrefixStore
-from qwen3_mlx.generation.request import collect, prepare
+from qwen3_mlx.generation.job import collect, prepare
 from qwen3_mlx.generation.scheduler import Scheduler, Ticket
 from qwen3_mlx.model.batch_cache import BatchKVCache, BatchRotatingKVCache
 from qwen3_mlx.model.cache import KVCache, RotatingKVCache

@@ -22,7 +22,7 @@ FLOORS = {
     "distributed": [["batch"], ["engine"], ["ranks"], ["launch", "wire"]],
     "evaluation": [["perplexity"], ["documents"]],
     "generation": [["engine", "batch", "chat", "batch_check"], ["scheduler", "single"], ["batch_decode"],
-                   ["verification"], ["proposers"], ["request", "prefill", "prefix_store"], ["passes"], ["picker"],
+                   ["verification"], ["proposers"], ["job", "prefill", "prefix_store"], ["passes"], ["picker"],
                    ["response", "prompt_cache", "memory", "sampling"], ["caches", "stops", "options"]],
     "embedding": [["embed", "rerank"], ["padded"]],
     "checkpoint": [["converter"], ["loader"], ["sampling_defaults"]],

@@ -440,7 +440,7 @@ def test_generate_drafts_from_the_command_line_and_shows_the_acceptance(tiny_che
 
 def test_a_chat_drafts_every_turn(tiny):
     from qwen3_mlx.generation.chat import ChatSession
-    from qwen3_mlx.generation.request import collect
+    from qwen3_mlx.generation.job import collect
 
     model, tok = tiny
     options = dict(think=False, max_tokens=12, **GREEDY)

@@ -27,7 +27,7 @@ from ..collectives import Watchdog, broadcast
 from ..errors import Qwen3Error
 from ..generation.engine import Engine
 from ..generation.options import EngineOptions
-from ..generation.request import prepare
+from ..generation.job import prepare
 from ..generation.response import Chunk
 from ..generation.scheduler import Ticket
 from ..model.model import Model

@@ -11,7 +11,7 @@ from ..model.model import Model
 from ..text.prompt import Messages, Prompt
 from ..text.tokenizer import Tokenizer
 from .options import EngineOptions, GenerationOptions
-from .request import collect, prepare
+from .job import collect, prepare
 from .response import Chunk, GenerationResult
 from .scheduler import Scheduler, Sink, Ticket
 

@@ -11,7 +11,7 @@ from ..model.model import Model
 from ..text.prompt import Prompt
 from ..text.tokenizer import Tokenizer
 from .options import GenerationOptions
-from .request import prepare
+from .job import prepare
 
 
 def check_requests(model: Model, tokenizer: Tokenizer,

@@ -18,7 +18,7 @@ from ..model.kv_quant import KVQuantization, Packed
 from ..model.model import Model
 from .picker import Draw
 from .proposers import BatchDraft, Proposal
-from .request import Job
+from .job import Job
 from .verification import Given, Speculation
 
 

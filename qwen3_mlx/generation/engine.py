@@ -26,7 +26,7 @@ from ..text.prompt import Messages, Prompt
 from ..text.tokenizer import Tokenizer
 from .options import EngineOptions, GenerationOptions
 from .prefix_store import PrefixStore
-from .request import collect, prepare
+from .job import collect, prepare
 from .response import Chunk, GenerationResult
 from .scheduler import Room, Scheduler, Ticket
 

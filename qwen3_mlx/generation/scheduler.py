@@ -28,7 +28,7 @@ from .picker import Draw
 from .prefill import extend_caches
 from .prefix_store import PrefixStore
 from .proposers import check_proposers, make_proposer
-from .request import Job
+from .job import Job
 from .response import Chunk, TokenLogprob
 from .verification import Given, Speculation
 

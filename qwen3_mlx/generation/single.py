@@ -1,5 +1,5 @@
 """The single-stream loop, in three layers (the batch loop, batch.py, sits beside it; both start from
-request.py's Job, run passes.py's passes and draw with picker.py's Picker):
+job.py's Job, run passes.py's passes and draw with picker.py's Picker):
 
 1. TokenGenerator: token ids from the model, one step ahead (the next step's graph is built and
    queued with mx.async_eval while the host looks at the current token), with chunked prefill,
@@ -27,7 +27,7 @@ from .options import GenerationOptions
 from .passes import Progress, prefill, reuse_cache, step
 from .picker import Draw, Picker
 from .proposers import make_proposer
-from .request import collect, prepare
+from .job import collect, prepare
 from .response import (
     EARLY_STOP_TEXT,
     Chunk,

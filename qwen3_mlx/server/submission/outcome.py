@@ -7,7 +7,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 from ...errors import Qwen3Error
-from ...generation.request import collect
+from ...generation.job import collect
 from ...generation.response import Chunk, GenerationResult, GenerationStats
 from ...text.tools import ToolCall, ToolCallDelta
 from .refusal import ApiError
