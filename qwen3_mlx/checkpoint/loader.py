@@ -7,6 +7,7 @@ import math
 import os
 import re
 import struct
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -30,7 +31,37 @@ _ST_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U32":
              "I8": 1, "U8": 1, "BOOL": 1}
 _MAX_HEADER = 100 * 2**20  # a header larger than this is corrupt, not a real checkpoint
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_LAYER = re.compile(r"model\.layers\.(\d+)\.")
+_LAYER = re.compile(r"(?:model\.)?layers\.(\d+)\.")  # an embedding checkpoint (Qwen3Model) has no "model."
+
+
+@dataclass(frozen=True)
+class Pooling:
+    """An embedding checkpoint's sentence-transformers modules (modules.json): how its last hidden states
+    become one vector, and the instruction prompts it names (config_sentence_transformers.json)."""
+
+    mode: str  # "lasttoken": Qwen3-Embedding was trained on the hidden state of its closing <|endoftext|>
+    normalize: bool  # a Normalize module follows the pooling
+    prompts: dict[str, str]
+
+
+def read_pooling(path: Path) -> Pooling | None:
+    """The sentence-transformers layout of an embedding checkpoint, or None where the folder has none."""
+    if not (path / "modules.json").exists():
+        return None
+    modules = read_json(path / "modules.json")
+    types = {m.get("type", "").rsplit(".", 1)[-1]: m.get("path", "") for m in modules if isinstance(m, dict)} \
+        if isinstance(modules, list) else {}
+    if "Pooling" not in types:
+        raise Qwen3Error(f"{path / 'modules.json'}: names no Pooling module; it is not an embedding checkpoint's")
+    file = path / types["Pooling"] / "config.json"
+    config = read_json(file)
+    mode = config.get("pooling_mode") or ("lasttoken" if config.get("pooling_mode_lasttoken") else None)
+    if mode != "lasttoken":
+        raise Qwen3Error(f"{file}: pools by {mode or 'a mode other than lasttoken'}; Qwen3-Embedding pools by the "
+                         f"last token (pooling_mode_lasttoken), the only pooling this loader takes")
+    extra = path / "config_sentence_transformers.json"
+    prompts = read_json(extra).get("prompts") or {} if extra.exists() else {}
+    return Pooling(mode, "Normalize" in types, {str(k): str(v) for k, v in prompts.items()})
 
 
 def resolve(path_or_repo: str | Path) -> Path:
@@ -47,8 +78,8 @@ def resolve(path_or_repo: str | Path) -> Path:
     from huggingface_hub.errors import HFValidationError
 
     try:
-        return Path(snapshot_download(
-            name, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt", "tokenizer*"]))
+        return Path(snapshot_download(  # */config.json: sentence-transformers' 1_Pooling/config.json
+            name, allow_patterns=["*.json", "*/config.json", "*.safetensors", "*.jinja", "*.txt", "tokenizer*"]))
     except HFValidationError as e:
         raise Qwen3Error(f"{name}: not a valid Hub repo id ({e})") from None
     except Exception as e:  # offline, unknown repo, gated, network: all end the same way for a user
@@ -206,8 +237,13 @@ def load_model(path: Path, dtype: str | mx.Dtype | None = None,
     if args.num_hidden_layers != max(layers, default=-1) + 1:
         raise Qwen3Error(f"{path / 'config.json'}: num_hidden_layers={args.num_hidden_layers} but the weights hold "
                          f"{max(layers, default=-1) + 1} layers; the config and the weights do not belong together")
-    model = Model(args)
     weights = {k: v for k, v in read_weights(files).items() if "rotary_emb.inv_freq" not in k}
+    pooling = read_pooling(path) if "lm_head.weight" not in weights else None
+    if pooling is not None:  # Qwen3Model's weights (no head, maybe no "model."), whatever config.json's flag says
+        weights = {k if k.startswith("model.") else f"model.{k}": v for k, v in weights.items()}
+        args = replace(args, tie_word_embeddings=True)
+    model = Model(args)
+    model.pooling = pooling  # an embedding model's (embedding/embed.py reads it); None: a causal model
     if args.tie_word_embeddings:
         weights.pop("lm_head.weight", None)  # some exports store the tied head twice
     if args.quantization:

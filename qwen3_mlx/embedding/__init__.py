@@ -1,0 +1,1 @@
+"""Retrieval on the Qwen3 layers: embed() (Qwen3-Embedding) and rerank() (Qwen3-Reranker)."""
