@@ -14,6 +14,7 @@ import click
 
 from .chat_command import chat
 from .convert_command import convert
+from .embed_command import embed, rerank
 from .generate_command import generate
 from .options import CONTEXT, version
 from .serve_command import serve
@@ -29,5 +30,5 @@ def main() -> None:
         quiet(launched_rank())  # a launched rank other than 0: its error lines only, even for a usage error
 
 
-for command in (generate, chat, convert, serve):
+for command in (generate, chat, convert, serve, embed, rerank):
     main.add_command(command)
