@@ -13,6 +13,7 @@ from .checkpoint.loader import load
 from .embedding.embed import embed
 from .embedding.rerank import rerank
 from .errors import ConfigError, OptionError, Qwen3Error
+from .evaluation.perplexity import perplexity
 from .generation.batch import batch_generate
 from .generation.chat import ChatSession
 from .generation.engine import Engine
@@ -25,5 +26,5 @@ from .text.tools import ToolCall, parse_tool_calls
 
 __all__ = ["load", "convert", "generate", "stream_generate", "batch_generate", "Engine", "ChatSession",
            "GenerationOptions", "EngineOptions", "REASONING_EFFORTS", "Prompt", "GenerationResult", "GenerationStats",
-           "ToolCall", "parse_tool_calls", "tool_call_grammar", "embed", "rerank", "Qwen3Error",
+           "ToolCall", "parse_tool_calls", "tool_call_grammar", "embed", "rerank", "perplexity", "Qwen3Error",
            "ConfigError", "OptionError"]

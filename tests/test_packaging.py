@@ -43,7 +43,7 @@ def test_the_public_api_is_the_package_s_own_names():
     assert sorted(qwen3_mlx.__all__) == sorted([
         "load", "convert", "generate", "stream_generate", "batch_generate", "Engine", "ChatSession",
         "GenerationOptions", "EngineOptions", "REASONING_EFFORTS", "Prompt", "GenerationResult", "GenerationStats",
-        "ToolCall", "parse_tool_calls", "tool_call_grammar", "embed", "rerank", "Qwen3Error",
+        "ToolCall", "parse_tool_calls", "tool_call_grammar", "embed", "rerank", "perplexity", "Qwen3Error",
         "ConfigError", "OptionError"])
     assert all(getattr(qwen3_mlx, name) is not None for name in qwen3_mlx.__all__)
     assert qwen3_mlx.REASONING_EFFORTS["none"] == 0 and qwen3_mlx.REASONING_EFFORTS["max"] is None
