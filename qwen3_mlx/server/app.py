@@ -35,6 +35,7 @@ from .responses import mapping as rm
 from .responses import protocol as rp
 from .responses.events import response_events
 from .responses.store import ResponseStore
+from .retrieval.routes import retrieval_routes
 from .settings import ServerSettings
 from .submission.outcome import gather
 from .submission.reading import check_model, prompt_tokens
@@ -65,6 +66,7 @@ def create_app(engine: Any, settings: ServerSettings, *, response_store: Respons
     app.include_router(_openai_routes())
     app.include_router(_anthropic_routes())
     app.include_router(_responses_routes())
+    app.include_router(retrieval_routes(), responses=ERROR_DOCS)
     if settings.ui:
         app.mount("/ui", StaticFiles(directory=WEB), name="ui")
         app.add_api_route("/", lambda: FileResponse(WEB / "index.html"), include_in_schema=False)
