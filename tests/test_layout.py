@@ -19,7 +19,6 @@ FLOORS = {
     "server.anthropic": [["events"], ["mapping"], ["protocol"]],
     "server.responses": [["events"], ["mapping"], ["protocol", "store"]],
     "server.retrieval": [["routes"], ["mapping"], ["protocol"]],
-    "server.retrieval": [["routes"], ["mapping"], ["protocol"]],
     "server.submission": [["outcome", "reading"], ["parameters", "refusal"]],
     "distributed": [["batch"], ["engine"], ["ranks"], ["launch", "wire"]],
     "evaluation": [["perplexity"], ["documents"]],
