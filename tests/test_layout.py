@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "qwen3_mlx"
 # its own sub-package, and any module of a lower sub-package; never upward, never sideways.
 FLOORS = {
     "cli": [["commands"], ["generate_command", "chat_command", "convert_command", "serve_command",
-                         "perplexity_command", "embed_command"],
+                         "perplexity_command", "eval_command", "embed_command"],
             ["options", "prompts_file"], ["display"]],
     "server": [["serve"], ["app"], ["guard", "relay"], ["settings"]],
     "server.openai": [["events"], ["mapping"], ["protocol"]],
@@ -21,7 +21,7 @@ FLOORS = {
     "server.retrieval": [["routes"], ["mapping"], ["protocol"]],
     "server.submission": [["outcome", "reading"], ["parameters", "refusal"]],
     "distributed": [["batch"], ["engine"], ["ranks"], ["launch", "wire"]],
-    "evaluation": [["perplexity"], ["documents"]],
+    "evaluation": [["harness"], ["perplexity"], ["documents"]],
     "generation": [["engine", "batch", "chat", "batch_check"], ["scheduler", "single"], ["batch_decode"],
                    ["verification"], ["proposers"], ["job", "prefill", "prefix_store"], ["passes"], ["picker"],
                    ["response", "prompt_cache", "memory", "sampling"], ["caches", "stops", "options"]],

@@ -1,5 +1,5 @@
-"""`qwen3-mlx`: the group of commands (generate, chat, convert, serve, perplexity), thin click front ends
-over the library.
+"""`qwen3-mlx`: the group of commands (generate, chat, convert, serve, perplexity, eval), thin click front
+ends over the library.
 
 Exit codes: 0 success, 1 runtime error (one line on stderr), 2 usage error, 4 a structured answer
 (--json-schema, --regex, --grammar) cut by a limit before it was complete, 130 interrupted.
@@ -15,6 +15,7 @@ import click
 from .chat_command import chat
 from .convert_command import convert
 from .embed_command import embed, rerank
+from .eval_command import evaluate
 from .generate_command import generate
 from .options import CONTEXT, version
 from .perplexity_command import perplexity
@@ -31,5 +32,5 @@ def main() -> None:
         quiet(launched_rank())  # a launched rank other than 0: its error lines only, even for a usage error
 
 
-for command in (generate, chat, convert, serve, perplexity, embed, rerank):
+for command in (generate, chat, convert, serve, perplexity, evaluate, embed, rerank):
     main.add_command(command)

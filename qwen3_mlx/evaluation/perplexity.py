@@ -74,6 +74,15 @@ def perplexity(model: LanguageModel, tokenizer: Tokenizer, texts: Sequence[Text]
     documents = [make_document(tokenizer, text) for text in texts]
     for document in documents:
         check_ids(document.ids, model.args.vocab_size)
+    total, tokens = total_nll(model, documents, context, stride, batch_size, progress)
+    if tokens == 0:
+        raise Qwen3Error("nothing to score: every text is shorter than two tokens (or its assistant turns empty)")
+    return Perplexity(math.exp(total / tokens), total / tokens, tokens)
+
+
+def total_nll(model: LanguageModel, documents: Sequence[Document], context: int, stride: int, batch_size: int,
+              progress: Progress | None = None) -> tuple[float, int]:
+    """(the summed negative log-likelihood, the tokens scored) of the documents' windows."""
     windows = [w for document in documents for w in slide(document, context, stride)]
     total, tokens = 0.0, 0
     for done in range(0, len(windows), batch_size):
@@ -82,9 +91,7 @@ def perplexity(model: LanguageModel, tokenizer: Tokenizer, texts: Sequence[Text]
         tokens += sum(sum(w.counts) for w in batch)
         if progress is not None:
             progress(min(done + batch_size, len(windows)), len(windows))
-    if tokens == 0:
-        raise Qwen3Error("nothing to score: every text is shorter than two tokens (or its assistant turns empty)")
-    return Perplexity(math.exp(total / tokens), total / tokens, tokens)
+    return total, tokens
 
 
 def slide(document: Document, context: int, stride: int) -> Iterator[Window]:
