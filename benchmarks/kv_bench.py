@@ -5,6 +5,7 @@ attention ways, and quality against the float32 cache.
     python benchmarks/kv_bench.py run /tmp/qwen3-tiny-bf16 [--context 16384] [--chunk 2048]
                                   [--decode-tokens 16] [--bits none,8,4] [--out run.json]
     python benchmarks/kv_bench.py attention [--shape tiny] [--context 16384] [--chunk 2048]
+    python benchmarks/kv_bench.py cli /tmp/qwen3-small-bf16 [--prompt-tokens 4096] [--bits none,8,4]
     python benchmarks/kv_bench.py quality [--shape full] [--layers 28] [--prompt-tokens 4096]
                                   [--steps 256] [--out quality.json]
 
@@ -22,6 +23,12 @@ mx.fast's over the model's dtype (a plain cache), ours over a packed cache (kv_q
 for a decode step, dequantized blocks for a chunk; on the CPU in float32, as fast.CPUAttention asks),
 ours reading packed keys for a chunk too (in bf16), and mlx-lm's quantized_scaled_dot_product_attention.
 Time, and memory beyond the inputs; bf16 inputs.
+
+cli: `qwen3-mlx generate -p PROMPT -m 8 --temp 0 --kv-bits B -v` run in-process for each --bits, on a
+prompt of about --prompt-tokens tokens; the loader is replaced by one that hands the command the model
+wrapped so that it records the cache each pass is handed (as the tests' Spy): the figure is the bytes of
+the cache the command used, at its largest, and its ratio to the plain cache's; with the command's own
+-v line of peak memory.
 
 quality: a random float32 model of the shape (bench.py's SHAPES; --layers to cut the depth), weights
 of std 0.02 scaled so that logits are peaked, with and without outlier key channels (4 k_proj output
@@ -317,6 +324,52 @@ def cmd_quality(a: argparse.Namespace) -> None:
         Path(a.out).write_text(json.dumps({"args": vars(a), "rows": rows, "table": "\n".join(lines)}, indent=1))
 
 
+class CacheBytes:
+    """A model that records the most bytes a cache it was handed held when a pass began."""
+
+    def __init__(self, model) -> None:
+        self._model, self.peak = model, 0
+
+    def _see(self, cache) -> None:
+        if cache is not None:
+            self.peak = max(self.peak, sum(c.nbytes for c in cache))
+
+    def __call__(self, inputs, cache=None):
+        self._see(cache)
+        return self._model(inputs, cache)
+
+    def decode(self, ids, cache):
+        self._see(cache)
+        return self._model.decode(ids, cache)
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+
+def cmd_cli(a: argparse.Namespace) -> None:
+    from click.testing import CliRunner
+
+    from qwen3_mlx.checkpoint import loader
+    from qwen3_mlx.cli import commands as cli
+
+    model, tok = loader.load(a.checkpoint)
+    words = "the quick brown fox jumps over the lazy dog and keeps running far away "
+    prompt = words * (a.prompt_tokens // len(tok.encode(words)))
+    rows, plain = [], None
+    for bits in bits_list(a.bits):
+        spy = CacheBytes(model)
+        loader.load = lambda *args, spy=spy, **kw: (spy, tok)
+        kv = [] if bits is None else ["--kv-bits", str(bits)]
+        result = CliRunner().invoke(cli.main, ["generate", "--model", a.checkpoint, "-p", prompt, "-m", "8", "--temp",
+                                               "0", "--no-think", "-v", *kv])
+        assert result.exit_code == 0, result.output
+        plain = plain or spy.peak
+        figures = [line for line in result.stderr.splitlines() if line.startswith(("prompt:", "peak memory:"))]
+        rows.append({"kv_bits": bits, "cache_mb": round(spy.peak / 1e6, 2), "x_plain": round(spy.peak / plain, 3),
+                     "cli": figures})
+        print(json.dumps(rows[-1]), flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -341,8 +394,12 @@ def main() -> None:
     q.add_argument("--start", type=int, default=64, help="the quantized_kv_start compared with 0")
     q.add_argument("--logit-scale", type=float, default=8.0, help="the final norm's weight times this")
     q.add_argument("--out")
+    c = sub.add_parser("cli", help="the cache qwen3-mlx generate --kv-bits used, measured through the CLI")
+    c.add_argument("checkpoint")
+    c.add_argument("--prompt-tokens", type=int, default=4096)
+    c.add_argument("--bits", default="none,8,4")
     a = p.parse_args()
-    {"run": cmd_run, "attention": cmd_attention, "quality": cmd_quality}[a.command](a)
+    {"run": cmd_run, "attention": cmd_attention, "quality": cmd_quality, "cli": cmd_cli}[a.command](a)
 
 
 if __name__ == "__main__":

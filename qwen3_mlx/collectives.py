@@ -53,7 +53,8 @@ def broadcast(value: object, group: mx.distributed.Group) -> object:
 
 class Watchdog:
     """Bounds how long this rank waits on the others: work done `with watchdog:` (a step whose
-    evaluation runs the collectives) that takes longer than `seconds` prints one line to stderr,
+    evaluation runs the collectives) that takes longer than `seconds` prints one line to stderr (naming
+    the silent rank when the job's `size` is 2; with more, a collective cannot tell which one is silent),
     calls `on_timeout(line)` when given (say, to end a server's requests), and ends the process
     with exit status 1, from a thread of its own (the collective it waits in never returns when a
     peer is stopped). A peer that died shows as MLX's RuntimeError, raised here as one Qwen3Error line.
@@ -65,12 +66,11 @@ class Watchdog:
     """
 
     def __init__(self, rank: int, seconds: float = WATCHDOG_SECONDS,
-                 on_timeout: Callable[[str], None] | None = None) -> None:
+                 on_timeout: Callable[[str], None] | None = None, size: int | None = None) -> None:
         if not (isinstance(seconds, (int, float)) and seconds > 0):
             raise OptionError(f"watchdog seconds={seconds!r} must be a number > 0")
         self.rank, self.seconds, self._on_timeout = rank, seconds, on_timeout
-        self.message = (f"error: rank {rank}: no answer from the other ranks for {seconds:g} s; a rank is stopped, "
-                        f"asleep or unreachable (or died): ending this one")
+        self.message = f"error: rank {rank}: {_silence(rank, size, seconds)}: ending this one"
         self._deadline: float | None = None
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -132,6 +132,12 @@ time.sleep(seconds)
 print(message, file=sys.stderr, flush=True)
 os.kill(pid, signal.SIGKILL)
 """
+
+
+def _silence(rank: int, size: int | None, seconds: float) -> str:
+    if size == 2:
+        return f"no answer from rank {1 - rank} for {seconds:g} s; it is stopped, asleep or unreachable (or died)"
+    return f"no answer from the other ranks for {seconds:g} s; a rank is stopped, asleep or unreachable (or died)"
 
 
 def _peer_lost(message: str) -> bool:

@@ -10,8 +10,10 @@ prompts file, a chat, and one server that answers, loses a client and then a ran
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -45,7 +47,8 @@ NO_THINK = {"chat_template_kwargs": {"enable_thinking": False}}
 
 class Launch:
     """n ranks of `qwen3-mlx ARGS` started as mlx.launch starts them; `stdin` written to every rank (the
-    launcher copies its input to all) through a pipe left open. Killed on exit if still running."""
+    launcher copies its input to all) through a pipe left open. Each rank in a process group of its own,
+    every group killed on exit."""
 
     def __init__(self, folder: Path, *args: str, n: int = 2, stdin: bytes = b"") -> None:
         folder.mkdir(parents=True, exist_ok=True)
@@ -59,7 +62,7 @@ class Launch:
             env = {**os.environ, "MLX_HOSTFILE": str(hosts), "MLX_RANK": str(r), "PYTHONUNBUFFERED": "1"}
             with open(self.folder / f"out{r}", "wb") as out, open(self.folder / f"err{r}", "wb") as err:
                 proc = subprocess.Popen([sys.executable, "-m", "qwen3_mlx", *self.args], stdin=subprocess.PIPE,
-                                        stdout=out, stderr=err, env=env, cwd=self.folder)
+                                        stdout=out, stderr=err, env=env, cwd=self.folder, start_new_session=True)
             proc.stdin.write(self.stdin)
             proc.stdin.flush()
             self.procs.append(proc)
@@ -73,9 +76,9 @@ class Launch:
         return [p.poll() for p in self.procs]
 
     def __exit__(self, *exc: object) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.kill()
+        for p in self.procs:  # each rank's group: the rank and any process it started (SIGKILL ends a stopped one)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
             p.wait()
             p.stdin.close()
 

@@ -68,7 +68,7 @@ class DistributedEngine(Engine):
         self.fault: str | None = None
         self._held: dict[int, tuple[threading.Event | None, Ticket]] = {}  # id -> (its Request's event, ticket)
         self._next_id = 0
-        self._watchdog = Watchdog(ranks.rank, ranks.options.watchdog,
+        self._watchdog = Watchdog(ranks.rank, ranks.options.watchdog, size=ranks.size,
                                   on_timeout=lambda line: self._fail_all(line.removeprefix("error: ")))
 
     # -- rank 0

@@ -49,7 +49,7 @@ class Ranks:
         self.options, self.group = options, group
         self.rank = group.rank() if group is not None else 0
         self.size = group.size() if group is not None else 1
-        self.watchdog = Watchdog(self.rank, options.watchdog)
+        self.watchdog = Watchdog(self.rank, options.watchdog, size=self.size)
         self._armed = False
 
     @classmethod
@@ -87,7 +87,7 @@ class Ranks:
         (or the watchdog's, if longer) for the others to load theirs; each names itself when it fails."""
         if not self.launched:  # loader.load looked up when called: a test may put a stand-in there
             return loader.load(path)
-        with Watchdog(self.rank, max(LOAD_SECONDS, self.options.watchdog)):
+        with Watchdog(self.rank, max(LOAD_SECONDS, self.options.watchdog), size=self.size):
             try:
                 folder = loader.resolve(path)  # a download, before anything waits on the others
                 return loader.load(folder, parallel=self.options.mode, group=self.group,

@@ -48,7 +48,8 @@ class BatchGenerator:
     def __init__(self, model: Model, quantization: KVQuantization | None = None,
                  max_kv_size: int | None = None, speculative: bool = False, draft_model: Model | None = None) -> None:
         self.model, self.speculative = model, speculative or draft_model is not None
-        self.draft = BatchDraft(draft_model, model) if draft_model is not None else None  # drafts for every row
+        # Drafts for every row, in a cache stored as the batch's.
+        self.draft = BatchDraft(draft_model, model, quantization) if draft_model is not None else None
         self.cache = [BatchKVCache(quantization) if max_kv_size is None and not self.speculative
                       else BatchRotatingKVCache(max_kv_size, quantization) for _ in model.layers]
         self.rows: list[Row] = []

@@ -1,6 +1,7 @@
 """A request's new KV cache, built from its options: every path (a single stream with or without a cache
-file, the chat, a batch's newcomers, the engine, the ranks) calls `new_cache`, so a cache's kind, size
-and storage are read from the options in one place."""
+file, the chat, a batch's newcomers, the engine, the ranks) calls `new_cache`, and a draft model's cache
+(single stream or batch) is `draft_cache`, so a cache's kind, size and storage are read from the options in
+one place."""
 
 from __future__ import annotations
 
@@ -55,3 +56,13 @@ def new_cache(model: Model, tokenizer: Tokenizer, prompt_ids: Sequence[int], sys
     if keep is None:
         keep = kept_prefix(tokenizer, prompt_ids, system, options.max_kv_size)
     return model.make_cache(options.max_kv_size, keep, options.kv_quantization)
+
+
+def draft_cache(draft: Model, quantization: KVQuantization | None) -> list[KVCache]:
+    """A draft model's cache, stored as the target's (the run's options.kv_quantization): always plain, as
+    a draft's cache is trimmed back to the text it shares with the target, never rotated.
+
+    Raises:
+        OptionError: the quantization's group size does not divide the draft's head_dim.
+    """
+    return draft.make_cache(quantization=quantization)

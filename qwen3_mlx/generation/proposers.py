@@ -19,8 +19,10 @@ from ..device import generation_stream
 from ..errors import OptionError
 from ..model.batch_cache import BatchRotatingKVCache
 from ..model.cache import KVCache
+from ..model.kv_quant import KVQuantization
 from ..model.model import Model
 from ..text.tokenizer import Tokenizer
+from .caches import draft_cache
 from .options import GenerationOptions
 from .passes import extend_cache
 from .picker import Picker
@@ -59,10 +61,10 @@ class DraftModel:
     """A smaller model that drafts with its own cache. Its cache follows the target's: before each
     proposal it is trimmed to what it shares with the text and extended with the rest."""
 
-    def __init__(self, model: Model, target: Model) -> None:
+    def __init__(self, model: Model, target: Model, quantization: KVQuantization | None = None) -> None:
         check_vocabulary(model, target)
         self.model = model
-        self.cache: list[KVCache] = model.make_cache()
+        self.cache: list[KVCache] = draft_cache(model, quantization)
         self.held: list[int] = []  # the tokens its cache holds
 
     def propose(self, context: Sequence[int], k: int, picker: Picker) -> Proposal:
@@ -142,15 +144,15 @@ class BatchDraft:
     per row would take a pass a row. A row drafts what it drafts alone with DraftModel: the same
     passes' contents, the same draws."""
 
-    def __init__(self, model: Model, target: Model) -> None:
+    def __init__(self, model: Model, target: Model, quantization: KVQuantization | None = None) -> None:
         check_vocabulary(model, target)
-        self.model = model
-        self.cache = [BatchRotatingKVCache(None) for _ in model.layers]
+        self.model, self.quantization = model, quantization
+        self.cache = [BatchRotatingKVCache(None, quantization) for _ in model.layers]
         self.held: list[list[int]] = []  # the tokens each row of its cache holds
 
     def add(self, prompt_ids: Sequence[int]) -> None:
         """A row joining the batch: its prompt computed by the draft (alone, then joined)."""
-        cache = self.model.make_cache()
+        cache = draft_cache(self.model, self.quantization)
         extend_cache(self.model, cache, prompt_ids)
         for batch, layer in zip(self.cache, cache):
             batch.add(layer)
@@ -204,7 +206,7 @@ def make_proposer(model: Model, opts: GenerationOptions, draft_model: Model | No
     if not opts.num_draft_tokens or (draft_model is None and not (opts.prompt_lookup or prompt_lookup)):
         return None
     if draft_model is not None:
-        return DraftModel(draft_model, model)
+        return DraftModel(draft_model, model, opts.kv_quantization)
     return PromptLookup(opts.prompt_lookup_min, opts.prompt_lookup_max)
 
 

@@ -85,7 +85,9 @@ class _Server(uvicorn.Server):
 
     def fault(self, line: str) -> None:
         """The engine lost a rank and has ended every request in flight with an error (called from its
-        thread, or the watchdog's): let their responses be written, then stop; serve() raises `line`."""
+        thread, or the watchdog's): refuse new requests (503), let their responses be written, then stop;
+        serve() raises `line` (when the watchdog called, it ends the process with status 1 as this returns)."""
+        self.app.state.draining = True
         self.failure = line
         deadline = time.monotonic() + _FLUSH_SECONDS
         while self.server_state.tasks and time.monotonic() < deadline:
