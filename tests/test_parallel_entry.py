@@ -276,7 +276,7 @@ def test_serve_on_two_ranks_answers_as_one_process_frees_a_gone_clients_row_and_
     # A dead peer is seen at once, as a lost connection; when the ring leaves rank 0's step waiting, the watchdog
     # ends it after its seconds.
     assert last.startswith(("error: rank 0: lost the connection to the other ranks ([ring]",
-                            f"error: rank 0: no answer from the other ranks for {WATCHDOG} s;")), last
+                            f"error: rank 0: no answer from rank 1 for {WATCHDOG} s;")), last
     assert launch.err(1) == ""
 
 
