@@ -21,14 +21,16 @@ FLOORS = {
     "server.retrieval": [["routes"], ["mapping"], ["protocol"]],
     "server.submission": [["outcome", "reading"], ["parameters", "refusal"]],
     "distributed": [["batch"], ["engine"], ["ranks"], ["launch", "wire"]],
+    "quantize": [["calibrated"], ["awq", "gptq", "mixed"], ["calibration", "capture", "rounding"]],
+    "training": [["fuse", "loop"], ["optimizers", "batches"], ["data", "options"]],
     "evaluation": [["harness"], ["perplexity"], ["documents"]],
     "generation": [["engine", "batch", "chat", "batch_check"], ["scheduler", "single"], ["batch_decode"],
                    ["verification"], ["proposers"], ["job", "prefill", "prefix_store"], ["passes"], ["picker"],
                    ["response", "prompt_cache", "memory", "sampling"], ["caches", "stops", "options"]],
     "embedding": [["embed", "rerank"], ["padded"]],
-    "checkpoint": [["converter"], ["loader"], ["sampling_defaults"]],
+    "checkpoint": [["converter"], ["loader"], ["adapters", "sampling_defaults"]],
     "text": [["prompt", "tool_grammar"], ["structured"], ["tokenizer"], ["template", "tools"]],
-    "model": [["parallel", "fast"], ["compiled"], ["model", "batch_cache"], ["cache", "config"], ["kv_quant"]],
+    "model": [["parallel", "fast"], ["compiled"], ["model", "batch_cache"], ["cache", "config"], ["kv_quant", "lora"]],
     "": [["collectives"], ["device", "errors", "files"]],
 }
 FACADES = {"__init__", "__main__"}  # a package's front door re-exports what lies below it

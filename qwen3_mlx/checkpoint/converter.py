@@ -18,7 +18,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import mlx.core as mx
 import numpy as np
@@ -112,7 +112,8 @@ def _copy_quantized(dtype: mx.Dtype, w: mx.array, scales: mx.array,
 def convert(source: str | Path, output: str | Path, *, quantize: bool = False, bits: int = 4, group_size: int = 64,
             embed_bits: int | None = None, dtype: str | mx.Dtype | None = None, dequantize: bool = False,
             force: bool = False, weights_only: bool = False, progress: Callable[[int, int], None] | None = None,
-            shard_bytes: int = 1 << 30, block_bytes: int = 32 << 20) -> ConvertResult:
+            shard_bytes: int = 1 << 30, block_bytes: int = 32 << 20, replaced: Path | None = None,
+            module_bits: Mapping[str, int] | None = None) -> ConvertResult:
     """Convert a Qwen3 checkpoint into an MLX folder that both mlx-lm and qwen3_mlx load.
 
     Args:
@@ -132,6 +133,9 @@ def convert(source: str | Path, output: str | Path, *, quantize: bool = False, b
         progress: called as progress(done, total) after each parameter is written.
         shard_bytes: the most bytes in one output file (a larger tensor gets a file of its own).
         block_bytes: the most source bytes read at once; this bounds the peak memory.
+        replaced: a folder of safetensors whose tensors replace the source's (qwen3_mlx.quantize's): a float one
+            rounded as any; a Linear's packed weight, scales and biases kept (an override if its format differs).
+        module_bits: bits of named modules ("model.layers.0.mlp.down_proj") other than `bits`, when quantizing.
 
     Returns:
         The output folder, its bits per weight, the bytes of its weight files, and the seconds it took.
@@ -151,9 +155,10 @@ def convert(source: str | Path, output: str | Path, *, quantize: bool = False, b
     _check_source(source, src, args, quantize, dequantize, weights_only)
     sources = _read_headers(src)
     dtype = dtype or _default_dtype(sources, quantize)
+    sources.update(_read_headers(replaced) if replaced else {})
     embed_bits = embed_bits or (8 if bits < 8 else bits)
     jobs, overrides, params = _plan(src, args, sources, quantize, bits, group_size, embed_bits, DTYPES[dtype],
-                                    dequantize)
+                                    dequantize, module_bits or {})
     if quantize:
         config["quantization"] = {"group_size": group_size, "bits": bits, "mode": "affine", **overrides}
     elif dequantize:
@@ -294,7 +299,8 @@ def _quantized_job(path: Path, name: str, shape: tuple[int, ...], sources: dict[
 
 
 def _plan(path: Path, args: ModelArgs, sources: dict[str, _Source], quantize: bool, bits: int, group_size: int,
-          embed_bits: int, dtype: mx.Dtype, dequantize: bool) -> tuple[list[_Job], dict, int]:
+          embed_bits: int, dtype: mx.Dtype, dequantize: bool,
+          module_bits: Mapping[str, int]) -> tuple[list[_Job], dict, int]:
     """A job for each model parameter, checked against the model's names and shapes; mlx-lm's per-module
     overrides; the number of parameters. The source is quantized where it has scales, float elsewhere."""
     model = Model(args)  # its parameters stay lazy: only their shapes are read
@@ -309,6 +315,9 @@ def _plan(path: Path, args: ModelArgs, sources: dict[str, _Source], quantize: bo
         module, leaf = name.rsplit(".", 1)
         shape = tuple(param.shape)
         if leaf == "weight" and module in quantizable and f"{module}.scales" in sources:
+            own = shape[1] // sources[f"{module}.scales"].shape[-1], sources[name].shape[-1] * 32 // shape[1]
+            if quantize and own != (group_size, bits):  # a learned quantization's format, not the default
+                overrides[module] = {"group_size": own[0], "bits": own[1], "mode": "affine"}
             jobs.append(_quantized_job(path, name, shape, sources, dtype, dequantize))
             continue
         src = sources.pop(name, None)
@@ -317,7 +326,7 @@ def _plan(path: Path, args: ModelArgs, sources: dict[str, _Source], quantize: bo
         if src.shape != shape or src.dtype not in _DTYPE_NAMES:
             raise Qwen3Error(f"{path}: weight {name!r} is {src.dtype} {src.shape}, expected a float {shape}")
         if quantize and leaf == "weight" and module in quantizable and shape[-1] % group_size == 0:
-            b = embed_bits if module in EMBEDDINGS else bits
+            b = embed_bits if module in EMBEDDINGS else module_bits.get(module, bits)
             if b != bits:
                 overrides[module] = {"group_size": group_size, "bits": b, "mode": "affine"}
             jobs.append(_Job((src,), _quantized(name, shape, b, group_size, dtype),

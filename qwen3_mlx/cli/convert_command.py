@@ -40,6 +40,20 @@ BITS = click.Choice(["2", "3", "4", "5", "6", "8"])
               help="Dtype of unquantized tensors and scales. Default: the source's (bfloat16 for a float32 source "
                    "being quantized).")
 @click.option("--dequantize", "-d", is_flag=True, help="Turn a quantized MLX checkpoint back into float weights.")
+@click.option("--method", metavar="M",
+              help="Quantize with calibration text (implies --quantize): gptq, awq or mixed, or mixed,gptq / "
+                   "mixed,awq (the bits chosen by mixed, then gptq or awq).")
+@click.option("--calibration", type=click.Path(exists=True, dir_okay=False, path_type=Path), metavar="FILE",
+              help='--method\'s local calibration text: a text file, or JSON lines of {"text": ...} or chat '
+                   '{"messages": [...]}.')
+@click.option("--calibration-samples", type=click.IntRange(min=1), default=64, show_default=True, metavar="N",
+              help="Pieces of --calibration used.")
+@click.option("--calibration-length", type=click.IntRange(min=2), default=512, show_default=True, metavar="L",
+              help="Tokens a piece.")
+@click.option("--target-bpw", type=click.FloatRange(min=0, min_open=True), metavar="B",
+              help="mixed: the size to reach, in bits per weight as this command reports it.")
+@click.option("--low-bits", type=BITS, help="mixed: the low width (default --bits).")
+@click.option("--high-bits", type=BITS, help="mixed: the high width (default the low width + 1).")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
 @click.option("--weights-only", is_flag=True,
               help="Allow a SOURCE without tokenizer.json: OUTPUT then holds the weights and config only.")
@@ -47,7 +61,9 @@ BITS = click.Choice(["2", "3", "4", "5", "6", "8"])
 @version
 def convert(source: str | None, output: Path | None, hf_path: str | None, mlx_path: Path | None, quantize: bool,
             bits: str, group_size: str, embed_bits: str | None, dtype: str | None, dequantize: bool,
-            force: bool, weights_only: bool) -> None:
+            method: str | None, calibration: Path | None, calibration_samples: int, calibration_length: int,
+            target_bpw: float | None, low_bits: str | None, high_bits: str | None, force: bool,
+            weights_only: bool) -> None:
     """Convert SOURCE (a Hugging Face or MLX folder, or a Hub repo id) into an MLX folder OUTPUT."""
     from click.core import ParameterSource
 
@@ -57,23 +73,39 @@ def convert(source: str | None, output: Path | None, hf_path: str | None, mlx_pa
     output = one_of(output, mlx_path, "OUTPUT or --mlx-path")
     ctx = click.get_current_context()
     for name in ("bits", "group_size"):
-        if not quantize and ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE:
+        if not (quantize or method) and ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE:
             raise click.UsageError(f"--{name.replace('_', '-')} applies only with --quantize")
+    if (method is None) != (calibration is None):
+        raise click.UsageError("--method and --calibration FILE go together")
+    if method and (dequantize or weights_only):
+        raise click.UsageError("--method quantizes a float checkpoint with its tokenizer: drop --dequantize and "
+                               "--weights-only")
 
-    bar = None
+    bars: dict[str, Any] = {}
 
-    def show(done: int, total: int) -> None:
-        nonlocal bar
-        if bar is None:  # the total is known once the source has been read
-            bar = click.progressbar(length=total, label="converting", file=sys.stderr)
-        bar.update(done - bar.pos)
+    def show(stage: str, done: int, total: int) -> None:
+        if stage not in bars:  # the total is known once the source has been read
+            for bar in bars.values():
+                bar.render_finish()
+            bars[stage] = click.progressbar(length=total, label=stage, file=sys.stderr, show_pos=True)
+        bars[stage].update(done - bars[stage].pos)
 
     try:
-        result = convert_checkpoint(source, output, quantize=quantize, bits=int(bits), group_size=int(group_size),
-                                    embed_bits=int(embed_bits) if embed_bits else None, dtype=dtype,
-                                    dequantize=dequantize, force=force, weights_only=weights_only, progress=show)
+        if method:
+            from ..quantize.calibrated import quantize_checkpoint
+
+            result = quantize_checkpoint(
+                source, output, method.split(","), calibration, samples=calibration_samples,
+                length=calibration_length, bits=int(low_bits or bits), group_size=int(group_size),
+                embed_bits=int(embed_bits) if embed_bits else None, dtype=dtype, target_bpw=target_bpw,
+                high_bits=int(high_bits) if high_bits else None, force=force, progress=show)
+        else:
+            result = convert_checkpoint(source, output, quantize=quantize, bits=int(bits), group_size=int(group_size),
+                                        embed_bits=int(embed_bits) if embed_bits else None, dtype=dtype,
+                                        dequantize=dequantize, force=force, weights_only=weights_only,
+                                        progress=lambda done, total: show("converting", done, total))
     finally:
-        if bar is not None:
+        for bar in bars.values():
             bar.render_finish()
     click.echo(f"wrote {output}: {result.bits_per_weight:.2f} bits per weight, "
                f"{human_size(result.size_bytes)} in {result.seconds:.1f} s")

@@ -1,0 +1,96 @@
+"""A checkpoint quantized with calibration text: the float model loaded, its Linears measured (mixed),
+quantized (gptq) or scaled and clipped (awq) on samples of a local file, and the result written by the
+converter, so the output is any `convert -q` output: mlx-lm's format, loaded by both.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Callable, Sequence
+
+import mlx.core as mx
+
+from ..checkpoint.converter import ConvertResult, convert
+from ..checkpoint.loader import DTYPES, load_config, load_model, resolve
+from ..errors import OptionError
+from ..text.tokenizer import Tokenizer
+from .awq import awq
+from .calibration import calibration_samples
+from .gptq import gptq
+from .mixed import choose_bits, sensitivities
+
+METHODS = ("mixed", "gptq", "awq")
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+def check_methods(methods: Sequence[str]) -> None:
+    """mixed, gptq or awq, or mixed followed by one of the other two."""
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        later = " (dwq needs the training loop, which has not landed)" if "dwq" in unknown else ""
+        raise OptionError(f"--method {','.join(methods)}: {unknown[0]!r} is not one of {', '.join(METHODS)}{later}")
+    if not methods or len(set(methods)) != len(methods) or len(methods) > 2 or (len(methods) == 2 and
+                                                                                  methods[0] != "mixed"):
+        raise OptionError(f"--method {','.join(methods)}: give one method, or mixed then gptq or awq "
+                          "(mixed,gptq: the bits chosen by mixed, each layer quantized by gptq)")
+
+
+def quantize_checkpoint(source: str | Path, output: str | Path, methods: Sequence[str], calibration: Path, *,
+                        samples: int = 128, length: int = 512, bits: int = 4, group_size: int = 64,
+                        embed_bits: int | None = None, dtype: str | None = None, target_bpw: float | None = None,
+                        high_bits: int | None = None, force: bool = False,
+                        progress: Progress | None = None) -> ConvertResult:
+    """Quantize a float Qwen3 checkpoint with calibration text into an MLX folder.
+
+    Args:
+        methods: "gptq", "awq" or "mixed", or "mixed" then "gptq" or "awq".
+        calibration: a local text file, or JSON lines of {"text": ...} or chat {"messages": [...]}.
+        samples, length: up to `samples` pieces of `length` tokens of it.
+        bits, group_size, embed_bits, dtype, force: as convert's; with mixed, `bits` is the low width.
+        target_bpw, high_bits: mixed's size goal in bits per weight (as convert reports it) and its high
+            width (default bits + 1).
+        progress: called as progress(stage, done, total).
+
+    Returns:
+        convert's result for the output folder.
+
+    Raises:
+        OptionError: a bad method list, a target outside the two widths' sizes, a quantized source.
+        Qwen3Error: a bad source or calibration file (one line naming it).
+    """
+    check_methods(methods)
+    if ("mixed" in methods) != (target_bpw is not None) or (high_bits and "mixed" not in methods):
+        raise OptionError("--target-bpw (and --high-bits) go with --method mixed, and mixed needs --target-bpw")
+    path = resolve(source)
+    if load_config(path)[1].quantization:
+        raise OptionError(f"{source}: is already quantized; quantize the original float checkpoint")
+    model = load_model(path)
+    out_dtype = DTYPES[dtype] if dtype else (mx.bfloat16 if model.dtype == mx.float32 else model.dtype)
+    model.set_dtype(mx.float32)
+    data = calibration_samples(Path(calibration), Tokenizer.from_dir(path), samples, length)
+
+    def stage(name: str) -> Callable[[int, int], None] | None:
+        return None if progress is None else lambda done, total: progress(name, done, total)
+
+    module_bits = {}
+    if "mixed" in methods:
+        high = high_bits or bits + 1
+        sens = sensitivities(model, data, bits, high, group_size, out_dtype, progress=stage("sensitivity"))
+        module_bits = choose_bits(model, sens, target_bpw, bits, high, embed_bits or 8, group_size, out_dtype)
+    tensors = {}
+    if "gptq" in methods:
+        for module, q in gptq(model, data, bits, group_size, out_dtype, module_bits,
+                              progress=stage("gptq")).items():
+            tensors.update({f"{module}.weight": q.weight, f"{module}.scales": q.scales, f"{module}.biases": q.biases})
+    elif "awq" in methods:
+        tensors = {name: p.astype(out_dtype) for name, p in awq(model, data, bits, group_size, out_dtype, module_bits,
+                                                               progress=stage("awq")).items()}
+    out = Path(output).expanduser().absolute()
+    with tempfile.TemporaryDirectory(dir=next(p for p in out.parents if p.exists())) as replaced:
+        if tensors:
+            mx.save_safetensors(str(Path(replaced) / "replaced.safetensors"), tensors)
+        return convert(path, output, quantize=True, bits=bits, group_size=group_size, embed_bits=embed_bits,
+                       dtype=dtype or str(out_dtype).removeprefix("mlx.core."), force=force,
+                       progress=stage("writing"), replaced=Path(replaced) if tensors else None,
+                       module_bits=module_bits)
