@@ -23,6 +23,7 @@ from ..model.fast import speed_up
 from ..model.model import Model
 from ..model.parallel import MODES, shard
 from ..text.tokenizer import Tokenizer
+from .adapters import load_adapters
 from .sampling_defaults import default_params, validate
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
@@ -297,7 +298,8 @@ def _check_weights(path: Path, args: ModelArgs, expected: dict[str, mx.array], w
 
 def load(path_or_repo: str | Path, dtype: str | mx.Dtype | None = None, parallel: str | None = None,
          group: mx.distributed.Group | None = None,
-         layers_per_rank: Sequence[float] | None = None) -> tuple[Model, Tokenizer]:
+         layers_per_rank: Sequence[float] | None = None, *, adapter_path: str | Path | None = None,
+         for_training: bool = False) -> tuple[Model, Tokenizer]:
     """Load a Qwen3 model and its tokenizer.
 
     Args:
@@ -310,6 +312,10 @@ def load(path_or_repo: str | Path, dtype: str | mx.Dtype | None = None, parallel
             (collectives.sync_random_state). Every rank of the group must call load alike.
         group: the ranks to shard over (default: collectives.join(), all of the job's).
         layers_per_rank: pipeline only: each rank's share of the layers (parallel.layer_split).
+        adapter_path: an adapter folder (adapters.safetensors + adapter_config.json, ours or mlx_lm.lora's)
+            applied to the model as LoRA/DoRA layers (checkpoint/adapters.py), or a full fine-tune's layers.
+        for_training: the plain model, without the fast swaps (its projections apart, named as in the
+            checkpoint), as train() needs it.
 
     Returns:
         (model, tokenizer)
@@ -322,6 +328,9 @@ def load(path_or_repo: str | Path, dtype: str | mx.Dtype | None = None, parallel
     dtype_name(dtype)  # a bad option fails before a Hub download
     if parallel not in (None, *MODES):
         raise OptionError(f"parallel={parallel!r} must be None, 'tensor' or 'pipeline'")
+    if parallel is not None and adapter_path is not None:
+        raise OptionError("adapter_path with parallel is not supported yet; fuse the adapter first "
+                          "(qwen3-mlx fuse) and load the fused model")
     if parallel is None and (group is not None or layers_per_rank is not None):
         raise OptionError("group and layers_per_rank need parallel='tensor' or 'pipeline'")
     if parallel is not None:
@@ -332,6 +341,10 @@ def load(path_or_repo: str | Path, dtype: str | mx.Dtype | None = None, parallel
     path = resolve(path_or_repo)
 
     def swap(model: Model) -> None:
+        if adapter_path is not None:  # on the checkpoint's names, before the fast swaps fuse them
+            load_adapters(model, Path(adapter_path))
+        if for_training:
+            return
         if parallel is not None:  # first: the fusion then joins each rank's own heads
             shard(model, group, parallel, layers_per_rank)
         speed_up(model)

@@ -222,8 +222,8 @@ def speed_up(model: Model, threads: int | None = None, split_min_cost: int = SPL
         mx.eval(layer.self_attn.parameters())  # one block at a time: the old arrays go as the new ones come
         mlp = layer.mlp
         local = isinstance(mlp.down_proj, (nn.Linear, nn.QuantizedLinear))  # a sharded MLP's blocks would each all_sum
-        if (local and worth_splitting(2 * _cost(mlp.gate_proj, quantized_cost))
-                and _concatenable([mlp.gate_proj, mlp.up_proj])):
+        if (local and _concatenable([mlp.gate_proj, mlp.up_proj])  # an adapter's layer (lora.py) is neither
+                and worth_splitting(2 * _cost(mlp.gate_proj, quantized_cost))):
             layer.mlp = _split_mlp(mlp, threads, streams)
         else:
             layer.mlp = _fast_mlp(mlp, split)

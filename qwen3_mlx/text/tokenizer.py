@@ -113,6 +113,12 @@ class Tokenizer:
         return self._tokenizer.token_to_id(token)
 
     @property
+    def eos_token_id(self) -> int | None:
+        """The id of tokenizer_config.json's eos_token (what a text ends with in training data), or None."""
+        token = self._special_tokens.get("eos_token")
+        return self._tokenizer.token_to_id(token) if token else None
+
+    @property
     def backend(self) -> tokenizers.Tokenizer:
         """The parsed tokenizer.json (what a grammar engine builds its vocabulary from)."""
         return self._tokenizer

@@ -1,0 +1,1 @@
+"""Fine-tuning: data formats into batches, LoRA/DoRA adapters or whole layers trained, fused back."""
