@@ -31,7 +31,8 @@ from .options import (
               help="A name requests may give as `model` (repeatable); the first is the one responses report. "
                    "Default: --model as given.")
 @click.option("--api-key", envvar="QWEN3_MLX_API_KEY", metavar="KEY",
-              help="Require `Authorization: Bearer KEY` on /v1/* (also read from QWEN3_MLX_API_KEY).")
+              help="Require `Authorization: Bearer KEY` on /v1/*, /api/* and /metrics (also read from "
+                   "QWEN3_MLX_API_KEY).")
 @THINKING_BUDGET
 @click.option("--max-tokens", "-m", type=click.IntRange(min=1), default=DEFAULTS.max_tokens, show_default=True,
               help="Most tokens a request may generate, reasoning included (larger max_tokens are lowered to it); "
@@ -40,16 +41,19 @@ from .options import (
 @click.option("--grace", type=click.FloatRange(min=0), default=30.0, show_default=True, metavar="SECONDS",
               help="After SIGTERM or Ctrl-C, how long running requests may take to finish before they are cancelled.")
 @click.option("--no-ui", is_flag=True, help="Do not serve the chat page at / (the APIs alone).")
+@click.option("--no-metrics", is_flag=True, help="Do not serve /metrics (Prometheus' text format).")
 @user_errors
 @engine_options
 @parallel_options
 @version
 def serve(model: str, host: str, port: int, served_model_names: tuple[str, ...], api_key: str | None,
           thinking_budget: int | None, max_tokens: int, cors_origin: str | None, grace: float, no_ui: bool,
-          engine: EngineOptions, draft_model: str | None, num_draft_tokens: int, parallel: Any) -> None:
+          no_metrics: bool, engine: EngineOptions, draft_model: str | None, num_draft_tokens: int,
+          parallel: Any) -> None:
     """Serve the model over HTTP: OpenAI's API (/v1/chat/completions, /v1/completions, /v1/responses,
-    /v1/models), Anthropic's (/v1/messages), /health, and a chat page at / (--no-ui: none); /docs
-    describes it. Needs the serve extra: pip install "qwen3-mlx[serve]".
+    /v1/models), Anthropic's (/v1/messages), Ollama's (/api/chat, /api/generate, /api/tags, ...), /health,
+    /metrics (--no-metrics: none) and a chat page at / (--no-ui: none); /docs describes it. Needs the
+    serve extra: pip install "qwen3-mlx[serve]".
 
     SIGTERM or Ctrl-C stops admitting (new requests get a 503) and lets running requests finish
     (--grace; a second signal cancels them: they end with an error), then exits 0 (SIGTERM) or
@@ -67,4 +71,4 @@ def serve(model: str, host: str, port: int, served_model_names: tuple[str, ...],
     run_server(model, host=host, port=port, served_model_names=served_model_names, api_key=api_key,
                engine_options=engine, thinking_budget=thinking_budget, max_tokens=max_tokens,
                cors_origin=cors_origin, grace=grace, parallel=parallel, ui=not no_ui, draft_model=draft_model,
-               num_draft_tokens=num_draft_tokens)
+               num_draft_tokens=num_draft_tokens, metrics=not no_metrics)

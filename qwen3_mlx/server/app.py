@@ -14,19 +14,26 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import FileResponse, Response
+from fastapi.responses import FileResponse, PlainTextResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
 from .anthropic import mapping as am
 from .anthropic import protocol as ap
 from .anthropic.events import message_events
 from .guard import ERROR_DOCS, Guard, add_error_handlers
+from .metrics import CONTENT_TYPE, Metrics, MetricsMiddleware
+from .ollama import mapping as olm
+from .ollama import protocol as olp
+from .ollama.events import ndjson
+from .ollama.routes import ERROR_DOCS as OLLAMA_ERROR_DOCS
+from .ollama.routes import ollama_routes
 from .openai import mapping as om
 from .openai import protocol as op
 from .openai.events import chat_events, completion_events, sse_lines
@@ -66,11 +73,31 @@ def create_app(engine: Any, settings: ServerSettings, *, response_store: Respons
     app.include_router(_openai_routes())
     app.include_router(_anthropic_routes())
     app.include_router(_responses_routes())
-    app.include_router(retrieval_routes(), responses=ERROR_DOCS)
+    if settings.metrics:  # outside the Guard, so that its refusals are counted too
+        app.state.metrics = Metrics(engine, settings.model_names[0])
+        app.add_middleware(MetricsMiddleware, metrics=app.state.metrics,
+                           paths=lambda: [*app.openapi()["paths"], "/metrics"])
+        app.add_api_route("/metrics", lambda: Response(app.state.metrics.exposition(), media_type=CONTENT_TYPE),
+                          include_in_schema=False)
+    lock = threading.Lock()  # held by every pass of the model outside the engine
+    app.include_router(retrieval_routes(lock), responses=ERROR_DOCS)
+    app.include_router(ollama_routes(lock))
+    app.include_router(_ollama_routes())
     if settings.ui:
         app.mount("/ui", StaticFiles(directory=WEB), name="ui")
-        app.add_api_route("/", lambda: FileResponse(WEB / "index.html"), include_in_schema=False)
+    app.add_api_route("/", _root(settings.ui), methods=["GET", "HEAD"], include_in_schema=False)
     return app
+
+
+def _root(ui: bool) -> Any:
+    """GET /: the chat page to a browser; to Ollama's clients, which probe it, "Ollama is running"."""
+
+    async def root(request: Request) -> Response:
+        if ui and "text/html" in request.headers.get("accept", ""):
+            return FileResponse(WEB / "index.html")
+        return PlainTextResponse("Ollama is running")
+
+    return root
 
 
 def _openai_routes() -> APIRouter:
@@ -126,6 +153,41 @@ def _openai_routes() -> APIRouter:
 
 def _model_card(request: Request) -> op.ModelCard:
     return op.ModelCard(id=request.app.state.settings.model_id, created=request.app.state.created)
+
+
+def _ollama_routes() -> APIRouter:
+    """Ollama's /api/chat and /api/generate (its other routes are ollama/routes.py's): NDJSON streams, or
+    one object with "stream": false; no messages or prompt loads the model (it is loaded)."""
+    router = APIRouter(responses=OLLAMA_ERROR_DOCS)
+
+    @router.post("/api/chat", response_model=olp.ChatResponse)
+    async def chat(body: olp.ChatRequest, request: Request) -> Response:
+        if not body.messages:
+            olm.check_name(body.model, request.app.state.settings)
+            return json_response(json.dumps(olm.loaded_body(body.model, chat=True)))
+        return await _ollama_reply(body, request, olm.chat_submission, chat=True)
+
+    @router.post("/api/generate", response_model=olp.GenerateResponse)
+    async def generate(body: olp.GenerateRequest, request: Request) -> Response:
+        if not body.prompt:
+            olm.check_name(body.model, request.app.state.settings)
+            return json_response(json.dumps(olm.loaded_body(body.model, chat=False)))
+        return await _ollama_reply(body, request, olm.generate_submission, chat=False)
+
+    return router
+
+
+async def _ollama_reply(body: Any, request: Request, submission: Any, *, chat: bool) -> Response:
+    settings, engine, started = request.app.state.settings, request.app.state.engine, time.perf_counter()
+    handle = await submit(engine, submission, body, settings)
+    logprobs, name = bool(body.logprobs), body.model
+    if body.stream:
+        lines = ndjson(chunks(handle, request), name, started, chat=chat, logprobs=logprobs, tokenizer=engine.tokenizer)
+        return StreamingResponse(lines, media_type="application/x-ndjson")
+    result = await gather(chunks(handle, request))
+    write = olm.chat_body if chat else olm.generate_body
+    seconds = time.perf_counter() - started
+    return json_response(json.dumps(write(result, name, seconds, logprobs=logprobs, tokenizer=engine.tokenizer)))
 
 
 def _anthropic_routes() -> APIRouter:

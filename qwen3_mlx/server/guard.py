@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException
 from ..errors import ContextLengthError, MemoryLimitError, Qwen3Error
 from ..generation.engine import EngineClosed, EngineFull
 from .anthropic.mapping import anthropic_error, is_anthropic
+from .ollama.mapping import is_ollama, ollama_error
 from .openai import protocol as p
 from .openai.mapping import error_json
 from .submission.refusal import ApiError, validation_problem
@@ -32,9 +33,12 @@ ERROR_DOCS = {status: {"model": model} for status, model in ERRORS.items()}
 def error_body(status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
                code: str | None = None, path: str = "") -> str:
     """The JSON of an error: Anthropic's {"type": "error", "error": {"type", "message"}} on its routes
-    (its type follows the status), OpenAI's {"error": {"message", "type", "param", "code"}} elsewhere."""
+    (its type follows the status), Ollama's {"error": "..."} on /api/*, OpenAI's {"error": {"message",
+    "type", "param", "code"}} elsewhere."""
     if is_anthropic(path):
         return anthropic_error(status, message)
+    if is_ollama(path):
+        return ollama_error(message)
     return error_json(message, type=type, param=param, code=code)
 
 
@@ -140,7 +144,7 @@ class Guard:
             return await _refuse(send, path, 503, "the server is shutting down and takes no new requests; send the "
                                                   "request again once it is back", type="server_error",
                                  code="shutting_down")
-        guarded = self.key is not None and path.startswith("/v1/") and scope["method"] != "OPTIONS"
+        guarded = self.key is not None and _keyed(path) and scope["method"] != "OPTIONS"
         if guarded and not self._authorized(scope):
             return await _refuse(send, path, 401, "invalid or missing API key: send Authorization: Bearer <key> "
                                                   "(or x-api-key: <key>)", code="invalid_api_key")
@@ -169,6 +173,11 @@ class Guard:
 
     def _too_large(self) -> str:
         return f"the request body is over {self.max_body_bytes} bytes"
+
+
+def _keyed(path: str) -> bool:
+    """The paths --api-key guards: the APIs and the metrics (not the page, /health or /docs)."""
+    return path.startswith(("/v1/", "/api/")) or path == "/metrics"
 
 
 async def _refuse(send: Any, path: str, status: int, message: str, code: str | None = None,

@@ -42,8 +42,10 @@ async def chunks(handle: Any, request: Request) -> AsyncIterator[Chunk]:
         handle.cancel()
 
     watcher = asyncio.ensure_future(watch())
+    metrics = getattr(request.app.state, "metrics", None)  # metrics.py's, unless --no-metrics
+    stream = handle if metrics is None else metrics.watch(handle, request.state.started)
     try:
-        async for chunk in handle:
+        async for chunk in stream:
             yield chunk
         finished = True
     finally:

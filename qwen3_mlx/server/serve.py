@@ -124,13 +124,13 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8080, served_model
           max_tokens: int = DEFAULT_MAX_TOKENS,
           cors_origin: str | None = None, grace: float = 30.0, log_level: str = "info",
           parallel: ParallelOptions | None = None, ui: bool = True, draft_model: str | None = None,
-          num_draft_tokens: int | None = None) -> None:
+          num_draft_tokens: int | None = None, metrics: bool = True) -> None:
     """Serve `model` (a checkpoint folder or Hub repo id) until a signal; see the module's docstring.
 
     `served_model_names`: the names a request's `model` may give, the first one reported in responses;
     none: `model` as given. `parallel`: the split of the model over the ranks of a launched job.
-    `ui`: serve the chat page at / (create_app). `engine_options`: the engine's (EngineOptions; None: its
-    defaults).
+    `ui`: serve the chat page at / (create_app); `metrics`: /metrics. `engine_options`: the engine's
+    (EngineOptions; None: its defaults).
     `draft_model`: a checkpoint folder or Hub id of a smaller model of the same family that drafts
     for every request; `num_draft_tokens`: the longest draft of a request that gives none.
 
@@ -153,7 +153,7 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8080, served_model
             engine = Engine(loaded, tokenizer, engine_options, draft_model=draft).start()
         settings = ServerSettings(tuple(served_model_names) or (model,), api_key=api_key, max_tokens=max_tokens,
                                   thinking_budget=thinking_budget, num_draft_tokens=num_draft_tokens,
-                                  cors_origin=cors_origin, ui=ui)
+                                  cors_origin=cors_origin, ui=ui, metrics=metrics)
         app = create_app(engine, settings)
         config = uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=_FLUSH_SECONDS,
                                 log_level=log_level)

@@ -27,6 +27,7 @@ class ServerSettings:
         cors_origin: the one origin browsers may call from; None: no CORS headers.
         ui: serve the chat page at /.
         max_body_bytes: larger request bodies get a 413.
+        metrics: serve /metrics, Prometheus' text format (--no-metrics: not).
     """
 
     model_names: tuple[str, ...]
@@ -37,6 +38,7 @@ class ServerSettings:
     cors_origin: str | None = None
     ui: bool = True
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    metrics: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.model_names, str) or not self.model_names:

@@ -14,9 +14,9 @@ from . import mapping as m
 from . import protocol as p
 
 
-def retrieval_routes() -> APIRouter:
+def retrieval_routes(lock: threading.Lock) -> APIRouter:
+    """`lock`: held by every pass of the model outside the engine (Ollama's embeddings hold it too)."""
     router = APIRouter()
-    lock = threading.Lock()
 
     async def run(request: Request, body: Any, answer: Callable[..., Any]) -> Any:
         settings, engine = request.app.state.settings, request.app.state.engine
