@@ -23,8 +23,11 @@ from .generation.single import generate, stream_generate
 from .text.prompt import Prompt
 from .text.tool_grammar import tool_call_grammar
 from .text.tools import ToolCall, parse_tool_calls
+from .training.fuse import fuse
+from .training.loop import train
+from .training.options import TrainingOptions, TrainingReport, TrainingResult
 
 __all__ = ["load", "convert", "generate", "stream_generate", "batch_generate", "Engine", "ChatSession",
            "GenerationOptions", "EngineOptions", "REASONING_EFFORTS", "Prompt", "GenerationResult", "GenerationStats",
            "ToolCall", "parse_tool_calls", "tool_call_grammar", "embed", "rerank", "perplexity", "Qwen3Error",
-           "ConfigError", "OptionError"]
+           "ConfigError", "OptionError", "train", "fuse", "TrainingOptions", "TrainingReport", "TrainingResult"]

@@ -44,6 +44,6 @@ def test_the_public_api_is_the_package_s_own_names():
         "load", "convert", "generate", "stream_generate", "batch_generate", "Engine", "ChatSession",
         "GenerationOptions", "EngineOptions", "REASONING_EFFORTS", "Prompt", "GenerationResult", "GenerationStats",
         "ToolCall", "parse_tool_calls", "tool_call_grammar", "embed", "rerank", "perplexity", "Qwen3Error",
-        "ConfigError", "OptionError"])
+        "ConfigError", "OptionError", "train", "fuse", "TrainingOptions", "TrainingReport", "TrainingResult"])
     assert all(getattr(qwen3_mlx, name) is not None for name in qwen3_mlx.__all__)
     assert qwen3_mlx.REASONING_EFFORTS["none"] == 0 and qwen3_mlx.REASONING_EFFORTS["max"] is None

@@ -20,6 +20,7 @@ from .generate_command import generate
 from .options import CONTEXT, version
 from .perplexity_command import perplexity
 from .serve_command import serve
+from .train_command import fuse, train
 
 
 @click.group(context_settings=CONTEXT)
@@ -32,5 +33,5 @@ def main() -> None:
         quiet(launched_rank())  # a launched rank other than 0: its error lines only, even for a usage error
 
 
-for command in (generate, chat, convert, serve, perplexity, evaluate, embed, rerank):
+for command in (generate, chat, convert, serve, perplexity, evaluate, embed, rerank, train, fuse):
     main.add_command(command)

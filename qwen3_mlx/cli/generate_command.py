@@ -22,6 +22,7 @@ from .display import (
 from .options import (
     CONTEXT,
     MAX_BATCH,
+    adapter_option,
     check_writable,
     generation_options,
     model_option,
@@ -106,7 +107,8 @@ def check_complete(stats: Any, options: GenerationOptions) -> None:
 
 
 def generate_one(model: str, parts: tuple[str, str | None, bool, str | None], prompt_cache: Path | None,
-                 draft_model: str | None, ranks: Any, options: GenerationOptions, display: Display) -> None:
+                 draft_model: str | None, ranks: Any, options: GenerationOptions, display: Display,
+                 adapter_path: str | None = None) -> None:
     """One prompt (its text, system, raw, prefill_response), streamed; its cache reused from and saved
     to `prompt_cache` when given."""
     import warnings
@@ -118,7 +120,7 @@ def generate_one(model: str, parts: tuple[str, str | None, bool, str | None], pr
 
     text, system, raw, prefill_response = parts
     check_writable(prompt_cache)
-    loaded, tokenizer = ranks.load(model)
+    loaded, tokenizer = ranks.load(model, adapter_path)
     draft = ranks.load_draft(draft_model, tokenizer)
     cached = CachedPrompt.open(loaded, tokenizer, Prompt(text, system=system, raw=raw,
                                                          prefill_response=prefill_response), options, prompt_cache)
@@ -134,7 +136,8 @@ def generate_one(model: str, parts: tuple[str, str | None, bool, str | None], pr
 
 
 def generate_batch(model: str, path: Path, output: Path | None, engine: EngineOptions, system: str | None, raw: bool,
-                   options: GenerationOptions, display: Display, ranks: Any, draft_model: str | None = None) -> None:
+                   options: GenerationOptions, display: Display, ranks: Any, draft_model: str | None = None,
+                   adapter_path: str | None = None) -> None:
     """--prompts-file: every request checked before any is generated, then all of them batched (each
     drafting with --draft-model or --prompt-lookup), the results written in input order (under
     mlx.launch, by rank 0)."""
@@ -152,7 +155,7 @@ def generate_batch(model: str, path: Path, output: Path | None, engine: EngineOp
                                "whose messages need the chat template")
     output = output if ranks.leader else None  # rank 0 alone writes the results
     check_writable(output)
-    loaded, tokenizer = ranks.load(model)
+    loaded, tokenizer = ranks.load(model, adapter_path)
     draft = ranks.load_draft(draft_model, tokenizer)
     check_requests(loaded, tokenizer, [(f"{path}:{r.line}", r.prompt, r.options) for r in batch.requests])
     ranks.agree(f"{path}'s requests", [request_json(r.prompt, r.options) for r in batch.requests])
@@ -194,13 +197,15 @@ def generate_batch(model: str, path: Path, output: Path | None, engine: EngineOp
               help="The response begins with TEXT (not printed again); the model continues it.")
 @click.option("--prompt-cache", "--prompt-cache-file", type=click.Path(dir_okay=False, path_type=Path),
               help="Reuse the cache of the prompt's shared prefix saved in this file, and save this prompt's.")
+@adapter_option
 @user_errors
 @generation_options
 @parallel_options
 @version
 def generate(model: str, prompt: str | None, prompts_file: Path | None, output: Path | None, max_batch: int,
              system: str | None, raw: bool, prefill_response: str | None, prompt_cache: Path | None,
-             draft_model: str | None, parallel: Any, options: GenerationOptions, display: Display) -> None:
+             adapter_path: str | None, draft_model: str | None, parallel: Any, options: GenerationOptions,
+             display: Display) -> None:
     """Generate a response to one prompt, or to each of a file's (--prompts-file).
 
     On a terminal the reasoning is dimmed; piped, it comes first inside <think> ... </think>.
@@ -227,8 +232,9 @@ def generate(model: str, prompt: str | None, prompts_file: Path | None, output: 
     ranks = start_ranks(parallel, draft_model, prompt_cache)
     if prompts_file is not None:
         generate_batch(model, prompts_file, output, EngineOptions(max_batch=max_batch), system, raw, options, display,
-                       ranks, draft_model)
+                       ranks, draft_model, adapter_path)
         return
     # Under mlx.launch rank 0 reads stdin, up to an empty line (the launcher's pipe never ends), for every rank.
     text = ranks.from_leader(functools.partial(read_prompt, prompt, ranks.launched))
-    generate_one(model, (text, system, raw, prefill_response), prompt_cache, draft_model, ranks, options, display)
+    generate_one(model, (text, system, raw, prefill_response), prompt_cache, draft_model, ranks, options, display,
+                 adapter_path)

@@ -24,6 +24,8 @@ DEFAULTS, ENGINE_DEFAULTS = GenerationOptions(), EngineOptions()  # the defaults
 version = click.version_option(package_name="qwen3-mlx", message="qwen3-mlx %(version)s")
 MODEL_HELP = "Checkpoint folder or Hub repo id (no short option: -m is --max-tokens, as in mlx_lm)."
 model_option = click.option("--model", default=DEFAULT_MODEL, show_default=True, help=MODEL_HELP)
+adapter_option = click.option("--adapter-path", metavar="FOLDER",
+                              help="Apply this adapter (qwen3-mlx train's or mlx_lm.lora's folder) to the model.")
 
 
 # ---------------------------------------------------------------- reading values

@@ -82,16 +82,17 @@ class Ranks:
     def launched(self) -> bool:
         return self.group is not None
 
-    def load(self, path: str | Path) -> tuple[Model, Tokenizer]:
-        """The model (loader.load): this rank's part of it when launched. A rank waits up to LOAD_SECONDS
-        (or the watchdog's, if longer) for the others to load theirs; each names itself when it fails."""
+    def load(self, path: str | Path, adapter_path: str | Path | None = None) -> tuple[Model, Tokenizer]:
+        """The model (loader.load), with the adapter of `adapter_path` when given: this rank's part of it
+        when launched. A rank waits up to LOAD_SECONDS (or the watchdog's, if longer) for the others to
+        load theirs; each names itself when it fails."""
         if not self.launched:  # loader.load looked up when called: a test may put a stand-in there
-            return loader.load(path)
+            return loader.load(path) if adapter_path is None else loader.load(path, adapter_path=adapter_path)
         with Watchdog(self.rank, max(LOAD_SECONDS, self.options.watchdog), size=self.size):
             try:
                 folder = loader.resolve(path)  # a download, before anything waits on the others
                 return loader.load(folder, parallel=self.options.mode, group=self.group,
-                            layers_per_rank=self.options.layers_per_rank)
+                                   layers_per_rank=self.options.layers_per_rank, adapter_path=adapter_path)
             except Qwen3Error as e:
                 if str(e).startswith("rank "):
                     raise

@@ -12,9 +12,9 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
-# A fused quantized layer keeps float weights when re-quantizing would round away more than this share
-# of the adapter's delta (mlx-lm #1172: a small delta vanishes under the quantization step).
-KEPT_DELTA = 0.5
+# A fused quantized layer keeps float weights unless quantizing it again errs by at most this share of
+# the adapter's delta (mlx-lm #1172: a delta near or under the quantization step is rounded away).
+KEPT_DELTA = 0.9
 
 
 def input_dims(linear: nn.Module) -> int:

@@ -103,7 +103,6 @@ class _Run:
         if extra:
             save_adapters(self.model, folder, self.config, f"{self.step:07d}_{ADAPTER_FILE}")
         state = dict(tree_flatten(self.optimizer.state))
-        state["random_state"] = mx.random.state[0]
         with written_atomically(Path(folder) / STATE_FILE, suffix=".safetensors") as tmp:
             mx.save_safetensors(str(tmp), state, {"step": str(self.step)})
         return self.adapter_file
@@ -111,7 +110,7 @@ class _Run:
 
 def resume(run: _Run, file: Path) -> None:
     """The weights of an adapters file (mlx-lm's resume), and when the file saved beside it is there,
-    the optimizer's state, the random state and the step."""
+    the optimizer's state and the step."""
     try:
         run.model.load_weights(str(file), strict=False)
     except (OSError, ValueError, RuntimeError) as e:
@@ -119,7 +118,6 @@ def resume(run: _Run, file: Path) -> None:
     state_file = Path(file).parent / STATE_FILE
     if state_file.exists():
         state, meta = mx.load(str(state_file), return_metadata=True)
-        mx.random.state[0] = state.pop("random_state")
         run.optimizer.state = tree_unflatten(list(state.items()))
         run.step = int(meta.get("step", 0))
 
@@ -204,6 +202,7 @@ def _loop(run: _Run, train_set: list[Example], valid_set: list[Example], iters: 
             model.train()
             report(val_loss=run.val_losses[run.step])
         tic = time.perf_counter()
+        mx.random.seed(options.seed * 1_000_003 + run.step)  # dropout's draws: the same in a resumed run
         (value, count), grads = step_grad(batch.ids, batch.mask)
         mx.eval(value, count, grads)
         _check_finite(run, value.item(), batch)
