@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "qwen3_mlx"
 # its own sub-package, and any module of a lower sub-package; never upward, never sideways.
 FLOORS = {
     "cli": [["commands"], ["generate_command", "chat_command", "convert_command", "serve_command",
-                         "perplexity_command", "eval_command", "embed_command"],
+                         "perplexity_command", "eval_command", "embed_command", "train_command"],
             ["options", "prompts_file"], ["display"]],
     "server": [["serve"], ["app"], ["guard", "relay"], ["settings", "metrics"]],
     "server.ollama": [["routes"], ["events", "catalog"], ["mapping"], ["protocol"]],
