@@ -225,6 +225,21 @@ def test_max_tokens_caps_the_thinking_too(stub):
     assert message.stop_reason == "max_tokens" and message.usage.output_tokens == 6
 
 
+def test_a_reply_cut_inside_a_call_is_the_same_whole_and_streamed(stub, tiny):
+    cut = CALLS[: CALLS.index('{"zone"') + 4]
+    ask = dict(model="stub", messages=WEATHER_Q, tools=TOOLS,
+               max_tokens=len(tiny[1].encode(f"<think>\nI should call the tools.\n</think>\n\n{cut}")))
+    whole = stub.messages.create(**ask)
+    with stub.messages.stream(**ask) as s:
+        streamed = s.get_final_message()
+    assert whole.stop_reason == streamed.stop_reason == "max_tokens"
+    blocks = [b.model_dump(exclude={"id", "signature"}) for b in whole.content]
+    assert blocks == [b.model_dump(exclude={"id", "signature"}) for b in streamed.content]
+    assert [b["type"] for b in blocks] == ["thinking", "tool_use", "tool_use"]
+    assert blocks[1]["input"] == {"city": "Paris", "unit": "C"} and blocks[2]["name"] == "get_time"
+    assert whole.id.startswith("msg_") and all(b.id.startswith("toolu_") for b in whole.content[1:])
+
+
 def test_what_claude_code_sends_is_accepted(stub, tiny):
     """System blocks with cache_control, a system message inside messages, adaptive thinking omitted,
     effort, context_management, metadata, a server tool, ?beta=true and the beta headers."""
@@ -317,6 +332,36 @@ def test_refusals_have_anthropics_error_body(live, body, status, kind, message):
         with pytest.raises(pydantic.ValidationError) as e:
             MessagesRequest.model_validate(body)
         assert text == message + e.value.errors()[0]["msg"]
+
+
+USE = {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "get_time", "input": {}}]}
+# What Anthropic's API refuses, refused here in our words naming the field (each once answered 200, then ran
+# to the cap, or named the server's files): (the body's fields, the message).
+REFERENCE_REFUSALS = [
+    ({"tool_choice": {"type": "any"}}, "tool_choice: given without tools; send tools, or leave tool_choice out"),
+    ({"tool_choice": {"type": "tool", "name": "get_time"}},
+     "tool_choice: given without tools; send tools, or leave tool_choice out"),
+    ({"extra_body": {"temperature": 1.5}}, "temperature must be in [0, 1], got 1.5"),  # this SDK has no temperature
+    ({"messages": [*HI, USE, {"role": "user", "content": [{"type": "tool_result", "content": "12:00"}]}]},
+     "messages[2].content[0].tool_use_id: a tool result needs the id of the call it answers"),
+    ({"messages": [*HI, USE, {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_9",
+                                                          "content": "12:00"}]}]},
+     "messages[2].content[0].tool_use_id: no earlier tool call has the id 'toolu_9'"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": ""}]}]},
+     "messages[0].content[0].text: a text block must hold some text"),
+    ({"messages": [{"role": "user", "content": []}]},
+     "messages[0].content: give at least one content block (only a last assistant message may be empty)"),
+    ({"messages": [{"role": "assistant", "content": "Hello"}]},
+     "messages: the conversation must hold a user message"),
+]
+
+
+@pytest.mark.parametrize(("fields", "message"), REFERENCE_REFUSALS, ids=[m for _, m in REFERENCE_REFUSALS])
+def test_what_anthropic_refuses_is_refused_in_our_words(client, fields, message):
+    with pytest.raises(anthropic.BadRequestError) as e:
+        client.messages.create(**{"model": "tiny", "max_tokens": 4, "messages": HI, **fields})
+    assert e.value.status_code == 400
+    assert e.value.body == {"type": "error", "error": {"type": "invalid_request_error", "message": message}}
 
 
 def test_a_body_over_the_limit_and_bad_json_have_anthropics_shape(live, client):

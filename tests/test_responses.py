@@ -186,6 +186,35 @@ def test_function_calls_and_their_outputs_in_the_next_turn(stub, stream):
     assert [item.name for item in single.output if item.type == "function_call"] == ["get_weather"]
 
 
+def without_ids(items):
+    return [{k: v for k, v in item.model_dump(exclude_none=True).items() if k not in ("id", "call_id")}
+            for item in items]
+
+
+@pytest.mark.parametrize("cut_at", ['{"zone"', "the answer"])
+def test_a_cut_reply_is_the_same_whole_and_streamed(stub, tiny, cut_at):
+    """A call the cap cut is an incomplete function_call, a message it cut an incomplete message."""
+    calls = cut_at != "the answer"
+    text = f"<think>\nI should call the tools.\n</think>\n\n{CALLS[: CALLS.index(cut_at) + 4]}" if calls \
+        else f"<think>\n{REASONING}\n</think>\n\n"
+    ask = dict(model="stub", input="What is the weather in Paris?" if calls else "Hi",
+               tools=[WEATHER, CLOCK] if calls else [],  # the tools' names make the stub call them
+               max_output_tokens=len(tiny[1].encode(text)) + (0 if calls else 2))  # two of the answer's tokens
+    whole = stub.responses.create(**ask)
+    streamed = events_of(stub.responses.create(**ask, stream=True))[-1].response
+    assert whole.status == streamed.status == "incomplete"
+    assert without_ids(whole.output) == without_ids(streamed.output)
+    kinds = [(item.type, item.status) for item in whole.output]
+    if calls:
+        assert kinds == [("reasoning", "completed"), ("function_call", "completed"), ("function_call", "incomplete")]
+        assert whole.output[2].name == "now" and whole.output[2].arguments == '{"zone'
+    else:
+        assert kinds == [("reasoning", "completed"), ("message", "incomplete")]
+    assert whole.id.startswith("resp_") and [item.id[:3] for item in whole.output] == \
+        ["rs_", *(["fc_", "fc_"] if calls else ["msg"])]
+    assert not calls or all(item.call_id.startswith("call_") for item in whole.output[1:])
+
+
 def test_namespace_tools_are_offered_under_qualified_names_and_others_left_out():
     tools, names = offered_tools([WEATHER, CLOCK, {"type": "web_search"}, {"type": "custom", "name": "apply_patch"}])
     assert [t["function"]["name"] for t in tools] == ["get_weather", "clock.now"]
@@ -238,6 +267,44 @@ def test_refusals_have_openais_error_body(small, body, status, message):
         with pytest.raises(pydantic.ValidationError) as e:
             ResponsesRequest.model_validate(body)
         assert text == message + e.value.errors()[0]["msg"]
+
+
+CALL = {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": "{}"}
+# What OpenAI's Responses API refuses, refused here in our words naming the field (each once answered 200,
+# then ran to the cap, or named the server's files): (the body's fields, the message, the parameter).
+REFERENCE_REFUSALS = [
+    ({"tool_choice": "required"}, "tool_choice: given without tools; send tools, or leave tool_choice out",
+     "tool_choice"),
+    ({"input": [{"role": "user", "content": "Hi"}, CALL, {"type": "function_call_output", "output": "18 C"}]},
+     "input[2].call_id: a tool result needs the id of the call it answers", "input[2].call_id"),
+    ({"input": [{"role": "user", "content": "Hi"}, CALL,
+                {"type": "function_call_output", "call_id": "call_9", "output": "18 C"}]},
+     "input[2].call_id: no earlier tool call has the id 'call_9'", "input[2].call_id"),
+    ({"text": {"format": {"type": "json_schema", "name": "x"}}},
+     'text.format.schema: a "json_schema" format needs its schema (or use {"type": "json_object"})',
+     "text.format.schema"),
+    ({"input": []}, "input: give at least one message", "input"),
+    ({"input": [{"type": "hologram"}]}, 'input[0].type: unknown item type "hologram"', "input[0].type"),
+    ({"input": [{"role": "assistant", "content": "Hello"}]}, "input: the conversation must hold a user message",
+     "input"),
+]
+
+
+@pytest.mark.parametrize(("fields", "message", "param"), REFERENCE_REFUSALS, ids=[m for _, m, _ in REFERENCE_REFUSALS])
+def test_what_openai_refuses_is_refused_in_our_words(small, fields, message, param):
+    client = openai.OpenAI(base_url=small.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.responses.create(**{"model": "tiny", "input": "hi", **fields})
+    assert e.value.status_code == 400
+    assert e.value.body == {"message": message, "type": "invalid_request_error", "param": param, "code": None}
+
+
+def test_a_stored_conversations_calls_are_answered_by_a_later_output(stub):
+    first = stub.responses.create(model="stub", input="What is the weather in Paris?", tools=[WEATHER, CLOCK])
+    (call, *_) = [item for item in first.output if item.type == "function_call"]
+    output = {"type": "function_call_output", "call_id": call.call_id, "output": "18 C"}
+    again = stub.responses.create(model="stub", previous_response_id=first.id, input=[output], tools=[WEATHER, CLOCK])
+    assert again.status == "completed"
 
 
 def test_no_input_makes_a_server_error(small):

@@ -187,9 +187,17 @@ def test_a_cap_inside_a_call_is_finish_reason_length_after_complete_calls(stub, 
     reply = post(stub.url, body).json()
     choice = reply["choices"][0]
     assert choice["finish_reason"] == "length"
-    assert [c["function"]["name"] for c in choice["message"]["tool_calls"]] == ["get_weather"]
+    calls = [(c["id"], c["function"]["name"], c["function"]["arguments"]) for c in choice["message"]["tool_calls"]]
+    assert [name for _, name, _ in calls] == ["get_weather", "get_time"]
+    assert calls[0][2] == '{"city": "Paris", "unit": "C"}' and calls[1][2] == '{"zone'  # cut, as OpenAI sends it
     chunks = events(post(stub.url, {**body, "stream": True}))
     assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "length"
+    # The whole reply carries what the stream carried: the cut call too, its arguments so far.
+    fragments = [f for c in chunks if c["choices"] for f in c["choices"][0]["delta"]["tool_calls"] or ()]
+    streamed = [(f["id"], f["function"]["name"], "".join(g["function"]["arguments"] for g in fragments
+                                                         if g["index"] == f["index"])) for f in fragments if "id" in f]
+    assert [(name, arguments) for _, name, arguments in streamed] == [(name, arguments) for _, name, arguments in calls]
+    assert all(cid.startswith("call_") for cid, _, _ in calls + streamed) and reply["id"].startswith("chatcmpl-")
 
 
 # ---------------------------------------------------------------- models

@@ -26,7 +26,7 @@ from fastapi.staticfiles import StaticFiles
 
 from .anthropic import mapping as am
 from .anthropic import protocol as ap
-from .anthropic.events import message_events
+from .anthropic.events import message_events, whole_message
 from .guard import ERROR_DOCS, Guard, add_error_handlers
 from .metrics import CONTENT_TYPE, Metrics, MetricsMiddleware
 from .ollama import mapping as olm
@@ -40,11 +40,11 @@ from .openai.events import chat_events, completion_events, sse_lines
 from .relay import chunks, json_response, named_sse, sse, submit
 from .responses import mapping as rm
 from .responses import protocol as rp
-from .responses.events import response_events
+from .responses.events import response_events, whole_output
 from .responses.store import ResponseStore
 from .retrieval.routes import retrieval_routes
 from .settings import ServerSettings
-from .submission.outcome import gather
+from .submission.outcome import gather, gather_chunks, streamed_calls
 from .submission.reading import check_model, prompt_tokens
 
 WEB = Path(__file__).parent / "web"  # the chat page
@@ -113,10 +113,10 @@ def _openai_routes() -> APIRouter:
                                     logprobs=body.logprobs, parallel=body.parallel_tool_calls,
                                     tokenizer=engine.tokenizer)
             return sse(sse_lines(events))
-        result = await gather(chunks(handle, request))
+        result, seen = await gather_chunks(chunks(handle, request))
         return json_response(om.dump_json(om.chat_completion(
             result, settings.model_id, logprobs=body.logprobs, parallel=body.parallel_tool_calls,
-            tokenizer=engine.tokenizer)))
+            tokenizer=engine.tokenizer, streamed=streamed_calls(seen, body.parallel_tool_calls))))
 
     @router.post("/v1/completions", response_model=op.Completion, responses=ERROR_DOCS)
     async def completions(body: op.CompletionRequest, request: Request) -> Response:
@@ -201,8 +201,8 @@ def _anthropic_routes() -> APIRouter:
         if body.stream:
             return named_sse(message_events(chunks(handle, request), settings.model_id,
                                             prompt_tokens=handle.prompt_tokens, show_thinking=show, parallel=parallel))
-        result = await gather(chunks(handle, request))
-        message = am.message(result, settings.model_id, show_thinking=show, parallel=parallel)
+        result, seen = await gather_chunks(chunks(handle, request))
+        message = whole_message(seen, result.stats, settings.model_id, show_thinking=show, parallel=parallel)
         return json_response(message.model_dump_json())
 
     @router.post("/v1/messages/count_tokens", response_model=ap.TokenCount, responses=_ANTHROPIC_DOCS)
@@ -227,8 +227,8 @@ def _responses_routes() -> APIRouter:
         handle = await submit(engine, rm.responses_submission, turn, settings)
         if body.stream:
             return named_sse(response_events(turn, chunks(handle, request), settings.model_id, store))
-        result = await gather(chunks(handle, request))
-        output = rm.output_items(turn, result)
+        result, seen = await gather_chunks(chunks(handle, request))
+        output = whole_output(turn, seen)
         return json_response(json.dumps(rm.finish(turn, settings.model_id, result.stats, output, store)))
 
     @router.get("/v1/responses/{response_id}", response_model=rp.ResponseObject, responses=ERROR_DOCS)

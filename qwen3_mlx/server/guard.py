@@ -71,6 +71,10 @@ def _param_of(message: str) -> str | None:
     return param if param in _PARAMETERS else None
 
 
+# The tokenizer's words for a template that failed on a conversation (text/tokenizer.py).
+_TEMPLATE_FAILED = re.compile(r": (chat template failed|the chat template rejected the conversation): ")
+
+
 def _prompt_param(request: Request) -> str:
     return {"/v1/completions": "prompt", "/v1/responses": "input"}.get(request.url.path, "messages")
 
@@ -111,6 +115,11 @@ def add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Qwen3Error)
     async def bad_request(request: Request, exc: Qwen3Error) -> Response:
+        if _TEMPLATE_FAILED.search(str(exc)):  # it names the server's files and the template's internals
+            log.warning("a request's conversation failed the chat template: %s", exc)
+            param = _prompt_param(request)
+            return error(request, 400, f"{param}: the model's chat template cannot render this conversation; check "
+                                       "its messages' roles and order", param=param)
         return error(request, 400, str(exc), param=_param_of(str(exc)))
 
     @app.exception_handler(RecursionError)

@@ -8,12 +8,14 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 
+from pydantic_core import from_json
+
 from ...errors import Qwen3Error
 from ...generation.response import Chunk, GenerationStats
 from ...text.tools import ToolCallDelta
 from ..submission.outcome import call_delta, check_finished, new_id, tool_calls
 from ..submission.refusal import ApiError
-from .mapping import anthropic_error, signature, stop_reason, usage
+from .mapping import anthropic_error, signature, stop_reason, tool_use_id, usage
 from .protocol import Message, Usage
 
 PING_SECONDS = 5.0  # a ping event after this long without a chunk (a long prompt's prefill)
@@ -44,18 +46,26 @@ async def with_pings(items: AsyncIterator[Chunk], seconds: float) -> AsyncIterat
 
 class _Blocks:
     """The content blocks of a stream as the chunks arrive: one open at a time, closed when the kind
-    changes (a thinking block closes with its signature)."""
+    changes (a thinking block closes with its signature). `content`: the blocks as a client that reads
+    the stream puts them together (a whole reply's, tool_use inputs apart)."""
 
     def __init__(self, show_thinking: bool) -> None:
         self.show_thinking, self.index, self.open, self.thinking = show_thinking, -1, None, []
+        self.content: list[dict] = []
 
     def start(self, kind: str, block: dict) -> list[Event]:
         events = self.close()
         self.index, self.open = self.index + 1, kind
+        self.content.append({**block, "partial_json": ""} if kind == "tool_use" else dict(block))
         return events + [("content_block_start", {"type": "content_block_start", "index": self.index,
                                                   "content_block": block})]
 
     def delta(self, delta: dict) -> Event:
+        block = self.content[self.index]
+        for key, field in (("text", "text"), ("thinking", "thinking"), ("partial_json", "partial_json"),
+                           ("signature", "signature")):
+            if key in delta:
+                block[field] += delta[key]
         return "content_block_delta", {"type": "content_block_delta", "index": self.index, "delta": delta}
 
     def close(self) -> list[Event]:
@@ -71,7 +81,8 @@ class _Blocks:
         events: list[Event] = []
         if call is not None:
             if call.id:
-                events += self.start("tool_use", {"type": "tool_use", "id": call.id, "name": call.name, "input": {}})
+                events += self.start("tool_use", {"type": "tool_use", "id": tool_use_id(call.id), "name": call.name,
+                                                  "input": {}})
             if call.arguments:
                 events.append(self.delta({"type": "input_json_delta", "partial_json": call.arguments}))
         elif chunk.text and chunk.kind == "reasoning":
@@ -87,12 +98,31 @@ class _Blocks:
         return events
 
 
+def whole_message(seen: list[Chunk], stats: GenerationStats, model_id: str, *, show_thinking: bool,
+                  parallel: bool) -> Message:
+    """A whole reply's message: the blocks its stream would carry (those of the chunks `seen`); a
+    tool_use's input, its parsed arguments, or for a call the cap cut, its JSON so far read as the SDKs
+    read a stream's (partially, the unfinished value left out)."""
+    blocks = _Blocks(show_thinking)
+    for chunk in seen:
+        blocks.feed(chunk, call_delta(chunk, parallel))
+    blocks.close()
+    complete = {tool_use_id(c.id): c.arguments for c in tool_calls(stats, parallel)}
+    for block in blocks.content:
+        if block["type"] == "tool_use":
+            text = block.pop("partial_json")
+            block["input"] = complete.get(block["id"]) or (from_json(text, allow_partial=True) if text else {})
+    return Message(id=new_id("msg_"), model=model_id, content=blocks.content,
+                   stop_reason=stop_reason(stats, tool_calls(stats, parallel)), stop_sequence=stats.stop_string,
+                   usage=usage(stats))
+
+
 async def message_events(chunks: AsyncIterator[Chunk], model_id: str, *, prompt_tokens: int, show_thinking: bool,
                          parallel: bool, ping_seconds: float = PING_SECONDS) -> AsyncIterator[Event]:
     """Anthropic's stream: message_start, ping, each block's start, deltas and stop, message_delta
     (stop_reason, usage), message_stop; a failure is an error event."""
     blocks, stats = _Blocks(show_thinking), GenerationStats()
-    start = Message(id=new_id("msg"), model=model_id, content=[], stop_reason=None,
+    start = Message(id=new_id("msg_"), model=model_id, content=[], stop_reason=None,
                     usage=Usage(input_tokens=prompt_tokens, output_tokens=0)).model_dump()
     yield "message_start", {"type": "message_start", "message": start}
     yield "ping", {"type": "ping"}

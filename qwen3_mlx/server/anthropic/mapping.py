@@ -19,14 +19,16 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from ...generation.response import GenerationResult, GenerationStats
+from ...generation.response import GenerationStats
 from ...text.prompt import Prompt
 from ...text.tools import ToolCall
-from ..submission.outcome import new_id, tool_calls
 from ..submission.reading import (
     Settings,
     Submission,
+    check_choice_has_tools,
+    check_conversation,
     check_model,
+    check_tool_result,
     check_tool_names,
     sampling_options,
     tool_constraint,
@@ -35,12 +37,8 @@ from ..submission.refusal import ApiError, check_range
 from .protocol import (
     Block,
     CountTokensRequest,
-    Message,
     MessagesRequest,
-    TextBlock,
-    ThinkingBlock,
     ToolDefinition,
-    ToolUseBlock,
     Usage,
 )
 
@@ -70,6 +68,8 @@ def messages_submission(body: CountTokensRequest, settings: Settings) -> Submiss
     check_model(body.model, settings)
     tools = _tools(body.tools) if body.tools else None
     choice = body.tool_choice.type if body.tool_choice else "auto"
+    if choice in ("any", "tool"):
+        check_choice_has_tools(tools)
     if choice == "none":
         tools = None
     name = {"any": "required", "tool": body.tool_choice.name if body.tool_choice else None}.get(choice, choice)
@@ -87,6 +87,8 @@ def messages_submission(body: CountTokensRequest, settings: Settings) -> Submiss
         fields.update(temperature=request.temperature, top_p=request.top_p, top_k=request.top_k, seed=request.seed,
                       stop=request.stop_sequences)
     options = sampling_options(fields, settings, request.max_tokens if request else None, think=think)
+    check_range("temperature", request.temperature if request else None, 0, 1)  # after GenerationOptions' words
+    check_conversation([{"role": m.role} for m in body.messages], "messages")
     messages, prefill = chat_messages(body)
     prompt = Prompt(messages, tools=tools, prefill_response=prefill)
     return Submission(prompt, options.replace(**constraint))
@@ -129,17 +131,22 @@ def _tools(tools: Sequence[ToolDefinition]) -> list[dict] | None:
 def chat_messages(body: CountTokensRequest) -> tuple[list[dict], str | None]:
     """(the messages as the chat template reads them, the prefill): `system` first; each message's
     blocks made into chat messages; a last assistant message of text alone is the answer's start."""
-    messages = []
+    messages: list[dict] = []
     if body.system:
         messages.append({"role": "system", "content": _text(body.system, "system")})
+    calls: set[str] = set()  # the ids of the tool_use blocks so far, which a tool_result answers
     for i, m in enumerate(body.messages):
         where = f"messages[{i}]"
         if isinstance(m.content, str):
             messages.append({"role": m.role, "content": m.content})
+        elif not m.content and not (m.role == "assistant" and i == len(body.messages) - 1):
+            raise ApiError(400, f"{where}.content: give at least one content block (only a last assistant "
+                                "message may be empty)", param="messages")
         elif m.role == "assistant":
             messages.append(_assistant(m.content, where))
+            calls.update(call["id"] for call in messages[-1].get("tool_calls", ()))
         else:
-            messages += _user(m.role, m.content, where)
+            messages += _user(m.role, m.content, where, calls)
     last = messages[-1] if messages else {}
     if last.get("role") == "assistant" and not last.get("tool_calls") and not last.get("reasoning_content"):
         messages.pop()
@@ -150,6 +157,11 @@ def chat_messages(body: CountTokensRequest) -> tuple[list[dict], str | None]:
 def _refused(block: Block, where: str) -> ApiError:
     return ApiError(400, f"{where} is type {block.type!r}; Qwen3 reads text only here: send text blocks "
                          '({"type": "text", "text": "..."})', param="messages")
+
+
+def _check_text(block: Block, where: str) -> None:
+    if not block.text:
+        raise ApiError(400, f"{where}.text: a text block must hold some text", param="messages")
 
 
 def _text(content: str | list[Block], where: str) -> str:
@@ -165,6 +177,7 @@ def _assistant(blocks: list[Block], where: str) -> dict:
     text, reasoning, calls = [], [], []
     for j, block in enumerate(blocks):
         if block.type == "text" and block.text is not None:
+            _check_text(block, f"{where}.content[{j}]")
             text.append(block.text)
         elif block.type == "thinking" and block.thinking is not None:
             reasoning.append(block.thinking)
@@ -181,18 +194,21 @@ def _assistant(blocks: list[Block], where: str) -> dict:
     return message
 
 
-def _user(role: str, blocks: list[Block], where: str) -> list[dict]:
-    """Tool results become tool messages, where they stand; text blocks between them, one message each run."""
+def _user(role: str, blocks: list[Block], where: str, calls: set[str]) -> list[dict]:
+    """Tool results (each answering one of `calls`) become tool messages, where they stand; text blocks
+    between them, one message each run."""
     out: list[dict] = []
     text: list[str] = []
     for j, block in enumerate(blocks):
         if block.type == "tool_result" and role == "user":
+            check_tool_result(f"{where}.content[{j}].tool_use_id", block.tool_use_id, calls)
             if text:
                 out.append({"role": role, "content": "\n".join(text)})
                 text = []
             result = _text(block.content or "", f"{where}.content[{j}].content")
             out.append({"role": "tool", "tool_call_id": block.tool_use_id, "content": result})
         elif block.type == "text" and block.text is not None:
+            _check_text(block, f"{where}.content[{j}]")
             text.append(block.text)
         else:
             raise _refused(block, f"{where}.content[{j}]")
@@ -209,6 +225,11 @@ def signature(thinking: str) -> str:
     return "qwen3-mlx-" + hashlib.sha256(thinking.encode()).hexdigest()[:32]
 
 
+def tool_use_id(call_id: str) -> str:
+    """A call's id under Anthropic's prefix ("toolu_"; the parser writes OpenAI's "call_")."""
+    return "toolu_" + call_id.removeprefix("call_")
+
+
 def stop_reason(stats: GenerationStats, calls: list[ToolCall]) -> str:
     reason = stats.finish_reason or "stop"
     if reason != "length" and calls:
@@ -221,21 +242,6 @@ def usage(stats: GenerationStats) -> Usage:
     reused prefix held (their sum is the prompt); output_tokens every token of the response."""
     return Usage(input_tokens=stats.prompt_tokens - stats.cached_tokens, output_tokens=len(stats.token_ids),
                  cache_read_input_tokens=stats.cached_tokens)
-
-
-def message(result: GenerationResult, model_id: str, *, show_thinking: bool, parallel: bool) -> Message:
-    """The whole result as a message: thinking (its text left out when display is "omitted"), text, tool_use."""
-    content: list[ThinkingBlock | TextBlock | ToolUseBlock] = []
-    if result.reasoning:
-        content.append(ThinkingBlock(thinking=result.reasoning if show_thinking else "",
-                                     signature=signature(result.reasoning)))
-    if result.content:
-        content.append(TextBlock(text=result.content))
-    calls = tool_calls(result.stats, parallel)
-    content += [ToolUseBlock(id=c.id, name=c.name, input=c.arguments) for c in calls]
-    return Message(id=new_id("msg"), model=model_id, content=content, stop_reason=stop_reason(result.stats, calls),
-                   stop_sequence=result.stats.stop_string,
-                   usage=usage(result.stats))
 
 
 def show_thinking(body: CountTokensRequest) -> bool:

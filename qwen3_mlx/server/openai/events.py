@@ -13,13 +13,20 @@ from ...text.tools import ToolCallDelta
 from ..submission.outcome import call_delta, check_finished, new_id, tool_calls
 from ..submission.refusal import ApiError
 from . import protocol as p
-from .mapping import chat_logprobs, dump_json, error_json, finish_reason, legacy_logprobs, usage
+from .mapping import (
+    chat_logprobs,
+    dump_json,
+    error_json,
+    finish_reason,
+    legacy_logprobs,
+    usage,
+)
 
 
 async def chat_events(chunks: AsyncIterator[Chunk], model_id: str, *, include_usage: bool, logprobs: bool,
                       parallel: bool, tokenizer: Any) -> AsyncIterator[p.ChatCompletionChunk]:
     """The role first, then reasoning, answer and tool-call deltas, the finish reason, and the usage when asked."""
-    cid, created, stats = new_id("chatcmpl"), int(time.time()), GenerationStats()
+    cid, created, stats = new_id("chatcmpl-"), int(time.time()), GenerationStats()
 
     def event(delta: p.Delta, finish: str | None = None, lp: list[TokenLogprob] | None = None,
               ) -> p.ChatCompletionChunk:
@@ -50,7 +57,7 @@ def _tool_call_delta(call: ToolCallDelta) -> p.ToolCallDelta:
 async def completion_events(chunks: AsyncIterator[Chunk], model_id: str, *, include_usage: bool, logprobs: bool,
                             tokenizer: Any) -> AsyncIterator[p.Completion]:
     """Reasoning and text deltas, the finish reason, and the usage when asked."""
-    cid, created, stats = new_id("cmpl"), int(time.time()), GenerationStats()
+    cid, created, stats = new_id("cmpl-"), int(time.time()), GenerationStats()
 
     def event(text: str, finish: str | None = None, lp: list[TokenLogprob] | None = None,
               reasoning: str | None = None) -> p.Completion:

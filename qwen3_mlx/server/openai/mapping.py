@@ -14,11 +14,12 @@ from ...generation.response import GenerationResult, GenerationStats, TokenLogpr
 from ...text.prompt import Prompt
 from ...text.structured import response_format_schema
 from ...text.tools import ToolCall
-from ..submission.outcome import new_id, tool_calls
+from ..submission.outcome import StreamedCall, new_id, tool_calls
 from ..submission.parameters import SamplingParameters
 from ..submission.reading import (
     Settings,
     Submission,
+    check_choice_has_tools,
     check_model,
     check_tool_names,
     generation_options,
@@ -55,9 +56,8 @@ def chat_submission(body: p.ChatCompletionRequest, settings: Settings) -> Submis
     _check_common(body)
     check_range("max_completion_tokens", body.max_completion_tokens, 1)
     check_range("top_logprobs", body.top_logprobs, 0, 20)
-    if body.tool_choice is not None and not body.tools:
-        raise ApiError(400, "tool_choice: given without tools; send tools, or leave tool_choice out",
-                       param="tool_choice")
+    if body.tool_choice is not None:
+        check_choice_has_tools(body.tools)
     check_tool_names([t.model_dump() for t in body.tools or ()])
     if body.top_logprobs is not None and not body.logprobs:
         raise ApiError(400, "top_logprobs: needs logprobs=true", param="top_logprobs")
@@ -172,17 +172,20 @@ def usage(stats: GenerationStats) -> p.Usage:
 
 
 def chat_completion(result: GenerationResult, model_id: str, *, logprobs: bool, parallel: bool,
-                    tokenizer: Any) -> p.ChatCompletion:
-    """The chat.completion body of a whole result."""
+                    tokenizer: Any, streamed: list[StreamedCall] | None = None) -> p.ChatCompletion:
+    """The chat.completion body of a whole result; `streamed`: the calls its stream carried (a call the
+    cap cut among them, with its arguments so far, as OpenAI sends one), else the complete ones."""
     reasoning = result.reasoning or None
     calls = tool_calls(result.stats, parallel)
     content = result.content
-    wire = [p.ToolCall(id=c.id, function=p.FunctionCall(name=c.name, arguments=c.arguments_json)) for c in calls]
-    message = p.AssistantMessage(content=content if content or not calls else None, reasoning_content=reasoning,
+    if streamed is None:
+        streamed = [StreamedCall(c.id, c.name, c.arguments_json, True) for c in calls]
+    wire = [p.ToolCall(id=c.id, function=p.FunctionCall(name=c.name, arguments=c.arguments)) for c in streamed]
+    message = p.AssistantMessage(content=content if content or not wire else None, reasoning_content=reasoning,
                                  reasoning=reasoning, tool_calls=wire or None)
     choice = p.ChatChoice(message=message, finish_reason=finish_reason(result.stats, calls),
                           logprobs=chat_logprobs(result.content_logprobs, tokenizer) if logprobs else None)
-    return p.ChatCompletion(id=new_id("chatcmpl"), model=model_id, choices=[choice], usage=usage(result.stats))
+    return p.ChatCompletion(id=new_id("chatcmpl-"), model=model_id, choices=[choice], usage=usage(result.stats))
 
 
 def completion(result: GenerationResult, model_id: str, *, logprobs: bool, tokenizer: Any) -> p.Completion:
@@ -191,7 +194,7 @@ def completion(result: GenerationResult, model_id: str, *, logprobs: bool, token
     choice = p.CompletionChoice(text=result.content, finish_reason=finish_reason(result.stats, result.stats.tool_calls),
                                 logprobs=legacy_logprobs(result.content_logprobs, tokenizer) if logprobs else None,
                                 reasoning_content=reasoning, reasoning=reasoning)
-    return p.Completion(id=new_id("cmpl"), model=model_id, choices=[choice], usage=usage(result.stats))
+    return p.Completion(id=new_id("cmpl-"), model=model_id, choices=[choice], usage=usage(result.stats))
 
 
 def chat_logprobs(logprobs: list[TokenLogprob], tokenizer: Any) -> p.ChoiceLogprobs:

@@ -4,6 +4,7 @@ response.failed), every event numbered."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -11,7 +12,15 @@ from ...errors import Qwen3Error
 from ...generation.response import Chunk, GenerationStats
 from ..submission.outcome import call_delta, check_finished, new_id, tool_calls
 from ..submission.refusal import ApiError
-from .mapping import Turn, call_item, finish, message_item, reasoning_item, response_object, text_part
+from .mapping import (
+    Turn,
+    call_item,
+    finish,
+    message_item,
+    reasoning_item,
+    response_object,
+    text_part,
+)
 from .store import ResponseStore
 
 Event = tuple[str, dict]  # (the event's name, its data)
@@ -53,19 +62,23 @@ class _Items:
             extra["logprobs"] = []
         return self.event(kind, **self._where(), **extra, delta=text)
 
-    def close(self) -> list[Event]:
-        """The open item's done events (a call the parser did not find complete is "incomplete")."""
+    def close(self, last: bool = False) -> list[Event]:
+        """The open item's done events: a call the parser did not find complete is "incomplete", and so is
+        the `last` item when the cap cut the reply. The parser's complete calls are known at the reply's
+        end: a call that another follows is complete when its arguments are a JSON object."""
         if self.open is None:
             return []
         item, text = self.open, "".join(self.text)
         if item["type"] == "function_call":
-            complete = {c.id: c.arguments_json for c in tool_calls(self.stats, self.t.parallel)}
+            complete = {c.id: c.arguments_json for c in tool_calls(self.stats, self.t.parallel)} if last \
+                else {item["call_id"]: text} if _is_object(text) else {}
             done = call_item(self.t, item["call_id"], self.call_name, complete.get(item["call_id"], text),
                              "completed" if item["call_id"] in complete else "incomplete")
             events = [self.event("response.function_call_arguments.done", **self._where(), name=item["name"],
                                  arguments=done["arguments"])]
         else:
-            done = reasoning_item(self.t, text) if item["type"] == "reasoning" else message_item(text)
+            cut = "incomplete" if last and self.stats.finish_reason == "length" else "completed"
+            done = reasoning_item(self.t, text, cut) if item["type"] == "reasoning" else message_item(text, cut)
             kind = "reasoning_text" if item["type"] == "reasoning" else "output_text"
             part = done["content"][0]
             events = [self.event(f"response.{kind}.done", **self._where(), content_index=0, text=text,
@@ -77,6 +90,13 @@ class _Items:
         self.open = None
         return events
 
+    def end(self) -> list[Event]:
+        """The last item's done events, and an empty message's when the reply had no item."""
+        events = self.close(last=True)
+        if not self.output:
+            events += self.start({**message_item("", "in_progress"), "content": []}) + self.close(last=True)
+        return events
+
     def feed(self, chunk: Chunk) -> list[Event]:
         self.stats, call = chunk.stats, call_delta(chunk, self.t.parallel)
         kind = "function_call" if call is not None else {"reasoning": "reasoning", "answer": "message"}.get(chunk.kind)
@@ -86,13 +106,29 @@ class _Items:
             self.call_name = call.name
             events += self.start({**call_item(self.t, call.id, call.name, "", "in_progress")})
         elif kind in ("reasoning", "message") and chunk.text and (self.open or {}).get("type") != kind:
-            first = {"id": new_id("rs"), "type": "reasoning", "summary": [], "content": [], "status": "in_progress"} \
+            first = {"id": new_id("rs_"), "type": "reasoning", "summary": [], "content": [], "status": "in_progress"} \
                 if kind == "reasoning" else {**message_item("", "in_progress"), "content": []}
             events += self.start(first)
         text = call.arguments if call is not None else chunk.text
         if text and kind is not None and self.open is not None:
             events.append(self.delta(text))
         return events
+
+
+def _is_object(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), dict)
+    except ValueError:
+        return False
+
+
+def whole_output(t: Turn, seen: list[Chunk]) -> list[dict]:
+    """A whole reply's output items: those its stream would carry (the items of the chunks `seen`)."""
+    items = _Items(t)
+    for chunk in seen:
+        items.feed(chunk)
+    items.end()
+    return items.output
 
 
 async def response_events(t: Turn, chunks: AsyncIterator[Chunk], model_id: str,
@@ -113,10 +149,7 @@ async def response_events(t: Turn, chunks: AsyncIterator[Chunk], model_id: str,
         failed = response_object(t, model_id, "failed", items.output, error={"code": code, "message": message})
         yield items.event("response.failed", response=failed)
         return
-    for event in items.close():
+    for event in items.end():
         yield event
-    if not items.output:
-        for event in items.start({**message_item("", "in_progress"), "content": []}) + items.close():
-            yield event
     body = finish(t, model_id, items.stats, items.output, store)
     yield items.event(f"response.{body['status']}", response=body)

@@ -19,13 +19,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ...generation.response import GenerationResult, GenerationStats
+from ...generation.response import GenerationStats
 from ...text.prompt import Prompt
-from ..submission.outcome import new_id, tool_calls
+from ..submission.outcome import new_id
 from ..submission.reading import (
     Settings,
     Submission,
+    check_choice_has_tools,
+    check_conversation,
     check_model,
+    check_tool_result,
     check_tool_names,
     sampling_options,
     tool_constraint,
@@ -37,6 +40,13 @@ from .store import ResponseStore
 log = logging.getLogger("qwen3_mlx.server")
 
 ENCRYPTED_PREFIX = "qwen3-mlx:"  # our encrypted_content: the reasoning's text, base64-encoded
+# The API's other input items: calls of tools that do not run here and their outputs, references. Left out
+# with a log line; a type outside the API is refused.
+OTHER_ITEMS = frozenset({
+    "file_search_call", "computer_call", "computer_call_output", "web_search_call", "image_generation_call",
+    "code_interpreter_call", "local_shell_call", "local_shell_call_output", "shell_call", "shell_call_output",
+    "apply_patch_call", "apply_patch_call_output", "mcp_list_tools", "mcp_approval_request", "mcp_approval_response",
+    "mcp_call", "custom_tool_call", "custom_tool_call_output", "item_reference", "compaction"})
 
 
 # ---------------------------------------------------------------- a body -> the one Submission
@@ -48,8 +58,9 @@ class Turn:
 
     body: ResponsesRequest
     items: list[dict]  # the whole conversation's input items (a stored one's first)
+    stored: int = 0  # how many of them a stored response gave
     names: dict[str, tuple[str | None, str]] = field(default_factory=dict)  # the model's name -> (namespace, name)
-    id: str = field(default_factory=lambda: new_id("resp"))
+    id: str = field(default_factory=lambda: new_id("resp_"))
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
@@ -65,9 +76,8 @@ def turn(body: ResponsesRequest, store: ResponseStore) -> Turn:
     """The request with its conversation: a stored response's first, when it continues one."""
     items = [{"type": "message", "role": "user", "content": body.input}] if isinstance(body.input, str) \
         else list(body.input)
-    if body.previous_response_id:
-        items = store.get(body.previous_response_id)[0] + items
-    return Turn(body, items)
+    stored = store.get(body.previous_response_id)[0] if body.previous_response_id else []
+    return Turn(body, stored + items, stored=len(stored))
 
 
 def responses_submission(t: Turn, settings: Settings) -> Submission:
@@ -76,6 +86,8 @@ def responses_submission(t: Turn, settings: Settings) -> Submission:
     check_model(body.model or None, settings)
     tools, t.names = offered_tools(body.tools or [])
     choice = _choice(body.tool_choice, t.names)
+    if choice not in ("auto", "none"):
+        check_choice_has_tools(tools)
     if choice == "none":
         tools = None
     constraint = tool_constraint(tools, choice, parallel=t.parallel, schema=_schema(body.text),
@@ -85,7 +97,8 @@ def responses_submission(t: Turn, settings: Settings) -> Submission:
                   thinking_budget=body.thinking_budget, reasoning_effort=effort)
     check_range("max_output_tokens", body.max_output_tokens, 1)
     options = sampling_options(fields, settings, body.max_output_tokens, think=settings.defaults.think)
-    messages = input_messages(t.items, {name: q for q, name in t.names.items()})
+    messages = input_messages(t.items, {name: q for q, name in t.names.items()}, first=t.stored)
+    check_conversation(messages, "input")
     if body.instructions:
         messages.insert(0, {"role": "system", "content": body.instructions})
     return Submission(Prompt(messages, tools=tools), options.replace(**constraint))
@@ -133,19 +146,24 @@ def _schema(text: TextConfig | None) -> dict | None:
         return None
     if fmt.type == "json_object":
         return {"type": "object"}
-    return fmt.schema_ or {"type": "object"}
+    if fmt.schema_ is None:
+        raise ApiError(400, 'text.format.schema: a "json_schema" format needs its schema (or use {"type": '
+                            '"json_object"})', param="text.format.schema")
+    return fmt.schema_
 
 
 # ---------------------------------------------------------------- input items -> chat messages
 
 
-def input_messages(items: Sequence[Any], qualified: dict[tuple[str | None, str], str]) -> list[dict]:
+def input_messages(items: Sequence[Any], qualified: dict[tuple[str | None, str], str], first: int = 0) -> list[dict]:
     """The conversation's items as the chat template reads them: a reasoning item goes with the
-    assistant message or calls after it; consecutive calls are one assistant message."""
+    assistant message or calls after it; consecutive calls are one assistant message. The request's
+    own items start at `first` (a stored conversation's come before)."""
     messages: list[dict] = []
     reasoning: str | None = None
+    calls: set[str] = set()  # the call_ids of the function calls so far, which an output answers
     for i, item in enumerate(items):
-        where = f"input[{i}]"
+        where = f"input[{i - first}]"
         if not isinstance(item, dict):
             raise ApiError(400, f"{where}: an item is an object with a type; got {type(item).__name__}", param="input")
         kind = item.get("type", "message")
@@ -168,12 +186,16 @@ def input_messages(items: Sequence[Any], qualified: dict[tuple[str | None, str],
                 last["content"] = _content(item.get("content"), f"{where}.content")
             else:
                 last.setdefault("tool_calls", []).append(_call(item, where, qualified))
+                calls.add(item.get("call_id"))
         elif kind == "function_call_output":
+            check_tool_result(f"{where}.call_id", item.get("call_id"), calls)
             output = item.get("output")
             text = output if isinstance(output, str) else _content(output, f"{where}.output")
             messages.append({"role": "tool", "tool_call_id": item.get("call_id"), "content": text})
-        else:
+        elif kind in OTHER_ITEMS:
             log.info("%s: a %r item left out: it means nothing to this model", where, kind)
+        else:
+            raise ApiError(400, f"{where}.type: unknown item type {json.dumps(kind)[:80]}", param=f"{where}.type")
     return messages
 
 
@@ -227,7 +249,7 @@ def encrypt(reasoning: str) -> str:
 
 
 def reasoning_item(t: Turn, text: str, status: str = "completed") -> dict:
-    item = {"id": new_id("rs"), "type": "reasoning", "summary": [],
+    item = {"id": new_id("rs_"), "type": "reasoning", "summary": [],
             "content": [{"type": "reasoning_text", "text": text}], "status": status}
     if t.encrypted:
         item["encrypted_content"] = encrypt(text)
@@ -235,7 +257,7 @@ def reasoning_item(t: Turn, text: str, status: str = "completed") -> dict:
 
 
 def message_item(text: str, status: str = "completed") -> dict:
-    return {"id": new_id("msg"), "type": "message", "role": "assistant", "status": status,
+    return {"id": new_id("msg_"), "type": "message", "role": "assistant", "status": status,
             "content": [text_part(text)]}
 
 
@@ -245,23 +267,11 @@ def text_part(text: str) -> dict:
 
 def call_item(t: Turn, call_id: str, name: str, arguments: str, status: str = "completed") -> dict:
     namespace, plain = t.names.get(name, (None, name))
-    item = {"id": new_id("fc"), "type": "function_call", "call_id": call_id, "name": plain, "arguments": arguments,
+    item = {"id": new_id("fc_"), "type": "function_call", "call_id": call_id, "name": plain, "arguments": arguments,
             "status": status}
     if namespace:
         item["namespace"] = namespace
     return item
-
-
-def output_items(t: Turn, result: GenerationResult) -> list[dict]:
-    """A whole result's items: reasoning, the message (when it has text), the complete calls."""
-    items = []
-    calls = tool_calls(result.stats, t.parallel)
-    if result.reasoning:
-        items.append(reasoning_item(t, result.reasoning))
-    if result.content or not calls:
-        items.append(message_item(result.content))
-    items += [call_item(t, c.id, c.name, c.arguments_json) for c in calls]
-    return items
 
 
 def usage(stats: GenerationStats) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from ...errors import Qwen3Error
 from ...generation.job import collect
@@ -23,6 +24,12 @@ def check_finished(stats: GenerationStats) -> None:
 
 async def gather(chunks: AsyncIterator[Chunk]) -> GenerationResult:
     """The whole reply; the engine's failure (not the request's fault) is a 500, a cancel the shutdown's 503."""
+    return (await gather_chunks(chunks))[0]
+
+
+async def gather_chunks(chunks: AsyncIterator[Chunk]) -> tuple[GenerationResult, list[Chunk]]:
+    """(the whole reply, its chunks): a whole reply built from the chunks as its stream is carries what the
+    stream carried (a call the cap cut, say). Failures as gather()'s."""
     seen = []
     try:
         async for chunk in chunks:
@@ -31,7 +38,7 @@ async def gather(chunks: AsyncIterator[Chunk]) -> GenerationResult:
         raise ApiError(500, str(e), type="server_error") from None
     result = collect(iter(seen))
     check_finished(result.stats)
-    return result
+    return result, seen
 
 
 def tool_calls(stats: GenerationStats, parallel: bool) -> list[ToolCall]:
@@ -48,5 +55,34 @@ def call_delta(chunk: Chunk, parallel: bool) -> ToolCallDelta | None:
     return delta
 
 
+@dataclass(frozen=True)
+class StreamedCall:
+    """A call as a stream carried it: `arguments` its JSON text, whole or, for a call the cap cut
+    (`complete` false), as far as it got."""
+
+    id: str
+    name: str
+    arguments: str
+    complete: bool
+
+
+def streamed_calls(seen: list[Chunk], parallel: bool) -> list[StreamedCall]:
+    """The calls the chunks `seen` carried, in order: a complete one's arguments as the library parsed
+    them, a cut one's text so far."""
+    complete = {call.id: call for call in tool_calls(seen[-1].stats, parallel)} if seen else {}
+    started: list[tuple[str, str]] = []
+    text: dict[str, list[str]] = {}
+    for chunk in seen:
+        delta = call_delta(chunk, parallel)
+        if delta is not None and delta.id:
+            started.append((delta.id, delta.name or ""))
+            text[delta.id] = []
+        if delta is not None and delta.arguments and started:
+            text[started[-1][0]].append(delta.arguments)
+    return [StreamedCall(cid, name, complete[cid].arguments_json, True) if cid in complete
+            else StreamedCall(cid, name, "".join(text[cid]), False) for cid, name in started]
+
+
 def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
+    """A fresh id under its API's official prefix ("msg_", "resp_", "chatcmpl-", ...)."""
+    return prefix + uuid.uuid4().hex

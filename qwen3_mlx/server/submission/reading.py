@@ -14,7 +14,11 @@ from typing import Any, Sequence
 from pydantic import ValidationError
 
 from ...errors import OptionError
-from ...generation.options import DEFAULT_MAX_TOKENS, REASONING_EFFORTS, GenerationOptions
+from ...generation.options import (
+    DEFAULT_MAX_TOKENS,
+    REASONING_EFFORTS,
+    GenerationOptions,
+)
 from ...text.prompt import Prompt, encode_prompt
 from ...text.tool_grammar import tool_call_grammar
 from .parameters import SamplingParameters
@@ -120,6 +124,29 @@ def check_tool_names(tools: Sequence[dict], param: str = "tools") -> None:
     if twice:
         raise ApiError(400, f"{param}: more than one tool is named {', '.join(map(repr, twice))}; give each tool its "
                             "own name", param=param)
+
+
+def check_choice_has_tools(tools: Sequence[dict] | None, param: str = "tool_choice") -> None:
+    """The chat route's rule, in every API: a tool choice (one that forces a call, in the other two) needs tools."""
+    if not tools:
+        raise ApiError(400, f"{param}: given without tools; send tools, or leave {param} out", param=param)
+
+
+def check_tool_result(where: str, call_id: Any, earlier: set[str]) -> None:
+    """A tool's result answers a call made earlier in the conversation, by its id (`where`: the id's field)."""
+    if not isinstance(call_id, str) or not call_id:
+        raise ApiError(400, f"{where}: a tool result needs the id of the call it answers", param=where)
+    if call_id not in earlier:
+        raise ApiError(400, f"{where}: no earlier tool call has the id {call_id!r}", param=where)
+
+
+def check_conversation(messages: Sequence[dict], param: str) -> None:
+    """What every chat template needs: a user's message (a tool's result is one), checked before rendering,
+    so that a template's own failure, which names the server's files, never reaches a client."""
+    if not messages:
+        raise ApiError(400, f"{param}: give at least one message", param=param)
+    if not any(m.get("role") in ("user", "tool") for m in messages):
+        raise ApiError(400, f"{param}: the conversation must hold a user message", param=param)
 
 
 def tool_constraint(tools: Sequence[dict] | None, choice: str, *, parallel: bool, schema: dict | None,
