@@ -21,7 +21,7 @@ from qwen3_mlx.evaluation.perplexity import perplexity, total_nll  # noqa: E402
 
 MAX_LENGTH = 24
 PAIRS = [("Question: Is 2 even?\nAnswer:", " yes"), ("Question: Is 2 even?\nAnswer:", " no"),
-         ("The cat sat on the", " mat and purred"), ("Trailing space ", "here"), ("", "Hello world"),
+         ("The cat sat on the", " mat and purred"), ("The cat sat on the", " sofa"), ("Trailing space ", "here"), ("", "Hello world"),
          (" ".join(["long"] * 40), " context, cut to the last tokens")]
 TEXTS = ["A short one.", " ".join(f"Line {i}: the tree holds {i * 7 % 13} birds." for i in range(8))]
 
@@ -51,7 +51,7 @@ def test_loglikelihoods_equal_lm_evals_hf_model_and_our_perplexitys_sums(ours, h
     want = hf.loglikelihood(requests("loglikelihood", PAIRS))
     assert [g for _, g in got] == [g for _, g in want]
     assert [ll for ll, _ in got] == pytest.approx([ll for ll, _ in want], rel=1e-5, abs=1e-4)
-    for (context, continuation), (ll, _) in zip(PAIRS[:3], got):
+    for (context, continuation), (ll, _) in zip(PAIRS[:4], got):
         whole, head = tokenizer.encode(context + continuation), tokenizer.encode(context)
         scored = [i >= len(head) for i in range(len(whole))]
         total, tokens = total_nll(model, [Document(whole, scored)], MAX_LENGTH, MAX_LENGTH, 1)

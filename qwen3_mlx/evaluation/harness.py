@@ -4,7 +4,8 @@ module is imported, beside lm-eval's own), and `evaluate`, over lm-eval's simple
 A (context, continuation) pair is tokenized as lm-eval's `hf` model does it: the context's trailing spaces
 moved to the continuation, the continuation's ids those of the whole after the context's, and an empty
 context replaced by <|endoftext|>, where Qwen3's documents start (lm-eval's `hf` takes the tokenizer's eos,
-<|im_end|>, unless given prefix_token_id). Rows are scored together, longest first, padded on the right;
+<|im_end|>, unless given prefix_token_id). Continuations of one context share its pass; other rows are
+scored together, longest first, padded on the right;
 a rolling loglikelihood is perplexity's windows of `max_length` side by side, every token scored once.
 """
 
@@ -105,22 +106,56 @@ class Qwen3LM(LM):
 def continuation_scores(model: LanguageModel, rows: Sequence[tuple[list[int], int]], batch_size: int,
                         max_length: int) -> list[tuple[float, bool]]:
     """Each row's (log-likelihood of its last n ids given the ones before, whether greedy decoding picks
-    every one of them), reading at most `max_length` ids before each."""
-    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
+    every one of them), reading at most `max_length` ids before each. Rows that share a context (a
+    question's choices) read it once: the context's pass, then their continuations over its cache."""
     out: list[tuple[float, bool]] = [(0.0, True)] * len(rows)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    alone = []
+    for i, (ids, n) in enumerate(rows):
+        if len(ids) <= max_length + 1 and len(ids) > n:
+            groups.setdefault(tuple(ids[:-n]), []).append(i)
+        else:
+            alone.append(i)
+    for context, members in groups.items():
+        if len(members) == 1:
+            alone += members
+            continue
+        shared = shared_context_scores(model, list(context), [rows[i][0][len(context):] for i in members])
+        for i, result in zip(members, shared):
+            out[i] = result
+    order = sorted(alone, key=lambda i: -len(rows[i][0]))
     for at in range(0, len(order), batch_size):
         chosen = order[at:at + batch_size]
         windows = [rows[i][0][-(max_length + 1):] for i in chosen]
         width = max(len(w) for w in windows) - 1
-        inputs = mx.array([w[:-1] + [0] * (width - len(w) + 1) for w in windows])  # (B, L)
-        logits = model(inputs)  # (B, L, vocab)
+        logits = model(mx.array([w[:-1] + [0] * (width - len(w) + 1) for w in windows]))  # (B, L, vocab)
         for row, (i, window) in enumerate(zip(chosen, windows)):
             n = rows[i][1]
-            targets = mx.array(window[-n:])
-            scores = log_softmax(logits[row, len(window) - 1 - n:len(window) - 1].astype(mx.float32))  # (n, vocab)
-            picked = mx.take_along_axis(scores, targets[:, None], axis=-1)[:, 0]
-            out[i] = (float(picked.sum().item()), bool(mx.all(scores.argmax(axis=-1) == targets).item()))
+            out[i] = score(logits[row, len(window) - 1 - n:len(window) - 1], window[-n:])
     return out
+
+
+def shared_context_scores(model: LanguageModel, context: list[int],
+                          continuations: Sequence[list[int]]) -> list[tuple[float, bool]]:
+    """The scores of continuations of one context: the context computed once into a cache, which the
+    continuations (but their last ids, which nothing follows) then read, one row each."""
+    cache = model.make_cache()
+    last = model(mx.array([context]), cache)[0, -1:]  # (1, vocab): what follows the context
+    longest = max(len(c) for c in continuations)
+    if longest == 1:
+        return [score(last, c) for c in continuations]
+    for layer in cache:  # the context's keys and values, one copy a row: (rows, H_kv, context, D)
+        layer.keys, layer.values = (mx.repeat(x[:, :, :layer.offset], len(continuations), axis=0)
+                                    for x in (layer.keys, layer.values))
+    rest = model(mx.array([c[:-1] + [0] * (longest - len(c)) for c in continuations]), cache)  # (rows, L, vocab)
+    return [score(mx.concatenate([last, rest[row, :len(c) - 1]]), c) for row, c in enumerate(continuations)]
+
+
+def score(logits: mx.array, targets: Sequence[int]) -> tuple[float, bool]:
+    """(the summed log-probability of `targets` under logits (n, vocab), whether each is the argmax)."""
+    logprobs, wanted = log_softmax(logits.astype(mx.float32)), mx.array(targets)
+    picked = mx.take_along_axis(logprobs, wanted[:, None], axis=-1)[:, 0]
+    return float(picked.sum().item()), bool(mx.all(logprobs.argmax(axis=-1) == wanted).item())
 
 
 def log_softmax(logits: mx.array) -> mx.array:
