@@ -14,6 +14,7 @@ import mlx.core as mx
 from ..checkpoint.converter import ConvertResult, convert
 from ..checkpoint.loader import DTYPES, load_config, load_model, resolve
 from ..errors import OptionError
+from ..evaluation.documents import read_texts
 from ..text.tokenizer import Tokenizer
 from .awq import awq
 from .calibration import calibration_samples
@@ -62,13 +63,14 @@ def quantize_checkpoint(source: str | Path, output: str | Path, methods: Sequenc
     check_methods(methods)
     if ("mixed" in methods) != (target_bpw is not None) or (high_bits and "mixed" not in methods):
         raise OptionError("--target-bpw (and --high-bits) go with --method mixed, and mixed needs --target-bpw")
+    texts = read_texts(Path(calibration))  # a bad line fails before the model is read
     path = resolve(source)
     if load_config(path)[1].quantization:
         raise OptionError(f"{source}: is already quantized; quantize the original float checkpoint")
     model = load_model(path)
     out_dtype = DTYPES[dtype] if dtype else (mx.bfloat16 if model.dtype == mx.float32 else model.dtype)
     model.set_dtype(mx.float32)
-    data = calibration_samples(Path(calibration), Tokenizer.from_dir(path), samples, length)
+    data = calibration_samples(Path(calibration), texts, Tokenizer.from_dir(path), samples, length)
 
     def stage(name: str) -> Callable[[int, int], None] | None:
         return None if progress is None else lambda done, total: progress(name, done, total)
