@@ -14,8 +14,8 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
-from server_live import ANSWER, REASONING, served, stub_server
-from stubs import ScriptedModel
+from server_live import ANSWER, HEADER, REASONING, served, stub_server
+from stubs import ScriptedModel, by_prompt, replies
 
 from qwen3_mlx import GenerationOptions, generate
 from qwen3_mlx.generation.engine import Engine
@@ -278,6 +278,54 @@ def test_pings_go_out_while_nothing_comes():
 
     items = asyncio.run(read())
     assert items[-1] == "first" and items.count(None) >= 3
+
+
+# ---------------------------------------------------------------- reasoning carried back in the signature
+
+
+@pytest.fixture(scope="module")
+def looped(tiny):
+    """The scripted model, which calls the tools whenever the weather is asked about (in every step of a
+    tool loop), one row at a time so that its `fed` is the request's; its client."""
+    tok = tiny[1]
+    model = ScriptedModel(by_prompt(tok, {"weather": replies(tok, "I should call the tools.", CALLS)},
+                                    replies(tok, REASONING, ANSWER)), tok.encode(HEADER))
+    with Engine(model, tok, max_batch=1) as engine, served(engine, "stub", max_tokens=200) as server:
+        yield anthropic.Anthropic(base_url=server.url, api_key="unused", max_retries=0, timeout=60), model
+
+
+def altered(sealed: str) -> str:
+    """`sealed` with one character of its MAC changed."""
+    return sealed[:10] + ("A" if sealed[10] != "A" else "B") + sealed[11:]
+
+
+def tool_loop(looped, display: str | None, spoil=lambda signature: signature) -> list[list[int]]:
+    """Three steps of Claude Code's loop (each reply's blocks sent back with a result per call): the
+    prompt ids the model read at each."""
+    client, model = looped
+    thinking = {"type": "adaptive", **({"display": display} if display else {})}
+    messages, prompts = list(WEATHER_Q), []
+    for _ in range(3):
+        reply = client.messages.create(model="stub", max_tokens=200, messages=messages, tools=TOOLS, thinking=thinking)
+        prompts.append(model.split(model.fed)[0])
+        blocks = [b.model_dump(exclude={"citations"}) for b in reply.content]
+        for block in blocks:
+            if block["type"] == "thinking":
+                block["signature"] = spoil(block["signature"])
+        results = [{"type": "tool_result", "tool_use_id": b["id"], "content": "18 C"} for b in blocks
+                   if b["type"] == "tool_use"]
+        messages += [{"role": "assistant", "content": blocks}, {"role": "user", "content": results}]
+    return prompts
+
+
+def test_display_omitted_gives_the_model_its_reasoning_as_shown_thinking_does(looped, tiny):
+    omitted = tool_loop(looped, "omitted")
+    assert omitted == tool_loop(looped, None)
+    text = tiny[1].decode(omitted[2])  # the template keeps the reasoning of the turns after the question
+    assert text.count("<think>\nI should call the tools.\n</think>") == 2
+    # A signature altered, or sealed by another server, is ignored: the reasoning is left out.
+    forged = tool_loop(looped, "omitted", spoil=altered)
+    assert forged[0] == omitted[0] and "I should call the tools." not in tiny[1].decode(forged[2])
 
 
 # ---------------------------------------------------------------- errors in Anthropic's shape

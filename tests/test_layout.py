@@ -20,7 +20,7 @@ FLOORS = {
     "server.anthropic": [["events"], ["mapping"], ["protocol"]],
     "server.responses": [["events"], ["mapping"], ["protocol", "store"]],
     "server.retrieval": [["routes"], ["mapping"], ["protocol"]],
-    "server.submission": [["outcome", "reading"], ["parameters", "refusal"]],
+    "server.submission": [["outcome", "reading"], ["parameters", "refusal", "sealed"]],
     "distributed": [["batch"], ["engine"], ["ranks"], ["launch", "wire"]],
     "quantize": [["calibrated"], ["awq", "gptq", "mixed"], ["calibration", "capture", "rounding"]],
     "training": [["fuse", "loop"], ["optimizers", "batches"], ["data", "options"]],

@@ -13,13 +13,16 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
-from server_live import ANSWER, REASONING, served, stub_server
+from server_live import ANSWER, HEADER, REASONING, served, stub_server
+from stubs import ScriptedModel, by_prompt, replies
 
 from qwen3_mlx import GenerationOptions, generate
-from qwen3_mlx.server.responses.mapping import encrypt, input_messages, offered_tools
+from qwen3_mlx.generation.engine import Engine
+from qwen3_mlx.server.responses.mapping import input_messages, offered_tools
 from qwen3_mlx.server.responses.protocol import ResponsesRequest
 from qwen3_mlx.server.responses.store import ResponseStore
 from qwen3_mlx.server.submission.refusal import ApiError
+from qwen3_mlx.server.submission.sealed import seal
 
 CAP = 32
 HI = [{"role": "user", "content": "Hello there"}]
@@ -30,6 +33,7 @@ WEATHER = {"type": "function", "name": "get_weather", "description": "Weather in
 CLOCK = {"type": "namespace", "name": "clock", "description": "Time", "tools": [
     {"type": "function", "name": "now", "parameters": {"type": "object", "properties": {"zone": {"type": "string"}}}}]}
 NO_THINK = {"reasoning": {"effort": "none"}}
+KEY = b"k" * 32  # the stub server's secret key
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +57,7 @@ def client(live):
 @pytest.fixture(scope="module")
 def stub(tiny):
     """A scripted model that reasons then answers, or calls a tool and a namespaced one about the weather."""
-    with stub_server(tiny[1], CALLS, max_tokens=200) as s:
+    with stub_server(tiny[1], CALLS, max_tokens=200, secret_key=KEY) as s:
         yield openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=60)
 
 
@@ -152,16 +156,17 @@ def test_reasoning_items_carry_the_text_and_encrypted_content_read_back(stub):
     reasoning, message = response.output
     assert reasoning.type == "reasoning" and reasoning.content[0].text == REASONING and reasoning.summary == []
     assert message.content[0].text == ANSWER and response.usage.output_tokens_details.reasoning_tokens > 0
-    assert reasoning.encrypted_content == encrypt(REASONING)
+    assert reasoning.encrypted_content == seal(REASONING, KEY)
     events = events_of(stub.responses.create(model="stub", input="Hello there", stream=True))
     assert "".join(e.delta for e in events if e.type == "response.reasoning_text.delta") == REASONING
     assert [e.type for e in events if e.type.endswith(".done")].count("response.output_item.done") == 2
     # Codex sends the reasoning back with its encrypted_content alone: read back as its text.
-    only_encrypted = {"type": "reasoning", "id": "rs_1", "summary": [], "encrypted_content": encrypt(REASONING)}
+    only_encrypted = {"type": "reasoning", "id": "rs_1", "summary": [], "encrypted_content": seal(REASONING, KEY)}
     turn = [{"role": "user", "content": "Hi"}, only_encrypted,
             {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
             {"type": "function_call_output", "call_id": "c1", "output": "ok"}]
-    assert input_messages(turn, {})[1]["reasoning_content"] == REASONING
+    assert input_messages(turn, {}, key=KEY)[1]["reasoning_content"] == REASONING
+    assert "reasoning_content" not in input_messages(turn, {}, key=b"another server's key")[1]
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -215,6 +220,50 @@ def test_a_cut_reply_is_the_same_whole_and_streamed(stub, tiny, cut_at):
     assert not calls or all(item.call_id.startswith("call_") for item in whole.output[1:])
 
 
+@pytest.fixture(scope="module")
+def looped(tiny):
+    """The scripted model calling the tools in every step of a loop, one row at a time (its `fed` is the
+    request's), and its client."""
+    tok = tiny[1]
+    model = ScriptedModel(by_prompt(tok, {"weather": replies(tok, "I should call the tools.", CALLS)},
+                                    replies(tok, REASONING, ANSWER)), tok.encode(HEADER))
+    with Engine(model, tok, max_batch=1) as engine, served(engine, "stub", max_tokens=200) as server:
+        yield openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60), model
+
+
+def altered(sealed: str) -> str:
+    """`sealed` with one character of its MAC changed."""
+    return sealed[:10] + ("A" if sealed[10] != "A" else "B") + sealed[11:]
+
+
+def tool_loop(looped, keep: str, spoil=lambda sealed: sealed) -> list[list[int]]:
+    """Three steps of Codex's loop (store false, the whole conversation sent each time, reasoning items
+    carrying `keep`: their content, or their encrypted_content alone): the prompt ids the model read."""
+    client, model = looped
+    items, prompts = [{"role": "user", "content": "What is the weather in Paris?"}], []
+    for _ in range(3):
+        reply = client.responses.create(model="stub", input=items, tools=[WEATHER, CLOCK], store=False,
+                                        include=["reasoning.encrypted_content"])
+        prompts.append(model.split(model.fed)[0])
+        for item in reply.output:
+            sent = item.model_dump(exclude_none=True)
+            if item.type == "reasoning":
+                sent.pop("content" if keep == "encrypted_content" else "encrypted_content")
+                sent["encrypted_content"] = spoil(sent.get("encrypted_content", ""))
+            items.append(sent)
+        items += [{"type": "function_call_output", "call_id": item.call_id, "output": "18 C"} for item in reply.output
+                  if item.type == "function_call"]
+    return prompts
+
+
+def test_encrypted_content_alone_gives_the_model_its_reasoning(looped, tiny):
+    encrypted = tool_loop(looped, "encrypted_content")
+    assert encrypted == tool_loop(looped, "content")
+    assert tiny[1].decode(encrypted[2]).count("<think>\nI should call the tools.\n</think>") == 2
+    forged = tool_loop(looped, "encrypted_content", spoil=altered)
+    assert "I should call the tools." not in tiny[1].decode(forged[2])
+
+
 def test_namespace_tools_are_offered_under_qualified_names_and_others_left_out():
     tools, names = offered_tools([WEATHER, CLOCK, {"type": "web_search"}, {"type": "custom", "name": "apply_patch"}])
     assert [t["function"]["name"] for t in tools] == ["get_weather", "clock.now"]
@@ -240,7 +289,7 @@ def test_what_codex_sends_is_accepted(stub):
     names = [line.split(": ", 1)[1] for line in response.text.splitlines() if line.startswith("event: ")]
     assert names[0] == "response.created" and names[-1] == "response.completed"
     last = json.loads(response.text.strip().splitlines()[-1].removeprefix("data: "))
-    assert last["response"]["output"][0]["encrypted_content"] == encrypt(REASONING)
+    assert last["response"]["output"][0]["encrypted_content"] == seal(REASONING, KEY)
 
 
 REFUSALS = [

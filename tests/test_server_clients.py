@@ -9,12 +9,13 @@ import json
 import httpx
 import openai
 import pytest
-from server_live import served, stub_server
+from server_live import ServeProcess, served, stub_server
 
 from qwen3_mlx.generation.engine import EngineFull
-from qwen3_mlx.errors import ContextLengthError, MemoryLimitError
+from qwen3_mlx.errors import ContextLengthError, MemoryLimitError, Qwen3Error
 from qwen3_mlx.server.openai.protocol import ChatCompletionRequest, CompletionRequest
 from qwen3_mlx.server.submission.reading import thinking_budget
+from qwen3_mlx.server.submission.sealed import load_key, seal, unseal
 
 HI = [{"role": "user", "content": "Hello there"}]
 WEATHER_Q = [{"role": "user", "content": "What is the weather in Paris?"}]
@@ -274,6 +275,59 @@ def test_library_refusals_get_openai_codes(error, path, status, param, code, mes
     assert response.json()["error"]["param"] == param and response.json()["error"]["code"] == code
     assert response.json()["error"]["message"] == message
     assert {k: response.headers[k] for k in headers} == headers
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/messages", "/v1/responses"])
+def test_a_template_failure_names_no_server_path_nor_the_templates_internals(path):
+    failed = Qwen3Error("/models/qwen3/tokenizer_config.json: chat template failed: UndefinedError: list object has "
+                        "no element 0")
+    body = {"messages": HI, "max_tokens": 2, "model": "m"} if path != "/v1/responses" else {"input": "x"}
+    with served(RefusingEngine(failed), "m") as server:
+        response = post(server.url, body, path)
+    assert response.status_code == 400
+    param = "input" if path == "/v1/responses" else "messages"
+    message = (f"{param}: the model's chat template cannot render this conversation; check its messages' roles "
+               "and order")
+    assert message == (response.json()["error"]["message"])
+    assert "/models" not in response.text and "UndefinedError" not in response.text
+
+
+# ---------------------------------------------------------------- the reasoning sealed, the key, the log
+
+
+def test_sealed_reasoning_opens_under_its_key_alone():
+    key = b"k" * 32
+    sealed = seal("Let me think. " * 50, key)
+    assert sealed.startswith("q3m1.") and len(sealed) < len("Let me think. " * 50)  # compressed
+    assert unseal(sealed, key) == "Let me think. " * 50
+    assert unseal(sealed, b"another server's key") is None
+    assert unseal(sealed[:10] + ("A" if sealed[10] != "A" else "B") + sealed[11:], key) is None
+    for foreign in ("qwen3-mlx-0123abcd", "q3m1.!!!", "", None, "EqQBCkgIBxABGAIqQ"):
+        assert unseal(foreign, key) is None
+
+
+def test_the_key_is_created_once_in_the_users_cache_and_a_short_one_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    key = load_key()
+    assert (tmp_path / "qwen3-mlx" / "secret-key").stat().st_mode & 0o777 == 0o600
+    assert load_key() == key and len(key) == 64
+    (tmp_path / "short").write_text("abc")
+    with pytest.raises(Qwen3Error, match=r"--secret-key-file .*short: a key needs 16 bytes or more, got 3"):
+        load_key(tmp_path / "short")
+
+
+def test_serve_logs_a_left_out_tool_type_once_at_its_log_level(tiny_checkpoint, tmp_path):
+    (tmp_path / "key").write_text("k" * 32)
+    body = {"input": "hi", "max_output_tokens": 2, "tools": [{"type": "web_search"}, {"type": "web_search"}]}
+    for level, lines in (("info", 1), ("warning", 0)):
+        with ServeProcess(tiny_checkpoint, "--log-level", level, "--secret-key-file", str(tmp_path / "key")) as server:
+            for _ in range(2):
+                assert httpx.post(server.url + "/v1/responses", json=body, timeout=60).status_code == 200
+            server.proc.terminate()
+            server.proc.wait(30)
+        log = server.log()
+        assert log.count("responses: a tool of type 'web_search' left out") == lines, log
+        assert ("INFO" in log) == (level == "info")
 
 
 # ---------------------------------------------------------------- reasoning_effort

@@ -42,14 +42,19 @@ from .options import (
               help="After SIGTERM or Ctrl-C, how long running requests may take to finish before they are cancelled.")
 @click.option("--no-ui", is_flag=True, help="Do not serve the chat page at / (the APIs alone).")
 @click.option("--no-metrics", is_flag=True, help="Do not serve /metrics (Prometheus' text format).")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
+              show_default=True, help="What the server and the library log on stderr.")
+@click.option("--secret-key-file", type=click.Path(dir_okay=False), metavar="FILE",
+              help="The key that seals the reasoning clients carry back (Anthropic's thinking signature, the "
+                   "Responses API's encrypted_content). Default: one created once under ~/.cache/qwen3-mlx/.")
 @user_errors
 @engine_options
 @parallel_options
 @version
 def serve(model: str, host: str, port: int, served_model_names: tuple[str, ...], api_key: str | None,
           thinking_budget: int | None, max_tokens: int, cors_origin: str | None, grace: float, no_ui: bool,
-          no_metrics: bool, engine: EngineOptions, draft_model: str | None, num_draft_tokens: int,
-          parallel: Any) -> None:
+          no_metrics: bool, log_level: str, secret_key_file: str | None, engine: EngineOptions,
+          draft_model: str | None, num_draft_tokens: int, parallel: Any) -> None:
     """Serve the model over HTTP: OpenAI's API (/v1/chat/completions, /v1/completions, /v1/responses,
     /v1/models), Anthropic's (/v1/messages), Ollama's (/api/chat, /api/generate, /api/tags, ...), /health,
     /metrics (--no-metrics: none) and a chat page at / (--no-ui: none); /docs describes it. Needs the
@@ -71,4 +76,5 @@ def serve(model: str, host: str, port: int, served_model_names: tuple[str, ...],
     run_server(model, host=host, port=port, served_model_names=served_model_names, api_key=api_key,
                engine_options=engine, thinking_budget=thinking_budget, max_tokens=max_tokens,
                cors_origin=cors_origin, grace=grace, parallel=parallel, ui=not no_ui, draft_model=draft_model,
-               num_draft_tokens=num_draft_tokens, metrics=not no_metrics)
+               num_draft_tokens=num_draft_tokens, metrics=not no_metrics, log_level=log_level,
+               secret_key_file=secret_key_file)

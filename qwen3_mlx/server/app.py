@@ -200,9 +200,11 @@ def _anthropic_routes() -> APIRouter:
         parallel, show = am.parallel_calls(body), am.show_thinking(body)
         if body.stream:
             return named_sse(message_events(chunks(handle, request), settings.model_id,
-                                            prompt_tokens=handle.prompt_tokens, show_thinking=show, parallel=parallel))
+                                            prompt_tokens=handle.prompt_tokens, show_thinking=show, parallel=parallel,
+                                            secret_key=settings.secret_key))
         result, seen = await gather_chunks(chunks(handle, request))
-        message = whole_message(seen, result.stats, settings.model_id, show_thinking=show, parallel=parallel)
+        message = whole_message(seen, result.stats, settings.model_id, show_thinking=show, parallel=parallel,
+                                secret_key=settings.secret_key)
         return json_response(message.model_dump_json())
 
     @router.post("/v1/messages/count_tokens", response_model=ap.TokenCount, responses=_ANTHROPIC_DOCS)
@@ -223,7 +225,7 @@ def _responses_routes() -> APIRouter:
     @router.post("/v1/responses", response_model=rp.ResponseObject, responses=ERROR_DOCS)
     async def responses(body: rp.ResponsesRequest, request: Request) -> Response:
         settings, engine, store = request.app.state.settings, request.app.state.engine, request.app.state.responses
-        turn = rm.turn(body, store)
+        turn = rm.turn(body, store, settings.secret_key)
         handle = await submit(engine, rm.responses_submission, turn, settings)
         if body.stream:
             return named_sse(response_events(turn, chunks(handle, request), settings.model_id, store))

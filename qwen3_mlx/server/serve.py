@@ -33,6 +33,7 @@ from ..generation.engine import Engine
 from ..generation.options import DEFAULT_MAX_TOKENS, EngineOptions
 from .app import create_app
 from .settings import ServerSettings
+from .submission.sealed import load_key
 
 log = logging.getLogger("uvicorn.error")  # uvicorn's own log, so the drain's lines read as its others
 
@@ -124,7 +125,7 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8080, served_model
           max_tokens: int = DEFAULT_MAX_TOKENS,
           cors_origin: str | None = None, grace: float = 30.0, log_level: str = "info",
           parallel: ParallelOptions | None = None, ui: bool = True, draft_model: str | None = None,
-          num_draft_tokens: int | None = None, metrics: bool = True) -> None:
+          num_draft_tokens: int | None = None, metrics: bool = True, secret_key_file: str | None = None) -> None:
     """Serve `model` (a checkpoint folder or Hub repo id) until a signal; see the module's docstring.
 
     `served_model_names`: the names a request's `model` may give, the first one reported in responses;
@@ -133,11 +134,14 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8080, served_model
     (EngineOptions; None: its defaults).
     `draft_model`: a checkpoint folder or Hub id of a smaller model of the same family that drafts
     for every request; `num_draft_tokens`: the longest draft of a request that gives none.
+    `log_level`: the server's and the library's (debug, info, warning, error). `secret_key_file`: the
+    key that seals the reasoning clients carry back (submission/sealed.py; None: the user's cache's).
 
     Raises:
         Qwen3Error: the port cannot be bound; the model cannot be loaded; a rank was lost.
         KeyboardInterrupt: after a graceful shutdown on Ctrl-C.
     """
+    configure_logging(log_level)
     ranks = Ranks.start(parallel or ParallelOptions())
     sock = ranks.from_leader(functools.partial(listen, host, port), share=False)  # rank 0's; the others: None
     engine_options = engine_options or EngineOptions()
@@ -153,7 +157,8 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8080, served_model
             engine = Engine(loaded, tokenizer, engine_options, draft_model=draft).start()
         settings = ServerSettings(tuple(served_model_names) or (model,), api_key=api_key, max_tokens=max_tokens,
                                   thinking_budget=thinking_budget, num_draft_tokens=num_draft_tokens,
-                                  cors_origin=cors_origin, ui=ui, metrics=metrics)
+                                  cors_origin=cors_origin, ui=ui, metrics=metrics,
+                                  secret_key=load_key(secret_key_file))  # rank 0's: only rank 0 answers
         app = create_app(engine, settings)
         config = uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=_FLUSH_SECONDS,
                                 log_level=log_level)
@@ -170,6 +175,17 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8080, served_model
         raise Qwen3Error(server.failure)
     if signal.SIGINT in server.signals:
         raise KeyboardInterrupt
+
+
+def configure_logging(level: str) -> None:
+    """The library's log (qwen3_mlx.*) on stderr at `level`, beside uvicorn's (which uvicorn sets up)."""
+    logger = logging.getLogger("qwen3_mlx")
+    logger.setLevel(level.upper())
+    if not any(getattr(handler, "qwen3_mlx", False) for handler in logger.handlers):
+        handler = logging.StreamHandler()
+        handler.qwen3_mlx = True  # type: ignore[attr-defined]
+        handler.setFormatter(logging.Formatter("%(levelname)-9s %(name)s: %(message)s"))
+        logger.addHandler(handler)
 
 
 def follow(model: str, ranks: Ranks, engine_options: EngineOptions, draft_model: str | None = None) -> None:

@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import secrets
+from dataclasses import dataclass, field
 
 from ..errors import OptionError
 from ..generation.options import DEFAULT_MAX_TOKENS, GenerationOptions
@@ -27,6 +28,7 @@ class ServerSettings:
         cors_origin: the one origin browsers may call from; None: no CORS headers.
         ui: serve the chat page at /.
         max_body_bytes: larger request bodies get a 413.
+        secret_key: what seals the reasoning clients carry back (--secret-key-file); default: random.
         metrics: serve /metrics, Prometheus' text format (--no-metrics: not).
     """
 
@@ -38,6 +40,7 @@ class ServerSettings:
     cors_origin: str | None = None
     ui: bool = True
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    secret_key: bytes = field(default_factory=lambda: secrets.token_bytes(32), repr=False)
     metrics: bool = True
 
     def __post_init__(self) -> None:
@@ -52,4 +55,4 @@ class ServerSettings:
         if self.num_draft_tokens is not None:
             defaults = defaults.replace(num_draft_tokens=self.num_draft_tokens)
         return Settings(self.model_names[0], self.max_tokens, self.thinking_budget, defaults=defaults,
-                        aliases=self.model_names[1:])
+                        aliases=self.model_names[1:], secret_key=self.secret_key)

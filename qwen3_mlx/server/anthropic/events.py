@@ -15,7 +15,8 @@ from ...generation.response import Chunk, GenerationStats
 from ...text.tools import ToolCallDelta
 from ..submission.outcome import call_delta, check_finished, new_id, tool_calls
 from ..submission.refusal import ApiError
-from .mapping import anthropic_error, signature, stop_reason, tool_use_id, usage
+from ..submission.sealed import seal
+from .mapping import anthropic_error, stop_reason, tool_use_id, usage
 from .protocol import Message, Usage
 
 PING_SECONDS = 5.0  # a ping event after this long without a chunk (a long prompt's prefill)
@@ -46,11 +47,12 @@ async def with_pings(items: AsyncIterator[Chunk], seconds: float) -> AsyncIterat
 
 class _Blocks:
     """The content blocks of a stream as the chunks arrive: one open at a time, closed when the kind
-    changes (a thinking block closes with its signature). `content`: the blocks as a client that reads
-    the stream puts them together (a whole reply's, tool_use inputs apart)."""
+    changes (a thinking block closes with its signature: the reasoning sealed under `key`, which a
+    client sends back, display "omitted" or not). `content`: the blocks as a client that reads the
+    stream puts them together (a whole reply's, tool_use inputs apart)."""
 
-    def __init__(self, show_thinking: bool) -> None:
-        self.show_thinking, self.index, self.open, self.thinking = show_thinking, -1, None, []
+    def __init__(self, show_thinking: bool, key: bytes) -> None:
+        self.show_thinking, self.key, self.index, self.open, self.thinking = show_thinking, key, -1, None, []
         self.content: list[dict] = []
 
     def start(self, kind: str, block: dict) -> list[Event]:
@@ -73,7 +75,7 @@ class _Blocks:
             return []
         events = []
         if self.open == "thinking":
-            events.append(self.delta({"type": "signature_delta", "signature": signature("".join(self.thinking))}))
+            events.append(self.delta({"type": "signature_delta", "signature": seal("".join(self.thinking), self.key)}))
         self.open = None
         return events + [("content_block_stop", {"type": "content_block_stop", "index": self.index})]
 
@@ -99,11 +101,11 @@ class _Blocks:
 
 
 def whole_message(seen: list[Chunk], stats: GenerationStats, model_id: str, *, show_thinking: bool,
-                  parallel: bool) -> Message:
+                  parallel: bool, secret_key: bytes) -> Message:
     """A whole reply's message: the blocks its stream would carry (those of the chunks `seen`); a
     tool_use's input, its parsed arguments, or for a call the cap cut, its JSON so far read as the SDKs
     read a stream's (partially, the unfinished value left out)."""
-    blocks = _Blocks(show_thinking)
+    blocks = _Blocks(show_thinking, secret_key)
     for chunk in seen:
         blocks.feed(chunk, call_delta(chunk, parallel))
     blocks.close()
@@ -118,10 +120,10 @@ def whole_message(seen: list[Chunk], stats: GenerationStats, model_id: str, *, s
 
 
 async def message_events(chunks: AsyncIterator[Chunk], model_id: str, *, prompt_tokens: int, show_thinking: bool,
-                         parallel: bool, ping_seconds: float = PING_SECONDS) -> AsyncIterator[Event]:
+                         parallel: bool, secret_key: bytes, ping_seconds: float = PING_SECONDS) -> AsyncIterator[Event]:
     """Anthropic's stream: message_start, ping, each block's start, deltas and stop, message_delta
     (stop_reason, usage), message_stop; a failure is an error event."""
-    blocks, stats = _Blocks(show_thinking), GenerationStats()
+    blocks, stats = _Blocks(show_thinking, secret_key), GenerationStats()
     start = Message(id=new_id("msg_"), model=model_id, content=[], stop_reason=None,
                     usage=Usage(input_tokens=prompt_tokens, output_tokens=0)).model_dump()
     yield "message_start", {"type": "message_start", "message": start}

@@ -13,9 +13,7 @@ input_schema (web_search_...) are left out with a log line.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,11 +27,13 @@ from ..submission.reading import (
     check_conversation,
     check_model,
     check_tool_result,
+    left_out,
     check_tool_names,
     sampling_options,
     tool_constraint,
 )
 from ..submission.refusal import ApiError, check_range
+from ..submission.sealed import unseal
 from .protocol import (
     Block,
     CountTokensRequest,
@@ -41,8 +41,6 @@ from .protocol import (
     ToolDefinition,
     Usage,
 )
-
-log = logging.getLogger("qwen3_mlx.server")
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 500: "api_error",
@@ -89,7 +87,7 @@ def messages_submission(body: CountTokensRequest, settings: Settings) -> Submiss
     options = sampling_options(fields, settings, request.max_tokens if request else None, think=think)
     check_range("temperature", request.temperature if request else None, 0, 1)  # after GenerationOptions' words
     check_conversation([{"role": m.role} for m in body.messages], "messages")
-    messages, prefill = chat_messages(body)
+    messages, prefill = chat_messages(body, settings.secret_key)
     prompt = Prompt(messages, tools=tools, prefill_response=prefill)
     return Submission(prompt, options.replace(**constraint))
 
@@ -116,7 +114,7 @@ def _tools(tools: Sequence[ToolDefinition]) -> list[dict] | None:
     out = []
     for tool in tools:
         if tool.input_schema is None and tool.type not in (None, "custom"):
-            log.info("tools: %r (type %s) left out: server tools do not run here", tool.name, tool.type)
+            left_out("messages", "a server tool", tool.type)
             continue
         function = {"name": tool.name, "parameters": tool.input_schema or {"type": "object"}}
         if tool.description:
@@ -128,9 +126,10 @@ def _tools(tools: Sequence[ToolDefinition]) -> list[dict] | None:
     return out or None
 
 
-def chat_messages(body: CountTokensRequest) -> tuple[list[dict], str | None]:
+def chat_messages(body: CountTokensRequest, key: bytes = b"") -> tuple[list[dict], str | None]:
     """(the messages as the chat template reads them, the prefill): `system` first; each message's
-    blocks made into chat messages; a last assistant message of text alone is the answer's start."""
+    blocks made into chat messages; a last assistant message of text alone is the answer's start. A
+    thinking block's text is its own, else what its signature seals under `key` (display "omitted")."""
     messages: list[dict] = []
     if body.system:
         messages.append({"role": "system", "content": _text(body.system, "system")})
@@ -143,7 +142,7 @@ def chat_messages(body: CountTokensRequest) -> tuple[list[dict], str | None]:
             raise ApiError(400, f"{where}.content: give at least one content block (only a last assistant "
                                 "message may be empty)", param="messages")
         elif m.role == "assistant":
-            messages.append(_assistant(m.content, where))
+            messages.append(_assistant(m.content, where, key))
             calls.update(call["id"] for call in messages[-1].get("tool_calls", ()))
         else:
             messages += _user(m.role, m.content, where, calls)
@@ -173,14 +172,16 @@ def _text(content: str | list[Block], where: str) -> str:
     return "\n".join(block.text for block in content)  # type: ignore[misc]
 
 
-def _assistant(blocks: list[Block], where: str) -> dict:
+def _assistant(blocks: list[Block], where: str, key: bytes) -> dict:
     text, reasoning, calls = [], [], []
     for j, block in enumerate(blocks):
         if block.type == "text" and block.text is not None:
             _check_text(block, f"{where}.content[{j}]")
             text.append(block.text)
-        elif block.type == "thinking" and block.thinking is not None:
-            reasoning.append(block.thinking)
+        elif block.type == "thinking":
+            thinking = block.thinking or unseal(block.signature, key)  # another server's, or altered: None
+            if thinking:
+                reasoning.append(thinking)
         elif block.type == "tool_use" and block.name:
             arguments = json.dumps(block.input or {}, ensure_ascii=False)  # as the model writes them
             calls.append({"id": block.id, "type": "function", "function": {"name": block.name, "arguments": arguments}})
@@ -218,11 +219,6 @@ def _user(role: str, blocks: list[Block], where: str, calls: set[str]) -> list[d
 
 
 # ---------------------------------------------------------------- a result -> a message
-
-
-def signature(thinking: str) -> str:
-    """An opaque signature for a thinking block (clients send it back; it is not checked)."""
-    return "qwen3-mlx-" + hashlib.sha256(thinking.encode()).hexdigest()[:32]
 
 
 def tool_use_id(call_id: str) -> str:

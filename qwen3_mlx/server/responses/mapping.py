@@ -4,16 +4,16 @@ one Submission (submission/reading.py), and a result made into output items and 
 (stored, when asked, in store.py's ResponseStore).
 
 Input items: messages (user, assistant, system, developer), function_call, function_call_output and
-reasoning (its text, or our `encrypted_content`, read back). Function tools are offered to the model;
-a namespace tool's functions under "namespace.name" (mapped back as the call's `namespace` and `name`);
-tool types that cannot run here (web_search, ...) are left out with a log line.
+reasoning (its text, or our `encrypted_content`, the reasoning sealed by submission/sealed.py, read
+back); the API's other items are left out with a log line, an unknown type refused. Function tools are
+offered to the model; a namespace tool's functions under "namespace.name" (mapped back as the call's
+`namespace` and `name`); tool types that cannot run here (web_search, ...) are left out with a log
+line, once per type.
 """
 
 from __future__ import annotations
 
-import base64
 import json
-import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,17 +29,16 @@ from ..submission.reading import (
     check_conversation,
     check_model,
     check_tool_result,
+    left_out,
     check_tool_names,
     sampling_options,
     tool_constraint,
 )
 from ..submission.refusal import ApiError, check_range
+from ..submission.sealed import seal, unseal
 from .protocol import ResponseObject, ResponsesRequest, TextConfig
 from .store import ResponseStore
 
-log = logging.getLogger("qwen3_mlx.server")
-
-ENCRYPTED_PREFIX = "qwen3-mlx:"  # our encrypted_content: the reasoning's text, base64-encoded
 # The API's other input items: calls of tools that do not run here and their outputs, references. Left out
 # with a log line; a type outside the API is refused.
 OTHER_ITEMS = frozenset({
@@ -59,6 +58,7 @@ class Turn:
     body: ResponsesRequest
     items: list[dict]  # the whole conversation's input items (a stored one's first)
     stored: int = 0  # how many of them a stored response gave
+    key: bytes = b""  # what seals the reasoning's encrypted_content (the server's secret key)
     names: dict[str, tuple[str | None, str]] = field(default_factory=dict)  # the model's name -> (namespace, name)
     id: str = field(default_factory=lambda: new_id("resp_"))
     created: int = field(default_factory=lambda: int(time.time()))
@@ -72,12 +72,13 @@ class Turn:
         return "reasoning.encrypted_content" in (self.body.include or ())
 
 
-def turn(body: ResponsesRequest, store: ResponseStore) -> Turn:
-    """The request with its conversation: a stored response's first, when it continues one."""
+def turn(body: ResponsesRequest, store: ResponseStore, key: bytes = b"") -> Turn:
+    """The request with its conversation: a stored response's first, when it continues one; `key` seals
+    and unseals its reasoning's encrypted_content."""
     items = [{"type": "message", "role": "user", "content": body.input}] if isinstance(body.input, str) \
         else list(body.input)
     stored = store.get(body.previous_response_id)[0] if body.previous_response_id else []
-    return Turn(body, stored + items, stored=len(stored))
+    return Turn(body, stored + items, stored=len(stored), key=key)
 
 
 def responses_submission(t: Turn, settings: Settings) -> Submission:
@@ -97,7 +98,7 @@ def responses_submission(t: Turn, settings: Settings) -> Submission:
                   thinking_budget=body.thinking_budget, reasoning_effort=effort)
     check_range("max_output_tokens", body.max_output_tokens, 1)
     options = sampling_options(fields, settings, body.max_output_tokens, think=settings.defaults.think)
-    messages = input_messages(t.items, {name: q for q, name in t.names.items()}, first=t.stored)
+    messages = input_messages(t.items, {name: q for q, name in t.names.items()}, first=t.stored, key=t.key)
     check_conversation(messages, "input")
     if body.instructions:
         messages.insert(0, {"role": "system", "content": body.instructions})
@@ -111,12 +112,13 @@ def offered_tools(tools: Sequence[dict]) -> tuple[list[dict] | None, dict[str, t
         kind = tool.get("type", "function")
         nested = tool.get("tools") if kind == "namespace" else [tool]
         if kind not in ("function", "namespace") or not isinstance(nested, list):
-            log.info("tools[%d]: type %r left out: it does not run here", i, kind)
+            left_out("responses", "a tool", kind)
             continue
         namespace = tool.get("name") if kind == "namespace" else None
         for j, function in enumerate(nested):
             if not isinstance(function, dict) or function.get("type", "function") != "function":
-                log.info("tools[%d]: a %r tool left out: it does not run here", i, function.get("type"))
+                left_out("responses", "a namespace's tool", function.get("type") if isinstance(function, dict)
+                         else type(function).__name__)
                 continue
             if not isinstance(function.get("name"), str) or not function["name"]:
                 raise ApiError(400, f"tools[{i}]{f'.tools[{j}]' if namespace else ''}.name: a function tool needs "
@@ -155,10 +157,12 @@ def _schema(text: TextConfig | None) -> dict | None:
 # ---------------------------------------------------------------- input items -> chat messages
 
 
-def input_messages(items: Sequence[Any], qualified: dict[tuple[str | None, str], str], first: int = 0) -> list[dict]:
-    """The conversation's items as the chat template reads them: a reasoning item goes with the
-    assistant message or calls after it; consecutive calls are one assistant message. The request's
-    own items start at `first` (a stored conversation's come before)."""
+def input_messages(items: Sequence[Any], qualified: dict[tuple[str | None, str], str], first: int = 0,
+                   key: bytes = b"") -> list[dict]:
+    """The conversation's items as the chat template reads them: a reasoning item (its text, or what its
+    encrypted_content seals under `key`) goes with the assistant message or calls after it; consecutive
+    calls are one assistant message. The request's own items start at `first` (a stored conversation's
+    come before)."""
     messages: list[dict] = []
     reasoning: str | None = None
     calls: set[str] = set()  # the call_ids of the function calls so far, which an output answers
@@ -168,7 +172,7 @@ def input_messages(items: Sequence[Any], qualified: dict[tuple[str | None, str],
             raise ApiError(400, f"{where}: an item is an object with a type; got {type(item).__name__}", param="input")
         kind = item.get("type", "message")
         if kind == "reasoning":
-            reasoning = _reasoning_text(item)
+            reasoning = _reasoning_text(item, key)
         elif kind == "message" and item.get("role") != "assistant":
             role = {"developer": "system"}.get(item.get("role"), item.get("role"))
             if role not in ("user", "system"):
@@ -193,7 +197,7 @@ def input_messages(items: Sequence[Any], qualified: dict[tuple[str | None, str],
             text = output if isinstance(output, str) else _content(output, f"{where}.output")
             messages.append({"role": "tool", "tool_call_id": item.get("call_id"), "content": text})
         elif kind in OTHER_ITEMS:
-            log.info("%s: a %r item left out: it means nothing to this model", where, kind)
+            left_out("responses", "an input item", kind)
         else:
             raise ApiError(400, f"{where}.type: unknown item type {json.dumps(kind)[:80]}", param=f"{where}.type")
     return messages
@@ -226,23 +230,13 @@ def _call(item: dict, where: str, qualified: dict[tuple[str | None, str], str]) 
     return {"id": item.get("call_id"), "type": "function", "function": {"name": name, "arguments": arguments}}
 
 
-def _reasoning_text(item: dict) -> str | None:
-    """A reasoning item's text: its content, else our encrypted_content (another server's is not ours
-    to read, and is dropped)."""
+def _reasoning_text(item: dict, key: bytes) -> str | None:
+    """A reasoning item's text: its content, else what our encrypted_content seals (another server's, or
+    one altered, is not ours to read, and is dropped)."""
     content = item.get("content")
     if isinstance(content, list) and content:
         return _content(content, "reasoning.content")
-    encrypted = item.get("encrypted_content")
-    if isinstance(encrypted, str) and encrypted.startswith(ENCRYPTED_PREFIX):
-        try:
-            return base64.b64decode(encrypted[len(ENCRYPTED_PREFIX):], validate=True).decode()
-        except ValueError:
-            pass
-    return None
-
-
-def encrypt(reasoning: str) -> str:
-    return ENCRYPTED_PREFIX + base64.b64encode(reasoning.encode()).decode()
+    return unseal(item.get("encrypted_content"), key)
 
 
 # ---------------------------------------------------------------- a reply -> output items and the response
@@ -252,7 +246,7 @@ def reasoning_item(t: Turn, text: str, status: str = "completed") -> dict:
     item = {"id": new_id("rs_"), "type": "reasoning", "summary": [],
             "content": [{"type": "reasoning_text", "text": text}], "status": status}
     if t.encrypted:
-        item["encrypted_content"] = encrypt(text)
+        item["encrypted_content"] = seal(text, t.key)
     return item
 
 

@@ -8,7 +8,10 @@ silently dropped. Unknown parameter names never get here (the protocol models ig
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+import logging
+import secrets
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from pydantic import ValidationError
@@ -25,6 +28,9 @@ from .parameters import SamplingParameters
 from .refusal import ApiError, validation_problem
 
 
+log = logging.getLogger("qwen3_mlx.server")
+
+
 @dataclass(frozen=True)
 class Settings:
     """What the server imposes on every request."""
@@ -34,6 +40,8 @@ class Settings:
     default_thinking_budget: int | None = None
     defaults: GenerationOptions = GenerationOptions()  # what a body leaves unset (the CLI's options, for a batch)
     aliases: tuple[str, ...] = ()  # more names a request's `model` may give
+    # What seals the reasoning a client carries back (sealed.py); by default a key of this process's own.
+    secret_key: bytes = field(default_factory=lambda: secrets.token_bytes(32), repr=False)
 
 
 @dataclass(frozen=True)
@@ -147,6 +155,12 @@ def check_conversation(messages: Sequence[dict], param: str) -> None:
         raise ApiError(400, f"{param}: give at least one message", param=param)
     if not any(m.get("role") in ("user", "tool") for m in messages):
         raise ApiError(400, f"{param}: the conversation must hold a user message", param=param)
+
+
+@functools.cache  # once per process: an agent sends the same on every request (Codex: web_search)
+def left_out(api: str, what: str, kind: str) -> None:
+    """Log that a `what` (a tool, an input item) of type `kind` does not run here and is left out."""
+    log.info("%s: %s of type %r left out: it does not run here (logged once per type)", api, what, kind)
 
 
 def tool_constraint(tools: Sequence[dict] | None, choice: str, *, parallel: bool, schema: dict | None,
