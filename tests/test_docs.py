@@ -1,11 +1,12 @@
 """Every shell and Python example of README.md and docs/*.md is run here, on tiny checkpoints, or listed in
-SKIPPED with the reason it cannot run here. Only model names, example folders and the server's address are
-replaced; `qwen3-mlx` lines run in-process through click's CliRunner. The checkpoints' contexts are short
+SKIPPED with the reason it cannot run here. Only model names, example folders, the server's address and a
+training run's length (600 steps become 2) are replaced; `qwen3-mlx` lines run in-process through click's CliRunner. The checkpoints' contexts are short
 (40 tokens for the commands; the server caps replies at 24), so that responses asked for with thousands of tokens end at
 the context, as they would at any limit."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import shlex
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from checkpoints import make_checkpoint
+from retrieval_checkpoints import make_embedding_checkpoint, make_reranker_checkpoint
 from click.testing import CliRunner
 from server_live import ServeProcess
 
@@ -29,7 +31,9 @@ DEFAULT_MODEL = "mlx-community/Qwen3-1.7B-4bit"
 LOCAL_MODEL = "./qwen3-1.7b-4bit"
 HF_SOURCES = ("Qwen/Qwen3-1.7B", "./Qwen3-1.7B")
 ADDRESS = "http://127.0.0.1:8080"
-SUBPACKAGES = ("cli", "server", "distributed", "generation", "checkpoint", "text", "model")
+SUBPACKAGES = ("cli", "server", "distributed", "quantize", "training", "evaluation", "generation", "embedding",
+               "checkpoint", "text", "model")
+EMBEDDING, RERANKER = "Qwen/Qwen3-Embedding-0.6B", "Qwen/Qwen3-Reranker-0.6B"
 
 # (page, a text that names the block): why it is not run here.
 SKIPPED = {
@@ -43,13 +47,16 @@ SKIPPED = {
     ("docs/distributed.md", "mlx.launch --hostfile"): "needs several Macs named in a hostfile",
     ("docs/distributed.md", "mlx.launch -n 2"):
         "two ranks of a 1.7B model; tests/test_parallel_entry.py runs generate on two ranks of a tiny one",
+    ("docs/evaluation.md", "--tasks arc_easy,hellaswag"): "downloads lm-eval's datasets from the Hugging Face Hub",
+    ("docs/evaluation.md", "--method mixed,gptq"):
+        "a minute on the tiny checkpoint (KL's gradient over the whole vocabulary); tests/test_quantize.py runs mixed",
     ("docs/benchmarks.md", "benchmarks/bench.py make tiny"):
         "minutes to hours: full-size shapes (3.4 GB) timed against mlx-lm over several trials",
 }
 
 # (page, a text that names the block): the test that runs it.
 RUN = {
-    ("README.md", "qwen3-mlx convert Qwen/Qwen3-1.7B"): "test_the_convert_examples_run",
+    ("README.md", "qwen3-1.7b-4bit -q"): "test_the_convert_examples_run",
     ("README.md", 'generate -p "Why is the sky blue?"'): "test_the_generate_examples_run",
     ("README.md", "--regex"): "test_the_generate_examples_run",
     ("README.md", "qwen3-mlx chat"): "test_the_chat_example_runs",
@@ -57,13 +64,31 @@ RUN = {
     ("README.md", "--served-model-name qwen3\n"): "test_the_server_examples_run",
     ("README.md", "from openai import OpenAI"): "test_the_server_examples_run",
     ("README.md", "from qwen3_mlx import load"): "test_the_python_api_examples_run",
+    ("README.md", "qwen3-mlx embed"): "test_the_retrieval_examples_run",
+    ("README.md", "qwen3-mlx train"): "test_the_fine_tuning_examples_run",
+    ("README.md", "qwen3-mlx perplexity"): "test_the_evaluation_examples_run",
+    ("README.md", "--port 11434"): "test_the_server_examples_run",
+    ("docs/retrieval.md", "qwen3-mlx embed"): "test_the_retrieval_examples_run",
+    ("docs/retrieval.md", "from qwen3_mlx import embed"): "test_the_retrieval_examples_run",
+    ("docs/retrieval.md", "Qwen3-Embedding-0.6B --served-model-name embed"): "test_the_retrieval_server_examples_run",
+    ("docs/retrieval.md", "client.embeddings.create"): "test_the_retrieval_server_examples_run",
+    ("docs/retrieval.md", "Qwen3-Reranker-0.6B --served-model-name rerank"): "test_the_retrieval_server_examples_run",
+    ("docs/fine-tuning.md", "qwen3-mlx train"): "test_the_fine_tuning_examples_run",
+    ("docs/fine-tuning.md", "from qwen3_mlx import TrainingOptions"): "test_the_fine_tuning_examples_run",
+    ("docs/evaluation.md", "qwen3-mlx perplexity"): "test_the_evaluation_examples_run",
+    ("docs/evaluation.md", "from qwen3_mlx import load, perplexity"): "test_the_evaluation_examples_run",
+    ("docs/evaluation.md", "--include-path tasks"): "test_the_evaluation_examples_run",
+    ("docs/evaluation.md", "--method gptq"): "test_the_evaluation_examples_run",
+    ("docs/serve.md", "--port 11434"): "test_the_server_examples_run",
+    ("docs/serve.md", "from ollama import Client"): "test_the_server_examples_run",
+    ("docs/serve.md", "/metrics"): "test_the_server_examples_run",
     ("docs/generate.md", "--thinking-budget 512 --verbose"): "test_the_generate_examples_run",
     ("docs/generate.md", "city.json"): "test_the_generate_examples_run",
     ("docs/generate.md", "--prompts-file prompts.txt"): "test_the_prompts_file_examples_run",
     ("docs/chat.md", "qwen3-mlx chat"): "test_the_chat_example_runs",
     ("docs/convert.md", "qwen3-mlx convert"): "test_the_convert_examples_run",
-    ("docs/serve.md", "qwen3-mlx serve"): "test_the_server_examples_run",
-    ("docs/serve.md", "curl"): "test_the_server_examples_run",
+    ("docs/serve.md", "--thinking-budget 1024"): "test_the_server_examples_run",
+    ("docs/serve.md", "/v1/chat/completions"): "test_the_server_examples_run",
     ("docs/serve.md", "from openai import OpenAI"): "test_the_server_examples_run",
     ("docs/anthropic.md", "import anthropic"): "test_the_server_examples_run",
     ("docs/responses.md", "client.responses.create"): "test_the_server_examples_run",
@@ -145,8 +170,13 @@ class Shell:
         name, *args = words
         if name == "echo":
             return " ".join(args) + "\n"
-        if name == "printf":
-            return args[0].encode().decode("unicode_escape")
+        if name == "printf":  # its format applied to each argument in turn, as the shell's printf does
+            form = args[0].encode().decode("unicode_escape")
+            return "".join(form % a for a in args[1:]) if args[1:] else form
+        if name == "mkdir":
+            for folder in (a for a in args if not a.startswith("-")):
+                (self.cwd / folder).mkdir(parents=True, exist_ok=True)
+            return ""
         if name == "qwen3-mlx":
             return self.click(main, [self.models.get(w, w) for w in with_model(args)], stdin, env)
         if name == "python" and args[0] == "convert.py":
@@ -167,7 +197,11 @@ class Shell:
 
 
 def with_model(args: list[str]) -> list[str]:
-    """A command that names no model names the checkpoint its block's DEFAULT_MODEL stands for."""
+    """A command that names no model names the checkpoint its block's DEFAULT_MODEL stands for; a training run
+    of 600 steps takes 2."""
+    if args[0] == "train" and "--iters" in args:
+        args = [*args]
+        args[args.index("--iters") + 1] = "2"
     if args[0] in ("generate", "chat") and "--model" not in args:
         return [args[0], "--model", DEFAULT_MODEL, *args[1:]]
     return args
@@ -295,7 +329,7 @@ def hf_source(tmp_path_factory) -> Path:
 
 def test_the_convert_examples_run(shell, hf_source):
     shell.models = {source: str(hf_source) for source in HF_SOURCES}  # ./qwen3-1.7b-4bit: the one just made
-    shell.run(block("README.md", "qwen3-mlx convert Qwen/Qwen3-1.7B"))
+    shell.run(block("README.md", "qwen3-1.7b-4bit -q"))
     shutil.rmtree(shell.cwd / "qwen3-1.7b-4bit")
     outputs = shell.run(block("docs/convert.md", "qwen3-mlx convert"))
     assert len(outputs) == 4
@@ -313,7 +347,7 @@ def server(tmp_path_factory):
     checkpoint = make_checkpoint(tmp_path_factory.mktemp("served"), tokenizer=True, hidden_size=32,
                                  intermediate_size=64, num_attention_heads=2, num_key_value_heads=1,
                                  max_position_embeddings=96)
-    [words] = logical_lines(block("docs/serve.md", "qwen3-mlx serve"))
+    [words] = logical_lines(block("docs/serve.md", "--thinking-budget 1024"))
     [readme] = logical_lines(block("README.md", "--served-model-name qwen3\n"))
     assert readme == words[:6]  # the README's line, with the budget the reference adds
     assert words[:4] == ["qwen3-mlx", "serve", "--model", LOCAL_MODEL]
@@ -331,9 +365,17 @@ def test_the_server_examples_run(server, tmp_path, capsys):
     python("docs/anthropic.md", "import anthropic")
     python("docs/responses.md", "client.responses.create")
     if shutil.which("curl"):
-        [out] = Shell(tmp_path, {ADDRESS + "/v1/chat/completions": server.url + "/v1/chat/completions"}).run(
-            block("docs/serve.md", "curl"))
+        shell = Shell(tmp_path, {ADDRESS + path: server.url + path for path in ("/v1/chat/completions", "/metrics")})
+        [out] = shell.run(block("docs/serve.md", "/v1/chat/completions"))
         assert json.loads(out)["object"] == "chat.completion"
+        [out] = shell.run(block("docs/serve.md", "/metrics"))
+        assert re.search(r'^qwen3_mlx_requests_total\{.*route="/v1/chat/completions".*\} [1-9]', out, re.M)
+    # Ollama's set-up is the README's server line on Ollama's port (the test's server has a free port instead).
+    [readme] = logical_lines(block("README.md", "--served-model-name qwen3\n"))
+    for page in ("README.md", "docs/serve.md"):
+        assert logical_lines(block(page, "--port 11434")) == [[*readme, "--port", "11434"]]
+    exec(block("docs/serve.md", "from ollama import Client").replace("http://127.0.0.1:11434", server.url), {})
+    assert "qwen3:latest" in capsys.readouterr().out
 
 
 def test_the_python_api_examples_run(short, capsys):
@@ -354,3 +396,89 @@ def test_the_agents_set_ups_in_docs_are_the_readmes():
     [readme] = [b.body for b in blocks(("toml",)) if b.page == "README.md"]
     [docs] = [b.body for b in blocks(("toml",)) if b.page == "docs/responses.md"]
     assert docs == readme
+
+
+@pytest.fixture(scope="module")
+def retrieval_models(tmp_path_factory) -> dict[str, str]:
+    """Tiny Qwen3-Embedding and Qwen3-Reranker checkpoints (one layer, hidden 64) for the retrieval pages."""
+    return {EMBEDDING: str(make_embedding_checkpoint(tmp_path_factory.mktemp("emb"), num_hidden_layers=1)),
+            RERANKER: str(make_reranker_checkpoint(tmp_path_factory.mktemp("rr"), num_hidden_layers=1))}
+
+
+def test_the_retrieval_examples_run(shell, retrieval_models, capsys):
+    shell.models = retrieval_models
+    for page in ("README.md", "docs/retrieval.md"):
+        _, _, ranked = shell.run(block(page, "qwen3-mlx embed"))
+        vectors = [json.loads(line) for line in (shell.cwd / "vectors.jsonl").read_text().splitlines()]
+        texts = (shell.cwd / "docs.txt").read_text().splitlines()
+        assert [v["index"] for v in vectors] == list(range(len(texts))) and len(vectors[0]["embedding"]) == 64
+        assert len(ranked.splitlines()) == min(len(texts), 2)
+    code = block("docs/retrieval.md", "from qwen3_mlx import embed")
+    for name, path in retrieval_models.items():
+        code = code.replace(f'"{name}"', repr(path))
+    exec(code, {})
+    assert capsys.readouterr().out
+
+
+def test_the_retrieval_server_examples_run(retrieval_models, tmp_path, capsys):
+    """Each retrieval server as its line starts it (the model replaced, on a free port), asked as the page asks."""
+    for marker, ask in (("--served-model-name embed", "client.embeddings.create"),
+                        ("--served-model-name rerank", "/v1/rerank")):
+        words = logical_lines(block("docs/retrieval.md", marker))[0]
+        port = words.index("--port")
+        address = f"http://127.0.0.1:{words[port + 1]}"
+        with ServeProcess(retrieval_models[words[3]], *words[4:port], *words[port + 2:]) as process:
+            body = block("docs/retrieval.md", ask)
+            if "client." in body:
+                exec(body.replace(address, process.url), {})
+                assert capsys.readouterr().out.startswith("2 64 ")
+            elif shutil.which("curl"):
+                shell = Shell(tmp_path, {f"{address}/v1/rerank": f"{process.url}/v1/rerank"})
+                [out] = shell.run("\n".join(body.splitlines()[1:]))
+                assert [r["index"] for r in json.loads(out)["results"]] != []
+
+
+@pytest.fixture(scope="module")
+def trainable(tmp_path_factory) -> Path:
+    """A tiny checkpoint of 16 layers, mlx_lm.lora's default --num-layers."""
+    return make_checkpoint(tmp_path_factory.mktemp("train"), tokenizer=True, hidden_size=32, intermediate_size=64,
+                           num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=16,
+                           max_position_embeddings=64)
+
+
+def test_the_fine_tuning_examples_run(shell, trainable, capsys):
+    """The page's data lines are the data; the README's commands, which the page repeats, train 2 steps, then
+    generate with the adapters and fuse them; the Python example trains 2 steps of DoRA."""
+    shell.models = {"Qwen/Qwen3-1.7B": str(trainable)}
+    shown = re.search(r"```json\n(.*?)```", (ROOT / "docs/fine-tuning.md").read_text(), re.S).group(1)
+    (shell.cwd / "data").mkdir()
+    for split in ("train", "valid"):
+        (shell.cwd / "data" / f"{split}.jsonl").write_text(shown)
+    assert block("docs/fine-tuning.md", "qwen3-mlx train") == block("README.md", "qwen3-mlx train")
+    shell.run(block("README.md", "qwen3-mlx train"))
+    assert (shell.cwd / "adapters" / "adapters.safetensors").is_file()
+    assert (shell.cwd / "qwen3-1.7b-tuned" / "model.safetensors").is_file()
+    code = block("docs/fine-tuning.md", "from qwen3_mlx import TrainingOptions")
+    exec(code.replace('"Qwen/Qwen3-1.7B"', repr(str(trainable))).replace("iters=600", "iters=2"), {})
+    assert capsys.readouterr().out
+
+
+def test_the_evaluation_examples_run(shell, hf_source, capsys):
+    """Perplexity on a short held-out text, a local lm-eval task, and GPTQ and AWQ on a calibration text of
+    some 600 tokens (their one sample takes 512)."""
+    shell.models = {source: str(hf_source) for source in (*HF_SOURCES, LOCAL_MODEL)}
+    lines = [f"Line {i}: the tree holds {i * 7 % 13} birds." for i in range(60)]
+    (shell.cwd / "wiki.train.txt").write_text(" ".join(lines))
+    (shell.cwd / "wiki.test.txt").write_text(" ".join(lines[:3]))
+    for page in ("README.md", "docs/evaluation.md"):
+        out = shell.run(block(page, "qwen3-mlx perplexity"))[0]
+        assert re.fullmatch(r"perplexity [\d.]+ \(nll [\d.]+ over \d+ tokens\)\n", out)
+    exec(block("docs/evaluation.md", "from qwen3_mlx import load, perplexity").replace(
+        f'"{DEFAULT_MODEL}"', repr(str(hf_source))), {})
+    assert "tokens" in capsys.readouterr().out
+    if importlib.util.find_spec("lm_eval"):
+        *_, table = shell.run(block("docs/evaluation.md", "--include-path tasks"))
+        assert "even" in table and "acc" in table
+    shutil.rmtree(shell.cwd / "qwen3-1.7b-gptq")  # the README's block wrote it
+    outputs = shell.run(block("docs/evaluation.md", "--method gptq"))
+    assert len(outputs) == 2 and all(out.startswith("wrote qwen3-1.7b-") for out in outputs)
