@@ -22,7 +22,7 @@ FLOORS = {
     "server.retrieval": [["routes"], ["mapping"], ["protocol"]],
     "server.submission": [["outcome", "reading"], ["parameters", "refusal", "sealed"]],
     "distributed": [["batch"], ["engine"], ["ranks"], ["launch", "wire"]],
-    "quantize": [["calibrated"], ["awq", "gptq", "mixed"], ["calibration", "capture", "rounding"]],
+    "quantize": [["calibrated"], ["awq", "dwq", "gptq", "mixed"], ["calibration", "capture", "rounding"]],
     "training": [["fuse", "loop"], ["optimizers", "batches"], ["data", "options"]],
     "evaluation": [["harness"], ["perplexity"], ["documents"]],
     "generation": [["engine", "batch", "chat", "batch_check"], ["scheduler", "single"], ["batch_decode"],

@@ -180,7 +180,7 @@ def test_a_bad_method_or_calibration_is_one_line(tmp_path, float_checkpoint):
     runner = CliRunner()
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"txt": 1}\n')
-    for args, words in ((["--method", "dwq", "--calibration", str(bad)], "dwq needs the training loop"),
+    for args, words in ((["--method", "dwq,gptq", "--calibration", str(bad)], "then gptq or awq, then dwq"),
                         (["--method", "gptq,awq", "--calibration", str(bad)], "give one method"),
                         (["--method", "gptq"], "--method and --calibration FILE go together"),
                         (["--method", "gptq", "--calibration", str(bad)], f"{bad}:2:")):

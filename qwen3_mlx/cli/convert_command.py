@@ -41,8 +41,9 @@ BITS = click.Choice(["2", "3", "4", "5", "6", "8"])
                    "being quantized).")
 @click.option("--dequantize", "-d", is_flag=True, help="Turn a quantized MLX checkpoint back into float weights.")
 @click.option("--method", metavar="M",
-              help="Quantize with calibration text (implies --quantize): gptq, awq or mixed, or mixed,gptq / "
-                   "mixed,awq (the bits chosen by mixed, then gptq or awq).")
+              help="Quantize with calibration text (implies --quantize): gptq, awq, dwq or mixed, or several in "
+                   "this order: mixed, then gptq or awq, then dwq (mixed,gptq,dwq: the bits chosen by mixed, each "
+                   "layer quantized by gptq, the scales and biases then trained by dwq).")
 @click.option("--calibration", type=click.Path(exists=True, dir_okay=False, path_type=Path), metavar="FILE",
               help='--method\'s local calibration text: a text file, or JSON lines of {"text": ...} or chat '
                    '{"messages": [...]}.')
@@ -54,6 +55,10 @@ BITS = click.Choice(["2", "3", "4", "5", "6", "8"])
               help="mixed: the size to reach, in bits per weight as this command reports it.")
 @click.option("--low-bits", type=BITS, help="mixed: the low width (default --bits).")
 @click.option("--high-bits", type=BITS, help="mixed: the high width (default the low width + 1).")
+@click.option("--learning-rate", type=click.FloatRange(min=0, min_open=True), default=1e-5, show_default=True,
+              metavar="LR", help="dwq: Adam's learning rate for the scales and biases.")
+@click.option("--epochs", type=click.IntRange(min=1), default=4, show_default=True, metavar="E",
+              help="dwq: passes over the calibration samples (one in eight held out to keep the best pass).")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
 @click.option("--weights-only", is_flag=True,
               help="Allow a SOURCE without tokenizer.json: OUTPUT then holds the weights and config only.")
@@ -62,8 +67,8 @@ BITS = click.Choice(["2", "3", "4", "5", "6", "8"])
 def convert(source: str | None, output: Path | None, hf_path: str | None, mlx_path: Path | None, quantize: bool,
             bits: str, group_size: str, embed_bits: str | None, dtype: str | None, dequantize: bool,
             method: str | None, calibration: Path | None, calibration_samples: int, calibration_length: int,
-            target_bpw: float | None, low_bits: str | None, high_bits: str | None, force: bool,
-            weights_only: bool) -> None:
+            target_bpw: float | None, low_bits: str | None, high_bits: str | None, learning_rate: float, epochs: int,
+            force: bool, weights_only: bool) -> None:
     """Convert SOURCE (a Hugging Face or MLX folder, or a Hub repo id) into an MLX folder OUTPUT."""
     from click.core import ParameterSource
 
@@ -77,6 +82,9 @@ def convert(source: str | None, output: Path | None, hf_path: str | None, mlx_pa
             raise click.UsageError(f"--{name.replace('_', '-')} applies only with --quantize")
     if (method is None) != (calibration is None):
         raise click.UsageError("--method and --calibration FILE go together")
+    for name in ("learning_rate", "epochs"):
+        if "dwq" not in (method or "").split(",") and ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE:
+            raise click.UsageError(f"--{name.replace('_', '-')} applies only with --method dwq")
     if method and (dequantize or weights_only):
         raise click.UsageError("--method quantizes a float checkpoint with its tokenizer: drop --dequantize and "
                                "--weights-only")
@@ -92,13 +100,16 @@ def convert(source: str | None, output: Path | None, hf_path: str | None, mlx_pa
 
     try:
         if method:
-            from ..quantize.calibrated import quantize_checkpoint
+            from dataclasses import replace
+
+            from ..quantize.calibrated import DWQ_OPTIONS, quantize_checkpoint
 
             result = quantize_checkpoint(
                 source, output, method.split(","), calibration, samples=calibration_samples,
                 length=calibration_length, bits=int(low_bits or bits), group_size=int(group_size),
                 embed_bits=int(embed_bits) if embed_bits else None, dtype=dtype, target_bpw=target_bpw,
-                high_bits=int(high_bits) if high_bits else None, force=force, progress=show)
+                high_bits=int(high_bits) if high_bits else None, force=force, progress=show,
+                training=replace(DWQ_OPTIONS, learning_rate=learning_rate, epochs=epochs))
         else:
             result = convert_checkpoint(source, output, quantize=quantize, bits=int(bits), group_size=int(group_size),
                                         embed_bits=int(embed_bits) if embed_bits else None, dtype=dtype,
