@@ -1,10 +1,13 @@
 // The chat page: a client of /v1/chat/completions like any other, streaming, with the reasoning
 // folded above each answer and the answer rendered as sanitized markdown (marked + DOMPurify, vendored).
+// Nothing the model writes is fetched: its images are links, its HTML cannot load anything (a prompt
+// injection could otherwise send the conversation anywhere in an image's URL).
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 const history = [];  // the conversation sent with each request: {role, content}
 let running = null;  // the AbortController of the request in flight
+let following = true;  // the page scrolls with the answer, until the reader scrolls up
 
 const saved = ["key", "system", "budget", "max-tokens"];
 for (const id of saved) {
@@ -22,8 +25,30 @@ function headers() {
 
 function status(text) { $("status").textContent = text; }
 
+const escaped = (text) => text.replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
+// A markdown image is a link to it, never loaded.
+marked.use({renderer: {image: ({href, text}) =>
+  `<a class="image-link" href="${escaped(href || "")}" rel="noopener noreferrer" target="_blank">` +
+  `[image${text ? ": " + escaped(text) : ""}]</a>`}});
+// Whatever loads a URL by itself is left out of the model's HTML (sanitizing runs in an inert document).
+const PURIFY = {USE_PROFILES: {html: true},
+                FORBID_TAGS: ["img", "picture", "source", "video", "audio", "track", "input", "style", "link",
+                              "iframe", "object", "embed", "meta", "base"],
+                FORBID_ATTR: ["style", "srcset", "poster", "background", "ping"]};
+
 function markdown(text) {
-  return DOMPurify.sanitize(marked.parse(text, {async: false}));
+  return DOMPurify.sanitize(marked.parse(text, {async: false}), PURIFY);
+}
+
+const nearBottom = () => window.innerHeight + window.scrollY >= document.documentElement.scrollHeight - 48;
+window.addEventListener("scroll", () => { following = nearBottom(); }, {passive: true});
+function follow() {
+  if (following) window.scrollTo(0, document.documentElement.scrollHeight);
+}
+
+function keyProblem() {
+  if ($("key").value) return "The server refused the API key (401): check it under Settings, then send again.";
+  return "The server needs an API key (401): enter it under Settings, then send again.";
 }
 
 // Why a request failed, in words a person can act on.
@@ -32,7 +57,7 @@ function explain(code, body) {
   if (code === 401) {
     $("settings").open = true;
     $("key").focus();
-    return "The server needs an API key (401): enter it under Settings, then send again.";
+    return keyProblem();
   }
   if (code === 429) return "The server is busy (429): wait a moment and send again.";
   if (code === 503) return "The server is shutting down (503): send again once it is back.";
@@ -43,7 +68,7 @@ async function loadModel() {
   try {
     const response = await fetch("/v1/models", {headers: headers()});
     if (response.ok) $("model").textContent = (await response.json()).data[0].id;
-    else if (response.status === 401) status(explain(401));
+    else if (response.status === 401) status(keyProblem());  // told, without taking the focus from the reader
   } catch (e) { status("The server cannot be reached: " + e.message); }
 }
 
@@ -113,13 +138,20 @@ function show(view, state) {
     view.summary.textContent = `Reasoning (${exact ? "" : "~"}${exact ? state.reasoningTokens : state.reasoningChunks} tokens)`;
   }
   view.answer.innerHTML = markdown(state.answer);
+  // The note keeps both: a cut answer's words and the token count (the usage comes after the finish).
+  view.note.textContent = [state.stopped && "Stopped.", state.cut && "Cut at the token limit.",
+                           state.tokens !== null && `${state.tokens} tokens`].filter(Boolean).join(" ");
+  follow();
 }
 
 async function send(text) {
   history.push({role: "user", content: text});
   bubble("user").textContent = text;
   const view = assistantBubble();
-  const state = {reasoning: "", answer: "", reasoningChunks: 0, reasoningTokens: null};
+  const state = {reasoning: "", answer: "", reasoningChunks: 0, reasoningTokens: null, tokens: null, cut: false,
+                 stopped: false};
+  following = true;
+  follow();
   running = new AbortController();
   $("send").disabled = true;
   $("stop").disabled = false;
@@ -139,20 +171,20 @@ async function send(text) {
       if (chunk.error) throw new Error(explain(chunk.error.code === "shutting_down" ? 503 : 500, chunk));
       if (chunk.usage && !chunk.choices.length) {
         state.reasoningTokens = chunk.usage.completion_tokens_details.reasoning_tokens;
-        view.note.textContent = `${chunk.usage.completion_tokens} tokens`;
+        state.tokens = chunk.usage.completion_tokens;
       }
       for (const choice of chunk.choices || []) {
         const delta = choice.delta || {};
         if (delta.reasoning_content) { state.reasoning += delta.reasoning_content; state.reasoningChunks += 1; }
         if (delta.content) state.answer += delta.content;
-        if (choice.finish_reason === "length") view.note.textContent = "Cut at the token limit.";
+        if (choice.finish_reason === "length") state.cut = true;
       }
       draw();
     }
     status("");
   } catch (e) {
     if (e.name === "AbortError") {
-      view.note.textContent = "Stopped.";
+      state.stopped = true;
       status("Stopped: the request was cancelled.");
     } else {
       const error = document.createElement("div");
