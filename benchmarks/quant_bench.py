@@ -1,10 +1,11 @@
 """Quantization with calibration text against plain rounding: KL divergence to the float model and
 perplexity on held-out text, ours (qwen3-mlx convert --method) and mlx-lm's same method fed the same
-calibration tokens through its functions (gptq_quantize, awq_quantize; mlx-lm's gptq takes 2, 4 or 8 bits
-only, so it runs at 4).
+calibration tokens through its functions (gptq_quantize, awq_quantize, dwq_quantize; mlx-lm's gptq takes 2, 4
+or 8 bits only, so it runs at 4).
 
     python benchmarks/quant_bench.py [--shape tiny-vocab] [--layers 4] [--bits 3,4] [--samples 32]
                                      [--length 256] [--calibration FILE] [--held-out FILE] [--logit-scale 8] [--out quant.json]
+                                     [--methods rtn,gptq,awq,dwq,mixed]
 
 The model: a random float32 Qwen3 of bench.py's SHAPES (--layers cuts the depth; "full-width" is Qwen3-1.7B's
 widths), weights of std 0.02, the final norm scaled by --logit-scale so the logits are peaked, and outlier channels in the
@@ -14,6 +15,8 @@ with the Qwen3 tokenizer, and every method reads it from there, as a user's run 
 Calibration: the text of docs/*.md (default), cut into --samples pieces of --length tokens; held out:
 README.md, in windows of --length tokens side by side (each window's first token unscored). mixed aims
 halfway between uniform 3- and 4-bit's size (bits per weight as convert reports it, embedding at 8 bits).
+mlx-lm's dwq gets what ours does by default: the same samples, one in eight held out for its validation, the
+rest four times over, Adam at 1e-5 in batches of 4, the float model's logits computed as it goes.
 """
 
 from __future__ import annotations
@@ -125,13 +128,31 @@ def theirs(source: Path, method: str, data: mx.array, bits: int):
 
     model, _ = load_model(source)
     t = time.perf_counter()
-    if method == "gptq":
+    if method == "dwq":
+        model = their_dwq(model, source, data, bits)
+    elif method == "gptq":
         model, _ = gptq_quantize(model, data, bits, 64, 8, 64)
     else:
         awq_quantize(model, data, AWQ_MODEL_CONFIGS["qwen3"], group_size=64, bits=bits, embed_group_size=64,
                      embed_bits=8)
     mx.eval(model.parameters())
     return as_float(model), time.perf_counter() - t, compute_bits_per_weight(model)
+
+
+def their_dwq(teacher, source: Path, data: mx.array, bits: int):
+    import copy
+
+    import mlx.optimizers as optim
+    from mlx_lm.quant.dwq import dwq_quantize
+    from mlx_lm.utils import load_config, quantize_model
+
+    student = copy.deepcopy(teacher)
+    quantize_model(student, load_config(source), group_size=64, bits=bits)
+    rows = [(ids, 0) for ids in data.tolist()]
+    held = max(1, len(rows) // 8)
+    dwq_quantize(student, lambda batch, i, split: teacher(batch), optim.Adam(learning_rate=1e-5, bias_correction=True),
+                 rows[:-held] * 4, (rows[-held:] * 4)[:max(4, held)], 4, data.shape[1] + 1, 0)  # a batch at least
+    return student
 
 
 def main() -> None:
@@ -146,6 +167,8 @@ def main() -> None:
     p.add_argument("--held-windows", type=int, default=8, help="windows of held-out text (their float logits are kept)")
     p.add_argument("--logit-scale", type=float, default=8.0, help="the final norm's weight times this")
     p.add_argument("--no-mlx-lm", action="store_true")
+    p.add_argument("--methods", default="rtn,gptq,awq,dwq,mixed",
+                   help="the rows to run: rtn, gptq, awq, dwq, gptq+dwq, awq+dwq (a chain of ours), mixed")
     p.add_argument("--out", type=Path)
     a = p.parse_args()
     from qwen3_mlx.checkpoint.loader import load
@@ -163,19 +186,20 @@ def main() -> None:
     _, float_ppl, reference = scores(model, held, None)
     rows = [{"method": "float32", "bits": None, "kl": 0.0, "ppl": float_ppl, "bpw": 32.0, "seconds": 0.0}]
     sizes = {}  # bits -> uniform rounding's bits per weight
-    for bits, method in ((b, m) for b in map(int, a.bits.split(",")) for m in ("rtn", "gptq", "awq")):
+    methods = [m.replace("+", ",") for m in a.methods.split(",") if m != "mixed"]
+    for bits, method in ((b, m) for b in map(int, a.bits.split(",")) for m in methods):
         m, seconds, bpw = ours(source, work / f"{method}{bits}", method, calibration, a, bits, None)
         kl, ppl, _ = scores(m, held, reference)
         rows.append({"method": f"ours {method}", "bits": bits, "kl": kl, "ppl": ppl, "bpw": bpw, "seconds": seconds})
         sizes.setdefault(bits, bpw)
         print(rows[-1], file=sys.stderr, flush=True)
-        if not a.no_mlx_lm and method != "rtn" and (method == "awq" or bits in (2, 4, 8)):
+        if not a.no_mlx_lm and (method in ("awq", "dwq") or (method == "gptq" and bits in (2, 4, 8))):
             m, seconds, bpw = theirs(source, method, data, bits)
             kl, ppl, _ = scores(m, held, reference)
             rows.append({"method": f"mlx-lm {method}", "bits": bits, "kl": kl, "ppl": ppl, "bpw": bpw,
                          "seconds": seconds})
             print(rows[-1], file=sys.stderr, flush=True)
-    if 3 in sizes and 4 in sizes:
+    if "mixed" in a.methods.split(",") and 3 in sizes and 4 in sizes:
         target = (sizes[3] + sizes[4]) / 2
         for method in ("mixed", "mixed,gptq"):
             m, seconds, bpw = ours(source, work / method, method, calibration, a, 3, target)
