@@ -136,7 +136,8 @@ def theirs(source: Path, method: str, data: mx.array, bits: int):
         awq_quantize(model, data, AWQ_MODEL_CONFIGS["qwen3"], group_size=64, bits=bits, embed_group_size=64,
                      embed_bits=8)
     mx.eval(model.parameters())
-    return as_float(model), time.perf_counter() - t, compute_bits_per_weight(model)
+    seconds, bpw = time.perf_counter() - t, compute_bits_per_weight(model)  # before as_float unpacks it
+    return as_float(model), seconds, bpw
 
 
 def their_dwq(teacher, source: Path, data: mx.array, bits: int):
