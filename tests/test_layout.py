@@ -29,7 +29,7 @@ FLOORS = {
                    ["verification"], ["proposers"], ["job", "prefill", "prefix_store"], ["passes"], ["picker"],
                    ["response", "prompt_cache", "memory", "sampling"], ["caches", "stops", "options"]],
     "embedding": [["embed", "rerank"], ["padded"]],
-    "checkpoint": [["converter"], ["loader"], ["adapters", "sampling_defaults"]],
+    "checkpoint": [["converter"], ["loader"], ["adapters", "foreign", "sampling_defaults"]],
     "text": [["prompt", "tool_grammar"], ["structured"], ["tokenizer"], ["template", "tools"]],
     "model": [["parallel", "fast"], ["compiled"], ["model", "batch_cache"], ["cache", "config"], ["kv_quant", "lora"]],
     "": [["collectives"], ["device", "errors", "files"]],

@@ -18,7 +18,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Collection, Mapping
 
 import mlx.core as mx
 import numpy as np
@@ -28,6 +28,7 @@ from ..errors import OptionError, Qwen3Error
 from ..files import human_size, written_atomically
 from ..model.config import QUANT_DEFAULTS, QUANT_MODES, ModelArgs
 from ..model.model import Model
+from .foreign import foreign_format, mlx_config, translated
 from .loader import (
     DTYPES,
     check_safetensors,
@@ -152,19 +153,22 @@ def convert(source: str | Path, output: str | Path, *, quantize: bool = False, b
     out = Path(output).expanduser().absolute()
     _check_output(src, out, output, force)
     config, args = load_config(src)
-    _check_source(source, src, args, quantize, dequantize, weights_only)
-    sources = _read_headers(src)
-    dtype = dtype or _default_dtype(sources, quantize)
-    sources.update(_read_headers(replaced) if replaced else {})
-    embed_bits = embed_bits or (8 if bits < 8 else bits)
-    jobs, overrides, params = _plan(src, args, sources, quantize, bits, group_size, embed_bits, DTYPES[dtype],
-                                    dequantize, module_bits or {})
-    if quantize:
-        config["quantization"] = {"group_size": group_size, "bits": bits, "mode": "affine", **overrides}
-    elif dequantize:
-        config.pop("quantization", None)
-    total = sum(job.nbytes for job in jobs)
-    _write_folder(src, out, output, _output_config(config, dtype), jobs, total, shard_bytes, block_bytes, progress)
+    fmt, config = foreign_format(config), mlx_config(config)
+    _check_source(source, src, args, quantize, dequantize and fmt is None, weights_only)  # FP8: -d is the default
+    with translated(fmt, weight_files(src), DTYPES[dtype] if dtype else None) as (foreign, skip):
+        sources = _read_headers(src, skip)
+        dtype = dtype or _default_dtype(sources, quantize)
+        for folder in (foreign, replaced):  # MLX's forms of Qwen's AWQ or FP8 layers; the caller's replacements
+            sources.update(_read_headers(folder) if folder else {})
+        embed_bits = embed_bits or (8 if bits < 8 else bits)
+        jobs, overrides, params = _plan(src, args, sources, quantize, bits, group_size, embed_bits, DTYPES[dtype],
+                                        dequantize, module_bits or {})
+        if quantize:
+            config["quantization"] = {"group_size": group_size, "bits": bits, "mode": "affine", **overrides}
+        elif dequantize:
+            config.pop("quantization", None)
+        total = sum(job.nbytes for job in jobs)
+        _write_folder(src, out, output, _output_config(config, dtype), jobs, total, shard_bytes, block_bytes, progress)
     return ConvertResult(out, total * 8 / params, sum(f.stat().st_size for f in out.glob("*.safetensors")),
                          time.perf_counter() - start)
 
@@ -248,14 +252,14 @@ def _check_output(src: Path, out: Path, given: str | Path, force: bool) -> None:
         raise Qwen3Error(f"{given}: already exists; pass --force to replace it")
 
 
-def _read_headers(path: Path) -> dict[str, _Source]:
+def _read_headers(path: Path, skip: Collection[str] = ()) -> dict[str, _Source]:
     sources = {}
     for file in weight_files(path):
         header = check_safetensors(file)
         with open(file, "rb") as f:
             data = 8 + struct.unpack("<Q", f.read(8))[0]
         for name, info in header.items():
-            if "rotary_emb.inv_freq" in name:  # old exports store RoPE's table; the model computes it
+            if "rotary_emb.inv_freq" in name or name in skip:  # RoPE's table (old exports); what fmt translates
                 continue
             if info["dtype"] not in _DTYPES:
                 raise Qwen3Error(f"{file}: tensor {name!r} has dtype {info['dtype']}; a Qwen3 checkpoint holds "

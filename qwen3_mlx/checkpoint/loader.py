@@ -24,12 +24,13 @@ from ..model.model import Model
 from ..model.parallel import MODES, shard
 from ..text.tokenizer import Tokenizer
 from .adapters import load_adapters
+from .foreign import foreign_format, mlx_config, translate
 from .sampling_defaults import default_params, validate
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 # Bytes per element of the safetensors dtypes a Qwen3 checkpoint may hold.
 _ST_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U32": 4, "I16": 2, "U16": 2,
-             "I8": 1, "U8": 1, "BOOL": 1}
+             "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1}
 _MAX_HEADER = 100 * 2**20  # a header larger than this is corrupt, not a real checkpoint
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _LAYER = re.compile(r"(?:model\.)?layers\.(\d+)\.")  # an embedding checkpoint (Qwen3Model) has no "model."
@@ -109,7 +110,7 @@ def read_json(path: Path) -> Any:
 def load_config(path: Path) -> tuple[dict, ModelArgs]:
     config = read_json(path / "config.json")
     try:
-        return config, ModelArgs.from_dict(config)
+        return config, ModelArgs.from_dict(mlx_config(config))  # Qwen's AWQ and FP8 read as MLX's formats
     except ConfigError as e:
         raise ConfigError(str(e).replace("config.json", str(path / "config.json"), 1)) from None
 
@@ -231,7 +232,7 @@ def load_model(path: Path, dtype: str | mx.Dtype | None = None,
     """Build the model from config.json and load its weights, checking every tensor's name and shape;
     `swap` (e.g. fast.speed_up) is called with the model before its weights are read."""
     cast = DTYPES.get(dtype_name(dtype))
-    _, args = load_config(path)
+    config, args = load_config(path)
     # Checked before the model is built: building 10**9 layers from a corrupt config would never end.
     files = weight_files(path)
     layers = {int(m.group(1)) for f in files for name in check_safetensors(f) if (m := _LAYER.match(name))}
@@ -239,6 +240,8 @@ def load_model(path: Path, dtype: str | mx.Dtype | None = None,
         raise Qwen3Error(f"{path / 'config.json'}: num_hidden_layers={args.num_hidden_layers} but the weights hold "
                          f"{max(layers, default=-1) + 1} layers; the config and the weights do not belong together")
     weights = {k: v for k, v in read_weights(files).items() if "rotary_emb.inv_freq" not in k}
+    if (fmt := foreign_format(config)) is not None:
+        weights = translate(fmt, weights, cast or fmt.dtype)
     pooling = read_pooling(path) if "lm_head.weight" not in weights else None
     if pooling is not None:  # Qwen3Model's weights (no head, maybe no "model."), whatever config.json's flag says
         weights = {k if k.startswith("model.") else f"model.{k}": v for k, v in weights.items()}
