@@ -412,6 +412,21 @@ def test_what_anthropic_refuses_is_refused_in_our_words(client, fields, message)
     assert e.value.body == {"type": "error", "error": {"type": "invalid_request_error", "message": message}}
 
 
+@given(refusal=st.sampled_from(REFERENCE_REFUSALS), stream=st.booleans(), max_tokens=st.integers(1, 8),
+       system=st.one_of(st.none(), st.text(min_size=1, max_size=20)),
+       thinking=st.sampled_from([None, OFF, {"type": "adaptive", "display": "omitted"},
+                                 {"type": "enabled", "budget_tokens": 4}]))
+@settings(max_examples=30, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+def test_fuzzed_bodies_the_reference_refuses_are_400s(live, refusal, stream, max_tokens, system, thinking):
+    """The refused shapes amid other fields, streamed or not: a 400 with our words, never a 200 or a 5xx."""
+    fields, message = refusal
+    body = {"model": "tiny", "max_tokens": max_tokens, "messages": HI, "stream": stream,
+            **{k: v for k, v in (("system", system), ("thinking", thinking)) if v is not None},
+            **fields.get("extra_body", fields)}
+    response = post(live.url, body)
+    assert anthropic_error(response, 400, "invalid_request_error") == message
+
+
 def test_a_body_over_the_limit_and_bad_json_have_anthropics_shape(live, client):
     big = {"model": "tiny", "max_tokens": 4, "messages": [{"role": "user", "content": "x" * (2 << 20)}]}
     anthropic_error(post(live.url, big), 413, "request_too_large")

@@ -348,6 +348,23 @@ def test_what_openai_refuses_is_refused_in_our_words(small, fields, message, par
     assert e.value.body == {"message": message, "type": "invalid_request_error", "param": param, "code": None}
 
 
+@given(refusal=st.sampled_from(REFERENCE_REFUSALS), stream=st.booleans(), store=st.booleans(),
+       instructions=st.one_of(st.none(), st.text(min_size=1, max_size=20)),
+       effort=st.sampled_from([None, "none", "low"]), include=st.booleans())
+@settings(max_examples=30, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+def test_fuzzed_bodies_the_reference_refuses_are_400s(small, refusal, stream, store, instructions, effort, include):
+    """The refused shapes amid other fields, streamed or not: a 400 with our words, never a 200 or a 5xx."""
+    fields, message, param = refusal
+    body = {"model": "tiny", "input": "hi", "stream": stream, "store": store, "max_output_tokens": 4, **fields,
+            **({"instructions": instructions} if instructions else {}),
+            **({"reasoning": {"effort": effort}} if effort else {}),
+            **({"include": ["reasoning.encrypted_content"]} if include else {})}
+    response = httpx.post(small.url + "/v1/responses", json=body, timeout=60)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"] == {"message": message, "type": "invalid_request_error", "param": param,
+                                        "code": None}
+
+
 def test_a_stored_conversations_calls_are_answered_by_a_later_output(stub):
     first = stub.responses.create(model="stub", input="What is the weather in Paris?", tools=[WEATHER, CLOCK])
     (call, *_) = [item for item in first.output if item.type == "function_call"]
