@@ -4,7 +4,6 @@ Qwen3-Reranker card's recipe (softmax of "yes" against "no"); a padded row equal
 
 import warnings
 
-import mlx.core as mx
 import numpy as np
 import pytest
 import torch

@@ -14,7 +14,6 @@ from checkpoints import make_checkpoint
 from click.testing import CliRunner
 from mlx_lm.utils import load_model as mlx_lm_load_model
 
-from qwen3_mlx.checkpoint.converter import convert
 from qwen3_mlx.checkpoint.loader import load, load_model
 from qwen3_mlx.cli.commands import main
 from qwen3_mlx.generation.options import GenerationOptions

@@ -18,7 +18,7 @@ from checkpoints import make_checkpoint
 from qwen3_mlx.checkpoint.adapters import load_adapters
 from qwen3_mlx.checkpoint.loader import load_model
 from qwen3_mlx.errors import Qwen3Error
-from qwen3_mlx.training.data import examples, load_split, read_jsonl
+from qwen3_mlx.training.data import examples, load_split
 from qwen3_mlx.training.fuse import fuse
 from qwen3_mlx.training.loop import train
 from qwen3_mlx.training.options import TrainingOptions
