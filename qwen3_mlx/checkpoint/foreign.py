@@ -55,10 +55,13 @@ def foreign_format(config: Mapping) -> Foreign | None:
     Raises:
         ConfigError: an AWQ or FP8 block this reader cannot take exactly (say which key).
     """
+    if not isinstance(config, Mapping):
+        return None  # ModelArgs.from_dict refuses it in its words
     q = config.get("quantization_config")
     if "quantization" in config or not isinstance(q, Mapping) or q.get("quant_method") not in ("awq", "fp8"):
         return None
-    dtype = _FLOATS.get(config.get("torch_dtype") or config.get("dtype"), mx.bfloat16)
+    name = config.get("torch_dtype") or config.get("dtype")
+    dtype = _FLOATS.get(name, mx.bfloat16) if isinstance(name, str) else mx.bfloat16
     if q["quant_method"] == "fp8":
         if q.get("fmt", "e4m3") != "e4m3":
             raise ConfigError(f"config.json: quantization_config.fmt={q['fmt']!r} is not supported; FP8 "
@@ -85,11 +88,12 @@ def mlx_config(config: Mapping) -> dict:
     """config.json as MLX reads the checkpoint once translated: AWQ's block becomes mlx-lm's quantization
     block (4 bits, its group size, affine); FP8's is dropped (the weights become float)."""
     fmt = foreign_format(config)
+    if fmt is None:
+        return config
     config = dict(config)
-    if fmt is not None:
-        del config["quantization_config"]
-        if fmt.method == "awq":
-            config["quantization"] = {"group_size": fmt.group_size, "bits": 4, "mode": "affine"}
+    del config["quantization_config"]
+    if fmt.method == "awq":
+        config["quantization"] = {"group_size": fmt.group_size, "bits": 4, "mode": "affine"}
     return config
 
 
