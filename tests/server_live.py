@@ -64,7 +64,9 @@ class ServeProcess:
         self.output = tempfile.TemporaryFile()
 
     def __enter__(self):
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        # The server's default secret key is created under the cache folder: a test's, not the user's.
+        self.cache = tempfile.TemporaryDirectory()
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "XDG_CACHE_HOME": self.cache.name}
         self.proc = subprocess.Popen(self.command, env=env, stdout=self.output, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60
         while True:
@@ -82,6 +84,7 @@ class ServeProcess:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
+        self.cache.cleanup()
 
     def log(self) -> str:
         self.output.seek(0)
