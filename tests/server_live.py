@@ -113,3 +113,30 @@ def stub_server(tok, calls: str, *, reasoning: str = REASONING, answer: str = AN
     with Engine(ScriptedModel(script, tok.encode(HEADER)), tok, max_batch=4) as engine, \
             served(engine, "stub", **settings) as server:
         yield server
+
+
+# ---------------------------------------------------------------- fuzzing from the schema
+
+
+def fuzz_routes(url: str, keep, paths: list[str], examples: int) -> None:
+    """Bodies made from the server's /openapi.json for the routes whose path `keep` accepts (they must be
+    exactly `paths`, so a new route is fuzzed by some test), valid and invalid: every answer is a 2xx or a 4xx."""
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+    from schemathesis import GenerationMode
+
+    schema = schemathesis.openapi.from_url(url + "/openapi.json")
+    operations = [op for op in (result.ok() for result in schema.get_all_operations()) if keep(op.path)]
+    found = sorted(op.path for op in operations)
+    assert found == sorted(paths), f"the routes fuzzed are {found}"
+    cases = st.one_of([op.as_strategy(generation_mode=mode) for op in operations
+                       for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)])
+
+    @given(cases)
+    @settings(max_examples=examples, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    def check(case):
+        response = case.call(base_url=url, timeout=60)
+        assert response.status_code < 500, f"{case.method} {case.path} {case.body!r}: {response.text}"
+
+    check()

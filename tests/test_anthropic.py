@@ -10,11 +10,9 @@ import httpx
 import jsonschema
 import pydantic
 import pytest
-import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from schemathesis import GenerationMode
-from server_live import ANSWER, HEADER, REASONING, served, stub_server
+from server_live import ANSWER, HEADER, REASONING, fuzz_routes, served, stub_server
 from stubs import ScriptedModel, by_prompt, replies
 
 from qwen3_mlx import GenerationOptions, generate
@@ -438,20 +436,8 @@ def test_a_body_over_the_limit_and_bad_json_have_anthropics_shape(live, client):
 
 def test_no_input_makes_a_server_error(live):
     """Bodies made from /openapi.json for both routes, valid and invalid: every answer is a 2xx or a 4xx."""
-    schema = schemathesis.openapi.from_url(live.url + "/openapi.json")
-    operations = [result.ok() for result in schema.get_all_operations()]
-    operations = [op for op in operations if op.path.startswith("/v1/messages")]
-    assert len(operations) == 2
-    cases = st.one_of([op.as_strategy(generation_mode=mode) for op in operations
-                       for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)])
-
-    @given(cases)
-    @settings(max_examples=60, deadline=None, database=None, suppress_health_check=list(HealthCheck))
-    def check(case):
-        response = case.call(base_url=live.url, timeout=60)
-        assert response.status_code < 500, f"{case.method} {case.path} {case.body!r}: {response.text}"
-
-    check()
+    fuzz_routes(live.url, lambda path: path.startswith("/v1/messages"),
+                ["/v1/messages", "/v1/messages/count_tokens"], 60)
 
 
 @pytest.mark.parametrize(("path", "body"), [
